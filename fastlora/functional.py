@@ -388,7 +388,7 @@ def merge_delta_(weight_2d, lora_A_2d, lora_B_2d, scaling, sign=1.0, safe=False)
         return weight_2d
     delta = (lora_B_2d.float() @ lora_A_2d.float()) * (sign * scaling)
     merged = weight_2d.float() + delta
-    if safe and not torch.isfinite(merged).all():
+    if safe and not (merged.abs() <= torch.finfo(weight_2d.dtype).max).all():
         raise ValueError("merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged")
     weight_2d.copy_(merged)
     return weight_2d
