@@ -191,18 +191,19 @@ def _torch_linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, see
     return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dbias
 
 
-def _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    if _use_triton(x2):
+def _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, triton_path):
+    if triton_path:
         return _klinear.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return _torch_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def _linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
+def _linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias, triton_path):
+    """The backward on the path the forward took (the two paths draw different dropout masks)."""
     if x2.shape[0] == 0:
         dx = torch.empty_like(x2) if need_dx else None
         dbias = dy.new_zeros(dy.shape[1]) if need_dbias else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), dbias
-    if _use_triton(x2):
+    if triton_path:
         return _klinear.lora_linear_bwd(
             dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=need_dx, need_dbias=need_dbias
         )
@@ -229,7 +230,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2 = x.reshape(-1, x.shape[-1])
-        y2, s = _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.triton_path = _use_triton(x2)
+        y2, s = _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, ctx.triton_path)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
@@ -243,7 +245,8 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         need_dx, need_dw, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx, da, db, dbias = _linear_bwd(
-            dy2, x2, s, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_dbias
+            dy2, x2, s, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_dbias,
+            ctx.triton_path,
         )
         dw = _weight_grad(dy2, x2, weight) if need_dw else None
         dx = dx.reshape(x.shape) if dx is not None else None
@@ -267,7 +270,7 @@ def _lora_linear_op(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     seed_int = int(seed.item()) if seed is not None else 0
-    y2, s = _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_int)
+    y2, s = _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_int, _use_triton(x))
     return y2, s
 
 
@@ -289,10 +292,11 @@ def _lora_linear_bwd_op(
     seed: torch.Tensor | None,
     need_dx: bool,
     need_dbias: bool,
+    triton_path: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seed_int = int(seed.item()) if seed is not None else 0
     dx, da, db, dbias = _linear_bwd(
-        dy.contiguous(), x, s, weight, lora_A, lora_B, scaling, dropout_p, seed_int, need_dx, need_dbias
+        dy.contiguous(), x, s, weight, lora_A, lora_B, scaling, dropout_p, seed_int, need_dx, need_dbias, triton_path
     )
     dx = dx if dx is not None else x.new_empty(0)
     dbias = dbias if dbias is not None else dy.new_empty(0)
@@ -300,7 +304,7 @@ def _lora_linear_bwd_op(
 
 
 @_lora_linear_bwd_op.register_fake
-def _(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
+def _(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias, triton_path):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dbias = dy.new_empty(dy.shape[1]) if need_dbias else dy.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dbias
@@ -309,14 +313,14 @@ def _(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_
 def _lora_linear_setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.triton_path = scaling, dropout_p, _use_triton(x)
 
 
 def _lora_linear_op_backward(ctx, dy, _ds_unused):
     x, s, weight, lora_A, lora_B, seed = ctx.saved_tensors
     need_dx, need_dw, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx, da, db, dbias = torch.ops.fastlora.lora_linear_backward(
-        dy, x, s, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need_dx, need_dbias
+        dy, x, s, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need_dx, need_dbias, ctx.triton_path
     )
     dw = _weight_grad(dy, x, weight) if need_dw else None
     return (dx if need_dx else None), dw, (dbias if need_dbias else None), da, db, None, None, None

@@ -73,22 +73,28 @@ _GEMM_16BIT = {
     8: [(128, 256, 32, 8, 8, 3), (128, 128, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
 }
 _GEMM_32BIT = {
-    9: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4)],
-    8: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)],
+    9: [(64, 64, 32, 8, 4, 3)],
+    8: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
 }
+# With the dropout mask on the LoRA term (backward dX), the philox state lives beside the accumulator:
+# tiles keep at most this many accumulator elements per thread, or registers spill.
+MASKED_ACC_PER_THREAD = 64
 # Under the interpreter: small tiles so that odd test shapes cross several tiles and every mask is exercised.
 GEMM_INTERPRET = (32, 32, 16, 2, 4, 1)
 
 
-def gemm_config_tuples(major: int, dtype: torch.dtype):
+def gemm_config_tuples(major: int, dtype: torch.dtype, masked: bool = False):
     table = _GEMM_32BIT if dtype == torch.float32 else _GEMM_16BIT
-    return table[9 if major >= 9 else 8]
+    tuples = table[9 if major >= 9 else 8]
+    if masked:
+        tuples = [c for c in tuples if c[0] * c[1] // (32 * c[4]) <= MASKED_ACC_PER_THREAD]
+    return tuples
 
 
-def gemm_configs(major: int, dtype: torch.dtype):
+def gemm_configs(major: int, dtype: torch.dtype, masked: bool = False):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in gemm_config_tuples(major, dtype)
+        for bm, bn, bk, g, w, s in gemm_config_tuples(major, dtype, masked)
     ]
 
 

@@ -122,7 +122,7 @@ def _lora_up_t_kernel(
     i_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_k, m_r = i_k < K, i_r < R
     i_k64 = i_k.to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)  # out^T: K is the MMA's M side (wgmma needs >= 64)
     m_start = pid_s * M_PER_SPLIT
     for m0 in range(0, M_PER_SPLIT, BLOCK_M):  # M_PER_SPLIT is a multiple of BLOCK_M
         i_m = m_start + m0 + tl.arange(0, BLOCK_M)
@@ -134,9 +134,9 @@ def _lora_up_t_kernel(
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
             b_x = tl.where(dropout_keep(seed, i_m, i_k, p_drop), b_x, 0.0)
-        acc = tl.dot(tl.trans(b_t), b_x.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    p_o = out_ptr + pid_s.to(tl.int64) * stride_os + i_r[:, None] * stride_or + i_k64[None, :] * stride_ok
-    tl.store(p_o, (acc * scale).to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_k[None, :])
+        acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_t, acc, input_precision=PRECISION)
+    p_o = out_ptr + pid_s.to(tl.int64) * stride_os + i_k64[:, None] * stride_ok + i_r[None, :] * stride_or
+    tl.store(p_o, (acc * scale).to(out_ptr.dtype.element_ty), mask=m_k[:, None] & m_r[None, :])
 
 
 @triton.jit
@@ -230,12 +230,13 @@ def _dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed, p_drop, BLOC
 _autotuned_gemm = {}
 
 
-def _gemm_kernel_for(major: int, dtype: torch.dtype):
-    """The GEMM kernel autotuned over this GPU generation's configs (one autotuner per generation and dtype)."""
-    key = (major, dtype)
+def _gemm_kernel_for(major: int, dtype: torch.dtype, masked: bool):
+    """The GEMM kernel autotuned over this GPU generation's configs (one autotuner per generation, dtype and
+    whether the LoRA term is dropout-masked, which needs smaller tiles)."""
+    key = (major, dtype, masked)
     if key not in _autotuned_gemm:
         _autotuned_gemm[key] = triton.autotune(
-            configs=configs.gemm_configs(major, dtype),
+            configs=configs.gemm_configs(major, dtype, masked),
             key=["M_BUCKET", "N", "K", "R"],
             prune_configs_by={"early_config_prune": _prune_gemm_configs},
         )(_lora_gemm_kernel)
@@ -273,7 +274,7 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0):
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _lora_gemm_kernel[grid](**args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
         return c
-    kernel = _gemm_kernel_for(configs.capability(a.device), a.dtype)
+    kernel = _gemm_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernel[grid](**args)
     return c
@@ -381,3 +382,79 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
         BLOCK_M=bm, BLOCK_K=bk,
     )
     return out.bool()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases: every shipped config, as the JIT would specialise it for aligned tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def aot_cases():
+    """The compile cases tests/aot.py builds for sm_80 and sm_90 (contiguous, 16-aligned tensors, r = 16)."""
+    cases = []
+    for major in (8, 9):
+        for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "ieee"),
+                                 (torch.float32, "tf32")):
+            t = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+            for direction in ("fwd", "bwd"):
+                fwd = direction == "fwd"
+                for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
+                    cases.append({
+                        "id": f"gemm-{direction}-{t}{'-tf32' if precision == 'tf32' else ''}-{bm}x{bn}x{bk}-w{w}s{st}",
+                        "major": major,
+                        "kernel": _lora_gemm_kernel,
+                        "signature": {
+                            **dict.fromkeys(["a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr"], f"*{t}"),
+                            **dict.fromkeys(["M", "N", "K", "R", "M_BUCKET", "stride_am", "stride_pm", "stride_cm",
+                                             "seed"], "i32"),
+                            ("stride_bn" if fwd else "stride_bk"): "i32", "stride_qn": "i32",
+                            "lora_scale": "fp32", "p_drop": "fp32",
+                        },
+                        "constexprs": {
+                            "stride_ak": 1, ("stride_bk" if fwd else "stride_bn"): 1, "stride_pr": 1, "stride_qr": 1,
+                            "stride_cn": 1, "HAS_BIAS": fwd, "HAS_DROPOUT": not fwd, "DOT_DTYPE": TL_DTYPES[dtype],
+                            "PRECISION": precision, "BLOCK_R": 16,
+                            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g,
+                        },
+                        "divisible": ["a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr", "N", "K", "stride_am",
+                                      "stride_bn" if fwd else "stride_bk", "stride_pm", "stride_qn", "stride_cm"],
+                        "num_warps": w, "num_stages": st, "expects_mma": precision == "tf32" or dtype != torch.float32,
+                    })
+            if dtype == torch.float32:
+                continue  # the skinny passes are memory-bound: their 16-bit builds stand for all dtypes
+            for bm, bk, w, st in configs.skinny_config_tuples(major):
+                common = {"num_warps": w, "num_stages": st, "expects_mma": True}
+                cases.append({
+                    "id": f"down-{t}-{bm}x{bk}-w{w}s{st}", "major": major, "kernel": _lora_down_kernel,
+                    "signature": {
+                        **dict.fromkeys(["x_ptr", "bt_ptr", "t_ptr", "out_ptr"], f"*{t}"), "side_ptr": "*fp32",
+                        **dict.fromkeys(["M", "K", "R", "K_PER_SPLIT", "stride_xm", "stride_bk", "stride_tm",
+                                         "stride_os", "stride_om", "stride_sk", "seed"], "i32"),
+                        **dict.fromkeys(["scale", "side_scale", "p_drop"], "fp32"),
+                    },
+                    "constexprs": {
+                        "stride_xk": 1, "stride_br": 1, "stride_tr": 1, "stride_or": 1, "stride_sr": 1,
+                        "HAS_DROPOUT": True, "HAS_SIDE": True, "DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "tf32",
+                        "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16,
+                    },
+                    "divisible": ["x_ptr", "bt_ptr", "t_ptr", "out_ptr", "side_ptr", "K", "K_PER_SPLIT", "stride_xm",
+                                  "stride_bk", "stride_tm", "stride_os", "stride_om", "stride_sk"],
+                    **common,
+                })
+                cases.append({
+                    "id": f"up_t-{t}-{bm}x{bk}-w{w}s{st}", "major": major, "kernel": _lora_up_t_kernel,
+                    "signature": {
+                        **dict.fromkeys(["t_ptr", "x_ptr"], f"*{t}"), "out_ptr": "*fp32",
+                        **dict.fromkeys(["M", "K", "R", "M_PER_SPLIT", "stride_tm", "stride_xm", "stride_os",
+                                         "stride_or", "seed"], "i32"),
+                        **dict.fromkeys(["scale", "p_drop"], "fp32"),
+                    },
+                    "constexprs": {
+                        "stride_tr": 1, "stride_xk": 1, "stride_ok": 1, "HAS_DROPOUT": True,
+                        "DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16,
+                    },
+                    "divisible": ["t_ptr", "x_ptr", "out_ptr", "K", "M_PER_SPLIT", "stride_tm", "stride_xm",
+                                  "stride_os", "stride_or"],
+                    **common,
+                })
+    return cases

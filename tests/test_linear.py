@@ -1,0 +1,326 @@
+"""LoRA linear: the Triton kernels (under the interpreter) and the torch path against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import DTYPE_IDS, assert_close
+
+import fastlora as fl
+from fastlora.functional import dropout_keep
+from fastlora.kernels import linear as klinear
+from fastlora.reference import lora_linear_ref
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(M, K, N, r, dtype, bias=True, lora_dtype=torch.float32, lead=()):
+    x = torch.randn(*lead, M, K, dtype=dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    a = (torch.randn(r, K) / K**0.5).to(lora_dtype).requires_grad_()
+    bb = torch.randn(N, r).to(lora_dtype).requires_grad_()
+    return x.requires_grad_(), w, b, a, bb
+
+
+def _kernel_mask(backend, seed, shape, p):
+    """The dropout multiplier m (0 or 1/(1-p)) that the given path draws for a seed, as float64."""
+    m, k = shape
+    keep = klinear.dropout_mask(seed, m, k, p, "cpu") if backend == "triton" else dropout_keep(seed, (m, k), p, "cpu")
+    return keep.double() / (1.0 - p)
+
+
+def _seed_of_next_call():
+    """The seed lora_linear will draw next, read off a copy of torch's CPU RNG state."""
+    state = torch.get_rng_state()
+    seed = int(fl.functional.draw_seed())
+    torch.set_rng_state(state)
+    return seed
+
+
+def _run_and_compare(backend, x, w, b, a, bb, scaling, dtype, dropout_p=0.0, bias_trainable=False):
+    if bias_trainable:
+        b.requires_grad_()
+    seed = _seed_of_next_call()
+    with fl.use_backend(backend):
+        y = fl.lora_linear(x, w, b, a, bb, scaling, dropout_p=dropout_p)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    bias64 = b.detach().double().requires_grad_() if b is not None else None
+    mask = None
+    if dropout_p > 0:
+        mask = _kernel_mask(backend, seed, (x.numel() // x.shape[-1], x.shape[-1]), dropout_p).reshape(x.shape)
+    ref = lora_linear_ref(x64, w.double(), bias64, a64, b64, scaling, mask=mask)
+    ref.backward(dy.double())
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert_close(y, ref, dtype, "Y")
+    assert_close(x.grad, x64.grad, dtype, "dX")
+    assert_close(a.grad, a64.grad, dtype, "dA")
+    assert_close(bb.grad, b64.grad, dtype, "dB")
+    assert w.grad is None
+    if bias_trainable:
+        assert_close(b.grad, bias64.grad, dtype, "dbias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("r", [1, 5, 16, 64])
+def test_matches_reference(backend, dtype, r):
+    x, w, b, a, bb = _inputs(37, 75, 51, r, dtype)
+    _run_and_compare(backend, x, w, b, a, bb, 0.75, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_3d_input_no_bias_trainable_bias(backend, dtype):
+    x, w, _, a, bb = _inputs(13, 40, 70, 5, dtype, lead=(3,))
+    _run_and_compare(backend, x, w, None, a, bb, 2.0, dtype)
+    x, w, b, a, bb = _inputs(13, 40, 70, 5, dtype, lead=(3,))
+    _run_and_compare(backend, x, w, b, a, bb, 2.0, dtype, bias_trainable=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_weight(backend):
+    dtype = torch.float16
+    base = torch.randn(75, 37 * 2, dtype=dtype)
+    x = base[:, ::2].t().requires_grad_()  # [37, 75], strides (2, 74)
+    assert not x.is_contiguous()
+    w = (torch.randn(75, 51) / 9).to(dtype).t()  # [51, 75] transposed view, as for GPT-2's Conv1D
+    _, _, b, a, bb = _inputs(37, 75, 51, 5, dtype)
+    _run_and_compare(backend, x, w, b, a, bb, 0.5, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_lora_factors_in_another_dtype(backend, dtype):
+    """Adapters often stay float32 while the base is 16-bit; gradients come back in the adapter's dtype."""
+    x, w, b, a, bb = _inputs(37, 75, 51, 8, torch.bfloat16 if dtype == torch.float32 else dtype, lora_dtype=dtype)
+    _run_and_compare(backend, x, w, b, a, bb, 0.5, x.dtype)
+    assert a.grad.dtype == dtype and bb.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_uses_one_mask_in_forward_and_backward(backend, dtype, p):
+    x, w, b, a, bb = _inputs(37, 75, 51, 5, dtype)
+    _run_and_compare(backend, x, w, b, a, bb, 1.5, dtype, dropout_p=p)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(p):
+    """The kernel's mask keeps 1 - p of the elements, within 5 standard deviations, with no pattern across rows."""
+    m, k = 203, 301
+    keep = klinear.dropout_mask(12345, m, k, p, "cpu").double()
+    n = m * k
+    sigma = ((1 - p) * p / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    # rows and columns differ: no two rows or columns share one mask
+    assert len({tuple(row.tolist()) for row in keep}) == m
+    assert len({tuple(col.tolist()) for col in keep.t()}) == k
+    # a different seed gives a different mask; the same seed the same
+    assert not torch.equal(keep, klinear.dropout_mask(54321, m, k, p, "cpu").double())
+    assert torch.equal(keep, klinear.dropout_mask(12345, m, k, p, "cpu").double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_same_torch_seed_same_output(backend):
+    x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
+    with fl.use_backend(backend):
+        torch.manual_seed(7)
+        y1 = fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3)
+        torch.manual_seed(7)
+        y2 = fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3)
+        y3 = fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p_zero_and_eval_take_the_no_dropout_path(backend):
+    x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
+    ref = lora_linear_ref(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0)
+    with fl.use_backend(backend):
+        for y in (fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.0), fl.lora_linear(x, w, b, a, bb, 1.0, 0.5, False)):
+            assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x, w, b, a, bb = _inputs(0, 75, 51, 5, torch.float32)
+    with fl.use_backend(backend):
+        y = fl.lora_linear(x, w, b, a, bb, 1.0)
+        assert y.shape == (0, 51)
+        y.sum().backward()
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(bb.grad, torch.zeros_like(bb))
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_input_shows_in_output(backend):
+    x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
+    x = x.detach().clone()
+    x[3, 10] = float("nan")
+    x[20, 4] = float("inf")
+    with fl.use_backend(backend):
+        y = fl.lora_linear(x, w, b, a, bb, 1.0)
+    assert torch.isnan(y[3]).all()
+    assert not torch.isfinite(y[20]).any()
+    assert torch.isfinite(y[0]).all()
+
+
+def test_trainable_base_weight_gets_a_correct_gradient_with_a_warning():
+    x, w, b, a, bb = _inputs(9, 20, 12, 3, torch.float32)
+    w.requires_grad_()
+    with pytest.warns(UserWarning, match="base weight requires grad"):
+        fl.lora_linear(x, w, b, a, bb, 1.0).sum().backward()
+    ref_w = w.detach().clone().requires_grad_()
+    lora_linear_ref(x.detach(), ref_w, b, a.detach(), bb.detach(), 1.0).sum().backward()
+    torch.testing.assert_close(w.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_computes_in_the_autocast_dtype(backend):
+    x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
+    with fl.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fl.lora_linear(x, w, b, a, bb, 1.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
+    ref = lora_linear_ref(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0)
+    assert_close(y, ref, torch.bfloat16)
+
+
+def _saved_bytes(fn, *params):
+    """Bytes saved for backward beyond the parameters and the input x itself (aliases of x do not count)."""
+    x = params[0]
+    exclude = {t.untyped_storage().data_ptr() for t in params}
+    total = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in exclude:
+            total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    assert out.requires_grad and x.requires_grad
+    return sum(total)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_saved_for_backward_is_x_and_S_only(backend, p):
+    M, K, N, r = 37, 75, 51, 5
+    x, w, b, a, bb = _inputs(M, K, N, r, torch.float16)
+    with fl.use_backend(backend):
+        saved = _saved_bytes(lambda: fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=p), x, w, b, a, bb)
+    assert saved <= M * r * x.element_size()
+    # the unfused PEFT-style layer saves far more with dropout: the dropped copy of x and the mask
+    peft = fl.reference.PeftStyleLinear(nn.Linear(K, N, dtype=torch.float16), r, r, dropout=p)
+    params = (x, peft.base.weight, peft.base.bias, peft.lora_A, peft.lora_B)
+    peft_saved = _saved_bytes(lambda: peft(x), *params)
+    if p > 0:
+        assert peft_saved >= M * K * x.element_size() + saved
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_layer_merge_unmerge(backend, dtype):
+    base = nn.Linear(75, 51).to(dtype)
+    layer = fl.LoRALinear.from_module(base, r=5, alpha=10)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad
+    assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 37, 75, dtype=dtype)
+    w0 = base.weight.detach().clone()
+    with fl.use_backend(backend):
+        unmerged = layer(x)
+        layer.merge()
+        assert layer.merged
+        merged = layer(x)
+        ref = lora_linear_ref(x.double(), w0.double(), base.bias.double(), layer.lora_A.double(), layer.lora_B.double(), 2.0)
+        assert_close(unmerged, ref, dtype, "unmerged")
+        assert_close(merged, ref, dtype, "merged", factor=2.0)
+        delta = fl.reference.linear_delta_weight(layer.lora_A.double(), layer.lora_B.double(), 2.0)
+        assert_close(layer.weight, w0.double() + delta, dtype, "merged weight")
+        layer.unmerge()
+    assert not layer.merged
+    # W + d - d, each rounded once: back within two roundings of the dtype
+    ulp = torch.finfo(dtype).eps * (w0.abs().double() + (w0.double() + delta).abs())
+    assert ((layer.weight.double() - w0.double()).abs() <= 2 * ulp + torch.finfo(dtype).tiny).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_safe_merge_refuses_non_finite(backend):
+    layer = fl.LoRALinear(20, 12, r=3, alpha=3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_B[2, 1] = float("inf")
+    w0 = layer.weight.detach().clone()
+    with fl.use_backend(backend):
+        with pytest.raises(ValueError, match="non-finite"):
+            layer.merge(safe=True)
+    assert torch.equal(layer.weight, w0) and not layer.merged
+
+
+def test_fp16_merge_overflow_is_refused_in_safe_mode():
+    layer = fl.LoRALinear(16, 16, r=2, alpha=2, dtype=torch.float16)
+    with torch.no_grad():
+        layer.lora_A.fill_(300.0)
+        layer.lora_B.fill_(300.0)
+    for backend in BACKENDS:
+        with fl.use_backend(backend), pytest.raises(ValueError, match="non-finite"):
+            layer.merge(safe=True)
+
+
+def test_layer_constructor_and_disable():
+    layer = fl.LoRALinear(30, 20, r=4, alpha=8, dropout=0.1)
+    assert layer.scaling == 2.0 and layer.weight.shape == (20, 30) and layer.lora_A.shape == (4, 30)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 30)
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    rs = fl.LoRALinear(30, 20, r=4, alpha=8, use_rslora=True)
+    assert rs.scaling == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda x, w, b, a, bb: (x[:, :-1], w, b, a, bb), ValueError, "in_features"),
+        (lambda x, w, b, a, bb: (x, w, b[:-1], a, bb), ValueError, "bias"),
+        (lambda x, w, b, a, bb: (x, w, b, a[:, :-1], bb), ValueError, "lora_A"),
+        (lambda x, w, b, a, bb: (x, w, b, a, bb[:-1]), ValueError, "lora_B"),
+        (lambda x, w, b, a, bb: (x, w, b, a[:0], bb[:, :0]), ValueError, "rank"),
+        (lambda x, w, b, a, bb: (x.double(), w, b, a, bb), TypeError, "x must be"),
+        (lambda x, w, b, a, bb: (x.half(), w, b, a, bb), TypeError, "must match"),
+        (lambda x, w, b, a, bb: (x.long(), w, b, a, bb), TypeError, "x must be"),
+        (lambda x, w, b, a, bb: (x, w, b, a.to("meta"), bb), ValueError, "one device"),
+        (lambda x, w, b, a, bb: (x, w[None], b, a, bb), ValueError, "weight must be 2-D"),
+    ],
+    ids=["x-last-dim", "bias-shape", "A-shape", "B-shape", "rank-0", "x-float64", "x-dtype-mismatch", "x-int",
+         "mixed-devices", "weight-3d"],
+)
+def test_bad_input(make, error, match):
+    args = make(*(t.detach() if t is not None else None for t in _inputs(7, 20, 12, 3, torch.float32)))
+    with pytest.raises(error, match=match):
+        fl.lora_linear(*args, 1.0)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_dropout(p):
+    x, w, b, a, bb = _inputs(7, 20, 12, 3, torch.float32)
+    with pytest.raises(ValueError, match="dropout"):
+        fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout"):
+        fl.LoRALinear(20, 12, r=2, dropout=p)
+
+
+def test_bad_rank_in_layer():
+    with pytest.raises(ValueError, match="rank"):
+        fl.LoRALinear.from_module(nn.Linear(4, 4), r=0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        fl.LoRALinear.from_module(nn.Conv2d(3, 3, 1), r=2)
