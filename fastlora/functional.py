@@ -245,7 +245,17 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         need_dx, need_dw, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx, da, db, dbias = _linear_bwd(
-            dy2, x2, s, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_dbias,
+            dy2,
+            x2,
+            s,
+            weight,
+            lora_A,
+            lora_B,
+            ctx.scaling,
+            ctx.dropout_p,
+            ctx.seed,
+            need_dx,
+            need_dbias,
             ctx.triton_path,
         )
         dw = _weight_grad(dy2, x2, weight) if need_dw else None
@@ -368,7 +378,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():
             seed = draw_seed() if p > 0 else None
-            y2, _ = torch.ops.fastlora.lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed)
+            y2, _ = torch.ops.fastlora.lora_linear(
+                x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed
+            )
             return y2.reshape(*x.shape[:-1], weight.shape[0])
         seed = int(draw_seed()) if p > 0 else 0
         y, _ = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
@@ -396,4 +408,3 @@ def merge_delta_(weight_2d, lora_A_2d, lora_B_2d, scaling, sign=1.0, safe=False)
         raise ValueError("merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged")
     weight_2d.copy_(merged)
     return weight_2d
-

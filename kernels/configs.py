@@ -45,7 +45,7 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_props(index: int):
     return torch.cuda.get_device_properties(index)
 
@@ -54,7 +54,10 @@ def num_programs_target(device: torch.device) -> int:
     """How many programs a skinny pass should launch to fill the device."""
     if INTERPRET or device.type != "cuda":
         return 4
-    return _device_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count * PROGRAMS_PER_SM
+    return (
+        _device_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+        * PROGRAMS_PER_SM
+    )
 
 
 def capability(device: torch.device) -> int:

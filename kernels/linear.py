@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastlora.kernels import configs
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
 
@@ -55,17 +54,41 @@ def dropout_keep(seed, rows, cols, p):
 @triton.jit
 def _lora_down_kernel(
     # pointers
-    x_ptr, bt_ptr, t_ptr, out_ptr, side_ptr,
+    x_ptr,
+    bt_ptr,
+    t_ptr,
+    out_ptr,
+    side_ptr,
     # sizes
-    M, K, R, K_PER_SPLIT,
+    M,
+    K,
+    R,
+    K_PER_SPLIT,
     # strides
-    stride_xm, stride_xk, stride_bk, stride_br, stride_tm, stride_tr,
-    stride_os, stride_om, stride_or, stride_sk, stride_sr,
+    stride_xm,
+    stride_xk,
+    stride_bk,
+    stride_br,
+    stride_tm,
+    stride_tr,
+    stride_os,
+    stride_om,
+    stride_or,
+    stride_sk,
+    stride_sr,
     # scalars
-    scale, side_scale, seed, p_drop,
+    scale,
+    side_scale,
+    seed,
+    p_drop,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, HAS_SIDE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_SIDE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """out[split, M, R] = scale * (m x)[M, Ks] @ Bt[Ks, R] over this split's K range Ks.
     With HAS_SIDE also side[K, R] += side_scale * x^T @ T[M, R] (float32 atomics)."""
@@ -103,16 +126,33 @@ def _lora_down_kernel(
 @triton.jit
 def _lora_up_t_kernel(
     # pointers
-    t_ptr, x_ptr, out_ptr,
+    t_ptr,
+    x_ptr,
+    out_ptr,
     # sizes
-    M, K, R, M_PER_SPLIT,
+    M,
+    K,
+    R,
+    M_PER_SPLIT,
     # strides
-    stride_tm, stride_tr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
+    stride_tm,
+    stride_tr,
+    stride_xm,
+    stride_xk,
+    stride_os,
+    stride_or,
+    stride_ok,
     # scalars
-    scale, seed, p_drop,
+    scale,
+    seed,
+    p_drop,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """out[split, R, K] = scale * T[Ms, R]^T @ (m x)[Ms, K] over this split's M range Ms."""
     pid_k = tl.program_id(0)
@@ -142,16 +182,42 @@ def _lora_up_t_kernel(
 @triton.jit
 def _lora_gemm_kernel(
     # pointers
-    a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr,
+    a_ptr,
+    b_ptr,
+    p_ptr,
+    q_ptr,
+    bias_ptr,
+    c_ptr,
     # sizes
-    M, N, K, R, M_BUCKET,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
     # strides
-    stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_pm,
+    stride_pr,
+    stride_qr,
+    stride_qn,
+    stride_cm,
+    stride_cn,
     # scalars
-    lora_scale, seed, p_drop,
+    lora_scale,
+    seed,
+    p_drop,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """C[M, N] = a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N]) + bias[N].
@@ -179,8 +245,12 @@ def _lora_gemm_kernel(
     for r0 in range(0, R, BLOCK_R):
         i_r = r0 + tl.arange(0, BLOCK_R)
         m_r = i_r < R
-        b_p = tl.load(p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr, mask=m_m[:, None] & m_r[None, :], other=0.0)
-        b_q = tl.load(q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn, mask=m_r[:, None] & m_n[None, :], other=0.0)
+        b_p = tl.load(
+            p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr, mask=m_m[:, None] & m_r[None, :], other=0.0
+        )
+        b_q = tl.load(
+            q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn, mask=m_r[:, None] & m_n[None, :], other=0.0
+        )
         acc = tl.dot(b_p.to(DOT_DTYPE), b_q.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if HAS_DROPOUT:
         acc = tl.where(dropout_keep(seed, i_m, i_n, p_drop), acc * lora_scale, 0.0)
@@ -212,9 +282,10 @@ def _prune_gemm_configs(configs_list, named_args, **kwargs):
     return kept or configs_list[-1:]
 
 
-
 @triton.jit
-def _dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dropout_mask_kernel(
+    out_ptr, M, K, stride_om, stride_ok, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """out[M, K] = the keep-mask the LoRA kernels draw for (seed, p): for tests and `fastlora validate`."""
     i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -260,14 +331,35 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0):
     N = b.shape[1]
     R = p.shape[1]
     args = dict(
-        a_ptr=a, b_ptr=b, p_ptr=p, q_ptr=q, bias_ptr=bias if bias is not None else c, c_ptr=c,
-        M=M, N=N, K=K, R=R, M_BUCKET=triton.next_power_of_2(M),
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bn=b.stride(1),
-        stride_pm=p.stride(0), stride_pr=p.stride(1), stride_qr=q.stride(0), stride_qn=q.stride(1),
-        stride_cm=c.stride(0), stride_cn=c.stride(1),
-        lora_scale=float(lora_scale), seed=int(seed), p_drop=float(dropout_p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(a.dtype),
-        PRECISION=input_precision(a.dtype), BLOCK_R=rank_block(R),
+        a_ptr=a,
+        b_ptr=b,
+        p_ptr=p,
+        q_ptr=q,
+        bias_ptr=bias if bias is not None else c,
+        c_ptr=c,
+        M=M,
+        N=N,
+        K=K,
+        R=R,
+        M_BUCKET=triton.next_power_of_2(M),
+        stride_am=a.stride(0),
+        stride_ak=a.stride(1),
+        stride_bk=b.stride(0),
+        stride_bn=b.stride(1),
+        stride_pm=p.stride(0),
+        stride_pr=p.stride(1),
+        stride_qr=q.stride(0),
+        stride_qn=q.stride(1),
+        stride_cm=c.stride(0),
+        stride_cn=c.stride(1),
+        lora_scale=float(lora_scale),
+        seed=int(seed),
+        p_drop=float(dropout_p),
+        HAS_BIAS=bias is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        DOT_DTYPE=dot_dtype(a.dtype),
+        PRECISION=input_precision(a.dtype),
+        BLOCK_R=rank_block(R),
     )
     if INTERPRET:
         bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET
@@ -292,20 +384,44 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
     k_blocks = triton.cdiv(K, bk)
     k_per_split = triton.cdiv(k_blocks, _splits(k_blocks, grid_m * grid_r, x.device)) * bk
     split = triton.cdiv(K, k_per_split)
-    out = torch.empty((split, M, R) if split > 1 else (1, M, R), device=x.device,
-                      dtype=torch.float32 if split > 1 else out_dtype)
+    out = torch.empty(
+        (split, M, R) if split > 1 else (1, M, R), device=x.device, dtype=torch.float32 if split > 1 else out_dtype
+    )
     t, acc, side_scale = side if side is not None else (x, out, 0.0)
     _lora_down_kernel[(grid_m, grid_r, split)](
-        x_ptr=x, bt_ptr=bt, t_ptr=t, out_ptr=out, side_ptr=acc,
-        M=M, K=K, R=R, K_PER_SPLIT=k_per_split,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_bk=bt.stride(0), stride_br=bt.stride(1),
-        stride_tm=t.stride(0), stride_tr=t.stride(1),
-        stride_os=out.stride(0), stride_om=out.stride(1), stride_or=out.stride(2),
-        stride_sk=acc.stride(0), stride_sr=acc.stride(1),
-        scale=float(scale), side_scale=float(side_scale), seed=int(seed), p_drop=float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, HAS_SIDE=side is not None, DOT_DTYPE=dot_dtype(x.dtype),
-        PRECISION=input_precision(x.dtype), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
-        num_warps=warps, num_stages=stages,
+        x_ptr=x,
+        bt_ptr=bt,
+        t_ptr=t,
+        out_ptr=out,
+        side_ptr=acc,
+        M=M,
+        K=K,
+        R=R,
+        K_PER_SPLIT=k_per_split,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_bk=bt.stride(0),
+        stride_br=bt.stride(1),
+        stride_tm=t.stride(0),
+        stride_tr=t.stride(1),
+        stride_os=out.stride(0),
+        stride_om=out.stride(1),
+        stride_or=out.stride(2),
+        stride_sk=acc.stride(0),
+        stride_sr=acc.stride(1),
+        scale=float(scale),
+        side_scale=float(side_scale),
+        seed=int(seed),
+        p_drop=float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0,
+        HAS_SIDE=side is not None,
+        DOT_DTYPE=dot_dtype(x.dtype),
+        PRECISION=input_precision(x.dtype),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        BLOCK_R=br,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out.sum(0).to(out_dtype) if split > 1 else out[0]
 
@@ -322,13 +438,31 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0):
     split = triton.cdiv(M, m_per_split)
     out = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
     _lora_up_t_kernel[(grid_k, grid_r, split)](
-        t_ptr=t, x_ptr=x, out_ptr=out,
-        M=M, K=K, R=R, M_PER_SPLIT=m_per_split,
-        stride_tm=t.stride(0), stride_tr=t.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_os=out.stride(0), stride_or=out.stride(1), stride_ok=out.stride(2),
-        scale=float(scale), seed=int(seed), p_drop=float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(x.dtype), PRECISION=input_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=stages,
+        t_ptr=t,
+        x_ptr=x,
+        out_ptr=out,
+        M=M,
+        K=K,
+        R=R,
+        M_PER_SPLIT=m_per_split,
+        stride_tm=t.stride(0),
+        stride_tr=t.stride(1),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_os=out.stride(0),
+        stride_or=out.stride(1),
+        stride_ok=out.stride(2),
+        scale=float(scale),
+        seed=int(seed),
+        p_drop=float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0,
+        DOT_DTYPE=dot_dtype(x.dtype),
+        PRECISION=input_precision(x.dtype),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        BLOCK_R=br,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out.sum(0) if split > 1 else out[0]
 
@@ -378,8 +512,15 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     bm, bk = 16, 32
     _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-        out_ptr=out, M=M, K=K, stride_om=out.stride(0), stride_ok=out.stride(1), seed=int(seed), p_drop=float(p),
-        BLOCK_M=bm, BLOCK_K=bk,
+        out_ptr=out,
+        M=M,
+        K=K,
+        stride_om=out.stride(0),
+        stride_ok=out.stride(1),
+        seed=int(seed),
+        p_drop=float(p),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
     )
     return out.bool()
 
@@ -393,68 +534,178 @@ def aot_cases():
     """The compile cases tests/aot.py builds for sm_80 and sm_90 (contiguous, 16-aligned tensors, r = 16)."""
     cases = []
     for major in (8, 9):
-        for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "ieee"),
-                                 (torch.float32, "tf32")):
+        for dtype, precision in (
+            (torch.float16, "ieee"),
+            (torch.bfloat16, "ieee"),
+            (torch.float32, "ieee"),
+            (torch.float32, "tf32"),
+        ):
             t = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
             for direction in ("fwd", "bwd"):
                 fwd = direction == "fwd"
+                tag = "-tf32" if precision == "tf32" else ""
                 for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
-                    cases.append({
-                        "id": f"gemm-{direction}-{t}{'-tf32' if precision == 'tf32' else ''}-{bm}x{bn}x{bk}-w{w}s{st}",
-                        "major": major,
-                        "kernel": _lora_gemm_kernel,
-                        "signature": {
-                            **dict.fromkeys(["a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr"], f"*{t}"),
-                            **dict.fromkeys(["M", "N", "K", "R", "M_BUCKET", "stride_am", "stride_pm", "stride_cm",
-                                             "seed"], "i32"),
-                            ("stride_bn" if fwd else "stride_bk"): "i32", "stride_qn": "i32",
-                            "lora_scale": "fp32", "p_drop": "fp32",
-                        },
-                        "constexprs": {
-                            "stride_ak": 1, ("stride_bk" if fwd else "stride_bn"): 1, "stride_pr": 1, "stride_qr": 1,
-                            "stride_cn": 1, "HAS_BIAS": fwd, "HAS_DROPOUT": not fwd, "DOT_DTYPE": TL_DTYPES[dtype],
-                            "PRECISION": precision, "BLOCK_R": 16,
-                            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g,
-                        },
-                        "divisible": ["a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr", "N", "K", "stride_am",
-                                      "stride_bn" if fwd else "stride_bk", "stride_pm", "stride_qn", "stride_cm"],
-                        "num_warps": w, "num_stages": st, "expects_mma": precision == "tf32" or dtype != torch.float32,
-                    })
+                    cases.append(
+                        {
+                            "id": f"gemm-{direction}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}",
+                            "major": major,
+                            "kernel": _lora_gemm_kernel,
+                            "signature": {
+                                **dict.fromkeys(["a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr"], f"*{t}"),
+                                **dict.fromkeys(
+                                    ["M", "N", "K", "R", "M_BUCKET", "stride_am", "stride_pm", "stride_cm", "seed"],
+                                    "i32",
+                                ),
+                                ("stride_bn" if fwd else "stride_bk"): "i32",
+                                "stride_qn": "i32",
+                                "lora_scale": "fp32",
+                                "p_drop": "fp32",
+                            },
+                            "constexprs": {
+                                "stride_ak": 1,
+                                ("stride_bk" if fwd else "stride_bn"): 1,
+                                "stride_pr": 1,
+                                "stride_qr": 1,
+                                "stride_cn": 1,
+                                "HAS_BIAS": fwd,
+                                "HAS_DROPOUT": not fwd,
+                                "DOT_DTYPE": TL_DTYPES[dtype],
+                                "PRECISION": precision,
+                                "BLOCK_R": 16,
+                                "BLOCK_M": bm,
+                                "BLOCK_N": bn,
+                                "BLOCK_K": bk,
+                                "GROUP_M": g,
+                            },
+                            "divisible": [
+                                "a_ptr",
+                                "b_ptr",
+                                "p_ptr",
+                                "q_ptr",
+                                "bias_ptr",
+                                "c_ptr",
+                                "N",
+                                "K",
+                                "stride_am",
+                                "stride_bn" if fwd else "stride_bk",
+                                "stride_pm",
+                                "stride_qn",
+                                "stride_cm",
+                            ],
+                            "num_warps": w,
+                            "num_stages": st,
+                            "expects_mma": precision == "tf32" or dtype != torch.float32,
+                        }
+                    )
             if dtype == torch.float32:
                 continue  # the skinny passes are memory-bound: their 16-bit builds stand for all dtypes
             for bm, bk, w, st in configs.skinny_config_tuples(major):
                 common = {"num_warps": w, "num_stages": st, "expects_mma": True}
-                cases.append({
-                    "id": f"down-{t}-{bm}x{bk}-w{w}s{st}", "major": major, "kernel": _lora_down_kernel,
-                    "signature": {
-                        **dict.fromkeys(["x_ptr", "bt_ptr", "t_ptr", "out_ptr"], f"*{t}"), "side_ptr": "*fp32",
-                        **dict.fromkeys(["M", "K", "R", "K_PER_SPLIT", "stride_xm", "stride_bk", "stride_tm",
-                                         "stride_os", "stride_om", "stride_sk", "seed"], "i32"),
-                        **dict.fromkeys(["scale", "side_scale", "p_drop"], "fp32"),
-                    },
-                    "constexprs": {
-                        "stride_xk": 1, "stride_br": 1, "stride_tr": 1, "stride_or": 1, "stride_sr": 1,
-                        "HAS_DROPOUT": True, "HAS_SIDE": True, "DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "tf32",
-                        "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16,
-                    },
-                    "divisible": ["x_ptr", "bt_ptr", "t_ptr", "out_ptr", "side_ptr", "K", "K_PER_SPLIT", "stride_xm",
-                                  "stride_bk", "stride_tm", "stride_os", "stride_om", "stride_sk"],
-                    **common,
-                })
-                cases.append({
-                    "id": f"up_t-{t}-{bm}x{bk}-w{w}s{st}", "major": major, "kernel": _lora_up_t_kernel,
-                    "signature": {
-                        **dict.fromkeys(["t_ptr", "x_ptr"], f"*{t}"), "out_ptr": "*fp32",
-                        **dict.fromkeys(["M", "K", "R", "M_PER_SPLIT", "stride_tm", "stride_xm", "stride_os",
-                                         "stride_or", "seed"], "i32"),
-                        **dict.fromkeys(["scale", "p_drop"], "fp32"),
-                    },
-                    "constexprs": {
-                        "stride_tr": 1, "stride_xk": 1, "stride_ok": 1, "HAS_DROPOUT": True,
-                        "DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16,
-                    },
-                    "divisible": ["t_ptr", "x_ptr", "out_ptr", "K", "M_PER_SPLIT", "stride_tm", "stride_xm",
-                                  "stride_os", "stride_or"],
-                    **common,
-                })
+                cases.append(
+                    {
+                        "id": f"down-{t}-{bm}x{bk}-w{w}s{st}",
+                        "major": major,
+                        "kernel": _lora_down_kernel,
+                        "signature": {
+                            **dict.fromkeys(["x_ptr", "bt_ptr", "t_ptr", "out_ptr"], f"*{t}"),
+                            "side_ptr": "*fp32",
+                            **dict.fromkeys(
+                                [
+                                    "M",
+                                    "K",
+                                    "R",
+                                    "K_PER_SPLIT",
+                                    "stride_xm",
+                                    "stride_bk",
+                                    "stride_tm",
+                                    "stride_os",
+                                    "stride_om",
+                                    "stride_sk",
+                                    "seed",
+                                ],
+                                "i32",
+                            ),
+                            **dict.fromkeys(["scale", "side_scale", "p_drop"], "fp32"),
+                        },
+                        "constexprs": {
+                            "stride_xk": 1,
+                            "stride_br": 1,
+                            "stride_tr": 1,
+                            "stride_or": 1,
+                            "stride_sr": 1,
+                            "HAS_DROPOUT": True,
+                            "HAS_SIDE": True,
+                            "DOT_DTYPE": TL_DTYPES[dtype],
+                            "PRECISION": "tf32",
+                            "BLOCK_M": bm,
+                            "BLOCK_K": bk,
+                            "BLOCK_R": 16,
+                        },
+                        "divisible": [
+                            "x_ptr",
+                            "bt_ptr",
+                            "t_ptr",
+                            "out_ptr",
+                            "side_ptr",
+                            "K",
+                            "K_PER_SPLIT",
+                            "stride_xm",
+                            "stride_bk",
+                            "stride_tm",
+                            "stride_os",
+                            "stride_om",
+                            "stride_sk",
+                        ],
+                        **common,
+                    }
+                )
+                cases.append(
+                    {
+                        "id": f"up_t-{t}-{bm}x{bk}-w{w}s{st}",
+                        "major": major,
+                        "kernel": _lora_up_t_kernel,
+                        "signature": {
+                            **dict.fromkeys(["t_ptr", "x_ptr"], f"*{t}"),
+                            "out_ptr": "*fp32",
+                            **dict.fromkeys(
+                                [
+                                    "M",
+                                    "K",
+                                    "R",
+                                    "M_PER_SPLIT",
+                                    "stride_tm",
+                                    "stride_xm",
+                                    "stride_os",
+                                    "stride_or",
+                                    "seed",
+                                ],
+                                "i32",
+                            ),
+                            **dict.fromkeys(["scale", "p_drop"], "fp32"),
+                        },
+                        "constexprs": {
+                            "stride_tr": 1,
+                            "stride_xk": 1,
+                            "stride_ok": 1,
+                            "HAS_DROPOUT": True,
+                            "DOT_DTYPE": TL_DTYPES[dtype],
+                            "PRECISION": "tf32",
+                            "BLOCK_M": bm,
+                            "BLOCK_K": bk,
+                            "BLOCK_R": 16,
+                        },
+                        "divisible": [
+                            "t_ptr",
+                            "x_ptr",
+                            "out_ptr",
+                            "K",
+                            "M_PER_SPLIT",
+                            "stride_tm",
+                            "stride_xm",
+                            "stride_os",
+                            "stride_or",
+                        ],
+                        **common,
+                    }
+                )
     return cases

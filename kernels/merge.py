@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastlora.kernels.configs import INTERPRET, rank_block
 
 # BLOCK_N, BLOCK_K, warps: merging is a one-off, memory-bound pass over W.
@@ -21,15 +20,29 @@ MERGE_INTERPRET = (16, 32, 4)
 @triton.jit
 def _merge_kernel(
     # pointers
-    w_ptr, a_ptr, b_ptr, flag_ptr,
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    flag_ptr,
     # sizes
-    N, K, R,
+    N,
+    K,
+    R,
     # strides
-    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
     # scalars
-    coeff, limit,
+    coeff,
+    limit,
     # meta-parameters
-    CHECK_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    CHECK_ONLY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """W[n, k] += coeff * sum_r B[n, r] A[r, k] in float32; with CHECK_ONLY, only flag a non-finite result."""
     i_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,8 +53,12 @@ def _merge_kernel(
     for r0 in range(0, R, BLOCK_R):
         i_r = r0 + tl.arange(0, BLOCK_R)
         m_r = i_r < R
-        b_b = tl.load(b_ptr + i_n64[:, None] * stride_bn + i_r[None, :] * stride_br, mask=m_n[:, None] & m_r[None, :], other=0.0)
-        b_a = tl.load(a_ptr + i_r[:, None] * stride_ar + i_k64[None, :] * stride_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_b = tl.load(
+            b_ptr + i_n64[:, None] * stride_bn + i_r[None, :] * stride_br, mask=m_n[:, None] & m_r[None, :], other=0.0
+        )
+        b_a = tl.load(
+            a_ptr + i_r[:, None] * stride_ar + i_k64[None, :] * stride_ak, mask=m_r[:, None] & m_k[None, :], other=0.0
+        )
         acc = tl.dot(b_b.to(tl.float32), b_a.to(tl.float32), acc, input_precision="ieee")
     p_w = w_ptr + i_n64[:, None] * stride_wn + i_k64[None, :] * stride_wk
     m_w = m_n[:, None] & m_k[None, :]
@@ -62,17 +79,32 @@ def merge_(weight, lora_A, lora_B, coeff: float, safe: bool = False):
     bn, bk, warps = MERGE_INTERPRET if INTERPRET else MERGE_CONFIG
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     args = dict(
-        w_ptr=weight, a_ptr=lora_A, b_ptr=lora_B, N=N, K=K, R=R,
-        stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_ar=lora_A.stride(0),
-        stride_ak=lora_A.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), coeff=float(coeff),
+        w_ptr=weight,
+        a_ptr=lora_A,
+        b_ptr=lora_B,
+        N=N,
+        K=K,
+        R=R,
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        coeff=float(coeff),
         limit=float(torch.finfo(weight.dtype).max),
-        BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block(R), num_warps=warps,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        BLOCK_R=rank_block(R),
+        num_warps=warps,
     )
     if safe:
         flag = torch.zeros(1, device=weight.device, dtype=torch.int32)
         _merge_kernel[grid](flag_ptr=flag, CHECK_ONLY=True, **args)
         if flag.item() != 0:
-            raise ValueError("merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged")
+            raise ValueError(
+                "merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged"
+            )
     _merge_kernel[grid](flag_ptr=weight, CHECK_ONLY=False, **args)
     return weight
 
@@ -84,17 +116,32 @@ def aot_cases():
     for major in (8, 9):
         for t in ("fp16", "bf16", "fp32"):
             for check in (False, True):
-                cases.append({
-                    "id": f"merge-{t}-{'check' if check else 'write'}-{bn}x{bk}-w{warps}", "major": major,
-                    "kernel": _merge_kernel,
-                    "signature": {
-                        "w_ptr": f"*{t}", "a_ptr": "*fp32", "b_ptr": "*fp32", "flag_ptr": "*i32",
-                        **dict.fromkeys(["N", "K", "R", "stride_wn", "stride_ar", "stride_bn"], "i32"),
-                        "coeff": "fp32", "limit": "fp32",
-                    },
-                    "constexprs": {"stride_wk": 1, "stride_ak": 1, "stride_br": 1, "CHECK_ONLY": check,
-                                   "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": 16},
-                    "divisible": ["w_ptr", "a_ptr", "b_ptr", "flag_ptr", "N", "K", "stride_wn", "stride_ar"],
-                    "num_warps": warps, "num_stages": 1,
-                })
+                cases.append(
+                    {
+                        "id": f"merge-{t}-{'check' if check else 'write'}-{bn}x{bk}-w{warps}",
+                        "major": major,
+                        "kernel": _merge_kernel,
+                        "signature": {
+                            "w_ptr": f"*{t}",
+                            "a_ptr": "*fp32",
+                            "b_ptr": "*fp32",
+                            "flag_ptr": "*i32",
+                            **dict.fromkeys(["N", "K", "R", "stride_wn", "stride_ar", "stride_bn"], "i32"),
+                            "coeff": "fp32",
+                            "limit": "fp32",
+                        },
+                        "constexprs": {
+                            "stride_wk": 1,
+                            "stride_ak": 1,
+                            "stride_br": 1,
+                            "CHECK_ONLY": check,
+                            "BLOCK_N": bn,
+                            "BLOCK_K": bk,
+                            "BLOCK_R": 16,
+                        },
+                        "divisible": ["w_ptr", "a_ptr", "b_ptr", "flag_ptr", "N", "K", "stride_wn", "stride_ar"],
+                        "num_warps": warps,
+                        "num_stages": 1,
+                    }
+                )
     return cases

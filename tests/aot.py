@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of shipped kernel configs for a GPU target, with no GPU.
 
 Run as a script (without TRITON_INTERPRET) by tests/test_aot_compile.py: it compiles every case that the
-kernel modules list in their ``aot_cases()``, each for the GPU generation it names (sm_80 or sm_90), and prints one JSON line per case with
-what the tests check: shared memory, spills, registers and the matrix instructions in the PTX.
+kernel modules list in their ``aot_cases()``, each for the GPU generation it names (sm_80 or sm_90), and
+prints one JSON line per case with what the tests check: shared memory, spills, registers and the matrix
+instructions in the PTX.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def _resource_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         out = subprocess.run(
-            [os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+            [os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out)}
 

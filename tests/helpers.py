@@ -33,5 +33,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name:
     if not err <= tol:
         diff = (out.detach().double() - ref.detach().double()).abs().flatten()
         worst = diff.topk(min(5, diff.numel())).indices
-        lines = ", ".join(f"[{i}] {out.flatten()[i].item():.6g} vs {ref.flatten()[i].item():.6g}" for i in worst.tolist())
-        raise AssertionError(f"{name}: relative error {err:.3e} > tolerance {tol:.1e} ({DTYPE_IDS[dtype]}); worst: {lines}")
+        lines = ", ".join(
+            f"[{i}] {out.flatten()[i].item():.6g} vs {ref.flatten()[i].item():.6g}" for i in worst.tolist()
+        )
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > tolerance {tol:.1e} ({DTYPE_IDS[dtype]}); worst: {lines}"
+        )

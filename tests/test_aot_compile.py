@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from fastlora.kernels.configs import SHARED_MEMORY_LIMIT
 
 MODULES = ["fastlora.kernels.linear", "fastlora.kernels.merge"]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn as nn
+from fastlora.kernels import linear as klinear
 from helpers import DTYPE_IDS, assert_close
 
 import fastlora as fl
 from fastlora.functional import dropout_keep
-from fastlora.kernels import linear as klinear
 from fastlora.reference import lora_linear_ref
 
 BACKENDS = ["triton", "torch"]
@@ -241,7 +241,9 @@ def test_layer_merge_unmerge(backend, dtype):
         layer.merge()
         assert layer.merged
         merged = layer(x)
-        ref = lora_linear_ref(x.double(), w0.double(), base.bias.double(), layer.lora_A.double(), layer.lora_B.double(), 2.0)
+        ref = lora_linear_ref(
+            x.double(), w0.double(), base.bias.double(), layer.lora_A.double(), layer.lora_B.double(), 2.0
+        )
         assert_close(unmerged, ref, dtype, "unmerged")
         assert_close(merged, ref, dtype, "merged", factor=2.0)
         delta = fl.reference.linear_delta_weight(layer.lora_A.double(), layer.lora_B.double(), 2.0)
@@ -301,8 +303,18 @@ def test_layer_constructor_and_disable():
         (lambda x, w, b, a, bb: (x, w, b, a.to("meta"), bb), ValueError, "one device"),
         (lambda x, w, b, a, bb: (x, w[None], b, a, bb), ValueError, "weight must be 2-D"),
     ],
-    ids=["x-last-dim", "bias-shape", "A-shape", "B-shape", "rank-0", "x-float64", "x-dtype-mismatch", "x-int",
-         "mixed-devices", "weight-3d"],
+    ids=[
+        "x-last-dim",
+        "bias-shape",
+        "A-shape",
+        "B-shape",
+        "rank-0",
+        "x-float64",
+        "x-dtype-mismatch",
+        "x-int",
+        "mixed-devices",
+        "weight-3d",
+    ],
 )
 def test_bad_input(make, error, match):
     args = make(*(t.detach() if t is not None else None for t in _inputs(7, 20, 12, 3, torch.float32)))
