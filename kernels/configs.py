@@ -50,14 +50,17 @@ def _device_props(index: int):
     return torch.cuda.get_device_properties(index)
 
 
-def num_programs_target(device: torch.device) -> int:
-    """How many programs a skinny pass should launch to fill the device."""
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on the device (4 under the interpreter, so persistent loops take several tiles)."""
     if INTERPRET or device.type != "cuda":
         return 4
-    return (
-        _device_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
-        * PROGRAMS_PER_SM
-    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_props(index).multi_processor_count
+
+
+def num_programs_target(device: torch.device) -> int:
+    """How many programs a skinny pass should launch to fill the device."""
+    return num_sms(device) * PROGRAMS_PER_SM
 
 
 def capability(device: torch.device) -> int:

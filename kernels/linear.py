@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # ----------------------------------------------------------------------------------------------------------
 # Device helpers
@@ -274,6 +275,102 @@ def _lora_gemm_kernel(
     tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
+@triton.jit
+def _lora_gemm_tma_kernel(
+    # tensor descriptors and pointers
+    a_desc,
+    b_desc,
+    c_desc,
+    p_ptr,
+    q_ptr,
+    bias_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    # strides
+    stride_pm,
+    stride_pr,
+    stride_qr,
+    stride_qn,
+    # scalars
+    lora_scale,
+    seed,
+    p_drop,
+    # meta-parameters
+    B_NK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """_lora_gemm_kernel for Hopper: tiles move by TMA (tensor descriptors, out-of-bounds zero-filled), and
+    NUM_SMS persistent programs walk the tiles in grouped order. b_desc holds W [N, K] when B_NK (forward),
+    else b [K, N] (backward dX)."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_pid_in_group = GROUP_M * num_pid_n
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (tile_id % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        i_m = off_m + tl.arange(0, BLOCK_M)
+        i_n = off_n + tl.arange(0, BLOCK_N)
+        m_m, m_n = i_m < M, i_n < N
+        i_m64, i_n64 = i_m.to(tl.int64), i_n.to(tl.int64)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            i_r = r0 + tl.arange(0, BLOCK_R)
+            m_r = i_r < R
+            p_p = p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr
+            p_q = q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn
+            b_p = tl.load(p_p, mask=m_m[:, None] & m_r[None, :], other=0.0)
+            b_q = tl.load(p_q, mask=m_r[:, None] & m_n[None, :], other=0.0)
+            acc = tl.dot(b_p.to(DOT_DTYPE), b_q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            acc = tl.where(dropout_keep(seed, i_m, i_n, p_drop), acc * lora_scale, 0.0)
+        else:
+            acc = acc * lora_scale
+
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            b_a = a_desc.load([off_m, off_k]).to(DOT_DTYPE)
+            if B_NK:
+                b_b = b_desc.load([off_n, off_k]).to(DOT_DTYPE)
+                acc = tl.dot(b_a, b_b.T, acc, input_precision=PRECISION)
+            else:
+                b_b = b_desc.load([off_k, off_n]).to(DOT_DTYPE)
+                acc = tl.dot(b_a, b_b, acc, input_precision=PRECISION)
+
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + i_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+def _set_tma_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
 def _prune_gemm_configs(configs_list, named_args, **kwargs):
     """Drop tiles much larger than the problem (small M or N): they only waste the autotuner's time."""
     m, n = named_args["M"], named_args["N"]
@@ -325,33 +422,60 @@ def _splits(blocks: int, programs_without_split: int, device) -> int:
     return max(1, min(blocks, configs.num_programs_target(device) // max(1, programs_without_split)))
 
 
+_autotuned_gemm_tma = {}
+
+
+def _gemm_tma_kernel_for(major: int, dtype: torch.dtype, masked: bool):
+    """The TMA persistent GEMM autotuned over the same tiles; the pre-hook re-shapes the descriptors per config."""
+    key = (major, dtype, masked)
+    if key not in _autotuned_gemm_tma:
+        tuned = [
+            triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_block_shapes)
+            for c in configs.gemm_configs(major, dtype, masked)
+        ]
+        _autotuned_gemm_tma[key] = triton.autotune(
+            configs=tuned, key=["M_BUCKET", "N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs}
+        )(_lora_gemm_tma_kernel)
+    return _autotuned_gemm_tma[key]
+
+
+def _tma_capable(device) -> bool:
+    return configs.capability(device) >= 9
+
+
+def _tma_views(a, b, c):
+    """(a, b as W [N, K] or [K, N], B_NK) when TMA can address all three (unit inner stride, 16-byte aligned
+    rows and base), else None."""
+    if b.stride(0) == 1:
+        b_view, b_nk = b.t(), True
+    elif b.stride(1) == 1:
+        b_view, b_nk = b, False
+    else:
+        return None
+    for t in (a, b_view, c):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return None
+    return a, b_view, b_nk
+
+
 def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0):
     """c[M, N] = a[M, K] @ b[K, N] + lora_scale * mask(p[M, R] @ q[R, N]) + bias; a, b, p, q are strided views."""
     M, K = a.shape
     N = b.shape[1]
     R = p.shape[1]
-    args = dict(
-        a_ptr=a,
-        b_ptr=b,
+    common = dict(
         p_ptr=p,
         q_ptr=q,
         bias_ptr=bias if bias is not None else c,
-        c_ptr=c,
         M=M,
         N=N,
         K=K,
         R=R,
         M_BUCKET=triton.next_power_of_2(M),
-        stride_am=a.stride(0),
-        stride_ak=a.stride(1),
-        stride_bk=b.stride(0),
-        stride_bn=b.stride(1),
         stride_pm=p.stride(0),
         stride_pr=p.stride(1),
         stride_qr=q.stride(0),
         stride_qn=q.stride(1),
-        stride_cm=c.stride(0),
-        stride_cn=c.stride(1),
         lora_scale=float(lora_scale),
         seed=int(seed),
         p_drop=float(dropout_p),
@@ -360,6 +484,39 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0):
         DOT_DTYPE=dot_dtype(a.dtype),
         PRECISION=input_precision(a.dtype),
         BLOCK_R=rank_block(R),
+    )
+    # TMA for 16-bit tiles on Hopper; float32 (an FMA or TF32 product, not a speed target) keeps the pointer kernel
+    views = _tma_views(a, b, c) if a.dtype != torch.float32 and _tma_capable(a.device) else None
+    if views is not None:
+        a, b_view, b_nk = views
+        bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET if INTERPRET else (64, 64, 64, 8, 4, 3)
+        descs = dict(
+            a_desc=TensorDescriptor.from_tensor(a, [bm, bk]),
+            b_desc=TensorDescriptor.from_tensor(b_view, [bn, bk] if b_nk else [bk, bn]),
+            c_desc=TensorDescriptor.from_tensor(c, [bm, bn]),
+        )
+        num_sms = configs.num_sms(a.device)
+        if INTERPRET:
+            grid = (min(num_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+            _lora_gemm_tma_kernel[grid](
+                **descs, **common, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, NUM_SMS=num_sms
+            )
+            return c
+        kernel = _gemm_tma_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0)
+        grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        kernel[grid](**descs, **common, B_NK=b_nk, NUM_SMS=num_sms)
+        return c
+    args = dict(
+        a_ptr=a,
+        b_ptr=b,
+        c_ptr=c,
+        **common,
+        stride_am=a.stride(0),
+        stride_ak=a.stride(1),
+        stride_bk=b.stride(0),
+        stride_bn=b.stride(1),
+        stride_cm=c.stride(0),
+        stride_cn=c.stride(1),
     )
     if INTERPRET:
         bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET
@@ -592,6 +749,47 @@ def aot_cases():
                                 "stride_qn",
                                 "stride_cm",
                             ],
+                            "num_warps": w,
+                            "num_stages": st,
+                            "expects_mma": precision == "tf32" or dtype != torch.float32,
+                        }
+                    )
+            for direction in ("fwd", "bwd") if major >= 9 and dtype != torch.float32 else ():
+                fwd = direction == "fwd"
+                tag = "-tf32" if precision == "tf32" else ""
+                for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
+                    cases.append(
+                        {
+                            "id": f"gemm_tma-{direction}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}",
+                            "major": major,
+                            "kernel": _lora_gemm_tma_kernel,
+                            "signature": {
+                                "a_desc": f"tensordesc<{t}[{bm}, {bk}]>",
+                                "b_desc": f"tensordesc<{t}[{bn}, {bk}]>" if fwd else f"tensordesc<{t}[{bk}, {bn}]>",
+                                "c_desc": f"tensordesc<{t}[{bm}, {bn}]>",
+                                **dict.fromkeys(["p_ptr", "q_ptr", "bias_ptr"], f"*{t}"),
+                                **dict.fromkeys(
+                                    ["M", "N", "K", "R", "M_BUCKET", "stride_pm", "stride_qn", "seed"], "i32"
+                                ),
+                                "lora_scale": "fp32",
+                                "p_drop": "fp32",
+                            },
+                            "constexprs": {
+                                "stride_pr": 1,
+                                "stride_qr": 1,
+                                "B_NK": fwd,
+                                "HAS_BIAS": fwd,
+                                "HAS_DROPOUT": not fwd,
+                                "DOT_DTYPE": TL_DTYPES[dtype],
+                                "PRECISION": precision,
+                                "BLOCK_R": 16,
+                                "BLOCK_M": bm,
+                                "BLOCK_N": bn,
+                                "BLOCK_K": bk,
+                                "GROUP_M": g,
+                                "NUM_SMS": 132,
+                            },
+                            "divisible": ["p_ptr", "q_ptr", "bias_ptr", "N", "K", "stride_pm", "stride_qn"],
                             "num_warps": w,
                             "num_stages": st,
                             "expects_mma": precision == "tf32" or dtype != torch.float32,
