@@ -199,7 +199,7 @@ def _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 def _linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
     if x2.shape[0] == 0:
-        dx = torch.empty_like(x2) if need_dx else None
+        dx = x2.new_empty(x2.shape) if need_dx else None
         dbias = dy.new_zeros(dy.shape[1]) if need_dbias else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), dbias
     if _use_triton(x2):
@@ -294,14 +294,14 @@ def _lora_linear_bwd_op(
     dx, da, db, dbias = _linear_bwd(
         dy.contiguous(), x, s, weight, lora_A, lora_B, scaling, dropout_p, seed_int, need_dx, need_dbias
     )
-    dx = dx if dx is not None else x.new_empty(0)
+    dx = dx.contiguous() if dx is not None else x.new_empty(0)
     dbias = dbias if dbias is not None else dy.new_empty(0)
     return dx, da, db, dbias
 
 
 @_lora_linear_bwd_op.register_fake
 def _(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)  # contiguous, like the real dx, whatever x's strides
     dbias = dy.new_empty(dy.shape[1]) if need_dbias else dy.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dbias
 
