@@ -244,7 +244,9 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(s)
-        return y2.reshape(*x.shape[:-1], weight.shape[0]), s
+        # detach() drops the view link to y2: a custom Function's output that is a view forbids in-place ops on it,
+        # which nn.Linear's output allows (`h = layer(x); h += residual`)
+        return y2.reshape(*x.shape[:-1], weight.shape[0]).detach(), s
 
     @staticmethod
     def backward(ctx, dy, _ds_unused):

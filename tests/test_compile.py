@@ -160,3 +160,35 @@ def test_opcheck_linear(case, path):
         for need_dx, need_dbias in ((True, True), (False, False)):
             bwd_args = (dy, x.detach(), s.detach(), weight, lora_A.detach(), lora_B.detach(), scaling, dropout_p, seed)
             torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (*bwd_args, need_dx, need_dbias))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drop-in behaviour: in-place ops on a layer's output work, as they do on nn.Linear's, eager and compiled
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _in_place_step(model):
+    def step(x):
+        h = model[0](x)
+        h.mul_(1.5).add_(0.25)  # e.g. `hidden += residual` right after a projection
+        return model[2](model[1](h))
+
+    return step
+
+
+def _out_of_place_step(model):
+    return lambda x: model[2](model[1](model[0](x) * 1.5 + 0.25))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", kind_params())
+def test_in_place_on_layer_output(kind, compiled):
+    model = build_model(kind)
+    x = make_input(kind)
+    step = _in_place_step(model)
+    if compiled:
+        step = torch.compile(step, backend=BACKEND, fullgraph=True)
+    with on_path("torch"):
+        ref_out, ref_grads = forward_backward(model, x, step=_out_of_place_step(model))
+        out, grads = forward_backward(model, x, step=step)
+    _assert_same(out, grads, ref_out, ref_grads, "in-place")
