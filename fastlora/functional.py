@@ -23,6 +23,7 @@ opaque, so a model with fastlora layers compiles with ``fullgraph=True``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 
@@ -63,7 +64,14 @@ def use_backend(name: str):
 
 def active_path(device: torch.device | str) -> str:
     """Which path a call on this device takes now: "triton", "triton-interpreter" or "torch"."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be a torch.device or a string such as 'cuda:0', got {device!r}") from err
+    except TypeError as err:
+        raise TypeError(f"device must be a torch.device or a string, got {type(device).__name__}") from err
+    if device.type == "meta":  # shape inference only: the torch path's ops all have meta kernels
+        return "torch"
     if _backend == "torch" or _klinear is None:
         if _backend == "triton":
             raise RuntimeError("the triton backend was requested but Triton is not installed")
@@ -121,9 +129,9 @@ def check_lora_factors(lora_A, lora_B, in_features, out_features, scaling):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
 
 
-def check_dropout(dropout_p):
+def check_dropout(dropout_p, name="dropout_p"):
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
 
 
 def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -156,6 +164,8 @@ def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
 
 def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
     """The torch path's dropout keep-mask for a seed: a pure function of (seed, shape, p)."""
+    if torch.device(device).type == "meta":  # no generator exists on meta; the mask's shape is all it needs
+        return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, generator=gen, device=device) >= p
 
@@ -200,7 +210,7 @@ def _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, trit
 def _linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias, triton_path):
     """The backward on the path the forward took (the two paths draw different dropout masks)."""
     if x2.shape[0] == 0:
-        dx = torch.empty_like(x2) if need_dx else None
+        dx = x2.new_empty(x2.shape) if need_dx else None
         dbias = dy.new_zeros(dy.shape[1]) if need_dbias else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), dbias
     if triton_path:
@@ -229,20 +239,22 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = _as_rows(x)
         ctx.triton_path = _use_triton(x2)
         y2, s = _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, ctx.triton_path)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(s)
-        return y2.reshape(*x.shape[:-1], weight.shape[0]), s
+        # detach() drops the view link to y2: a custom Function's output that is a view forbids in-place ops on it,
+        # which nn.Linear's output allows (`h = layer(x); h += residual`)
+        return y2.reshape(*x.shape[:-1], weight.shape[0]).detach(), s
 
     @staticmethod
     def backward(ctx, dy, _ds_unused):
         x, s, weight, lora_A, lora_B = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        x2 = _as_rows(x)
+        dy2 = _as_rows(dy).contiguous()
         need_dx, need_dw, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx, da, db, dbias = _linear_bwd(
             dy2,
@@ -308,14 +320,14 @@ def _lora_linear_bwd_op(
     dx, da, db, dbias = _linear_bwd(
         dy.contiguous(), x, s, weight, lora_A, lora_B, scaling, dropout_p, seed_int, need_dx, need_dbias, triton_path
     )
-    dx = dx if dx is not None else x.new_empty(0)
+    dx = dx.contiguous() if dx is not None else x.new_empty(0)
     dbias = dbias if dbias is not None else dy.new_empty(0)
     return dx, da, db, dbias
 
 
 @_lora_linear_bwd_op.register_fake
 def _(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias, triton_path):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)  # contiguous, like the real dx, whatever x's strides
     dbias = dy.new_empty(dy.shape[1]) if need_dbias else dy.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dbias
 
@@ -347,10 +359,22 @@ _lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_
 def autocast_inputs(x, *tensors):
     """Cast x and the frozen base tensors to the autocast dtype when autocast is on for x's device."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+
+
+def no_autocast(device_type: str):
+    """Autocast off around an op that has cast its own inputs; a device without autocast (meta) needs nothing."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., C] as [prod(...), C]; unlike reshape(-1, C) this also works when C is 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def draw_seed() -> torch.Tensor:
@@ -375,12 +399,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x, weight, bias = autocast_inputs(x, weight, bias)
     p = float(dropout_p) if training else 0.0
     scaling = float(scaling)
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         if torch.compiler.is_compiling():
             seed = draw_seed() if p > 0 else None
-            y2, _ = torch.ops.fastlora.lora_linear(
-                x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed
-            )
+            y2, _ = torch.ops.fastlora.lora_linear(_as_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
             return y2.reshape(*x.shape[:-1], weight.shape[0])
         seed = int(draw_seed()) if p > 0 else 0
         y, _ = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)

@@ -35,7 +35,7 @@ class LoRALayer(nn.Module):
 
     def _init_lora(self, r, alpha, dropout, use_rslora, a_shape, b_shape, factory):
         _check_rank_alpha(r, alpha)
-        check_dropout(dropout)
+        check_dropout(dropout, "dropout")
         self.r = r
         self.lora_alpha = alpha
         self.use_rslora = use_rslora

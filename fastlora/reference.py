@@ -36,6 +36,10 @@ __all__ = [
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """The LoRA scaling factor s: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"LoRA rank r must be an int >= 1, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise TypeError(f"LoRA alpha must be a number, got {type(alpha).__name__}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 

@@ -1,0 +1,139 @@
+"""Small models built from each fastlora layer type, shared by the compile, checkpointing, determinism and
+distributed tests. Every LoRA factor is drawn random (PEFT starts B or A at zero, which would hide half the
+gradients), and only the LoRA factors train.
+
+The Embedding and Conv2d layers arrive on other branches; their cases skip until ``fastlora`` has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastlora
+
+LAYER_KINDS = ("linear", "embedding", "conv2d")
+
+HAS_KIND = {
+    "linear": hasattr(fastlora, "lora_linear"),
+    "embedding": hasattr(fastlora, "lora_embedding") and hasattr(fastlora, "LoRAEmbedding"),
+    "conv2d": hasattr(fastlora, "lora_conv2d") and hasattr(fastlora, "LoRAConv2d"),
+}
+
+# Kinds whose layer takes a dropout on the LoRA branch.
+DROPOUT_KINDS = ("linear", "conv2d")
+
+
+def kind_param(kind: str):
+    """A pytest param for a layer kind that skips while fastlora lacks that layer."""
+    skip = pytest.mark.skipif(not HAS_KIND[kind], reason=f"fastlora has no {kind} LoRA layer on this branch yet")
+    return pytest.param(kind, id=kind, marks=[skip])
+
+
+def kind_params(kinds=LAYER_KINDS):
+    return [kind_param(k) for k in kinds]
+
+
+def triton_available() -> bool:
+    """Whether CPU tensors can run the Triton kernels (under the interpreter) on this checkout."""
+    try:
+        with fastlora.use_backend("triton"):
+            return fastlora.active_path("cpu") == "triton-interpreter"
+    except RuntimeError:
+        return False
+
+
+PATHS = (
+    pytest.param("torch", id="torch"),
+    pytest.param(
+        "triton",
+        id="interp",
+        marks=pytest.mark.skipif(not triton_available(), reason="the Triton kernels are not on this branch yet"),
+    ),
+)
+
+
+@contextlib.contextmanager
+def on_path(path: str):
+    """Run the block on the torch path ("torch") or the Triton kernels under the interpreter ("triton")."""
+    with fastlora.use_backend(path):
+        yield
+
+
+def _randomise(model: nn.Module, gen: torch.Generator):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+
+
+def build_model(kind: str, dropout: float = 0.0, seed: int = 0, dtype=torch.float32) -> nn.Module:
+    """A two-layer model around ``kind``; base weights and LoRA factors all drawn from ``seed``."""
+    torch.manual_seed(seed)
+    if kind == "linear":
+        model = nn.Sequential(
+            fastlora.LoRALinear.from_module(nn.Linear(13, 11), r=5, alpha=10, dropout=dropout),
+            nn.GELU(),
+            fastlora.LoRALinear.from_module(nn.Linear(11, 7, bias=False), r=3, alpha=6, dropout=dropout),
+        )
+    elif kind == "embedding":
+        model = nn.Sequential(
+            fastlora.LoRAEmbedding.from_module(nn.Embedding(29, 11, padding_idx=0), r=4, alpha=8),
+            nn.GELU(),
+            fastlora.LoRALinear.from_module(nn.Linear(11, 7), r=3, alpha=6, dropout=dropout),
+        )
+    elif kind == "conv2d":
+        model = nn.Sequential(
+            fastlora.LoRAConv2d.from_module(nn.Conv2d(3, 6, 3, padding=1), r=4, alpha=8, dropout=dropout),
+            nn.GELU(),
+            fastlora.LoRAConv2d.from_module(nn.Conv2d(6, 5, 3, stride=2), r=3, alpha=6, dropout=dropout),
+        )
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    model = model.to(dtype)
+    _randomise(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def make_input(kind: str, seed: int = 0, batch: int = 3, dtype=torch.float32) -> torch.Tensor:
+    """A fresh random input for ``build_model(kind)`` (float inputs require grad; token ids do not)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        return torch.randn(batch, 5, 13, generator=gen, dtype=dtype).requires_grad_()
+    if kind == "embedding":
+        return torch.randint(0, 29, (batch, 5), generator=gen)
+    if kind == "conv2d":
+        return torch.randn(batch, 3, 9, 9, generator=gen, dtype=dtype).requires_grad_()
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def loss_weights(out: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """Fixed random weights g for the loss sum(out * g), so every output element carries its own gradient."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+
+
+def lora_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None, step=None):
+    """Run forward and backward of sum(model(x) * g); return (output, {name: grad}) with x's grad as "x".
+
+    ``step`` replaces the plain ``model(x)`` call (e.g. a checkpointed or compiled call).
+    """
+    model.zero_grad(set_to_none=True)
+    if x.grad is not None:
+        x.grad = None
+    out = (step or model)(x)
+    g = loss_weights(out) if g is None else g
+    (out * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in lora_params(model).items()}
+    if x.is_floating_point():
+        grads["x"] = x.grad.clone()
+    for n, p in model.named_parameters():
+        if not n.endswith(("lora_A", "lora_B")):
+            assert p.grad is None, f"frozen base parameter {n} received a gradient"
+    return out.detach().clone(), grads

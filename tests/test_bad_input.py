@@ -1,0 +1,432 @@
+"""Bad input, row by row: every public function against wrong shapes, wrong dtypes, mixed devices ("meta" as the
+second device), integer tensors, non-contiguous and zero-size inputs, NaN and Inf.
+
+Each row ends in a correct result or in a ValueError/TypeError whose message names the offending argument;
+never an assert, a crash from deep inside torch, or a silent wrong answer. NaN and Inf show up in the output
+and the gradients exactly where the float64 reference has them: they never vanish.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import assert_close
+from lora_cases import PATHS, kind_param, on_path
+
+import fastlora
+from fastlora.reference import lora_conv2d_ref, lora_embedding_ref, lora_linear_ref
+
+META = "meta"
+EMB = kind_param("embedding").marks
+CONV = kind_param("conv2d").marks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Valid argument sets, from which each row changes one thing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def linear_args(**change):
+    """lora_linear's arguments: x [7, 5], weight [4, 5], bias [4], lora_A [3, 5], lora_B [4, 3]."""
+    args = {
+        "x": torch.randn(7, 5),
+        "weight": torch.randn(4, 5),
+        "bias": torch.randn(4),
+        "lora_A": torch.randn(3, 5),
+        "lora_B": torch.randn(4, 3),
+        "scaling": 0.5,
+    }
+    args.update(change)
+    return args
+
+
+def embedding_args(**change):
+    """lora_embedding's arguments: idx [3, 4] in [0, 11), weight [11, 6], lora_A [3, 11], lora_B [6, 3]."""
+    args = {
+        "idx": torch.randint(0, 11, (3, 4)),
+        "weight": torch.randn(11, 6),
+        "lora_A": torch.randn(3, 11),
+        "lora_B": torch.randn(6, 3),
+        "scaling": 0.5,
+    }
+    args.update(change)
+    return args
+
+
+def conv2d_args(**change):
+    """lora_conv2d's arguments: x [2, 3, 7, 7], weight [4, 3, 3, 3], bias [4], lora_A [2, 3, 3, 3], B [4, 2, 1, 1]."""
+    args = {
+        "x": torch.randn(2, 3, 7, 7),
+        "weight": torch.randn(4, 3, 3, 3),
+        "bias": torch.randn(4),
+        "lora_A": torch.randn(2, 3, 3, 3),
+        "lora_B": torch.randn(4, 2, 1, 1),
+        "scaling": 0.5,
+    }
+    args.update(change)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows that must raise: (id, call, error type, pattern the message must contain)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _row(row_id, call, error, names, marks=()):
+    return pytest.param(call, error, names, id=row_id, marks=marks)
+
+
+def lin(**change):
+    return lambda: fastlora.lora_linear(**linear_args(**change))
+
+
+def emb(**change):
+    return lambda: fastlora.lora_embedding(**embedding_args(**change))
+
+
+def conv(**change):
+    return lambda: fastlora.lora_conv2d(**conv2d_args(**change))
+
+
+def layer_call(x):
+    return lambda: fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=3, alpha=6)(x)
+
+
+ERROR_ROWS = [
+    # lora_linear: shapes
+    _row("linear-x-last-dim", lin(x=torch.randn(7, 6)), ValueError, r"\bx\b"),
+    _row("linear-x-0d", lin(x=torch.tensor(1.0)), ValueError, r"\bx\b"),
+    _row("linear-weight-1d", lin(weight=torch.randn(20)), ValueError, "weight"),
+    _row("linear-weight-3d", lin(weight=torch.randn(4, 5, 1)), ValueError, "weight"),
+    _row("linear-bias-length", lin(bias=torch.randn(5)), ValueError, "bias"),
+    _row("linear-bias-2d", lin(bias=torch.randn(4, 1)), ValueError, "bias"),
+    _row("linear-A-in-features", lin(lora_A=torch.randn(3, 6)), ValueError, "lora_A"),
+    _row("linear-A-1d", lin(lora_A=torch.randn(15)), ValueError, "lora_A"),
+    _row("linear-A-rank0", lin(lora_A=torch.randn(0, 5), lora_B=torch.randn(4, 0)), ValueError, "lora_A"),
+    _row("linear-B-out-features", lin(lora_B=torch.randn(5, 3)), ValueError, "lora_B"),
+    _row("linear-B-rank", lin(lora_B=torch.randn(4, 2)), ValueError, "lora_B"),
+    _row("linear-B-flat", lin(lora_B=torch.randn(12, 1)), ValueError, "lora_B"),
+    # lora_linear: dtypes and types
+    _row("linear-x-int", lin(x=torch.randint(0, 3, (7, 5))), TypeError, r"\bx\b"),
+    _row("linear-x-float64", lin(x=torch.randn(7, 5, dtype=torch.float64)), TypeError, r"\bx\b"),
+    _row("linear-x-complex", lin(x=torch.randn(7, 5, dtype=torch.complex64)), TypeError, r"\bx\b"),
+    _row("linear-x-fp16-weight-fp32", lin(x=torch.randn(7, 5).half()), TypeError, r"\bx\b.*weight"),
+    _row("linear-weight-int", lin(weight=torch.randint(0, 3, (4, 5))), TypeError, "weight"),
+    _row("linear-bias-fp16", lin(bias=torch.randn(4).half()), TypeError, "bias"),
+    _row("linear-A-int", lin(lora_A=torch.randint(0, 3, (3, 5), dtype=torch.int32)), TypeError, "lora_A"),
+    _row("linear-B-bool", lin(lora_B=torch.ones(4, 3, dtype=torch.bool)), TypeError, "lora_B"),
+    _row("linear-x-list", lin(x=[[1.0] * 5] * 7), TypeError, r"\bx\b"),
+    _row("linear-weight-None", lin(weight=None), TypeError, "weight"),
+    _row("linear-scaling-tensor", lin(scaling=torch.tensor(0.5)), TypeError, "scaling"),
+    _row("linear-scaling-str", lin(scaling="0.5"), TypeError, "scaling"),
+    _row("linear-dropout-1", lin(dropout_p=1.0), ValueError, "dropout_p"),
+    _row("linear-dropout-negative", lin(dropout_p=-0.1), ValueError, "dropout_p"),
+    _row("linear-dropout-str", lin(dropout_p="0.1"), (ValueError, TypeError), "dropout_p"),
+    # lora_linear: mixed devices
+    _row("linear-x-meta", lin(x=torch.randn(7, 5, device=META)), ValueError, r"\bx on meta"),
+    _row("linear-weight-meta", lin(weight=torch.randn(4, 5, device=META)), ValueError, "weight on meta"),
+    _row("linear-bias-meta", lin(bias=torch.randn(4, device=META)), ValueError, "bias on meta"),
+    _row("linear-A-meta", lin(lora_A=torch.randn(3, 5, device=META)), ValueError, "lora_A on meta"),
+    _row("linear-B-meta", lin(lora_B=torch.randn(4, 3, device=META)), ValueError, "lora_B on meta"),
+    # LoRALinear
+    _row("LoRALinear-forward-shape", layer_call(torch.randn(7, 6)), ValueError, r"\bx\b"),
+    _row("LoRALinear-forward-int", layer_call(torch.randint(0, 3, (7, 5))), TypeError, r"\bx\b"),
+    _row("LoRALinear-forward-meta", layer_call(torch.randn(7, 5, device=META)), ValueError, r"\bx on meta"),
+    _row(
+        "LoRALinear-from-conv",
+        lambda: fastlora.LoRALinear.from_module(nn.Conv2d(3, 4, 1)),
+        TypeError,
+        "nn.Linear",
+    ),
+    _row("LoRALinear-r0", lambda: fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=0), ValueError, r"\br\b"),
+    _row("LoRALinear-r-float", lambda: fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=2.5), ValueError, r"\br\b"),
+    _row("LoRALinear-alpha-str", lambda: fastlora.LoRALinear(5, 4, alpha="8"), TypeError, "alpha"),
+    _row("LoRALinear-dropout-1", lambda: fastlora.LoRALinear(5, 4, dropout=1.0), ValueError, "dropout"),
+    # small public helpers
+    _row("lora_scaling-r0", lambda: fastlora.lora_scaling(0, 8), ValueError, r"\br\b"),
+    _row("lora_scaling-alpha-str", lambda: fastlora.lora_scaling(4, "8"), TypeError, "alpha"),
+    _row("use_backend-unknown", lambda: fastlora.use_backend("cudnn").__enter__(), ValueError, "backend"),
+    _row("active_path-unknown", lambda: fastlora.active_path("gpu0"), ValueError, "device"),
+    _row("active_path-float", lambda: fastlora.active_path(0.5), TypeError, "device"),
+    # lora_embedding
+    _row("embedding-idx-float", emb(idx=torch.rand(3, 4)), TypeError, "idx", EMB),
+    _row("embedding-idx-meta", emb(idx=torch.randint(0, 11, (3, 4), device=META)), ValueError, "idx", EMB),
+    _row("embedding-idx-out-of-range", emb(idx=torch.tensor([0, 11])), ValueError, "idx", EMB),
+    _row("embedding-idx-negative", emb(idx=torch.tensor([0, -1])), ValueError, "idx", EMB),
+    _row("embedding-weight-1d", emb(weight=torch.randn(66)), ValueError, "weight", EMB),
+    _row("embedding-weight-int", emb(weight=torch.randint(0, 3, (11, 6))), TypeError, "weight", EMB),
+    _row("embedding-A-vocab", emb(lora_A=torch.randn(3, 12)), ValueError, "lora_A", EMB),
+    _row("embedding-B-dim", emb(lora_B=torch.randn(7, 3)), ValueError, "lora_B", EMB),
+    _row("embedding-B-rank", emb(lora_B=torch.randn(6, 2)), ValueError, "lora_B", EMB),
+    _row("embedding-A-int", emb(lora_A=torch.randint(0, 3, (3, 11))), TypeError, "lora_A", EMB),
+    _row("embedding-B-meta", emb(lora_B=torch.randn(6, 3, device=META)), ValueError, "lora_B", EMB),
+    _row("embedding-padding-idx", emb(padding_idx=11), ValueError, "padding_idx", EMB),
+    _row("embedding-scaling-tensor", emb(scaling=torch.tensor(0.5)), TypeError, "scaling", EMB),
+    # lora_conv2d
+    _row("conv2d-x-3d", conv(x=torch.randn(3, 7, 7)), ValueError, r"\bx\b", CONV),
+    _row("conv2d-x-int", conv(x=torch.randint(0, 3, (2, 3, 7, 7))), TypeError, r"\bx\b", CONV),
+    _row("conv2d-x-channels", conv(x=torch.randn(2, 4, 7, 7)), ValueError, r"\bx\b|weight", CONV),
+    _row("conv2d-x-meta", conv(x=torch.randn(2, 3, 7, 7, device=META)), ValueError, r"\bx on meta", CONV),
+    _row("conv2d-weight-3d", conv(weight=torch.randn(4, 3, 9)), ValueError, "weight", CONV),
+    _row("conv2d-weight-fp16", conv(weight=torch.randn(4, 3, 3, 3).half()), TypeError, "weight", CONV),
+    _row("conv2d-bias-length", conv(bias=torch.randn(5)), ValueError, "bias", CONV),
+    _row("conv2d-A-kernel", conv(lora_A=torch.randn(2, 3, 2, 2)), ValueError, "lora_A", CONV),
+    _row("conv2d-A-channels", conv(lora_A=torch.randn(2, 4, 3, 3)), ValueError, "lora_A", CONV),
+    _row("conv2d-B-out", conv(lora_B=torch.randn(5, 2, 1, 1)), ValueError, "lora_B", CONV),
+    _row("conv2d-B-rank", conv(lora_B=torch.randn(4, 3, 1, 1)), ValueError, "lora_B", CONV),
+    _row("conv2d-A-int", conv(lora_A=torch.randint(0, 3, (2, 3, 3, 3))), TypeError, "lora_A", CONV),
+    _row("conv2d-B-meta", conv(lora_B=torch.randn(4, 2, 1, 1, device=META)), ValueError, "lora_B", CONV),
+    _row("conv2d-stride-0", conv(stride=0), ValueError, "stride", CONV),
+    _row("conv2d-padding-negative", conv(padding=-1), ValueError, "padding", CONV),
+    _row("conv2d-dilation-0", conv(dilation=0), ValueError, "dilation", CONV),
+    _row("conv2d-groups", conv(groups=2), ValueError, "groups", CONV),
+    _row("conv2d-dropout-1", conv(dropout_p=1.0), ValueError, "dropout_p", CONV),
+    _row("conv2d-scaling-tensor", conv(scaling=torch.tensor(0.5)), TypeError, "scaling", CONV),
+    # layer constructors of the other kinds
+    _row(
+        "LoRAEmbedding-from-linear",
+        lambda: fastlora.LoRAEmbedding.from_module(nn.Linear(5, 4), r=2, alpha=2),
+        TypeError,
+        "Embedding",
+        EMB,
+    ),
+    _row(
+        "LoRAEmbedding-r0",
+        lambda: fastlora.LoRAEmbedding.from_module(nn.Embedding(11, 6), r=0, alpha=2),
+        ValueError,
+        r"\br\b",
+        EMB,
+    ),
+    _row(
+        "LoRAConv2d-from-linear",
+        lambda: fastlora.LoRAConv2d.from_module(nn.Linear(5, 4), r=2, alpha=2, dropout=0.0),
+        TypeError,
+        "Conv2d",
+        CONV,
+    ),
+    _row(
+        "LoRAConv2d-dropout-1",
+        lambda: fastlora.LoRAConv2d.from_module(nn.Conv2d(3, 4, 3), r=2, alpha=2, dropout=1.0),
+        ValueError,
+        "dropout",
+        CONV,
+    ),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("call", "error", "names"), ERROR_ROWS)
+def test_bad_input_raises_clear_error(call, error, names, path):
+    with on_path(path), pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert re.search(names, message), f"the message does not name the argument ({names!r}): {message!r}"
+    assert len(message) > 20, f"the message is too short to say what was expected: {message!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows that must give a correct result: each op against its float64 reference, output and gradients
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _assert_matches(out, ref, name):
+    """Same NaN and Inf positions as the float64 reference (non-finite values never vanish), the rest close."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    for what, test in (("NaN", torch.isnan), ("Inf", torch.isinf)):
+        got, want = test(out.detach()), test(ref.detach())
+        assert torch.equal(got, want), f"{name}: {what} at {(got != want).nonzero()[:5].tolist()} differs from ref"
+    finite = torch.isfinite(ref.detach())
+    if finite.any():
+        assert_close(out.detach()[finite], ref.detach()[finite], torch.float32, name)
+
+
+def _run_and_compare(fn, ref_fn, args, grad_names, dy=None):
+    """Call fn(**args) and ref_fn on float64 copies; compare the output and the grads of grad_names."""
+    leaves = {k: (v.detach().requires_grad_() if k in grad_names else v) for k, v in args.items()}
+    refs = {
+        k: (
+            v.detach().double().requires_grad_(k in grad_names)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v
+        )
+        for k, v in args.items()
+    }
+    out = fn(**leaves)
+    ref = ref_fn(**refs)
+    _assert_matches(out, ref, "output")
+    dy = torch.randn(out.shape) if dy is None else dy
+    out.backward(dy)
+    ref.backward(dy.double())
+    for k in grad_names:
+        assert leaves[k].grad is not None, f"{k} got no gradient"
+        _assert_matches(leaves[k].grad, refs[k].grad, f"grad {k}")
+    return out, leaves
+
+
+def _nan_at(t, index, value=float("nan")):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+LINEAR_GRADS = ("x", "lora_A", "lora_B")
+
+
+def _x_transposed():
+    return torch.randn(5, 7).t()
+
+
+def _x_strided():
+    return torch.randn(7, 10)[:, ::2]
+
+
+LINEAR_RESULT_ROWS = {
+    "x-transposed": {"x": _x_transposed},
+    "x-strided": {"x": _x_strided},
+    "x-3d-view": {"x": lambda: torch.randn(2, 5, 7).transpose(1, 2)},
+    "weight-transposed": {"weight": lambda: torch.randn(5, 4).t()},
+    "A-B-transposed": {"lora_A": lambda: torch.randn(5, 3).t(), "lora_B": lambda: torch.randn(3, 4).t()},
+    "no-bias": {"bias": lambda: None},
+    "x-1d": {"x": lambda: torch.randn(5)},
+    "K0": {"x": lambda: torch.randn(7, 0), "weight": lambda: torch.randn(4, 0), "lora_A": lambda: torch.randn(3, 0)},
+    "N0": {"weight": lambda: torch.randn(0, 5), "bias": lambda: torch.randn(0), "lora_B": lambda: torch.randn(0, 3)},
+    "x-nan": {"x": lambda: _nan_at(torch.randn(7, 5), (2, 3))},
+    "x-inf": {"x": lambda: _nan_at(torch.randn(7, 5), (4, 1), float("inf"))},
+    "x-minus-inf": {"x": lambda: _nan_at(torch.randn(7, 5), (0, 0), float("-inf"))},
+    "weight-nan": {"weight": lambda: _nan_at(torch.randn(4, 5), (1, 2))},
+    "bias-inf": {"bias": lambda: _nan_at(torch.randn(4), 3, float("inf"))},
+    "A-nan": {"lora_A": lambda: _nan_at(torch.randn(3, 5), (1, 4))},
+    "B-inf": {"lora_B": lambda: _nan_at(torch.randn(4, 3), (2, 0), float("inf"))},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("row", list(LINEAR_RESULT_ROWS), ids=list(LINEAR_RESULT_ROWS))
+def test_linear_result_rows(row, path):
+    args = linear_args(**{k: make() for k, make in LINEAR_RESULT_ROWS[row].items()})
+    with on_path(path):
+        _run_and_compare(fastlora.lora_linear, lora_linear_ref, args, LINEAR_GRADS)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_nan_in_grad_output_reaches_every_gradient(path):
+    dy = _nan_at(torch.randn(7, 4), (3, 2))
+    with on_path(path):
+        _run_and_compare(fastlora.lora_linear, lora_linear_ref, linear_args(), LINEAR_GRADS, dy=dy)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("x_shape", [(0, 5), (2, 0, 5)], ids=["M0", "lead0"])
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_zero_rows(x_shape, dropout_p, path):
+    """M = 0: an empty output, an empty dX and zero-filled (not unwritten) LoRA gradients."""
+    args = linear_args(x=torch.randn(x_shape))
+    leaves = {k: (v.requires_grad_() if k in LINEAR_GRADS else v) for k, v in args.items()}
+    with on_path(path):
+        out = fastlora.lora_linear(**leaves, dropout_p=dropout_p)
+        assert out.shape == (*x_shape[:-1], 4)
+        out.sum().backward()
+    assert leaves["x"].grad.shape == x_shape
+    for k in ("lora_A", "lora_B"):
+        assert torch.equal(leaves[k].grad, torch.zeros_like(leaves[k])), f"{k}.grad is not zero-filled"
+    assert leaves["weight"].grad is None
+
+
+def test_meta_inputs_give_meta_output():
+    """All inputs on "meta" (shape inference, deferred initialisation): a meta output of the right shape."""
+    args = linear_args(**{k: v.to(META) for k, v in linear_args(x=torch.randn(2, 7, 5)).items() if k != "scaling"})
+    for p in (0.0, 0.3):
+        out = fastlora.lora_linear(**args, dropout_p=p)
+        assert out.device.type == META and out.shape == (2, 7, 4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_layer_merge_refuses_non_finite(path):
+    layer = fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.copy_(_nan_at(torch.randn(4, 3), (1, 1)))
+    before = layer.weight.detach().clone()
+    with on_path(path), pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.weight, before) and not layer.merged
+
+
+EMBEDDING_RESULT_ROWS = {
+    "weight-transposed": {"weight": lambda: torch.randn(6, 11).t()},
+    "A-B-transposed": {"lora_A": lambda: torch.randn(11, 3).t(), "lora_B": lambda: torch.randn(3, 6).t()},
+    "idx-1d": {"idx": lambda: torch.tensor([3, 3, 0, 10, 3])},
+    "idx-non-contiguous": {"idx": lambda: torch.randint(0, 11, (4, 3)).t()},
+    "idx-int32": {"idx": lambda: torch.randint(0, 11, (3, 4), dtype=torch.int32)},
+    "weight-nan": {"idx": lambda: torch.tensor([1, 2, 2, 5]), "weight": lambda: _nan_at(torch.randn(11, 6), (2, 4))},
+    "A-inf": {
+        "idx": lambda: torch.tensor([1, 2, 2, 5]),
+        "lora_A": lambda: _nan_at(torch.randn(3, 11), (0, 5), float("inf")),
+    },
+    "B-nan": {"lora_B": lambda: _nan_at(torch.randn(6, 3), (4, 1))},
+}
+
+
+def _embedding_ref(idx, weight, lora_A, lora_B, scaling):
+    return lora_embedding_ref(idx.long(), weight, lora_A, lora_B, scaling)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("row", [pytest.param(r, id=r, marks=EMB) for r in EMBEDDING_RESULT_ROWS])
+def test_embedding_result_rows(row, path):
+    args = embedding_args(**{k: make() for k, make in EMBEDDING_RESULT_ROWS[row].items()})
+    with on_path(path):
+        _run_and_compare(fastlora.lora_embedding, _embedding_ref, args, ("lora_A", "lora_B"))
+
+
+@pytest.mark.parametrize("idx_shape", [(0,), (3, 0)], ids=["M0", "lead0"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", [kind_param("embedding")])
+def test_embedding_zero_rows(kind, idx_shape, path):
+    args = embedding_args(idx=torch.zeros(idx_shape, dtype=torch.long))
+    args["lora_A"].requires_grad_()
+    args["lora_B"].requires_grad_()
+    with on_path(path):
+        out = fastlora.lora_embedding(**args)
+        assert out.shape == (*idx_shape, 6)
+        out.sum().backward()
+    for k in ("lora_A", "lora_B"):
+        assert torch.equal(args[k].grad, torch.zeros_like(args[k])), f"{k}.grad is not zero-filled"
+
+
+CONV2D_GRADS = ("x", "lora_A", "lora_B")
+
+CONV2D_RESULT_ROWS = {
+    "x-channels-last": {"x": lambda: torch.randn(2, 3, 7, 7).to(memory_format=torch.channels_last)},
+    "x-strided": {"x": lambda: torch.randn(2, 3, 7, 14)[..., ::2]},
+    "no-bias": {"bias": lambda: None},
+    "x-nan": {"x": lambda: _nan_at(torch.randn(2, 3, 7, 7), (1, 2, 3, 3))},
+    "x-inf": {"x": lambda: _nan_at(torch.randn(2, 3, 7, 7), (0, 0, 0, 6), float("inf"))},
+    "A-nan": {"lora_A": lambda: _nan_at(torch.randn(2, 3, 3, 3), (1, 0, 2, 2))},
+    "B-inf": {"lora_B": lambda: _nan_at(torch.randn(4, 2, 1, 1), (3, 1, 0, 0), float("inf"))},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("row", [pytest.param(r, id=r, marks=CONV) for r in CONV2D_RESULT_ROWS])
+def test_conv2d_result_rows(row, path):
+    args = conv2d_args(**{k: make() for k, make in CONV2D_RESULT_ROWS[row].items()})
+    with on_path(path):
+        _run_and_compare(fastlora.lora_conv2d, lora_conv2d_ref, args, CONV2D_GRADS)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", [kind_param("conv2d")])
+def test_conv2d_zero_batch(kind, path):
+    args = conv2d_args(x=torch.randn(0, 3, 7, 7))
+    for k in CONV2D_GRADS:
+        args[k].requires_grad_()
+    with on_path(path):
+        out = fastlora.lora_conv2d(**args, dropout_p=0.3)
+        assert out.shape == (0, 4, 5, 5)
+        out.sum().backward()
+    assert args["x"].grad.shape == (0, 3, 7, 7)
+    for k in ("lora_A", "lora_B"):
+        assert torch.equal(args[k].grad, torch.zeros_like(args[k])), f"{k}.grad is not zero-filled"

@@ -1,0 +1,194 @@
+"""torch.compile over models with fastlora layers: one graph, no breaks, eager's outputs and gradients.
+
+The eager path runs ``torch.autograd.Function``s; under ``torch.compile`` the same work runs as the
+``fastlora::*`` custom ops. These tests hold the two together, and ``torch.library.opcheck`` checks each
+op's schema, fake (meta) implementation and autograd registration.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from helpers import assert_close
+from lora_cases import DROPOUT_KINDS, PATHS, build_model, forward_backward, kind_params, make_input, on_path
+
+# aot_eager runs the same AOT-autograd tracing, functionalisation and fake-tensor checks as inductor without
+# generating C++; the inductor run below is the full default pipeline, once.
+BACKEND = "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _assert_same(out, grads, ref_out, ref_grads, what):
+    """Output and every gradient within the float32 tolerance of the eager run (the compiler may fuse and reorder
+    the float32 elementwise ops around the fastlora ops)."""
+    assert_close(out, ref_out, torch.float32, f"{what}: output")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], torch.float32, f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("kind", kind_params())
+def test_no_graph_breaks(kind):
+    dropout = 0.25 if kind in DROPOUT_KINDS else 0.0
+    model = build_model(kind, dropout=dropout)
+    explanation = torch._dynamo.explain(model)(make_input(kind))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", kind_params())
+def test_compiled_matches_eager(kind, path):
+    model = build_model(kind)
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True, dynamic=True)
+    with on_path(path):
+        for batch in (3, 4):  # a second batch size runs the same graph with a new symbolic size
+            x = make_input(kind, seed=batch, batch=batch)
+            ref_out, ref_grads = forward_backward(model, x)
+            out, grads = forward_backward(model, x, step=compiled)
+            _assert_same(out, grads, ref_out, ref_grads, f"batch {batch}")
+
+
+def test_inductor_matches_eager():
+    """The default backend end to end: inductor generates code around the opaque fastlora ops."""
+    model = build_model("linear")
+    compiled = torch.compile(model, fullgraph=True)
+    x = make_input("linear")
+    with on_path("torch"):
+        ref_out, ref_grads = forward_backward(model, x)
+        out, grads = forward_backward(model, x, step=compiled)
+    _assert_same(out, grads, ref_out, ref_grads, "inductor")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", kind_params(DROPOUT_KINDS))
+def test_compiled_dropout_is_seeded(kind, path):
+    """With dropout, the compiled model draws its masks from torch's RNG: the same seed gives the same output
+    and gradients, another seed gives another mask, and (the graph runs torch's own RNG ops) eager agrees."""
+    model = build_model(kind, dropout=0.3)
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = make_input(kind)
+    runs = []
+    with on_path(path):
+        for seed in (11, 11, 12):
+            torch.manual_seed(seed)
+            runs.append(forward_backward(model, x, step=compiled))
+        torch.manual_seed(11)
+        eager = forward_backward(model, x)
+    (out1, grads1), (out2, grads2), (out3, _) = runs
+    assert torch.equal(out1, out2)
+    for name in grads1:
+        assert torch.equal(grads1[name], grads2[name]), name
+    assert not torch.equal(out1, out3), "another seed drew the same dropout masks"
+    no_dropout = forward_backward(build_model(kind, dropout=0.0), x)[0]
+    assert not torch.allclose(out1, no_dropout), "dropout had no effect"
+    _assert_same(out1, grads1, *eager, "compiled vs eager, same seed")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library.opcheck on every fastlora op, with the arguments the layers really pass
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_fastlora_op(target) -> bool:
+    return str(target).startswith("fastlora.")
+
+
+def _record_op_calls(model, x):
+    """Compile ``model`` with a backend that runs the captured graph and records each fastlora op call."""
+    calls = []
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if _is_fastlora_op(target):
+                op = target if isinstance(target, torch._ops.OpOverload) else target.default
+                calls.append((op, args, kwargs))
+            return super().call_function(target, args, kwargs)
+
+    def backend(gm, example_inputs):
+        return lambda *args: Recorder(gm).run(*args)
+
+    torch.compile(model, backend=backend, fullgraph=True)(x)
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["p0", "p0.2"])
+@pytest.mark.parametrize("kind", kind_params())
+def test_opcheck_layer_ops(kind, dropout):
+    model = build_model(kind, dropout=dropout if kind in DROPOUT_KINDS else 0.0)
+    with on_path("torch"):
+        calls = _record_op_calls(model, make_input(kind))
+        assert calls, "the compiled model called no fastlora op"
+        for op, args, kwargs in calls:
+            torch.library.opcheck(op, args, kwargs)
+
+
+def _linear_args(m=6, k=5, n=4, r=3, dtype=torch.float32, bias=True, dropout_p=0.0, x_transposed=False):
+    x = torch.randn(k, m, dtype=dtype).t() if x_transposed else torch.randn(m, k, dtype=dtype)
+    weight = torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    lora_A = torch.randn(r, k, dtype=dtype, requires_grad=True)
+    lora_B = torch.randn(n, r, dtype=dtype, requires_grad=True)
+    seed = torch.tensor(1234) if dropout_p > 0 else None
+    return x.requires_grad_(), weight, b, lora_A, lora_B, 0.75, dropout_p, seed
+
+
+LINEAR_CASES = {
+    "plain": {},
+    "no-bias": {"bias": False},
+    "dropout": {"dropout_p": 0.3},
+    "fp16": {"dtype": torch.float16},
+    "x-transposed": {"x_transposed": True},
+    "M0": {"m": 0},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(LINEAR_CASES), ids=list(LINEAR_CASES))
+def test_opcheck_linear(case, path):
+    args = _linear_args(**LINEAR_CASES[case])
+    with on_path(path):
+        torch.library.opcheck(torch.ops.fastlora.lora_linear.default, args)
+        x, weight, _, lora_A, lora_B, scaling, dropout_p, seed = args
+        y, s = torch.ops.fastlora.lora_linear(*args)
+        dy = torch.randn_like(y)
+        for need_dx, need_dbias in ((True, True), (False, False)):
+            bwd_args = (dy, x.detach(), s.detach(), weight, lora_A.detach(), lora_B.detach(), scaling, dropout_p, seed)
+            torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (*bwd_args, need_dx, need_dbias))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drop-in behaviour: in-place ops on a layer's output work, as they do on nn.Linear's, eager and compiled
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _in_place_step(model):
+    def step(x):
+        h = model[0](x)
+        h.mul_(1.5).add_(0.25)  # e.g. `hidden += residual` right after a projection
+        return model[2](model[1](h))
+
+    return step
+
+
+def _out_of_place_step(model):
+    return lambda x: model[2](model[1](model[0](x) * 1.5 + 0.25))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", kind_params())
+def test_in_place_on_layer_output(kind, compiled):
+    model = build_model(kind)
+    x = make_input(kind)
+    step = _in_place_step(model)
+    if compiled:
+        step = torch.compile(step, backend=BACKEND, fullgraph=True)
+    with on_path("torch"):
+        ref_out, ref_grads = forward_backward(model, x, step=_out_of_place_step(model))
+        out, grads = forward_backward(model, x, step=step)
+    _assert_same(out, grads, ref_out, ref_grads, "in-place")
