@@ -201,6 +201,11 @@ def _torch_linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, see
     return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dbias
 
 
+def _linear_on_triton(x2, weight) -> bool:
+    """Whether this call runs the kernels; shapes with a zero dimension take the torch path."""
+    return _use_triton(x2) and x2.shape[0] > 0 and x2.shape[1] > 0 and weight.shape[0] > 0
+
+
 def _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, triton_path):
     if triton_path:
         return _klinear.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -240,7 +245,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2 = _as_rows(x)
-        ctx.triton_path = _use_triton(x2)
+        ctx.triton_path = _linear_on_triton(x2, weight)
         y2, s = _linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, ctx.triton_path)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
@@ -292,7 +297,7 @@ def _lora_linear_op(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     seed_int = int(seed.item()) if seed is not None else 0
-    y2, s = _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_int, _use_triton(x))
+    y2, s = _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_int, _linear_on_triton(x, weight))
     return y2, s
 
 
@@ -335,7 +340,7 @@ def _(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_
 def _lora_linear_setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.scaling, ctx.dropout_p, ctx.triton_path = scaling, dropout_p, _use_triton(x)
+    ctx.scaling, ctx.dropout_p, ctx.triton_path = scaling, dropout_p, _linear_on_triton(x, weight)
 
 
 def _lora_linear_op_backward(ctx, dy, _ds_unused):

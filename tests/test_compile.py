@@ -11,6 +11,8 @@ import torch._dynamo
 from helpers import assert_close
 from lora_cases import DROPOUT_KINDS, PATHS, build_model, forward_backward, kind_params, make_input, on_path
 
+import fastlora as fl
+
 # aot_eager runs the same AOT-autograd tracing, functionalisation and fake-tensor checks as inductor without
 # generating C++; the inductor run below is the full default pipeline, once.
 BACKEND = "aot_eager"
@@ -157,9 +159,11 @@ def test_opcheck_linear(case, path):
         x, weight, _, lora_A, lora_B, scaling, dropout_p, seed = args
         y, s = torch.ops.fastlora.lora_linear(*args)
         dy = torch.randn_like(y)
+        triton_path = fl.active_path(x.device) != "torch"
         for need_dx, need_dbias in ((True, True), (False, False)):
             bwd_args = (dy, x.detach(), s.detach(), weight, lora_A.detach(), lora_B.detach(), scaling, dropout_p, seed)
-            torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (*bwd_args, need_dx, need_dbias))
+            flags = (need_dx, need_dbias, triton_path)
+            torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (*bwd_args, *flags))
 
 
 # ----------------------------------------------------------------------------------------------------------
