@@ -107,3 +107,65 @@ def skinny_config_tuples(major: int):
 def rank_block(r: int) -> int:
     """Rank tile: the padded rank for r <= 64 (at least 16, the tensor-core minimum), else 64-wide chunks."""
     return min(64, max(16, triton.next_power_of_2(r)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding (Y = W[idx] + s * A[:, idx]^T B^T, and its backward): memory-bound gathers and skinny rank-r dots.
+# Chosen by rule, not autotuned: each entry is the one config a (GPU generation, dtype width, rank tile) uses.
+# ----------------------------------------------------------------------------------------------------------
+
+# Forward tile [BLOCK_M tokens, BLOCK_D columns]: BLOCK_M, BLOCK_D, warps, stages.
+_EMBEDDING_FWD = {16: (32, 256, 4, 2), 32: (32, 128, 4, 2)}
+# Backward pass over dY, per program a [rows, BLOCK_D] strip with a [BLOCK_D, BLOCK_R] dB accumulator kept in
+# registers: BLOCK_M, BLOCK_D at BLOCK_R = 16 (halved each time the rank tile doubles), warps, stages.
+_EMBEDDING_BWD_DY = {16: (32, 512, 8, 3), 32: (32, 256, 8, 3)}
+# Finishing passes over the rank-r partials (scatter into dA, deterministic segment sums, dB reduction):
+# BLOCK_M (tokens or elements), warps.
+_EMBEDDING_BWD_SCATTER = (64, 4)
+_EMBEDDING_BWD_SEGMENT = (64, 4)
+_EMBEDDING_BWD_REDUCE = (1024, 4)
+# Under the interpreter: tiles small enough that odd test shapes cross several of them in every dimension.
+_EMBEDDING_INTERPRET = {
+    "fwd": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1},
+    "bwd_dy": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1},
+    "bwd_scatter": {"BLOCK_M": 16, "num_warps": 4},
+    "bwd_segment": {"BLOCK_M": 16, "num_warps": 4},
+    "bwd_reduce": {"BLOCK_M": 64, "num_warps": 4},
+}
+EMBEDDING_KINDS = tuple(_EMBEDDING_INTERPRET)
+EMBEDDING_RANK_BLOCKS = (16, 32, 64)
+
+
+def embedding_config(kind: str, major: int, dtype: torch.dtype, r_block: int) -> dict:
+    """Launch parameters of one embedding kernel: meta-parameters plus num_warps (and num_stages for the loops).
+
+    kind is one of EMBEDDING_KINDS; major the compute capability (0: the interpreter's small tiles);
+    dtype the dtype of Y / dY; r_block the rank tile (rank_block(r)). sm_80 and sm_90 share the tables: these
+    kernels are bandwidth-bound and use no wgmma-sized tiles.
+    """
+    if kind not in EMBEDDING_KINDS:
+        raise ValueError(f"embedding kernel kind must be one of {EMBEDDING_KINDS}, got {kind!r}")
+    if major == 0:
+        return dict(_EMBEDDING_INTERPRET[kind])
+    width = 32 if dtype == torch.float32 else 16
+    if kind == "fwd":
+        bm, bd, w, s = _EMBEDDING_FWD[width]
+        return {"BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s}
+    if kind == "bwd_dy":
+        bm, bd, w, s = _EMBEDDING_BWD_DY[width]
+        return {"BLOCK_M": bm, "BLOCK_D": max(32, bd * 16 // r_block), "num_warps": w, "num_stages": s}
+    bm, w = {"bwd_scatter": _EMBEDDING_BWD_SCATTER, "bwd_segment": _EMBEDDING_BWD_SEGMENT}.get(
+        kind, _EMBEDDING_BWD_REDUCE
+    )
+    return {"BLOCK_M": bm, "num_warps": w}
+
+
+def embedding_shipped_configs():
+    """Every (kind, major, dtype, r_block, config) the embedding launchers can pick on a GPU, for AOT compile tests."""
+    out = []
+    for major in (8, 9):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for kind in EMBEDDING_KINDS:
+                for r_block in EMBEDDING_RANK_BLOCKS if kind != "bwd_reduce" else (16,):
+                    out.append((kind, major, dtype, r_block, embedding_config(kind, major, dtype, r_block)))
+    return out
