@@ -139,7 +139,7 @@ _EMBEDDING_BWD_DY = {
 # rows into dA; the deterministic segment pass sums runs of equal indices (a run longer than BLOCK_M is walked
 # block by block, so BLOCK_M stays as large as registers allow).
 _EMBEDDING_BWD_SCATTER = {16: (64, 4), 32: (64, 8), 64: (32, 8)}
-_EMBEDDING_BWD_SEGMENT = {16: (64, 4), 32: (64, 4), 64: (64, 8)}
+_EMBEDDING_BWD_SEGMENT = {16: (64, 8), 32: (64, 4), 64: (64, 8)}
 # dB reduction over the row-strip partials: BLOCK_M elements, warps.
 _EMBEDDING_BWD_REDUCE = (1024, 4)
 # Under the interpreter: tiles small enough that odd test shapes cross several of them in every dimension.

@@ -16,6 +16,7 @@ reproducible. The scatter into dA is the only step where order can vary:
 - default: fp32 atomic adds of dS rows into dA's columns (order-dependent in the last bits);
 - deterministic (``torch.are_deterministic_algorithms_enabled()``): indices sorted (stable), then each
   program sums runs of equal indices with a segmented scan in a fixed order and writes each column of dA once.
+  A run longer than a block is summed by the block holding its end, which walks the run's earlier blocks.
 
 Every index is checked against [0, V) on the device before any kernel runs (one reduction, one host sync); the
 kernels also mask out-of-range rows, so no input can make them read or write out of bounds.
@@ -54,6 +55,7 @@ def _emb_fwd_kernel(
     D,
     R,
     V,
+    COLS_PER_PROGRAM,
     # strides
     stride_wv,
     stride_wd,
@@ -69,37 +71,47 @@ def _emb_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RANK_CHUNKS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Y[m, d] = W[idx[m], d] + s * sum_k A[k, idx[m]] B[d, k] for a [BLOCK_M, BLOCK_D] tile."""
+    """Y[m, d] = W[idx[m], d] + s * sum_k A[k, idx[m]] B[d, k] for BLOCK_M tokens and COLS_PER_PROGRAM columns,
+    walked BLOCK_D at a time. The rank-r rows A[:, idx] are gathered once per program (one scattered load per
+    element, so not once per column tile)."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_m = o_m < M
-    m_d = o_d < D
     i_v = tl.load(idx_ptr + o_m, mask=m_m, other=0).to(tl.int64)
     m_v = m_m & (i_v >= 0) & (i_v < V)
     i_v = tl.where(m_v, i_v, 0)
+    o_r = tl.arange(0, BLOCK_R)
+    p_sa = a_ptr + o_r[None, :].to(tl.int64) * stride_ar + i_v[:, None] * stride_av  # [BLOCK_M, BLOCK_R]
+    b_sa = tl.load(p_sa, mask=m_v[:, None] & (o_r < R)[None, :], other=0.0).to(DOT_DTYPE)
+    p_w = w_ptr + i_v[:, None] * stride_wv  # [BLOCK_M, 1] row starts
+    p_y = y_ptr + o_m[:, None].to(tl.int64) * stride_ym
 
-    # s * Sa B^T in fp32, rank in BLOCK_R chunks (one chunk for r <= 64)
-    b_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < R
-        p_sa = a_ptr + o_r[None, :].to(tl.int64) * stride_ar + i_v[:, None] * stride_av  # [BLOCK_M, BLOCK_R]
-        b_sa = tl.load(p_sa, mask=m_v[:, None] & m_r[None, :], other=0.0)
+    col_start = pid_d * COLS_PER_PROGRAM
+    col_end = tl.minimum(col_start + COLS_PER_PROGRAM, D)
+    for d0 in range(col_start, col_end, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < col_end
+        # s * Sa B^T in fp32; ranks above one tile (r > 64) add further chunks
         p_bt = b_ptr + o_d[None, :].to(tl.int64) * stride_bd + o_r[:, None] * stride_br  # [BLOCK_R, BLOCK_D]
-        b_bt = tl.load(p_bt, mask=m_r[:, None] & m_d[None, :], other=0.0)
-        b_acc = tl.dot(b_sa.to(DOT_DTYPE), b_bt.to(DOT_DTYPE), b_acc, input_precision=INPUT_PRECISION)
-
-    # base row added in fp32: Y is rounded once
-    p_w = w_ptr + i_v[:, None] * stride_wv + o_d[None, :].to(tl.int64) * stride_wd
-    b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)
-    b_y = b_w.to(tl.float32) + scaling * b_acc
-    p_y = y_ptr + o_m[:, None].to(tl.int64) * stride_ym + o_d[None, :].to(tl.int64) * stride_yd
-    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+        b_bt = tl.load(p_bt, mask=(o_r < R)[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
+        b_acc = tl.dot(b_sa, b_bt, input_precision=INPUT_PRECISION)
+        for c in tl.static_range(1, RANK_CHUNKS):
+            o_rc = c * BLOCK_R + tl.arange(0, BLOCK_R)
+            p_sac = a_ptr + o_rc[None, :].to(tl.int64) * stride_ar + i_v[:, None] * stride_av
+            b_sac = tl.load(p_sac, mask=m_v[:, None] & (o_rc < R)[None, :], other=0.0).to(DOT_DTYPE)
+            p_btc = b_ptr + o_d[None, :].to(tl.int64) * stride_bd + o_rc[:, None] * stride_br
+            b_btc = tl.load(p_btc, mask=(o_rc < R)[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
+            b_acc = tl.dot(b_sac, b_btc, b_acc, input_precision=INPUT_PRECISION)
+        # base row added in fp32: Y is rounded once
+        b_w = tl.load(p_w + o_d[None, :].to(tl.int64) * stride_wd, mask=m_v[:, None] & m_d[None, :], other=0.0)
+        b_y = b_w.to(tl.float32) + scaling * b_acc
+        p_yd = p_y + o_d[None, :].to(tl.int64) * stride_yd
+        tl.store(p_yd, b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -188,6 +200,7 @@ def _emb_bwd_scatter_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RANK_CHUNKS: tl.constexpr,
 ):
     """dA[:, idx[m]] += s * sum_j ds_part[j, m] with fp32 atomics (the default, order-dependent scatter)."""
     pid = tl.program_id(0)
@@ -196,8 +209,8 @@ def _emb_bwd_scatter_kernel(
     i_v = tl.load(idx_ptr + o_m, mask=m_m, other=0).to(tl.int64)
     m_keep = m_m & (i_v >= 0) & (i_v < V) & (i_v != padding_idx)
     i_v = tl.where(m_keep, i_v, 0)
-    for r0 in range(0, R, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R)
+    for c in tl.static_range(RANK_CHUNKS):
+        o_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < R
         p_ds = ds_part_ptr + o_m[:, None].to(tl.int64) * R + o_r[None, :]
         b_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -218,6 +231,7 @@ def _emb_bwd_segment_kernel(
     # pointers
     sorted_ptr,
     perm_ptr,
+    head_ptr,
     ds_part_ptr,
     da_ptr,
     # sizes
@@ -234,10 +248,12 @@ def _emb_bwd_segment_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RANK_CHUNKS: tl.constexpr,
 ):
     """Deterministic scatter. Over sorted positions p (sorted_ptr[p] = idx[perm[p]], a stable sort), each run of
-    equal indices v is summed in a fixed order (segmented scan within a block, earlier blocks walked backwards
-    for a run that starts before this block) and dA[:, v] is written once, by the block holding the run's end."""
+    equal indices v is summed in a fixed order (segmented scan within a block, plus the earlier blocks' part of a
+    run that starts before this block: head_ptr[b] is where the run holding block b's first position begins) and
+    dA[:, v] is written once, by the block holding the run's end."""
     pid = tl.program_id(0)
     start = pid * BLOCK_M
     o_p = start + tl.arange(0, BLOCK_M)
@@ -252,14 +268,15 @@ def _emb_bwd_segment_kernel(
 
     # does the block's first run begin in an earlier block and end in this one? then its head is summed here
     first_key = tl.load(sorted_ptr + start).to(tl.int64)
-    key_before = tl.load(sorted_ptr + tl.maximum(start - 1, 0)).to(tl.int64)
     first_ends_here = tl.sum((m_end & (b_key == first_key)).to(tl.int32), axis=0) > 0
-    need_head = (start > 0) & (key_before == first_key) & first_ends_here & (first_key != padding_idx)
+    head_start = tl.load(head_ptr + pid)
+    need_head = first_ends_here & (first_key != padding_idx)
+    head_block = tl.where(need_head, head_start - head_start % BLOCK_M, start)
     m_first = b_key == first_key
 
     i_key = tl.where(m_write, b_key, 0)
-    for r0 in range(0, R, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R)
+    for c in tl.static_range(RANK_CHUNKS):
+        o_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < R
         p_ds = ds_part_ptr + b_row[:, None] * R + o_r[None, :]
         b_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -267,11 +284,9 @@ def _emb_bwd_segment_kernel(
             b_g += tl.load(p_ds + j * M * R, mask=m_p[:, None] & m_r[None, :], other=0.0)
         b_seg, _ = tl.associative_scan((b_g, tl.broadcast_to(b_start[:, None], (BLOCK_M, BLOCK_R))), 0, _segment_add)
 
-        # head of the first run: the tails of earlier blocks, newest first
+        # head of the first run: its part in earlier blocks, block by block in order
         b_head = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        q = start - BLOCK_M
-        walking = need_head
-        while walking:
+        for q in range(head_block, start, BLOCK_M):
             o_q = q + tl.arange(0, BLOCK_M)
             m_q = tl.load(sorted_ptr + o_q).to(tl.int64) == first_key
             q_row = tl.load(perm_ptr + o_q).to(tl.int64)
@@ -280,8 +295,6 @@ def _emb_bwd_segment_kernel(
             for j in range(0, N_PARTS):
                 b_q += tl.load(p_q + j * M * R, mask=m_q[:, None] & m_r[None, :], other=0.0)
             b_head += tl.sum(b_q, axis=0)
-            walking = (q > 0) & (tl.load(sorted_ptr + tl.maximum(q - 1, 0)).to(tl.int64) == first_key)
-            q -= BLOCK_M
 
         b_tot = b_seg + tl.where(m_first[:, None], b_head[None, :], 0.0)
         p_da = da_ptr + o_r[None, :].to(tl.int64) * stride_dar + i_key[:, None] * stride_dav
@@ -371,8 +384,11 @@ def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
         return y
     r_block = rank_block(r)
     cfg = embedding_config("fwd", capability(idx.device), out_dtype, r_block)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_D"]))
-    _emb_fwd_kernel[grid](
+    # as few column splits as fill the device: each split gathers the rank-r rows again
+    m_blocks, d_tiles = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_D"])
+    d_splits = max(1, min(d_tiles, triton.cdiv(num_programs_target(idx.device), m_blocks)))
+    cols_per_program = triton.cdiv(d_tiles, d_splits) * cfg["BLOCK_D"]
+    _emb_fwd_kernel[(m_blocks, triton.cdiv(dim, cols_per_program))](
         idx_ptr=idx,
         w_ptr=weight,
         a_ptr=lora_A,
@@ -382,6 +398,7 @@ def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
         D=dim,
         R=r,
         V=num_embeddings,
+        COLS_PER_PROGRAM=cols_per_program,
         stride_wv=weight.stride(0),
         stride_wd=weight.stride(1),
         stride_ar=lora_A.stride(0),
@@ -392,6 +409,7 @@ def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
         stride_yd=y.stride(1),
         scaling=float(scaling),
         BLOCK_R=r_block,
+        RANK_CHUNKS=triton.cdiv(r, r_block),
         DOT_DTYPE=dot_dtype(out_dtype),
         INPUT_PRECISION=input_precision(out_dtype),
         **cfg,
@@ -472,11 +490,13 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
     # dA: scatter of dS = s * (sum of the column-strip partials)
     if deterministic:
         sorted_idx, perm = torch.sort(idx, stable=True)
-        da = torch.zeros((r, num_embeddings), dtype=lora_A.dtype, device=device)
         cfg = embedding_config("bwd_segment", major, lora_A.dtype, r_block)
+        head = torch.searchsorted(sorted_idx, sorted_idx[:: cfg["BLOCK_M"]].contiguous())  # run start per block
+        da = torch.zeros((r, num_embeddings), dtype=lora_A.dtype, device=device)
         _emb_bwd_segment_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             sorted_ptr=sorted_idx,
             perm_ptr=perm,
+            head_ptr=head,
             ds_part_ptr=ds_part,
             da_ptr=da,
             M=m,
@@ -488,6 +508,7 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
             stride_dav=da.stride(1),
             scaling=scaling,
             BLOCK_R=r_block,
+            RANK_CHUNKS=r_chunks,
             **cfg,
         )
         return da, db
@@ -506,6 +527,7 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
         stride_dav=da32.stride(1),
         scaling=scaling,
         BLOCK_R=r_block,
+        RANK_CHUNKS=r_chunks,
         **cfg,
     )
     return da32.to(lora_A.dtype), db

@@ -372,44 +372,50 @@ def test_bad_input_raises(path, args, error, match):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Argument values of a representative call (the target shape: V=128256, D=4096, 8192 tokens, contiguous tensors).
+# Triton specialises integers equal to 1 as constants and marks multiples of 16 as such; the compile below does
+# the same, so it builds the very kernels a GPU run builds for this shape.
+_AOT_SIZES = {"M": 8192, "D": 4096, "V": 128256, "COLS_PER_PROGRAM": 1024, "ROWS_PER_PROGRAM": 256}
+_AOT_SIZES.update(stride_wv=4096, stride_wd=1, stride_ym=4096, stride_yd=1, stride_dym=4096, stride_dyd=1)
+_AOT_SIZES.update(stride_ar=128256, stride_av=1, stride_br=1, stride_dar=128256, stride_dav=1)
+_AOT_SIZES.update(N_PARTS=16, padding_idx=-1)
+
+
 def _aot_signature(kind, dtype, r_block, cfg):
-    """(kernel, signature, constexprs) for one shipped config, as the launchers would call it."""
+    """(kernel, signature, constexprs, attrs) for one shipped config, as a representative launch specialises it."""
     import triton.language as tl
     from fastlora.kernels import embedding as kemb
 
-    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    dot = {"DOT_DTYPE": getattr(tl, str(dtype).replace("torch.", "")), "INPUT_PRECISION": "tf32"}
-    if dtype != torch.float32:
-        dot["INPUT_PRECISION"] = "ieee"
-    if kind == "fwd":
-        kernel = kemb._emb_fwd_kernel
-        sig = {"idx_ptr": "*i64", "w_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr}
-        ints = "M D R V stride_wv stride_wd stride_ar stride_av stride_bd stride_br stride_ym stride_yd"
-        meta.update(BLOCK_R=r_block, **dot)
-    elif kind == "bwd_dy":
-        kernel = kemb._emb_bwd_dy_kernel
-        sig = {"dy_ptr": ptr, "idx_ptr": "*i64", "a_ptr": ptr, "b_ptr": ptr, "ds_part_ptr": "*fp32"}
-        sig["db_part_ptr"] = "*fp32"
-        ints = "M D R V ROWS_PER_PROGRAM stride_dym stride_dyd stride_ar stride_av stride_bd stride_br"
-        meta.update(BLOCK_R=r_block, **dot)
-    elif kind in ("bwd_scatter", "bwd_segment"):
-        if kind == "bwd_scatter":
-            kernel = kemb._emb_bwd_scatter_kernel
-            sig = {"idx_ptr": "*i64", "ds_part_ptr": "*fp32", "da_ptr": ptr}
+    kernel = {
+        "fwd": kemb._emb_fwd_kernel,
+        "bwd_dy": kemb._emb_bwd_dy_kernel,
+        "bwd_scatter": kemb._emb_bwd_scatter_kernel,
+        "bwd_segment": kemb._emb_bwd_segment_kernel,
+        "bwd_reduce": kemb._emb_bwd_reduce_kernel,
+    }[kind]
+    io_ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    pointers = {"idx_ptr": "*i64", "sorted_ptr": "*i64", "perm_ptr": "*i64", "head_ptr": "*i64", "ds_part_ptr": "*fp32"}
+    pointers.update(db_part_ptr="*fp32", part_ptr="*fp32")
+    constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    constexprs.update(BLOCK_R=r_block, RANK_CHUNKS=1, DOT_DTYPE=getattr(tl, str(dtype).replace("torch.", "")))
+    constexprs["INPUT_PRECISION"] = "tf32" if dtype == torch.float32 else "ieee"
+    sizes = {**_AOT_SIZES, "R": r_block, "stride_bd": r_block, "N_ELEM": 4096 * r_block}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs or sizes.get(name) == 1:
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, 1)
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, io_ptr)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "scaling":
+            signature[name] = "fp32"
         else:
-            kernel = kemb._emb_bwd_segment_kernel
-            sig = {"sorted_ptr": "*i64", "perm_ptr": "*i64", "ds_part_ptr": "*fp32", "da_ptr": ptr}
-        ints = "M R V N_PARTS padding_idx stride_dar stride_dav"
-        meta.update(BLOCK_R=r_block)
-    else:
-        kernel = kemb._emb_bwd_reduce_kernel
-        sig = {"part_ptr": "*fp32", "out_ptr": ptr}
-        ints = "N_ELEM N_PARTS"
-    sig.update({name: "i32" for name in ints.split()})
-    sig.update({"scaling": "fp32"} if kind != "bwd_dy" else {})
-    sig.update({name: "constexpr" for name in meta})
-    return kernel, {name: sig[name] for name in kernel.arg_names}, meta
+            signature[name] = "i32"
+            if sizes[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {name: v for name, v in constexprs.items() if name in kernel.arg_names}
+    return kernel, signature, constexprs, attrs
 
 
 def _aot_compile_all(capability: int) -> list[dict]:
@@ -428,8 +434,8 @@ def _aot_compile_all(capability: int) -> list[dict]:
             continue
         row = {"id": f"{kind}-sm{capability}-{DTYPE_NAMES[dtype]}-R{r_block}", "major": major}
         try:
-            kernel, sig, meta = _aot_signature(kind, dtype, r_block, cfg)
-            src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=meta)
+            kernel, signature, constexprs, attrs = _aot_signature(kind, dtype, r_block, cfg)
+            src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             options = {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
             compiled = triton.compile(src, target=target, options=options)
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -441,6 +447,9 @@ def _aot_compile_all(capability: int) -> list[dict]:
             fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
             row.update(shared=compiled.metadata.shared, regs=int(fields["REG"]))
             row.update(stack=int(fields["STACK"]), local=int(fields["LOCAL"]))
+            ptx = compiled.asm["ptx"]
+            row["mma"] = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+            row["cp_async"] = "cp.async" in ptx
         except Exception as exc:  # reported by the test, with the config that failed
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         results.append(row)
@@ -483,6 +492,8 @@ def test_aot_compile_fits_and_does_not_spill(aot_results, config_id):
     assert "error" not in row, f"{config_id} failed to compile: {row.get('error')}"
     assert row["shared"] <= SHARED_MEMORY_LIMIT[row["major"]], f"{config_id}: {row['shared']} bytes of shared memory"
     assert row["stack"] == 0 and row["local"] == 0, f"{config_id} spills: {row}"
+    if config_id.startswith(("fwd-", "bwd_dy-")):  # the rank-r products run on tensor cores
+        assert row["mma"] == ("wgmma" if row["major"] == 9 else "mma.sync"), f"{config_id}: {row}"
 
 
 if __name__ == "__main__":
