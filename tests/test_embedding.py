@@ -179,6 +179,21 @@ def test_deterministic_mode_bitwise(kernel_launches, dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_int32_and_scalar_indices(path):
+    weight, lora_A, lora_B = _operands(5, torch.float32)
+    idx = _indices((41,), 6).to(torch.int32)
+    with _backend(path):
+        y, dy = _run(idx, weight, lora_A, lora_B, 1.1, 6)
+        y0 = fl.lora_embedding(idx[3], weight, lora_A, lora_B, 1.1, 6)
+    y64, da64, db64 = _reference(idx.long(), weight, lora_A, lora_B, 1.1, 6, dy)
+    assert_close(y, y64, torch.float32, "Y")
+    assert_close(lora_A.grad, da64, torch.float32, "dA")
+    assert_close(lora_B.grad, db64, torch.float32, "dB")
+    assert y0.shape == (D,)
+    assert_close(y0, y64[3], torch.float32, "Y of a scalar index")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_saves_idx_and_nothing_of_size_m_by_d(path):
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((41,))
@@ -496,6 +511,87 @@ def test_aot_compile_fits_and_does_not_spill(aot_results, config_id):
         assert row["mma"] == ("wgmma" if row["major"] == 9 else "mma.sync"), f"{config_id}: {row}"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# On a GPU: the compiled kernels themselves (a subprocess with the interpreter off)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gpu_checks() -> list[dict]:
+    """Compiled kernels on CUDA against the float64 reference: every dtype, both dA scatters, a table with
+    V * D > 2^31 elements, repeat-run determinism and the index check. Returns one row per check."""
+    from fastlora.kernels import embedding as kemb
+
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+    rows = []
+
+    def compare(name, dtype, v, d, r, m, padding_idx, deterministic, low=0):
+        gen = torch.Generator(device="cuda").manual_seed(len(rows))
+        weight = torch.randn(v, d, device="cuda", dtype=dtype, generator=gen)
+        lora_A = torch.randn(r, v, device="cuda", dtype=dtype, generator=gen)
+        lora_B = torch.randn(d, r, device="cuda", dtype=dtype, generator=gen) / r**0.5
+        idx = torch.randint(low, v, (m,), device="cuda", generator=gen)
+        idx[: m // 4] = idx[m // 2]  # a long run of one index
+        if padding_idx is not None:
+            idx[1::7] = padding_idx
+        y = kemb.lora_embedding_fwd(idx, weight, lora_A, lora_B, 0.5)
+        dy = torch.randn(y.shape, device="cuda", dtype=dtype, generator=gen)
+        da, db = kemb.lora_embedding_bwd(dy, idx, lora_A, lora_B, 0.5, padding_idx, deterministic=deterministic)
+        da2, db2 = kemb.lora_embedding_bwd(dy, idx, lora_A, lora_B, 0.5, padding_idx, deterministic=deterministic)
+        rows_used = torch.unique(idx)
+        a64 = lora_A[:, rows_used].double().requires_grad_()
+        b64 = lora_B.double().requires_grad_()
+        local = torch.searchsorted(rows_used, idx)
+        pad_local = (
+            None
+            if padding_idx is None
+            else int(torch.searchsorted(rows_used, torch.tensor(padding_idx, device="cuda")))
+        )
+        base = weight[rows_used].double()
+        y64 = lora_embedding_ref(local, base, a64, b64, 0.5, pad_local)
+        y64.backward(dy.double())
+        da_used = da[:, rows_used]
+        unused = torch.ones(v, dtype=torch.bool, device="cuda")
+        unused[rows_used] = False
+        errors = {
+            "Y": ((y.double() - y64).norm() / y64.norm()).item(),
+            "dA": ((da_used.double() - a64.grad).norm() / a64.grad.norm()).item(),
+            "dB": ((db.double() - b64.grad).norm() / b64.grad.norm()).item(),
+        }
+        ok = all(e <= tol[dtype] for e in errors.values()) and torch.count_nonzero(da[:, unused]).item() == 0
+        if deterministic:
+            ok = ok and torch.equal(da, da2) and torch.equal(db, db2)
+        rows.append({"name": name, "ok": bool(ok), **errors})
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for r in (8, 16, 70):
+            for deterministic in (False, True):
+                name = f"{DTYPE_NAMES[dtype]}-r{r}-{'det' if deterministic else 'atomic'}"
+                compare(name, dtype, 32000, 1024, r, 4096, 3, deterministic)
+    compare("bf16-V600000-D4096-int64-offsets", torch.bfloat16, 600000, 4096, 16, 512, None, True, low=590000)
+    try:
+        idx = torch.tensor([0, 5, 32000], device="cuda")
+        weight, lora_A, lora_B = (torch.randn(*shape, device="cuda") for shape in ((32000, 64), (4, 32000), (64, 4)))
+        kemb.lora_embedding_fwd(idx, weight, lora_A, lora_B, 1.0)
+        rows.append({"name": "out-of-range raises", "ok": False})
+    except ValueError:
+        rows.append({"name": "out-of-range raises", "ok": True})
+    torch.cuda.synchronize()
+    return rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernels_on_gpu():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--gpu"], capture_output=True, text=True, env=env, timeout=600, check=True
+    ).stdout
+    rows = json.loads(out.strip().splitlines()[-1])
+    failed = [row for row in rows if not row["ok"]]
+    assert not failed, failed
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--aot"]:
         print(json.dumps(_aot_compile_all(int(sys.argv[2]))))
+    elif sys.argv[1:2] == ["--gpu"]:
+        print(json.dumps(_gpu_checks()))
