@@ -30,14 +30,15 @@ import warnings
 import torch
 
 try:
+    from fastlora.kernels import embedding as _kembedding
     from fastlora.kernels import linear as _klinear
     from fastlora.kernels import merge as _kmerge
     from fastlora.kernels.configs import INTERPRET
 except ImportError:  # no Triton on this platform: the torch path serves every call
-    _klinear = _kmerge = None
+    _klinear = _kmerge = _kembedding = None
     INTERPRET = False
 
-__all__ = ["lora_linear", "use_backend", "get_backend", "merge_delta_", "active_path"]
+__all__ = ["lora_linear", "lora_embedding", "use_backend", "get_backend", "merge_delta_", "active_path"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "torch")
@@ -435,3 +436,199 @@ def merge_delta_(weight_2d, lora_A_2d, lora_B_2d, scaling, sign=1.0, safe=False)
         raise ValueError("merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged")
     weight_2d.copy_(merged)
     return weight_2d
+
+
+# ==========================================================================================================
+# Embedding
+#
+# idx [M] (any shape, flattened), W [V, D], A [r, V], B [D, r], Sa = A[:, idx]^T [M, r]:
+#     Y  = W[idx] + s * Sa B^T
+#     dB = s * dY^T Sa;   dA[:, idx] += s * (dY B)^T  (repeated indices add up; padding_idx gets nothing)
+# Saved for backward: idx and the adapter tensors (aliases); Sa is gathered again, nothing of size M x D is kept.
+# ==========================================================================================================
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_embedding(idx, weight, lora_A, lora_B, scaling, padding_idx):
+    """Validate the operands; return padding_idx as None or an index in [0, V)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of indices, got {type(idx).__name__}")
+    if idx.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"idx must be an int32 or int64 tensor of indices, got {_dtype_name(idx.dtype)}")
+    _check_tensor("weight", weight, ndim=2)
+    _check_tensor("lora_A", lora_A, ndim=2)
+    _check_tensor("lora_B", lora_B, ndim=2)
+    num_embeddings, dim = weight.shape
+    check_lora_factors(lora_A, lora_B, num_embeddings, dim, scaling)
+    _check_same_device(idx=idx, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if padding_idx is None:
+        return None
+    if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
+        raise TypeError(f"padding_idx must be None or an int, got {type(padding_idx).__name__}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+    return padding_idx % num_embeddings
+
+
+def check_embedding_indices(idx: torch.Tensor, num_embeddings: int) -> None:
+    """Raise ValueError unless every index is in [0, num_embeddings) (min and max taken on idx's device)."""
+    if idx.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(idx.reshape(-1))).tolist()
+    if lo < 0 or hi >= num_embeddings:
+        raise ValueError(
+            f"embedding indices must be in [0, {num_embeddings}) for num_embeddings={num_embeddings}, "
+            f"got indices from {lo} to {hi}"
+        )
+
+
+def _torch_embedding_fwd(idx1, weight, lora_A, lora_B, scaling, out_dtype):
+    sa = lora_A.t()[idx1].to(out_dtype)  # [M, r]
+    y = weight[idx1].to(out_dtype)
+    return y.addmm_(sa, lora_B.to(out_dtype).t(), alpha=scaling)
+
+
+def _torch_embedding_bwd(dy, idx1, lora_A, lora_B, scaling, padding_idx):
+    dt = dy.dtype
+    sa = lora_A.t()[idx1].to(dt)
+    db = torch.mm(dy.t(), sa).mul_(scaling)
+    ds = torch.mm(dy, lora_B.to(dt)).float().mul_(scaling)  # [M, r]
+    if padding_idx is not None:
+        ds.masked_fill_((idx1 == padding_idx)[:, None], 0.0)
+    da = torch.zeros(lora_A.shape, dtype=torch.float32, device=dy.device).index_add_(1, idx1, ds.t())
+    return da.to(lora_A.dtype), db.to(lora_B.dtype)
+
+
+def _embedding_fwd(idx1, weight, lora_A, lora_B, scaling, out_dtype):
+    if _use_triton(idx1):
+        return _kembedding.lora_embedding_fwd(idx1, weight, lora_A, lora_B, scaling, out_dtype=out_dtype)
+    check_embedding_indices(idx1, weight.shape[0])
+    return _torch_embedding_fwd(idx1, weight, lora_A, lora_B, scaling, out_dtype)
+
+
+def _embedding_bwd(dy, idx1, lora_A, lora_B, scaling, padding_idx):
+    """(dA, dB). The forward checked this idx already, so the range check is not repeated."""
+    if idx1.shape[0] == 0:
+        return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    if _use_triton(idx1):
+        return _kembedding.lora_embedding_bwd(dy, idx1, lora_A, lora_B, scaling, padding_idx, check=False)
+    return _torch_embedding_bwd(dy, idx1, lora_A, lora_B, scaling, padding_idx)
+
+
+def _embedding_weight_grad(dy2, idx1, weight_shape, weight_dtype, padding_idx):
+    warnings.warn(
+        "fastlora: the base embedding weight requires grad, so its full gradient dW [V, D] is formed; LoRA "
+        "normally keeps it frozen (weight.requires_grad_(False))",
+        stacklevel=3,
+    )
+    dw = torch.zeros(weight_shape, dtype=torch.float32, device=dy2.device).index_add_(0, idx1, dy2.float())
+    if padding_idx is not None:
+        dw[padding_idx] = 0.0
+    return dw.to(weight_dtype)
+
+
+class LoRAEmbeddingFunction(torch.autograd.Function):
+    """Y = W[idx] + s * A[:, idx]^T B^T; backward gives dA (scatter-add) and dB, never dW unless W is trainable."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, lora_A, lora_B, scaling, padding_idx, out_dtype):
+        idx1 = idx.reshape(-1)
+        y2 = _embedding_fwd(idx1, weight, lora_A, lora_B, scaling, out_dtype)
+        ctx.save_for_backward(idx, lora_A, lora_B)
+        ctx.scaling, ctx.padding_idx = scaling, padding_idx
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return y2.reshape(*idx.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        idx, lora_A, lora_B = ctx.saved_tensors
+        idx1 = idx.reshape(-1)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        da, db = _embedding_bwd(dy2, idx1, lora_A, lora_B, ctx.scaling, ctx.padding_idx)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = _embedding_weight_grad(dy2, idx1, ctx.weight_shape, ctx.weight_dtype, ctx.padding_idx)
+        return None, dw, da, db, None, None, None
+
+
+@torch.library.custom_op("fastlora::lora_embedding", mutates_args=())
+def _lora_embedding_op(
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    padding_idx: int | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype)
+
+
+@_lora_embedding_op.register_fake
+def _(idx, weight, lora_A, lora_B, scaling, padding_idx, out_dtype):
+    return weight.new_empty((idx.shape[0], weight.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastlora::lora_embedding_backward", mutates_args=())
+def _lora_embedding_bwd_op(
+    dy: torch.Tensor,
+    idx: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    padding_idx: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx)
+
+
+@_lora_embedding_bwd_op.register_fake
+def _(dy, idx, lora_A, lora_B, scaling, padding_idx):
+    return torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _lora_embedding_setup(ctx, inputs, output):
+    idx, weight, lora_A, lora_B, scaling, padding_idx, _ = inputs
+    ctx.save_for_backward(idx, lora_A, lora_B)
+    ctx.scaling, ctx.padding_idx = scaling, padding_idx
+    ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+
+
+def _lora_embedding_op_backward(ctx, dy):
+    idx, lora_A, lora_B = ctx.saved_tensors
+    da, db = torch.ops.fastlora.lora_embedding_backward(dy, idx, lora_A, lora_B, ctx.scaling, ctx.padding_idx)
+    dw = None
+    if ctx.needs_input_grad[1]:
+        dw = _embedding_weight_grad(dy, idx, ctx.weight_shape, ctx.weight_dtype, ctx.padding_idx)
+    return None, dw, da, db, None, None, None
+
+
+_lora_embedding_op.register_autograd(_lora_embedding_op_backward, setup_context=_lora_embedding_setup)
+
+
+def lora_embedding(idx, weight, lora_A, lora_B, scaling, padding_idx=None):
+    """LoRA embedding lookup: Y = W[idx] + s * A[:, idx]^T B^T.
+
+    Args:
+        idx: indices of any shape [...], int32 or int64, each in [0, V) (checked: ValueError otherwise).
+        weight: frozen base table [V, D], float16, bfloat16 or float32.
+        lora_A: [r, V]; lora_B: [D, r]; any float dtype (computed in Y's dtype, gradients in their own).
+        scaling: s, usually alpha / r.
+        padding_idx: None or an index in [-V, V); that row's LoRA factor (column of A) gets no gradient.
+            The forward still returns its row, as nn.Embedding does.
+
+    Returns:
+        Y [..., D] in weight's dtype; under ``torch.autocast`` in the autocast dtype, as for lora_linear. Only
+        the gathered rows are converted (inside the kernel), never the whole table.
+    """
+    padding_idx = _check_embedding(idx, weight, lora_A, lora_B, scaling, padding_idx)
+    device_type = idx.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    scaling = float(scaling)
+    with torch.autocast(device_type, enabled=False):
+        if torch.compiler.is_compiling():
+            y2 = torch.ops.fastlora.lora_embedding(
+                idx.reshape(-1), weight, lora_A, lora_B, scaling, padding_idx, out_dtype
+            )
+            return y2.reshape(*idx.shape, weight.shape[1])
+        return LoRAEmbeddingFunction.apply(idx, weight, lora_A, lora_B, scaling, padding_idx, out_dtype)

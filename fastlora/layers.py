@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlora.functional import check_dropout, lora_linear, merge_delta_
+from fastlora.functional import check_dropout, lora_embedding, lora_linear, merge_delta_
 from fastlora.reference import lora_scaling
 
-__all__ = ["LoRALayer", "LoRALinear"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding"]
 
 
 def _check_rank_alpha(r, alpha):
@@ -157,3 +157,85 @@ class LoRALinear(LoRALayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on an Embedding: Y = W[idx] + s * A[:, idx]^T B^T.
+
+    ``weight`` [V, D] is frozen; ``lora_A`` [r, V] and ``lora_B`` [D, r] are trained (PEFT's
+    ``lora_embedding_A`` / ``lora_embedding_B``), initialised as PEFT does: A zero, B normal, so a fresh
+    adapter leaves the model unchanged. The ``padding_idx`` column of A gets no gradient. The base module's
+    ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are not supported (``from_module`` refuses them).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 8,
+        alpha: float = 8,
+        use_rslora: bool = False,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        base = nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self._init_base(base.weight, base.padding_idx)
+        self._init_lora(r, alpha, 0.0, use_rslora, (r, num_embeddings), (embedding_dim, r), self._factory())
+
+    def _init_base(self, weight, padding_idx):
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.padding_idx = padding_idx
+
+    def _factory(self):
+        return {"device": self.weight.device, "dtype": self.weight.dtype}
+
+    @classmethod
+    def from_module(cls, module: nn.Module, r: int = 8, alpha: float = 8, use_rslora: bool = False):
+        """Wrap an ``nn.Embedding``; its weight is shared, not copied, and its padding_idx kept."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"LoRAEmbedding.from_module expects nn.Embedding, got {type(module).__name__}")
+        unsupported = {
+            "max_norm": module.max_norm is not None,
+            "scale_grad_by_freq": module.scale_grad_by_freq,
+            "sparse": module.sparse,
+        }
+        refused = [name for name, on in unsupported.items() if on]
+        if refused:
+            raise ValueError(
+                f"LoRAEmbedding does not support an nn.Embedding with {', '.join(refused)} set; "
+                "expected max_norm=None, scale_grad_by_freq=False and sparse=False"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_base(module.weight, module.padding_idx)
+        a_shape, b_shape = (r, layer.num_embeddings), (layer.embedding_dim, r)
+        layer._init_lora(r, alpha, 0.0, use_rslora, a_shape, b_shape, layer._factory())
+        return layer
+
+    def reset_lora_parameters(self):
+        """PEFT's initialisation for Embedding: A zero, B standard normal (the layer starts as the base)."""
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def _merge_views(self):
+        # W [V, D] += s * (B A)^T  is  W^T [D, V] += s * B A
+        return self.weight.t(), self.lora_A, self.lora_B
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._base_only():
+            return F.embedding(input, self.weight, self.padding_idx)
+        return lora_embedding(input, self.weight, self.lora_A, self.lora_B, self.scaling, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        lora = f"r={self.r}, alpha={self.lora_alpha}, merged={self.merged}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, {lora}"

@@ -119,3 +119,85 @@ def skinny_config_tuples(major: int):
 def rank_block(r: int) -> int:
     """Rank tile: the padded rank for r <= 64 (at least 16, the tensor-core minimum), else 64-wide chunks."""
     return min(64, max(16, triton.next_power_of_2(r)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding (Y = W[idx] + s * A[:, idx]^T B^T, and its backward): memory-bound gathers and skinny rank-r dots.
+# Chosen by rule, not autotuned: each entry is the one config a (GPU generation, dtype width, rank tile) uses.
+# ----------------------------------------------------------------------------------------------------------
+
+# Keyed by (dtype width in bits, rank tile). Register use grows with the rank tile (the gathered [BLOCK_M, BLOCK_R]
+# rows and their 64-bit addresses), so the column tile shrinks as it grows; every entry compiles without spilling.
+# Forward tile [BLOCK_M tokens, BLOCK_D columns]: BLOCK_M, BLOCK_D, warps, stages.
+_EMBEDDING_FWD = {
+    (16, 16): (64, 128, 8, 2),
+    (16, 32): (64, 64, 4, 2),
+    (16, 64): (64, 64, 4, 2),
+    (32, 16): (64, 128, 8, 2),
+    (32, 32): (64, 64, 4, 2),
+    (32, 64): (64, 64, 4, 2),
+}
+# Backward pass over dY: per program a strip of BLOCK_D columns walked BLOCK_M rows at a time, with its
+# [BLOCK_D, BLOCK_R] share of dB in registers: BLOCK_M, BLOCK_D, warps, stages.
+_EMBEDDING_BWD_DY = {
+    (16, 16): (32, 256, 8, 3),
+    (16, 32): (32, 128, 8, 3),
+    (16, 64): (32, 128, 8, 3),
+    (32, 16): (32, 256, 8, 3),
+    (32, 32): (32, 128, 8, 3),
+    (32, 64): (32, 128, 8, 3),
+}
+# Finishing passes over the rank-r partials, keyed by rank tile: BLOCK_M tokens, warps. The scatter adds dS
+# rows into dA; the deterministic segment pass sums runs of equal indices (a run longer than BLOCK_M is walked
+# block by block, so BLOCK_M stays as large as registers allow).
+_EMBEDDING_BWD_SCATTER = {16: (64, 4), 32: (64, 8), 64: (32, 8)}
+_EMBEDDING_BWD_SEGMENT = {16: (64, 8), 32: (64, 4), 64: (64, 8)}
+# dB reduction over the row-strip partials: BLOCK_M elements, warps.
+_EMBEDDING_BWD_REDUCE = (1024, 4)
+# Under the interpreter: tiles small enough that odd test shapes cross several of them in every dimension.
+_EMBEDDING_INTERPRET = {
+    "fwd": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1},
+    "bwd_dy": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1},
+    "bwd_scatter": {"BLOCK_M": 16, "num_warps": 4},
+    "bwd_segment": {"BLOCK_M": 16, "num_warps": 4},
+    "bwd_reduce": {"BLOCK_M": 64, "num_warps": 4},
+}
+EMBEDDING_KINDS = tuple(_EMBEDDING_INTERPRET)
+EMBEDDING_RANK_BLOCKS = (16, 32, 64)
+
+
+def embedding_config(kind: str, major: int, dtype: torch.dtype, r_block: int) -> dict:
+    """Launch parameters of one embedding kernel: meta-parameters plus num_warps (and num_stages for the loops).
+
+    kind is one of EMBEDDING_KINDS; major the compute capability (0: the interpreter's small tiles);
+    dtype the dtype of Y / dY (of dA for "bwd_segment", of dB for "bwd_reduce"); r_block the rank tile
+    (rank_block(r)). sm_80 and sm_90 share the tables: these kernels are bandwidth-bound.
+    """
+    if kind not in EMBEDDING_KINDS:
+        raise ValueError(f"embedding kernel kind must be one of {EMBEDDING_KINDS}, got {kind!r}")
+    if major == 0:
+        return dict(_EMBEDDING_INTERPRET[kind])
+    key = (32 if dtype == torch.float32 else 16, r_block)
+    if kind in ("fwd", "bwd_dy"):
+        bm, bd, w, s = (_EMBEDDING_FWD if kind == "fwd" else _EMBEDDING_BWD_DY)[key]
+        return {"BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s}
+    if kind == "bwd_reduce":
+        bm, w = _EMBEDDING_BWD_REDUCE
+    else:
+        bm, w = (_EMBEDDING_BWD_SCATTER if kind == "bwd_scatter" else _EMBEDDING_BWD_SEGMENT)[r_block]
+    return {"BLOCK_M": bm, "num_warps": w}
+
+
+def embedding_shipped_configs():
+    """Every (kind, major, dtype, r_block, config) the embedding launchers can pick on a GPU, for AOT compile tests.
+
+    The scatter accumulates in float32 whatever the dtypes; the dB reduction does not depend on the rank tile.
+    """
+    out = []
+    for major in (8, 9):
+        for kind in EMBEDDING_KINDS:
+            dtypes = (torch.float32,) if kind == "bwd_scatter" else (torch.float16, torch.bfloat16, torch.float32)
+            for dtype in dtypes:
+                for r_block in (16,) if kind == "bwd_reduce" else EMBEDDING_RANK_BLOCKS:
+                    out.append((kind, major, dtype, r_block, embedding_config(kind, major, dtype, r_block)))
+    return out
