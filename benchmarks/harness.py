@@ -312,7 +312,11 @@ def measure_case(case: Case, setup, device: torch.device, settings: Settings, ce
                 checks = check_case(op, case.shape, case.dtype, device, case.dropout, module_runner(prov), seed, t)
                 acc["rel_err"] = {c["tensor"]: c["rel_err"] for c in checks}
                 acc["accuracy_ok"] = all(c["ok"] for c in checks)
-                bad = [f"{c['tensor']} {c['rel_err']:.2e} > {c['tol']:.1e} {c['note']}".strip() for c in checks if not c["ok"]]
+                bad = [
+                    f"{c['tensor']} {c['rel_err']:.2e} > {c['tol']:.1e} {c['note']}".strip()
+                    for c in checks
+                    if not c["ok"]
+                ]
                 acc["accuracy_note"] = "; ".join(bad) or None
             except Exception as exc:  # a provider that crashes is reported, not fatal to the run
                 acc.update(accuracy_ok=False, accuracy_note=f"{type(exc).__name__}: {exc}")
@@ -413,7 +417,9 @@ def add_ratios(rows: list[dict]):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def measure_ceilings(device: torch.device, dtypes, settings: Settings, progress: Progress, size: int | None = None) -> dict:
+def measure_ceilings(
+    device: torch.device, dtypes, settings: Settings, progress: Progress, size: int | None = None
+) -> dict:
     """The two ceilings, measured once: a large square matmul per dtype (TFLOP/s) and a large copy (GB/s)."""
     n = size or (8192 if device.type == "cuda" else 512)
     from fastlora.validate import dtype_id

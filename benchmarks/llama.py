@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import fastlora
-from benchmarks.harness import Settings, peak_memory, ratio, synchronize, time_fn
+from benchmarks.harness import Cycle, Settings, peak_memory, ratio, synchronize, time_fn
 from benchmarks.providers import ALPHA_PER_RANK
 from fastlora._tolerance import TOLERANCE, rel_err
 from fastlora.reference import PeftStyleLinear
@@ -66,7 +66,9 @@ class _Swap:
                 if self.provider == "peft_style":
                     layer = PeftStyleLinear(lin, RANK, ALPHA_PER_RANK * RANK, self.dropout)
                 else:
-                    layer = fastlora.LoRALinear.from_module(lin, r=RANK, alpha=ALPHA_PER_RANK * RANK, dropout=self.dropout)
+                    layer = fastlora.LoRALinear.from_module(
+                        lin, r=RANK, alpha=ALPHA_PER_RANK * RANK, dropout=self.dropout
+                    )
                 setattr(parent, name, layer)
                 self.layers.append(layer)
                 self.factors.append((layer.lora_A, layer.lora_B))
@@ -76,7 +78,7 @@ class _Swap:
 
     def set_factors(self, values):
         with torch.no_grad():
-            for (a, b), (va, vb) in zip(self.factors, values):
+            for (a, b), (va, vb) in zip(self.factors, values, strict=True):
                 a.copy_(va)
                 b.copy_(vb)
 
@@ -123,10 +125,25 @@ def _loss_and_grads(model, swap, ids):
     return loss.detach().float(), grads
 
 
-def measure(device, dtype, dropout: float, settings: Settings, progress, providers=None, batch=None, seq=None) -> list[dict]:
+def _train_step(model, opt, batches):
+    """One fine-tuning step (loss, backward, AdamW update) on the next batch of the rotation."""
+    nxt = Cycle(batches)
+
+    def step():
+        ids = nxt()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(
+    device, dtype, dropout: float, settings: Settings, progress, providers=None, batch=None, seq=None
+) -> list[dict]:
     """Rows for the end-to-end step, one per provider."""
     model, cfg = build_model(device, dtype, device.type != "cuda")
-    batch = batch or (2 if device.type == "cuda" else 2)
+    batch = batch or 2
     seq = seq or (2048 if device.type == "cuda" else 64)
     gen = torch.Generator(device=device).manual_seed(1)
     batches = [torch.randint(1, cfg.vocab_size, (batch, seq), generator=gen, device=device) for _ in range(3)]
@@ -154,20 +171,17 @@ def measure(device, dtype, dropout: float, settings: Settings, progress, provide
             checks[name] = max(rel_err(loss, ref_loss), rel_err(grads, ref_grads))
     model.train()
 
+    # A step takes long: time enough of them for a median (do_bench counts repetitions from milliseconds).
+    step_settings = Settings(max(settings.warmup_ms, 300.0), max(settings.rep_ms, 1500.0), settings.min_reps)
+    if device.type != "cuda":
+        step_settings = settings
     config = {"batch": batch, "seq": seq, "rank": RANK, **(GPU_CONFIG if device.type == "cuda" else CPU_CONFIG)}
     rows = []
     for name in names:
         with _Swap(model, name, dropout) as swap:
             swap.set_factors(values)
             opt = torch.optim.AdamW(swap.params(), lr=1e-4)
-            nxt = iter(range(10**9))
-
-            def step():
-                ids = batches[next(nxt) % len(batches)]
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            step = _train_step(model, opt, batches)
             progress(f"llama step {dtype_id(dtype)} p={dropout:g} {name}")
             err = checks[name]
             ok = err <= max(TOLERANCE[dtype], 2 * checks["peft_style"])
@@ -186,7 +200,7 @@ def measure(device, dtype, dropout: float, settings: Settings, progress, provide
                 "error": None,
             }
             try:
-                timing = time_fn(step, device, settings)
+                timing = time_fn(step, device, step_settings)
                 row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, reps=timing.reps)
                 row["tokens_per_s"] = batch * seq / (timing.median_ms / 1e3)
                 synchronize(device)

@@ -85,7 +85,7 @@ def _status(row: dict | None) -> str:
 
 
 def _max_err(row):
-    errs = [_num(v) for v in (row or {}).get("rel_err", {}) .values()] if (row or {}).get("rel_err") else []
+    errs = [_num(v) for v in (row or {}).get("rel_err", {}).values()] if (row or {}).get("rel_err") else []
     if row and row.get("rel_err") and any(e is None for e in errs):
         return math.nan
     return max(errs) if errs else None
@@ -128,7 +128,10 @@ def markdown_table(doc: dict) -> str:
     ceil = doc.get("ceilings")
     if ceil:
         mm = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in ceil["matmul_tflops"].items())
-        lines += ["", f"Ceilings measured in this run: {ceil['matmul_size']}³ matmul {mm}; copy {ceil['copy_gbps']:.0f} GB/s."]
+        lines += [
+            "",
+            f"Ceilings measured in this run: {ceil['matmul_size']}³ matmul {mm}; copy {ceil['copy_gbps']:.0f} GB/s.",
+        ]
     return "\n".join(lines)
 
 
@@ -158,7 +161,9 @@ def plots(doc: dict, folder: Path) -> list[Path]:
             vals = []
             for _, p in items:
                 row, ref = p.get(name), p.get(ref_name)
-                ok = row and ref and _num(row.get("median_ms")) and _num(ref.get("median_ms")) and not row.get("refused")
+                ok = (
+                    row and ref and _num(row.get("median_ms")) and _num(ref.get("median_ms")) and not row.get("refused")
+                )
                 vals.append(row["median_ms"] / ref["median_ms"] if ok else 0.0)
             ax.bar([i + j * width for i in range(len(items))], vals, width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)

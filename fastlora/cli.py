@@ -129,7 +129,9 @@ def _ints(texts, name) -> tuple[int, ...]:
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+        return (
+            f"{torch.cuda.get_device_name(device)} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+        )
     return "CPU"
 
 
@@ -152,13 +154,16 @@ def cmd_info(args) -> int:
     device = _device(args.device)
     env = environment(device)
     dev = env["device"]
-    print(f"fastlora {env['fastlora']} (commit {(env['commit'] or 'unknown')[:12]}{', modified' if env['dirty'] else ''})")
+    print(
+        f"fastlora {env['fastlora']} (commit {(env['commit'] or 'unknown')[:12]}{', modified' if env['dirty'] else ''})"
+    )
     versions = [f"python {env['python']}", f"torch {env['torch']}", f"triton {env['triton'] or 'not installed'}"]
     versions += [f"peft {env['peft'] or 'not installed'}", f"transformers {env['transformers'] or 'not installed'}"]
     print("versions: " + ", ".join(versions))
     if dev["type"] == "cuda":
-        print(f"device: {device} {dev['name']}, compute capability {dev['capability']}, {dev['multiprocessors']} SMs, "
-              f"{dev['memory_bytes'] / 2**30:.0f} GiB; driver {env['driver'] or 'unknown'}, CUDA {env['cuda']}")  # fmt: skip
+        gib = dev["memory_bytes"] / 2**30
+        print(f"device: {device} {dev['name']}, compute capability {dev['capability']}, {dev['multiprocessors']} SMs")
+        print(f"memory: {gib:.0f} GiB; driver {env['driver'] or 'unknown'}, CUDA {env['cuda']}")
     else:
         print(f"device: cpu ({dev['name']}, {dev['threads']} threads); no CUDA device")
     print(f"TRITON_INTERPRET: {os.environ.get('TRITON_INTERPRET', 'unset')}; backend setting: {fastlora.get_backend()}")
@@ -200,7 +205,9 @@ def cmd_validate(args, argv) -> int:
     user_shapes = _shapes(args.shape, layers)
     for s in user_shapes:
         if s.layer not in layers:
-            raise UsageError(f"shape {s.label} is for {s.layer}, which is not among the layers checked ({', '.join(layers)})")
+            raise UsageError(
+                f"shape {s.label} is for {s.layer}, which is not among the layers checked ({', '.join(layers)})"
+            )
         if not functional_available(s.layer):
             raise UsageError(f"this build of fastlora has no {s.layer} op (fastlora.lora_{s.layer} is missing)")
     dropouts = _floats(args.dropout, "dropout")
@@ -209,7 +216,9 @@ def cmd_validate(args, argv) -> int:
 
     cases = []
     for layer in layers:
-        shapes = ([] if args.only_shapes else default_grid(layer, device)) + [s for s in user_shapes if s.layer == layer]
+        shapes = ([] if args.only_shapes else default_grid(layer, device)) + [
+            s for s in user_shapes if s.layer == layer
+        ]
         ps = dropouts or ((0.0, 0.1) if OPS[layer].has_dropout else (0.0,))
         ps = tuple(p for p in ps if p == 0.0 or OPS[layer].has_dropout)
         cases += [(layer, s, dt, p) for s in shapes for dt in dtypes for p in ps]
@@ -315,9 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="every op against a float64 reference; non-zero exit on failure")
     val.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    val.add_argument("--layer", action="append", help=f"layers to check ({', '.join(LAYERS)}); repeat or comma-separate")
+    val.add_argument(
+        "--layer", action="append", help=f"layers to check ({', '.join(LAYERS)}); repeat or comma-separate"
+    )
     val.add_argument("--dtype", action="append", help="dtypes to check (bf16, fp16, fp32); default: all the device has")
-    val.add_argument("--shape", action="append", help="extra shape, e.g. linear:37x75x51x5 or linear:M=37,K=75,N=51,r=5")
+    val.add_argument(
+        "--shape", action="append", help="extra shape, e.g. linear:37x75x51x5 or linear:M=37,K=75,N=51,r=5"
+    )
     val.add_argument("--only-shapes", action="store_true", help="check only the --shape shapes, not the built-in grid")
     val.add_argument("--dropout", action="append", help="dropout probabilities (default: 0 and 0.1)")
     val.add_argument("--no-interpreter", action="store_true", help="on CPU, check the torch path, not the kernels")
@@ -327,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     bench.add_argument("--quick", action="store_true", help="a few cases with short timings (a few minutes)")
     bench.add_argument("--layer", action="append", help="linear, embedding, conv2d, llama; repeat or comma-separate")
-    bench.add_argument("--shape", action="append", help="measure this shape instead of the suite's, e.g. linear:8192x4096x4096x16")
+    bench.add_argument(
+        "--shape", action="append", help="measure this shape instead of the suite's, e.g. linear:8192x4096x4096x16"
+    )
     bench.add_argument("--dtype", action="append", help="bf16, fp16, fp32")
     bench.add_argument("--rank", action="append", help="LoRA ranks to keep")
     bench.add_argument("--dropout", action="append", help="dropout probabilities to keep")

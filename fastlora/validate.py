@@ -147,7 +147,7 @@ def parse_shape(text: str, layer: str | None = None) -> Shape:
             raise ValueError(f"malformed shape {text!r}; expected {spec.shape_help}")
         if len(items) != len(spec.required):
             raise ValueError(f"{layer} shape {text!r} needs {len(spec.required)} numbers; expected {spec.shape_help}")
-        values = dict(zip(spec.required, map(int, items)))
+        values = dict(zip(spec.required, map(int, items), strict=True))
     return _make_shape(layer, values)
 
 
@@ -351,7 +351,9 @@ class _Conv2dOp(_Op):
         }
         t = {key: (v.to(dtype) if v is not None else None) for key, v in t.items()}
         t["x"], t["dy"] = self.activations(shape, dtype, device, seed + 2)
-        t.update(scaling=CHECK_SCALING, stride=shape["stride"], padding=self.padding(shape.as_dict()), dilation=shape["dil"])
+        t.update(
+            scaling=CHECK_SCALING, stride=shape["stride"], padding=self.padding(shape.as_dict()), dilation=shape["dil"]
+        )
         return t
 
     def activations(self, shape, dtype, device, seed):
@@ -407,7 +409,12 @@ def default_grid(layer: str, device: torch.device) -> list[Shape]:
     """The shapes ``fastlora validate`` checks: small odd ones under the interpreter, real ones on a GPU."""
     if device.type == "cuda":
         grid = {
-            "linear": ["777x1000x3000x5", "2048x4096x4096x16", "4096x4096x14336x64", "M=1024,K=14336,N=4096,r=8,bias=0"],
+            "linear": [
+                "777x1000x3000x5",
+                "2048x4096x4096x16",
+                "4096x4096x14336x64",
+                "M=1024,K=14336,N=4096,r=8,bias=0",
+            ],
             "embedding": ["8192x128256x4096x16", "M=1000,V=32000,D=1024,r=8,pad=0"],
             "conv2d": ["N=8,C=64,H=28,W=28,O=64,k=3,r=8,cl=1", "N=4,C=96,H=17,W=15,O=80,k=3,r=5,stride=2,bias=0"],
         }[layer]

@@ -157,7 +157,9 @@ def test_end_to_end_llama_step(tmp_path):
 
 def test_cpu_timing_statistics_and_rotation():
     calls = []
-    t = harness.time_fn(lambda: calls.append(1), torch.device("cpu"), harness.Settings(warmup_ms=1, rep_ms=5, min_reps=7))
+    t = harness.time_fn(
+        lambda: calls.append(1), torch.device("cpu"), harness.Settings(warmup_ms=1, rep_ms=5, min_reps=7)
+    )
     assert t.reps >= 7 and len(calls) >= t.reps + 1
     assert 0 <= t.q20_ms <= t.median_ms <= t.q80_ms
     cycle = harness.Cycle("abc")

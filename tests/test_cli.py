@@ -113,8 +113,9 @@ def test_validate_error_in_op_is_a_failed_row(monkeypatch, capsys):
         (["validate", "--shape", "rnn:3x4x5x6"], "unknown layer 'rnn'"),
         (["validate", "--dtype", "float64"], "unknown dtype 'float64'"),
         (["validate", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (["validate", "--device", "cuda:0"], "no CUDA device") if not torch.cuda.is_available() else
-        (["validate", "--device", "tpu"], "unknown device"),
+        (["validate", "--device", "cuda:0"], "no CUDA device")
+        if not torch.cuda.is_available()
+        else (["validate", "--device", "tpu"], "unknown device"),
         (["bench", "--layer", "lstm"], "unknown layer 'lstm'"),
         (["bench", "--mode", "sideways"], "unknown mode 'sideways'"),
         (["bench", "--provider", "unsloth"], "unknown provider 'unsloth'"),
