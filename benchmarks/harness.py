@@ -65,7 +65,7 @@ class Progress:
             return
         elapsed = time.monotonic() - self.start
         count = f"[{self.done}/{self.total}] " if self.total else ""
-        print(f"[{time.strftime('%H:%M:%S')} +{elapsed:6.1f}s] {count}{message}", file=self.stream, flush=True)
+        print(f"[{time.strftime('%H:%M:%S', time.gmtime())} +{elapsed:6.1f}s] {count}{message}", file=self.stream, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def roofline(flops: float, nbytes: float, median_ms: float, ceilings: dict | Non
 
 
 def measure_case(case: Case, setup, device: torch.device, settings: Settings, ceilings: dict | None,
-                 progress: Progress, seed: int = 0) -> list[dict]:  # fmt: skip
+                 progress: Progress, seed: int = 0, base_cache: dict | None = None) -> list[dict]:  # fmt: skip
     """Measure every provider of one case in every mode; returns result rows (see the module docstring)."""
     from fastlora.validate import OPS, dtype_id
 
@@ -330,11 +330,21 @@ def measure_case(case: Case, setup, device: torch.device, settings: Settings, ce
             if prov.modes is not None and mode not in prov.modes:
                 continue
             row = {**row_base, "mode": mode, **acc, **saved}
-            progress(f"{case.label} {prov.name} {mode}")
-            try:
-                row.update(_measure_mode(prov, mode, xs, dys, device, settings))
-            except Exception as exc:
-                row.update(median_ms=None, error=f"{type(exc).__name__}: {exc}")
+            # The bare layer does not depend on the rank or the dropout: measured once per shape and mode.
+            key = (case.layer, tuple(d for d in case.shape.dims if d[0] != "r"), case.dtype, mode)
+            cached = base_cache.get(key) if base_cache is not None and prov.name == "base" else None
+            if cached is not None:
+                row.update(cached, error=None, reused=True)
+            else:
+                progress(f"{case.label} {prov.name} {mode}")
+                try:
+                    row.update(_measure_mode(prov, mode, xs, dys, device, settings))
+                except Exception as exc:
+                    row.update(median_ms=None, error=f"{type(exc).__name__}: {exc}")
+                if base_cache is not None and prov.name == "base" and row.get("median_ms"):
+                    base_cache[key] = {
+                        k: row[k] for k in ("median_ms", "q20_ms", "q80_ms", "reps", "peak_memory_bytes")
+                    }
             flops = setup.flops(case, mode, prov.is_lora)
             nbytes = setup.bytes_moved(case, mode, prov.is_lora)
             med = row.get("median_ms")

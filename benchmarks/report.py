@@ -221,8 +221,11 @@ def main(argv=None) -> int:
     for doc in docs:
         print(f"## {Path(doc['_file']).name}\n\n{markdown_table(doc)}\n")
     if args.plots:
-        for path in plots(docs[-1], args.plots):
-            print(f"wrote {path}")
+        try:
+            for path in plots(docs[-1], args.plots):
+                print(f"wrote {path}")
+        except ImportError:
+            print("report: matplotlib is not installed (pip install fastlora[bench]); no plots", file=sys.stderr)
     if args.readme:
         try:
             changed = update_readme(args.readme, docs)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class Options:
     modes: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()
     settings: Settings = field(default_factory=Settings)
+    budget_s: float | None = None  # start no new case after this many seconds
 
 
 def _shapes(layer, texts):
@@ -48,7 +50,16 @@ def _shapes(layer, texts):
 
 
 def suite_cases(device: torch.device, quick: bool) -> list[Case]:
-    """The suite's cases before filtering."""
+    """The suite's cases before filtering; on CUDA the quick ones first, so a time budget keeps the essentials."""
+    cases = _cases(device, quick)
+    if device.type == "cuda" and not quick:
+        first = _cases(device, True)
+        keys = {(c.layer, c.shape, c.dtype, c.dropout) for c in first}
+        cases = first + [c for c in cases if (c.layer, c.shape, c.dtype, c.dropout) not in keys]
+    return cases
+
+
+def _cases(device: torch.device, quick: bool) -> list[Case]:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     cases = []
     if device.type == "cuda":
@@ -84,18 +95,28 @@ def suite_cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def select(cases: list[Case], opts: Options) -> list[Case]:
-    """Apply the filters; user shapes replace the suite's shapes of their layer (dtypes and dropouts kept)."""
-    out = []
-    user = {}
-    for s in opts.shapes:
-        user.setdefault(s.layer, []).append(s)
-    for layer, shapes in user.items():
+    """Apply the filters. User shapes replace the suite's shapes of their layer (its dtypes and dropouts kept);
+    a dtype the suite does not run for a layer runs that layer's cases in it."""
+    for layer in dict.fromkeys(s.layer for s in opts.shapes):
         proto = [c for c in cases if c.layer == layer]
-        dtypes = sorted({c.dtype for c in proto}, key=str) or [torch.float32]
-        dropouts = sorted({c.dropout for c in proto}) or [0.0]
-        cases = [c for c in cases if c.layer != layer]
-        cases += [Case(layer, s, dt, p) for s in shapes for dt in dtypes for p in dropouts]
+        dtypes = list(dict.fromkeys(c.dtype for c in proto)) or [torch.float32]
+        dropouts = list(dict.fromkeys(c.dropout for c in proto)) or [0.0]
+        shapes = [s for s in opts.shapes if s.layer == layer]
+        cases = [c for c in cases if c.layer != layer] + [
+            Case(layer, s, dt, p) for s in shapes for dt in dtypes for p in dropouts
+        ]
+    for dt in opts.dtypes:
+        for layer in dict.fromkeys(c.layer for c in cases):
+            mine = [c for c in cases if c.layer == layer]
+            if all(c.dtype != dt for c in mine):
+                first = mine[0].dtype
+                cases += [replace(c, dtype=dt) for c in mine if c.dtype == first]
+    out, seen = [], set()
     for c in cases:
+        key = (c.layer, c.shape, c.dtype, c.dropout)
+        if key in seen:
+            continue
+        seen.add(key)
         if opts.layers and c.layer not in opts.layers:
             continue
         if opts.dtypes and c.dtype not in opts.dtypes:
@@ -104,30 +125,16 @@ def select(cases: list[Case], opts: Options) -> list[Case]:
             continue
         if opts.dropouts and c.dropout not in opts.dropouts:
             continue
-        if opts.modes:
-            c.modes = tuple(m for m in MODES if m in opts.modes)
-        if opts.providers:
-            c.providers = tuple(opts.providers)
-        out.append(c)
-    if opts.dtypes:  # a dtype asked for but absent from the suite: run the suite's cases of that layer in it
-        for dt in opts.dtypes:
-            if not any(c.dtype == dt for c in out):
-                for c in [c for c in cases if (not opts.layers or c.layer in opts.layers)]:
-                    if (not opts.ranks or c.shape is None or c.shape["r"] in opts.ranks) and (
-                        not opts.dropouts or c.dropout in opts.dropouts
-                    ):
-                        out.append(Case(c.layer, c.shape, dt, c.dropout, c.modes, c.providers))
-    seen, unique = set(), []
-    for c in out:
-        key = (c.layer, c.shape, c.dtype, c.dropout)
-        if key not in seen:
-            seen.add(key)
-            unique.append(c)
-    return unique
+        modes = tuple(m for m in MODES if m in opts.modes) if opts.modes else c.modes
+        out.append(replace(c, modes=modes, providers=tuple(opts.providers) if opts.providers else c.providers))
+    return out
 
 
-def run(opts: Options, progress: Progress | None = None) -> dict:
-    """Run the selected cases; returns the result document (see README's Benchmarks section)."""
+def run(opts: Options, progress: Progress | None = None, out: Path | None = None) -> dict:
+    """Run the selected cases; returns the result document (see README's Benchmarks section).
+
+    With ``out``, the document is written there after every case, so a run cut short keeps what it measured.
+    """
     device = opts.device
     cases = select(suite_cases(device, opts.quick), opts)
     progress = progress or Progress()
@@ -140,19 +147,36 @@ def run(opts: Options, progress: Progress | None = None) -> dict:
         "settings": {**opts.settings.as_dict(), "quick": opts.quick},
         "ceilings": None,
         "results": [],
+        "skipped": [],
     }
     dtypes = sorted({c.dtype for c in cases if c.layer != "llama"}, key=str)
     if dtypes and device.type == "cuda":  # on a shared CPU the ceilings say little: no roofline there
         doc["ceilings"] = measure_ceilings(device, dtypes, opts.settings, progress)
+    base_cache: dict = {}
     for i, case in enumerate(cases):
+        if opts.budget_s is not None and time.monotonic() - progress.start > opts.budget_s:
+            doc["skipped"].append(case.label)
+            progress(f"skipped (time budget of {opts.budget_s:g}s spent): {case.label}", step=True)
+            continue
         if case.layer == "llama":
             rows = llama.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
         else:
-            rows = measure_case(case, SETUPS[case.layer], device, opts.settings, doc["ceilings"], progress, seed=i)
+            rows = measure_case(
+                case,
+                SETUPS[case.layer],
+                device,
+                opts.settings,
+                doc["ceilings"],
+                progress,
+                seed=i,
+                base_cache=base_cache,
+            )
         doc["results"] += rows
         progress(f"done {case.label}", step=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if out is not None:
+            write(doc, out)
     return doc
 
 
@@ -174,14 +198,16 @@ def _finite(v):
     return v
 
 
+def output_path(doc: dict, out: Path) -> Path:
+    """``out`` itself when it names a .json file, else a stamped file name inside the folder ``out``."""
+    out = Path(out)
+    return out if out.suffix == ".json" else out / result_filename(doc)
+
+
 def write(doc: dict, out: Path) -> Path:
     """Write the document to ``out`` (a .json file, or a folder that gets a stamped file name)."""
-    out = Path(out)
-    if out.suffix != ".json":
-        out.mkdir(parents=True, exist_ok=True)
-        out = out / result_filename(doc)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_path(doc, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_finite(doc), indent=1, default=str))
     tmp.replace(out)

@@ -291,18 +291,21 @@ def cmd_bench(args) -> int:
     opts = suite.Options(
         device=device, quick=args.quick, layers=layers or tuple(dict.fromkeys(s.layer for s in shapes)),
         shapes=tuple(shapes), dtypes=dtypes, ranks=_ints(args.rank, "rank"), dropouts=_floats(args.dropout, "dropout"),
-        modes=modes, providers=providers, settings=settings,
+        modes=modes, providers=providers, settings=settings, budget_s=args.budget,
     )  # fmt: skip
     if device.type == "cpu":
         print("fastlora bench on CPU: the torch path at small shapes (the Triton kernels are not timed); "
               "figures compare against the PEFT-style reference and PEFT on this CPU", flush=True)  # fmt: skip
-    progress = harness.Progress(quiet=args.quiet)
-    with functional.use_backend("torch" if device.type == "cpu" else functional.get_backend()):
-        doc = suite.run(opts, progress)
-    if not doc["results"]:
+    if not suite.select(suite.suite_cases(device, args.quick), opts):
         raise UsageError("the filters select no benchmark case")
-    out = suite.write(doc, args.out or Path(__file__).resolve().parent.parent / "benchmarks" / "results")
+    progress = harness.Progress(quiet=args.quiet)
+    out = args.out or Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    with functional.use_backend("torch" if device.type == "cpu" else functional.get_backend()):
+        doc = suite.run(opts, progress, out)
+    out = suite.write(doc, out)
     print(report.markdown_table(doc))
+    if doc["skipped"]:
+        print(f"\n{len(doc['skipped'])} cases skipped when the time budget ran out: {', '.join(doc['skipped'])}")
     print(f"\nwrote {out}")
     refused = [r for r in doc["results"] if r.get("refused") and r["provider"] == "fastlora"]
     if refused:
@@ -349,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", action="append", help="forward, backward, forward+backward")
     bench.add_argument("--provider", action="append", help="base, peft_style, peft, fastlora (base always runs)")
     bench.add_argument("--out", type=Path, help="result file (.json) or folder (default: benchmarks/results/)")
+    bench.add_argument("--budget", type=float, help="seconds after which no new case starts (the rest is skipped)")
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
 
