@@ -65,7 +65,11 @@ class Progress:
             return
         elapsed = time.monotonic() - self.start
         count = f"[{self.done}/{self.total}] " if self.total else ""
-        print(f"[{time.strftime('%H:%M:%S', time.gmtime())} +{elapsed:6.1f}s] {count}{message}", file=self.stream, flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S', time.gmtime())} +{elapsed:6.1f}s] {count}{message}",
+            file=self.stream,
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

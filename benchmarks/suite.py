@@ -155,22 +155,24 @@ def run(opts: Options, progress: Progress | None = None, out: Path | None = None
     base_cache: dict = {}
     for i, case in enumerate(cases):
         if opts.budget_s is not None and time.monotonic() - progress.start > opts.budget_s:
-            doc["skipped"].append(case.label)
+            doc["skipped"].append(f"{case.label}: time budget of {opts.budget_s:g}s spent")
             progress(f"skipped (time budget of {opts.budget_s:g}s spent): {case.label}", step=True)
             continue
-        if case.layer == "llama":
-            rows = llama.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
-        else:
-            rows = measure_case(
-                case,
-                SETUPS[case.layer],
-                device,
-                opts.settings,
-                doc["ceilings"],
-                progress,
-                seed=i,
-                base_cache=base_cache,
-            )
+        try:
+            if case.layer == "llama":
+                rows = llama.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
+            else:
+                setup = SETUPS[case.layer]
+                rows = measure_case(
+                    case, setup, device, opts.settings, doc["ceilings"], progress, seed=i, base_cache=base_cache
+                )
+        except Exception as exc:  # e.g. transformers missing, out of memory: the rest of the run goes on
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            doc["skipped"].append(f"{case.label}: {reason}")
+            progress(f"skipped {case.label}: {reason}", step=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         doc["results"] += rows
         progress(f"done {case.label}", step=True)
         if device.type == "cuda":

@@ -214,3 +214,25 @@ def test_result_files_are_strict_json(tmp_path):
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))["results"][0][
         "rel_err"
     ] == {"mask": "inf", "y": "nan"}
+
+
+def test_a_case_that_cannot_run_is_skipped_with_its_reason(monkeypatch, tmp_path, capsys):
+    def no_transformers(*args, **kwargs):
+        raise ImportError("No module named 'transformers'")
+
+    monkeypatch.setattr(suite.llama, "build_model", no_transformers)
+    out = tmp_path / "r.json"
+    args = ["bench", "--quick", "--layer", "llama,linear", "--shape", SHAPE, "--mode", "forward", "--dropout", "0"]
+    assert main([*args, "-q", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["skipped"] == ["llama step fp32 p=0: ImportError: No module named 'transformers'"]
+    assert {r["layer"] for r in doc["results"]} == {"linear"}
+    assert "1 cases skipped" in capsys.readouterr().out
+
+
+def test_time_budget_starts_no_new_case(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["bench", *FAST, "--mode", "forward", "--budget", "0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["results"] == [] and len(doc["skipped"]) == 2
+    assert all(s.endswith("time budget of 0s spent") for s in doc["skipped"])

@@ -113,6 +113,7 @@ def test_validate_error_in_op_is_a_failed_row(monkeypatch, capsys):
         (["validate", "--shape", "rnn:3x4x5x6"], "unknown layer 'rnn'"),
         (["validate", "--dtype", "float64"], "unknown dtype 'float64'"),
         (["validate", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["validate", "--layer", "linear", "--dtype", "fp32", "--only-shapes"], "the filters select no case"),
         (["validate", "--device", "cuda:0"], "no CUDA device")
         if not torch.cuda.is_available()
         else (["validate", "--device", "tpu"], "unknown device"),
