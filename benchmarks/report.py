@@ -85,10 +85,12 @@ def _status(row: dict | None) -> str:
 
 
 def _max_err(row):
-    errs = [_num(v) for v in (row or {}).get("rel_err", {}).values()] if (row or {}).get("rel_err") else []
-    if row and row.get("rel_err") and any(e is None for e in errs):
-        return math.nan
-    return max(errs) if errs else None
+    """The largest relative error of the outputs and gradients (the mask row measures a keep rate, not an error)."""
+    errs = {k: v for k, v in ((row or {}).get("rel_err") or {}).items() if k != "mask"}
+    if not errs:
+        return None
+    values = [_num(v) for v in errs.values()]
+    return math.nan if any(v is None for v in values) else max(values)
 
 
 def markdown_table(doc: dict) -> str:

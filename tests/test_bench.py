@@ -236,3 +236,20 @@ def test_time_budget_starts_no_new_case(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["results"] == [] and len(doc["skipped"]) == 2
     assert all(s.endswith("time budget of 0s spent") for s in doc["skipped"])
+
+
+def test_ceilings_and_roofline_placement():
+    ceil = harness.measure_ceilings(
+        torch.device("cpu"), [torch.float32], harness.Settings(1, 5, 3), harness.Progress(quiet=True), size=64
+    )
+    assert ceil["matmul_size"] == 64 and ceil["matmul_tflops"]["fp32"] > 0 and ceil["copy_gbps"] > 0
+    fake = {"matmul_tflops": {"bf16": 800.0}, "copy_gbps": 4000.0}
+    # 2*8192*4096*4096 flops, 3 x 64 MiB moved: compute-bound, 0.687 ms at the roofline
+    flops, nbytes = 2 * 8192 * 4096 * 4096, 3 * 2**26
+    place = harness.roofline(flops, nbytes, 1.0, fake, "bf16")
+    assert place["bound"] == "compute"
+    assert place["roofline_ms"] == pytest.approx(flops / 800e12 * 1e3)
+    assert place["fraction_of_roofline"] == pytest.approx(place["roofline_ms"] / 1.0)
+    assert place["intensity_flop_per_byte"] == pytest.approx(flops / nbytes)
+    assert harness.roofline(1e6, 1e9, 1.0, fake, "bf16")["bound"] == "memory"
+    assert harness.roofline(1e6, 1e9, 1.0, fake, "fp16") is None  # no ceiling measured for that dtype
