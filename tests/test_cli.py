@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fastlora
 from fastlora import reference
 from fastlora.cli import main
-from fastlora.validate import OPS, check_case, parse_shape
+from fastlora.validate import OPS, check_case, default_grid, parse_shape
 
 SMALL = ["--layer", "linear", "--only-shapes", "--shape", "linear:37x75x51x5"]
 
@@ -49,7 +49,7 @@ def test_validate_grid_plus_user_shape(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     labels = {r[1] for r in _table_rows(out)}
-    assert labels == {"M37-K75-N51-r5", "M20-K33-N70-r16-bias0", "M20-K33-N70-r3"}
+    assert labels == {s.label for s in default_grid("linear", torch.device("cpu"))} | {"M20-K33-N70-r3"}
 
 
 def _wrong_dropout_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
@@ -149,9 +149,15 @@ def test_info_lists_device_versions_and_paths(capsys):
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "triton" in out
     assert "device: cpu" in out
-    for layer in ("linear", "embedding", "conv2d"):
-        assert any(line.startswith(layer) for line in out.splitlines())
-    assert f"linear     fastlora.lora_linear     {fastlora.active_path('cpu')}" in out
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.split()[:1] in (["linear"], ["embedding"], ["conv2d"])
+    }
+    assert rows["linear"] == ["fastlora.lora_linear", fastlora.active_path("cpu")]
+    for layer in ("embedding", "conv2d"):
+        expected = [fastlora.active_path("cpu")] if hasattr(fastlora, f"lora_{layer}") else "not in this build".split()
+        assert rows[layer] == [f"fastlora.lora_{layer}", *expected]
 
 
 def _env_without_interpreter():
