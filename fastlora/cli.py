@@ -139,10 +139,10 @@ def _print_table(header, rows, out=None):
     out = out or sys.stdout
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(fmt.format(*header), file=out)
+    print(fmt.format(*header).rstrip(), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for r in rows:
-        print(fmt.format(*map(str, r)), file=out)
+        print(fmt.format(*map(str, r)).rstrip(), file=out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,6 +229,8 @@ def cmd_validate(args, argv) -> int:
           f"{len(cases)} cases against a float64 reference", flush=True)  # fmt: skip
     if missing and not args.layer:
         print(f"not in this build (skipped): {', '.join(missing)}")
+    if functional.active_path(device) == "torch":
+        print("note: the torch path is checked here, not the Triton kernels (not in this build, or not selected)")
     rows, failed, start = [], 0, time.monotonic()
     for i, (layer, shape, dtype, p) in enumerate(cases):
         t0 = time.monotonic()
