@@ -409,7 +409,7 @@ def default_grid(layer: str, device: torch.device) -> list[Shape]:
     """The shapes ``fastlora validate`` checks: small odd ones under the interpreter, real ones on a GPU."""
     if device.type == "cuda":
         grid = {
-            "linear": ["777x1000x3000x5", "M=2048,K=4096,N=4096,r=16,bias=0"],
+            "linear": ["777x1000x3000x5", "M=2048,K=4096,N=4096,r=16"],
             "embedding": ["M=4099,V=32000,D=1024,r=16,pad=0"],
             "conv2d": ["N=8,C=64,H=28,W=28,O=64,k=3,r=8,cl=1", "N=4,C=96,H=17,W=15,O=80,k=3,r=5,stride=2,bias=0"],
         }[layer]
