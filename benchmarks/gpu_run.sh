@@ -10,6 +10,7 @@ OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 START=$(date +%s)
+FASTLORA="python -m fastlora.cli"  # the console script may not be on PATH (e.g. a --user install)
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 status=0
 
@@ -17,10 +18,10 @@ log "pip install --no-deps --no-build-isolation -e ."
 pip install -q --no-deps --no-build-isolation -e . || { log "install failed"; exit 1; }
 
 log "fastlora info"
-fastlora info | tee "$OUT/info.txt"
+$FASTLORA info | tee "$OUT/info.txt"
 
 log "fastlora validate (every op against float64)"
-timeout 150 fastlora validate -q > "$OUT/validate.txt" 2>&1
+timeout 150 $FASTLORA validate -q > "$OUT/validate.txt" 2>&1
 rc=$?
 tail -n 3 "$OUT/validate.txt"
 if [ $rc -ne 0 ]; then
@@ -29,7 +30,7 @@ if [ $rc -ne 0 ]; then
 fi
 
 log "fastlora bench (target shapes; progress below)"
-timeout 290 fastlora bench --out "$OUT" --budget 220 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
+timeout 290 $FASTLORA bench --out "$OUT" --budget 220 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
 rc=${PIPESTATUS[0]}
 if [ $rc -ne 0 ]; then
     log "bench exited $rc (124: cut at its time limit; the result file keeps every finished case)"
