@@ -7,15 +7,16 @@
 #   bash benchmarks/gpu_run.sh OUT_DIR
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
 START=$(date +%s)
-FASTLORA="python -m fastlora.cli"  # the console script may not be on PATH (e.g. a --user install)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+FASTLORA="$PY -m fastlora.cli"  # the console script may not be on PATH (e.g. a --user install)
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 status=0
 
 log "pip install --no-deps --no-build-isolation -e ."
-pip install -q --no-deps --no-build-isolation -e . || { log "install failed"; exit 1; }
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . || { log "install failed"; exit 1; }
 
 log "fastlora info"
 $FASTLORA info | tee "$OUT/info.txt"
@@ -38,7 +39,7 @@ if [ $rc -ne 0 ]; then
 fi
 
 log "report: tables and plots from $OUT"
-python -m benchmarks.report "$OUT" --plots "$OUT/plots" > "$OUT/report.md" 2>&1 || log "report failed (see $OUT/report.md)"
+"$PY" -m benchmarks.report "$OUT" --plots "$OUT/plots" > "$OUT/report.md" 2>&1 || log "report failed (see $OUT/report.md)"
 ls -l "$OUT"
 log "done (exit $status)"
 exit $status
