@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import torch
 
-# Relative Frobenius error ||out - ref|| / ||ref|| against a float64 evaluation, per dtype. One table for the suite.
-# float32: the kernels accumulate in fp32 (IEEE dot under the interpreter). float16: 11-bit mantissa, inputs
-# rounded once. bfloat16: 8-bit mantissa (computed in fp32 under the interpreter, rounded on store).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from fastlora._tolerance import DTYPE_IDS, TOLERANCE, rel_err
 
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    denom = ref64.norm().item()
-    num = (out64 - ref64).norm().item()
-    return num / denom if denom > 0 else num
+__all__ = ["TOLERANCE", "DTYPE_IDS", "rel_err", "assert_close"]
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "output", factor: float = 1.0):

@@ -1,0 +1,54 @@
+"""Building the providers every setup compares: the bare frozen layer, the PEFT-style reference, PEFT itself
+(when installed) and fastlora (when this build has the layer)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+import fastlora
+from benchmarks.harness import Provider
+
+# alpha = 2r: scaling 2.0 for every rank, exactly representable.
+ALPHA_PER_RANK = 2
+
+
+def peft_layer(base: nn.Module, r: int, alpha: float, dropout: float):
+    """PEFT's LoRA layer around ``base`` (through ``inject_adapter_in_model``), or None without PEFT."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        return None
+    holder = nn.Module()
+    holder.layer = base
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["layer"])
+    inject_adapter_in_model(config, holder)
+    layer = holder.layer
+    layer.to(dtype=base.weight.dtype)
+    return layer
+
+
+def peft_factors(layer):
+    """(A, B) parameters of a PEFT LoRA layer's default adapter, in fastlora's shapes."""
+    if hasattr(layer, "lora_embedding_A") and "default" in layer.lora_embedding_A:
+        return layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+
+def build(base: nn.Module, r: int, dropout: float, peft_style_cls, fastlora_cls_name: str, device,
+          with_dropout: bool = True, base_modes=None) -> list[Provider]:  # fmt: skip
+    """The four providers around one frozen base module, in the order they are reported."""
+    base.requires_grad_(False)
+    alpha = ALPHA_PER_RANK * r
+    kwargs = {"dropout": dropout} if with_dropout else {}
+    out = [Provider("base", base, path="torch", modes=base_modes)]
+    ps = peft_style_cls(base, r, alpha, **kwargs)
+    out.append(Provider("peft_style", ps, ps.lora_A, ps.lora_B, path="torch"))
+    layer = peft_layer(base, r, alpha, dropout if with_dropout else 0.0)
+    if layer is not None:
+        a, b = peft_factors(layer)
+        out.append(Provider("peft", layer, a, b, path="torch"))
+    cls = getattr(fastlora, fastlora_cls_name, None)
+    if cls is not None:
+        layer = cls.from_module(base, r=r, alpha=alpha, **kwargs)
+        out.append(Provider("fastlora", layer, layer.lora_A, layer.lora_B, path=fastlora.active_path(device)))
+    return out
