@@ -463,6 +463,11 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
             ) from None
         r = pattern_value(rank_pattern, path, r0)
         alpha = pattern_value(alpha_pattern, path, alpha0)
+        if entry["A"].dim() == 0 or entry["A"].shape[0] != r:
+            raise ValueError(
+                f"{weights_path}: {entry['keys']['A']} has shape {tuple(entry['A'].shape)}, but {config_path} gives "
+                f"{path} rank r={r}"
+            )
         if isinstance(module, LoRALayer):
             kind = _layer_kind(module)
             _check_kind(weights_path, path, entry["kind"], kind, type(module).__name__)
