@@ -304,3 +304,16 @@ def test_conv_net_interop_both_ways(tmp_path):
     fl.save_adapter(model, tmp_path / "fl")
     loaded = PeftModel.from_pretrained(copy_model(base), tmp_path / "fl").eval()
     assert_close(loaded(x), pm(x), F32, "PEFT on fastlora's conv adapter")
+
+
+def test_from_peft_keeps_a_merged_layer_merged():
+    base = llama()
+    pm = peft_model(base, ["q_proj", "o_proj"])
+    ids = token_ids()
+    adapted_out = logits(pm, ids)
+    pm.merge_adapter()
+    fl.from_peft(pm)
+    assert all(layer.merged for _, layer in lora_layers(pm.base_model.model))
+    assert_close(logits(pm, ids), adapted_out, F32, "converted merged model")
+    fl.unload(pm.base_model.model)
+    assert_close(logits(pm, ids), logits(base, ids), F32, "unmerged and unloaded")
