@@ -34,7 +34,6 @@ from safetensors.torch import save as _st_save
 from fastlora.layers import LoRALayer, LoRALinear
 from fastlora.model import (
     check_alpha,
-    check_dropout_arg,
     check_rank,
     freeze_except_lora,
     install_layers,
@@ -276,7 +275,9 @@ def _read_config(path: str) -> dict:
         raise ValueError(f"{path} lacks 'r' or 'lora_alpha'")
     check_rank(f"{path}: r", config["r"])
     check_alpha(f"{path}: lora_alpha", config["lora_alpha"])
-    check_dropout_arg(config.get("lora_dropout", 0.0) or 0.0)
+    dropout = config.get("lora_dropout", 0.0) or 0.0
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
     for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):

@@ -537,7 +537,7 @@ def _peft_skip_reason(module, adapter: str, plora) -> str | None:
         return f"its base layer cannot be wrapped: {reason}"
     if set(module.r) != {adapter}:
         return f"it holds the adapters {sorted(module.r)}, fastlora converts a layer with exactly {adapter!r}"
-    if module.use_dora.get(adapter, False):
+    if getattr(module, "use_dora", {}).get(adapter, False):
         return "it uses DoRA"
     if adapter in getattr(module, "lora_variant", {}):
         return f"it uses the LoRA variant {type(module.lora_variant[adapter]).__name__}"
