@@ -136,7 +136,7 @@ def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) 
         "r": r,
         "lora_alpha": alpha,
         "target_modules": _short_targets(root, names),
-        "lora_dropout": _most_common(layer.lora_dropout for _, layer in found),
+        "lora_dropout": _most_common(getattr(layer, "lora_dropout", 0.0) for _, layer in found),
         "fan_in_fan_out": any(isinstance(layer, LoRALinear) and layer.fan_in_fan_out for _, layer in found),
         "bias": "none",
         "modules_to_save": None,

@@ -215,6 +215,19 @@ def test_print_trainable_parameters():
     assert lines[0].startswith(f"trainable params: {expected:,d} || all params: {count.total:,d} || trainable%: ")
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+def test_merge_and_unload_rebuilds_plain_modules_for_layers_built_directly(fan_in_fan_out):
+    model = nn.Sequential(fl.LoRALinear(7, 5, r=2, alpha=3, fan_in_fan_out=fan_in_fan_out), nn.Tanh())
+    randomise_lora(model)
+    x = torch.randn(4, 7)
+    unmerged = model(x)
+    weight, bias = model[0].weight, model[0].bias
+    fl.merge_and_unload(model)
+    assert type(model[0]).__name__ == ("Conv1D" if fan_in_fan_out else "Linear")
+    assert model[0].weight is weight and model[0].bias is bias
+    assert_close(model(x), unmerged, F32, "rebuilt module")
+
+
 @pytest.mark.parametrize("fn", ["merge_and_unload", "unload"])
 def test_functions_need_lora_layers(fn):
     model = llama()
