@@ -503,6 +503,8 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
                         f"{have}"
                     )
 
+    _check_coverage(root, config, groups, weights_path, config_path)
+
     with torch.no_grad():
         new = install_layers(root, [(p, m, r, a) for p, m, _, r, a in to_wrap], dropout, use_rslora)
         for path, _, entry, _, alpha in to_wrap:
@@ -512,6 +514,29 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     if to_wrap:
         freeze_except_lora(root)
     return model
+
+
+def _check_coverage(root: nn.Module, config: dict, groups: dict, weights_path: str, config_path: str):
+    """Every module the config targets must have tensors in the file (a file cut short loses whole modules)."""
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+    if config.get("layers_to_transform") is not None or not isinstance(targets, (str, list)):
+        return
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return
+    expected = {
+        name
+        for name, m in root.named_modules()
+        if name
+        and (isinstance(m, LoRALayer) or module_kind(m) is not None)
+        and name_matches(targets, name)
+        and not name_matches(exclude, name)
+    }
+    missing = sorted(expected - set(groups))
+    if missing:
+        raise ValueError(
+            f"{config_path} targets {missing[:4]}{' and more' if len(missing) > 4 else ''}, but {weights_path} has "
+            "no tensors for them (a truncated or edited file, or an adapter made for another model)"
+        )
 
 
 def _fill(layer: LoRALayer, entry: dict, alpha, use_rslora: bool, dropout: float):

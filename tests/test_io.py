@@ -285,6 +285,10 @@ def peft_style_missing_module(folder):
     rewrite_weights(folder, edit)
 
 
+def peft_style_module_dropped(folder):
+    rewrite_weights(folder, lambda t: [t.pop(f"{Q0}.lora_{ab}.weight") for ab in "AB"])
+
+
 def peft_style_missing_b(folder):
     rewrite_weights(folder, lambda t: t.pop(f"{Q0}.lora_B.weight"))
 
@@ -344,6 +348,7 @@ BAD_FILES = [
     (peft_style_unknown_key, ValueError, "lora_C.weight' is not a LoRA tensor"),
     (peft_style_missing_module, ValueError, "names module 'model.layers.7.self_attn.q_proj'"),
     (peft_style_missing_b, ValueError, "no lora_B tensor"),
+    (peft_style_module_dropped, ValueError, r"targets \['model.layers.0.self_attn.q_proj'\], but .* has no tensors"),
     (peft_style_integer_tensor, TypeError, "expected a floating point tensor"),
     (peft_style_other_model, ValueError, r"has shape \(4, 48\), the model needs \(4, 32\)"),
     (peft_style_unsupported_module, ValueError, "cannot put LoRA on model.norm"),
