@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -285,8 +286,24 @@ def _read_config(path: str) -> dict:
         if not isinstance(pattern, dict):
             raise ValueError(f"{path}: {field} must be an object, got {pattern!r}")
         for key, value in pattern.items():
+            _check_regex(path, f"{field} key", key)
             check(f"{path}: {field}[{key!r}]", value)
+    for field in ("target_modules", "exclude_modules"):
+        spec = config.get(field)
+        if isinstance(spec, str):
+            _check_regex(path, field, spec)
+        elif spec is not None and not (isinstance(spec, list) and all(isinstance(t, str) for t in spec)):
+            raise ValueError(f"{path}: {field} must be a regex string or a list of names, got {spec!r}")
     return config
+
+
+def _check_regex(path: str, what: str, pattern):
+    if not isinstance(pattern, str):
+        raise ValueError(f"{path}: {what} must be a string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{path}: {what} {pattern!r} is not a valid regular expression: {err}") from None
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:

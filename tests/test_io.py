@@ -254,6 +254,10 @@ def config_bad_rank(folder):
     edit_config(folder, r=0)
 
 
+def config_bad_regex(folder):
+    edit_config(folder, rank_pattern={"(down": 2})
+
+
 def config_bad_dropout(folder):
     edit_config(folder, lora_dropout=1.5)
 
@@ -343,6 +347,7 @@ BAD_FILES = [
     (config_modules_to_save, ValueError, "modules_to_save"),
     (config_bad_rank, ValueError, "r must be an int"),
     (config_bad_dropout, ValueError, "lora_dropout must be a number in"),
+    (config_bad_regex, ValueError, "rank_pattern key '\\(down' is not a valid regular expression"),
     (peft_style_rank_mismatch, ValueError, r"lora_A.weight has shape \(4, 32\), but .* gives .* rank r=3"),
     (peft_style_nan, ValueError, "lora_B.weight holds NaN or Inf"),
     (peft_style_unknown_key, ValueError, "lora_C.weight' is not a LoRA tensor"),
