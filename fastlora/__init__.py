@@ -1,7 +1,16 @@
 """fastlora: fused Triton kernels for LoRA fine-tuning, behind drop-in PyTorch layers."""
 
 from fastlora.functional import active_path, get_backend, lora_embedding, lora_linear, use_backend
+from fastlora.io import load_adapter, lora_state_dict, save_adapter
 from fastlora.layers import LoRAEmbedding, LoRALayer, LoRALinear
+from fastlora.model import (
+    apply_lora,
+    disable_adapter,
+    from_peft,
+    merge_and_unload,
+    print_trainable_parameters,
+    unload,
+)
 from fastlora.reference import lora_scaling
 
 __version__ = "0.1.0"
@@ -16,4 +25,14 @@ __all__ = [
     "use_backend",
     "get_backend",
     "active_path",
+    # model-level API
+    "apply_lora",
+    "merge_and_unload",
+    "unload",
+    "disable_adapter",
+    "print_trainable_parameters",
+    "lora_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "from_peft",
 ]

@@ -1,0 +1,569 @@
+"""Adapter files in PEFT's format: ``adapter_model.safetensors`` plus ``adapter_config.json``.
+
+Tensor names are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` for Linear,
+Conv1D and Conv2d, ``.lora_embedding_A`` / ``.lora_embedding_B`` for Embedding, so ``PeftModel.from_pretrained``
+loads what ``save_adapter`` writes, and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes.
+
+Safety:
+
+- Only safetensors is read; nothing is ever unpickled (an ``adapter_model.bin`` is refused).
+- ``save_adapter`` writes each file to a temporary name in the same folder, fsyncs it and renames it over the
+  old one, so an interrupted save leaves every file either whole-old or whole-new, never half-written.
+- fastlora records in the safetensors metadata a SHA-256 over every tensor's name, dtype, shape and bytes, and
+  the config values the numbers depend on (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern). A file whose
+  tensors or config disagree with that record (damaged, edited, or two files from different saves) is refused.
+  The checksum detects damage, it is not a signature: whoever can rewrite the file can rewrite the checksum.
+- ``load_adapter`` parses and checks every key, dtype, shape and value before it changes the model; when it
+  raises, the model is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from fastlora.layers import LoRALayer, LoRALinear
+from fastlora.model import (
+    check_alpha,
+    check_rank,
+    freeze_except_lora,
+    install_layers,
+    lora_layers,
+    module_kind,
+    name_matches,
+    pattern_value,
+    unsupported_reason,
+    unwrap_peft,
+)
+
+__all__ = ["lora_state_dict", "save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+_SUM_KEY = "fastlora.sha256"
+_LORA_KEY = "fastlora.lora"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Config fields that change what an adapter computes and that fastlora does not implement: each must be falsy.
+_UNSUPPORTED_FIELDS = (
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "enable_lora",
+)
+
+
+def _suffixes(layer: LoRALayer) -> tuple[str, str]:
+    if type(layer).__name__ == "LoRAEmbedding":
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A.weight", "lora_B.weight"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter that may be sharded (a DTensor under FSDP2)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of every fastlora layer under PEFT's names (detached, not copied).
+
+    Keys: ``base_model.model.<path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (Conv2d: [r, C, kh, kw]
+    and [O, r, 1, 1]); for embeddings ``.lora_embedding_A`` [r, V] and ``.lora_embedding_B`` [D, r]. Paths are
+    relative to the user's model, also when ``model`` is a PEFT model converted by ``from_peft``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = {}
+    for name, layer in lora_layers(unwrap_peft(model)):
+        sa, sb = _suffixes(layer)
+        out[f"{PREFIX}{name}.{sa}"] = _full(layer.lora_A)
+        out[f"{PREFIX}{name}.{sb}"] = _full(layer.lora_B)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _short_targets(root: nn.Module, names: list[str]) -> list[str]:
+    """The last name components when they select exactly ``names`` (PEFT's list rule), else the full names."""
+    short = sorted({n.rpartition(".")[2] for n in names})
+    selected = {n for n, _ in root.named_modules() if n and name_matches(short, n)}
+    return short if selected == set(names) else sorted(names)
+
+
+def _scaling_fields(config: dict) -> dict:
+    return {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")}
+
+
+def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) -> dict:
+    names = [name for name, _ in found]
+    ranks = {name: layer.r for name, layer in found}
+    alphas = {name: layer.lora_alpha for name, layer in found}
+    rslora = {layer.use_rslora for _, layer in found}
+    if len(rslora) > 1:
+        raise ValueError("PEFT's adapter format has one use_rslora for all layers; this model mixes both settings")
+    r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _short_targets(root, names),
+        "lora_dropout": _most_common(getattr(layer, "lora_dropout", 0.0) for _, layer in found),
+        "fan_in_fan_out": any(isinstance(layer, LoRALinear) and layer.fan_in_fan_out for _, layer in found),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    # Newer PEFT fields are written only when they differ from their defaults, so older PEFT can read the file.
+    rank_pattern = {_escape(n): v for n, v in ranks.items() if v != r}
+    alpha_pattern = {_escape(n): v for n, v in alphas.items() if v != alpha}
+    if rslora == {True}:
+        config["use_rslora"] = True
+    if rank_pattern:
+        config["rank_pattern"] = rank_pattern
+    if alpha_pattern:
+        config["alpha_pattern"] = alpha_pattern
+    return config
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_file(path: str, data: bytes) -> str:
+    """Writes ``data`` to a temporary file beside ``path`` and fsyncs it; returns the temporary name."""
+    folder, base = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _fsync_dir(folder: str):
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(files: list[tuple[str, bytes]]):
+    """Every file whole-new or whole-old: all are written and fsynced under temporary names, then renamed."""
+    temps = []
+    try:
+        for path, data in files:
+            temps.append((_write_file(path, data), path))
+        while temps:
+            tmp, path = temps[0]
+            os.replace(tmp, path)
+            temps.pop(0)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    _fsync_dir(os.path.dirname(files[0][0]))
+
+
+def save_adapter(model: nn.Module, save_directory, task_type: str | None = None, base_model_name_or_path=None):
+    """Writes the adapter of every fastlora layer as ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+    The folder loads with ``PeftModel.from_pretrained(base_model, save_directory)`` and with ``load_adapter``.
+    ``target_modules`` in the config lists the adapted modules (by their last name when that selects exactly
+    them); per-module ranks and alphas that differ from the common one go to ``rank_pattern``/``alpha_pattern``.
+    Both files are replaced atomically (see the module docstring). Returns the folder path.
+    """
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    root = unwrap_peft(model)
+    found = lora_layers(root)
+    if not found:
+        raise ValueError(f"save_adapter: {type(model).__name__} has no fastlora LoRA layers to save")
+    for name, layer in found:
+        if type(layer).__name__ == "LoRAConv2d" and _dilated_or_grouped(layer):
+            warnings.warn(
+                f"fastlora: {name} is a dilated or grouped Conv2d; PEFT computes LoRA on such layers differently, "
+                "so this adapter is exact only when loaded back with fastlora",
+                stacklevel=2,
+            )
+    config = _adapter_config(root, found, task_type, base_model_name_or_path)
+    tensors = {k: v.cpu().contiguous().clone() for k, v in lora_state_dict(root).items()}
+    metadata = {"format": "pt", _SUM_KEY: _digest(tensors), _LORA_KEY: json.dumps(_scaling_fields(config))}
+    weights = _st_save(tensors, metadata=metadata)
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    folder = os.fspath(save_directory)
+    os.makedirs(folder, exist_ok=True)
+    _atomic_write([(os.path.join(folder, WEIGHTS_NAME), weights), (os.path.join(folder, CONFIG_NAME), config_bytes)])
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged or not an adapter config") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{path} is a {peft_type!r} adapter; fastlora loads only LoRA adapters (peft_type 'LORA')")
+    for field in _UNSUPPORTED_FIELDS:
+        if config.get(field):
+            raise ValueError(f"{path} sets {field}={config[field]!r}, which fastlora does not support")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path} sets bias={config['bias']!r}; fastlora supports only bias='none'")
+    if "r" not in config or "lora_alpha" not in config:
+        raise ValueError(f"{path} lacks 'r' or 'lora_alpha'")
+    check_rank(f"{path}: r", config["r"])
+    check_alpha(f"{path}: lora_alpha", config["lora_alpha"])
+    dropout = config.get("lora_dropout", 0.0) or 0.0
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{path}: {field} must be an object, got {pattern!r}")
+        for key, value in pattern.items():
+            _check_regex(path, f"{field} key", key)
+            check(f"{path}: {field}[{key!r}]", value)
+    for field in ("target_modules", "exclude_modules"):
+        spec = config.get(field)
+        if isinstance(spec, str):
+            _check_regex(path, field, spec)
+        elif spec is not None and not (isinstance(spec, list) and all(isinstance(t, str) for t in spec)):
+            raise ValueError(f"{path}: {field} must be a regex string or a list of names, got {spec!r}")
+    return config
+
+
+def _check_regex(path: str, what: str, pattern):
+    if not isinstance(pattern, str):
+        raise ValueError(f"{path}: {what} must be a string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{path}: {what} {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path} is truncated: {len(data)} bytes, too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"{path} is truncated: its header claims {n} bytes but the file has {len(data) - 8} after it")
+    try:
+        header = json.loads(data[8 : 8 + n])
+        tensors = _st_load(data)
+    except Exception as err:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or damaged): {err}") from None
+    metadata = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    return tensors, metadata
+
+
+def _verify_record(weights_path: str, config_path: str, tensors, metadata, config):
+    if _SUM_KEY in metadata and _digest(tensors) != metadata[_SUM_KEY]:
+        raise ValueError(
+            f"{weights_path} fails its checksum: its tensors changed after fastlora saved them (damaged or edited)"
+        )
+    if _LORA_KEY in metadata:
+        try:
+            recorded = _normalise(json.loads(metadata[_LORA_KEY]))
+        except (json.JSONDecodeError, TypeError, AttributeError):
+            raise ValueError(f"{weights_path} has damaged fastlora metadata") from None
+        current = _normalise(_scaling_fields(config))
+        if recorded != current:
+            diff = {k: (current[k], recorded[k]) for k in current if current[k] != recorded[k]}
+            raise ValueError(
+                f"{config_path} disagrees with the values recorded in {weights_path} (config vs record: {diff}); "
+                "one file was edited, or the two files come from different saves"
+            )
+
+
+def _normalise(fields: dict) -> dict:
+    """The scaling fields with PEFT's defaults filled in, so an absent field equals its default."""
+    return {
+        "r": fields.get("r"),
+        "lora_alpha": fields.get("lora_alpha"),
+        "use_rslora": bool(fields.get("use_rslora")),
+        "rank_pattern": fields.get("rank_pattern") or {},
+        "alpha_pattern": fields.get("alpha_pattern") or {},
+    }
+
+
+def _group(tensors: dict[str, torch.Tensor], weights_path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"A", "B", "kind" ("ab" or "embedding"), optional "base_weight", "base_bias"}}."""
+    suffixes = {
+        ".lora_A.weight": ("A", "ab"),
+        ".lora_B.weight": ("B", "ab"),
+        ".lora_embedding_A": ("A", "embedding"),
+        ".lora_embedding_B": ("B", "embedding"),
+        ".base_layer.weight": ("base_weight", None),
+        ".base_layer.bias": ("base_bias", None),
+    }
+    groups: dict[str, dict] = {}
+    for key, t in tensors.items():
+        path = key.removeprefix(PREFIX)
+        suffix = next((sfx for sfx in suffixes if path.endswith(sfx) and len(path) > len(sfx)), None)
+        if suffix is None:
+            raise ValueError(f"{weights_path}: key {key!r} is not a LoRA tensor fastlora can load")
+        module, (slot, kind) = path[: -len(suffix)], suffixes[suffix]
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{weights_path}: {key} is {t.dtype}, expected a floating point tensor")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights_path}: {key} holds NaN or Inf")
+        entry = groups.setdefault(module, {"keys": {}})
+        if kind is not None:
+            if entry.get("kind", kind) != kind:
+                raise ValueError(f"{weights_path}: {module} mixes lora_A/lora_B and lora_embedding_A/B keys")
+            entry["kind"] = kind
+        entry[slot] = t
+        entry["keys"][slot] = key
+    for module, entry in groups.items():
+        for slot in ("A", "B"):
+            if slot not in entry:
+                present = ", ".join(sorted(entry["keys"].values()))
+                raise ValueError(f"{weights_path}: module {module} has {present} but no lora_{slot} tensor")
+    return groups
+
+
+def _expected_shapes(kind: str, module: nn.Module, r: int):
+    w = module.weight
+    if kind == "linear":
+        return (r, w.shape[1]), (w.shape[0], r)
+    if kind == "conv1d":
+        return (r, w.shape[0]), (w.shape[1], r)
+    if kind == "embedding":
+        return (r, w.shape[0]), (w.shape[1], r)
+    return (r, module.in_channels, *module.kernel_size), (w.shape[0], r, 1, 1)
+
+
+def _layer_kind(layer: LoRALayer) -> str:
+    if isinstance(layer, LoRALinear):
+        return "conv1d" if layer.fan_in_fan_out else "linear"
+    return {"LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}.get(type(layer).__name__, "unknown")
+
+
+def _dilated_or_grouped(module: nn.Module) -> bool:
+    return tuple(getattr(module, "dilation", (1, 1))) != (1, 1) or getattr(module, "groups", 1) != 1
+
+
+def _check_kind(weights_path, module_path, file_kind, kind, type_name):
+    wants_embedding = kind == "embedding"
+    if (file_kind == "embedding") != wants_embedding:
+        what = "lora_embedding_A/B" if file_kind == "embedding" else "lora_A/lora_B.weight"
+        raise ValueError(f"{weights_path}: {module_path} has {what} tensors, which do not fit its {type_name}")
+
+
+def _check_shape(weights_path, entry, slot, expected):
+    t = entry[slot]
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(
+            f"{weights_path}: {entry['keys'][slot]} has shape {tuple(t.shape)}, the model needs {tuple(expected)} "
+            "(the adapter was made for another model or another rank)"
+        )
+
+
+def load_adapter(model: nn.Module, load_directory) -> nn.Module:
+    """Loads an adapter that fastlora or PEFT saved into ``model``, applying LoRA first where needed.
+
+    Modules named in the file that are plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` / ``nn.Conv2d`` are
+    wrapped with the file's rank and alpha (``rank_pattern``/``alpha_pattern`` honoured) and everything else is
+    frozen, as ``apply_lora`` does; modules that already are fastlora layers get the file's tensors, alpha,
+    use_rslora and dropout. Base tensors PEFT saves with a targeted embedding (``base_layer.weight``) are copied
+    into the base weight, as PEFT does.
+
+    Everything is checked first (the config's type and options, the file's integrity, every key, dtype, shape and
+    value); any problem raises ValueError/TypeError naming the file and key, and the model is left as it was.
+    Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(load_directory, (str, os.PathLike)):
+        raise TypeError(f"load_directory must be a path, got {type(load_directory).__name__}")
+    folder = os.fspath(load_directory)
+    weights_path, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
+            raise ValueError(
+                f"{folder} holds adapter_model.bin (a pickle); fastlora loads only {WEIGHTS_NAME} and never unpickles. "
+                "Convert it once, in a trusted environment, with PEFT's save_pretrained(safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{weights_path} is missing")
+    config = _read_config(config_path)
+    tensors, metadata = _read_weights(weights_path)
+    _verify_record(weights_path, config_path, tensors, metadata, config)
+    if not tensors:
+        raise ValueError(f"{weights_path} holds no tensors")
+    groups = _group(tensors, weights_path)
+    made_by_fastlora = _SUM_KEY in metadata
+
+    root = unwrap_peft(model)
+    r0, alpha0 = config["r"], config["lora_alpha"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    to_wrap, to_fill = [], []
+    for path, entry in groups.items():
+        if "kind" not in entry:
+            raise ValueError(f"{weights_path}: {path} has base_layer tensors but no LoRA tensors")
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            raise ValueError(
+                f"{weights_path}: {entry['keys']['A']} names module {path!r}, which {type(root).__name__} does not have"
+            ) from None
+        r = pattern_value(rank_pattern, path, r0)
+        alpha = pattern_value(alpha_pattern, path, alpha0)
+        if entry["A"].dim() == 0 or entry["A"].shape[0] != r:
+            raise ValueError(
+                f"{weights_path}: {entry['keys']['A']} has shape {tuple(entry['A'].shape)}, but {config_path} gives "
+                f"{path} rank r={r}"
+            )
+        if isinstance(module, LoRALayer):
+            kind = _layer_kind(module)
+            _check_kind(weights_path, path, entry["kind"], kind, type(module).__name__)
+            if module.merged:
+                raise ValueError(f"load_adapter: {path} is merged; unmerge it (or fl.unload the model) before loading")
+            _check_shape(weights_path, entry, "A", module.lora_A.shape)
+            _check_shape(weights_path, entry, "B", module.lora_B.shape)
+            to_fill.append((path, module, entry, alpha))
+        else:
+            parent = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
+            reason = unsupported_reason(path, module, parent)
+            if reason is not None:
+                raise ValueError(f"{weights_path}: cannot put LoRA on {path}: {reason}")
+            kind = module_kind(module)
+            _check_kind(weights_path, path, entry["kind"], kind, type(module).__name__)
+            shape_a, shape_b = _expected_shapes(kind, module, r)
+            _check_shape(weights_path, entry, "A", shape_a)
+            _check_shape(weights_path, entry, "B", shape_b)
+            to_wrap.append((path, module, entry, r, alpha))
+        if kind == "conv2d" and not made_by_fastlora and _dilated_or_grouped(module):
+            raise ValueError(
+                f"{weights_path}: {path} is a dilated or grouped Conv2d and this adapter was not saved by fastlora; "
+                "PEFT computes LoRA on such layers differently, so loading it would change its meaning"
+            )
+        for slot in ("base_weight", "base_bias"):
+            if slot in entry:
+                target = getattr(module, "weight" if slot == "base_weight" else "bias", None)
+                if target is None or tuple(target.shape) != tuple(entry[slot].shape):
+                    have = None if target is None else tuple(target.shape)
+                    raise ValueError(
+                        f"{weights_path}: {entry['keys'][slot]} has shape {tuple(entry[slot].shape)}, the model's is "
+                        f"{have}"
+                    )
+
+    _check_coverage(root, config, groups, weights_path, config_path)
+
+    with torch.no_grad():
+        new = install_layers(root, [(p, m, r, a) for p, m, _, r, a in to_wrap], dropout, use_rslora)
+        for path, _, entry, _, alpha in to_wrap:
+            _fill(new[path], entry, alpha, use_rslora, dropout)
+        for _, layer, entry, alpha in to_fill:
+            _fill(layer, entry, alpha, use_rslora, dropout)
+    if to_wrap:
+        freeze_except_lora(root)
+    return model
+
+
+def _check_coverage(root: nn.Module, config: dict, groups: dict, weights_path: str, config_path: str):
+    """Every module the config targets must have tensors in the file (a file cut short loses whole modules)."""
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+    if config.get("layers_to_transform") is not None or not isinstance(targets, (str, list)):
+        return
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return
+    expected = {
+        name
+        for name, m in root.named_modules()
+        if name
+        and (isinstance(m, LoRALayer) or module_kind(m) is not None)
+        and name_matches(targets, name)
+        and not name_matches(exclude, name)
+    }
+    missing = sorted(expected - set(groups))
+    if missing:
+        raise ValueError(
+            f"{config_path} targets {missing[:4]}{' and more' if len(missing) > 4 else ''}, but {weights_path} has "
+            "no tensors for them (a truncated or edited file, or an adapter made for another model)"
+        )
+
+
+def _fill(layer: LoRALayer, entry: dict, alpha, use_rslora: bool, dropout: float):
+    layer.lora_A.copy_(entry["A"])
+    layer.lora_B.copy_(entry["B"])
+    layer.lora_alpha = alpha
+    layer.use_rslora = use_rslora
+    if type(layer).__name__ != "LoRAEmbedding":
+        layer.lora_dropout = dropout
+    if "base_weight" in entry:
+        layer.weight.copy_(entry["base_weight"])
+    if "base_bias" in entry:
+        layer.bias.copy_(entry["base_bias"])

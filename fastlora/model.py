@@ -1,0 +1,623 @@
+"""Model-level LoRA: put fastlora layers into any model, take them out again, and convert PEFT models.
+
+Target matching follows PEFT, so a ``target_modules`` written for PEFT selects the same modules here:
+
+- a list of names: a module matches when its dotted name equals an entry or ends with ``"." + entry``;
+- a string: a regular expression that must match the whole dotted name (``re.fullmatch``);
+- ``"all-linear"``: every ``nn.Linear`` and GPT-2 style ``Conv1D`` except the output head (the module
+  ``model.get_output_embeddings()`` returns, or else a top-level ``lm_head``, ``score``, ``classifier`` or ``head``).
+
+``exclude_modules`` uses the same rules and wins over ``target_modules``. ``rank_pattern`` and ``alpha_pattern``
+map a regular expression to a rank or alpha; a module takes the first key that matches the end of its name at
+a dot boundary (PEFT's rule: ``re.match(rf"(.*\\.)?({key})$", name)``).
+
+Every function here checks all of its input before it changes anything: when it raises, the model is exactly
+as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import warnings
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from fastlora import layers as _layers
+from fastlora.layers import LoRALayer, LoRALinear
+from fastlora.reference import lora_scaling
+
+__all__ = [
+    "apply_lora",
+    "merge_and_unload",
+    "unload",
+    "disable_adapter",
+    "print_trainable_parameters",
+    "ParameterCount",
+    "from_peft",
+    "lora_layers",
+]
+
+ALL_LINEAR = "all-linear"
+_HEAD_NAMES = ("lm_head", "score", "classifier", "head")
+_BASE_ATTR = "_fastlora_base_module"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Module kinds
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _plain_forward(module: nn.Module, base: type) -> bool:
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The kind ("linear", "conv1d", "embedding" or "conv2d") of a module fastlora can wrap as it is; None otherwise.
+
+    Subclasses that override ``forward`` (quantised layers, scaled embeddings, ...) are not wrappable: the
+    fastlora layer would compute something other than what they compute.
+    """
+    if isinstance(module, LoRALayer):
+        return None
+    if _plain_forward(module, nn.Linear):
+        return "linear"
+    if _is_conv1d(module):
+        return "conv1d"
+    if _plain_forward(module, nn.Embedding):
+        return "embedding"
+    if _plain_forward(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def _layer_class(kind: str):
+    name = {"linear": "LoRALinear", "conv1d": "LoRALinear", "embedding": "LoRAEmbedding", "conv2d": "LoRAConv2d"}[kind]
+    return getattr(_layers, name, None)
+
+
+def unsupported_reason(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why ``module`` cannot be wrapped by a fastlora layer, or None when it can."""
+    kind = module_kind(module)
+    if isinstance(module, LoRALayer):
+        return "it already is a fastlora LoRA layer (call fl.unload or fl.merge_and_unload first)"
+    if kind is None:
+        return (
+            f"{type(module).__name__} is not one of nn.Linear, Conv1D, nn.Embedding, nn.Conv2d "
+            "(subclasses that override forward, such as quantised layers, are not supported)"
+        )
+    weight = module.weight
+    if type(weight) is not nn.Parameter or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"its weight is a {type(weight).__name__} of {weight.dtype}, not a float16/bfloat16/float32 Parameter"
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its projection weights directly, so a wrapped layer would be bypassed"
+    if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+        return "embeddings with max_norm, scale_grad_by_freq or sparse gradients are not supported"
+    if kind == "conv2d" and module.padding_mode != "zeros":
+        return f"Conv2d with padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+    if _layer_class(kind) is None:
+        return f"this fastlora build has no LoRA layer for {type(module).__name__}"
+    return None
+
+
+def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> LoRALayer:
+    """A fastlora layer around ``module`` (its tensors shared); the module is kept for ``unload``."""
+    kind = module_kind(module)
+    cls = _layer_class(kind)
+    if kind == "embedding":
+        layer = cls.from_module(module, r=r, alpha=alpha, use_rslora=use_rslora)
+    else:
+        layer = cls.from_module(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    layer.train(module.training)
+    object.__setattr__(layer, _BASE_ATTR, module)
+    return layer
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    """Every fastlora layer in ``model`` with its dotted name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The user's model inside a PEFT ``PeftModel`` / ``LoraModel`` (the names PEFT saves are relative to it)."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return model
+    if isinstance(model, peft.PeftModel):
+        model = model.base_model
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+def _parent_of(model: nn.Module, name: str) -> nn.Module | None:
+    if not name:
+        return None
+    return model.get_submodule(_split(name)[0])
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent = model.get_submodule(_split(name)[0])
+    setattr(parent, _split(name)[1], new)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Target matching and validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_name_spec(arg: str, spec, allow_none: bool):
+    if spec is None and allow_none:
+        return None
+    if isinstance(spec, str):
+        if not spec:
+            raise ValueError(f"{arg} must be a non-empty string, list of names or 'all-linear', got ''")
+        try:
+            re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {err}") from None
+        return spec
+    if isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(t, str) and t for t in spec):
+        if not spec and not allow_none:
+            raise ValueError(f"{arg} must name at least one module, got an empty {type(spec).__name__}")
+        return list(spec)
+    raise TypeError(f"{arg} must be a regex string, 'all-linear' or a list of non-empty names, got {spec!r}")
+
+
+def name_matches(spec, name: str) -> bool:
+    """PEFT's rule: a regex string must match the whole name; a list entry must equal it or be a dotted suffix."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """The value of the first key of ``pattern`` that matches the end of ``name`` (PEFT's rank_pattern rule)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_pattern(arg: str, pattern, value_check):
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise TypeError(f"{arg} must be a dict of regex -> value, got {type(pattern).__name__}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{arg} keys must be non-empty regex strings, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {err}") from None
+        value_check(f"{arg}[{key!r}]", value)
+    return dict(pattern)
+
+
+def check_rank(arg: str, r):
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{arg} must be an int >= 1, got {r!r}")
+
+
+def check_alpha(arg: str, alpha):
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise TypeError(f"{arg} must be a finite number, got {alpha!r}")
+
+
+def check_dropout_arg(dropout):
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        with contextlib.suppress(Exception):
+            head = get()
+            if isinstance(head, nn.Module):
+                return head
+    for name in _HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module) and module_kind(head) in ("linear", "conv1d"):
+            return head
+    return None
+
+
+def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs ``target_modules`` selects; raises if none, or if a selected one cannot be wrapped."""
+    spec = _check_name_spec("target_modules", target_modules, allow_none=False)
+    exclude = _check_name_spec("exclude_modules", exclude_modules, allow_none=True)
+    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
+    head = _output_head(model) if all_linear else None
+    selected, refused = [], []
+    for name, module in model.named_modules():
+        if not name or name_matches(exclude, name):
+            continue
+        parent = _parent_of(model, name)
+        if all_linear:
+            if module is head or module_kind(module) not in ("linear", "conv1d"):
+                continue
+            if isinstance(parent, nn.MultiheadAttention):
+                continue
+        elif not name_matches(spec, name):
+            continue
+        reason = unsupported_reason(name, module, parent)
+        if reason is not None:
+            refused.append(f"{name}: {reason}")
+        else:
+            selected.append((name, module))
+    if refused:
+        listing = "; ".join(refused[:5]) + (f"; and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise ValueError(f"target_modules={target_modules!r} selects modules fastlora cannot wrap: {listing}")
+    if not selected:
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no module of "
+            f"{type(model).__name__}; module names look like {[n for n, _ in model.named_modules() if n][:6]}"
+        )
+    return selected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Applying and removing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float]], dropout, use_rslora):
+    """Builds a fastlora layer for each (name, module, r, alpha) and swaps them all in; all or nothing.
+
+    Building sets the base tensors' ``requires_grad`` to False; if a build fails the flags are put back.
+    Returns {name: layer}.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        built = {name: build_layer(module, r, alpha, dropout, use_rslora) for name, module, r, alpha in plan}
+    except Exception:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    for name, layer in built.items():
+        _replace(model, name, layer)
+    return built
+
+
+def freeze_except_lora(model: nn.Module):
+    """requires_grad=True on every lora_A / lora_B of a fastlora layer, False on every other parameter."""
+    lora = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in lora)
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules,
+    r: int = 8,
+    alpha: float = 8,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    exclude_modules=None,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+) -> nn.Module:
+    """Replaces the matching modules of ``model`` by fastlora layers in place and freezes everything else.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model, a PEFT-free training model, a plain conv net).
+        target_modules: a list of names (exact or dotted suffix), a regex string (full match) or "all-linear".
+            Matching ``nn.Linear``, GPT-2 ``Conv1D`` (weight [in, out]), ``nn.Embedding`` and ``nn.Conv2d`` become
+            ``LoRALinear`` / ``LoRAEmbedding`` / ``LoRAConv2d`` sharing the original weight and bias.
+        r, alpha: rank and alpha; scaling s = alpha / r (alpha / sqrt(r) with ``use_rslora``).
+        dropout: dropout probability on the LoRA branch's input (not used by embeddings, as in PEFT).
+        exclude_modules: names never to adapt (same rules as target_modules).
+        rank_pattern, alpha_pattern: {regex: r} and {regex: alpha} overriding r and alpha per module.
+
+    Returns:
+        ``model`` itself. Only the new lora_A / lora_B parameters (and those of fastlora layers already in the
+        model) are trainable afterwards. A fresh adapter leaves the output unchanged (lora_B starts at zero for
+        Linear and Conv2d, lora_A for Embedding).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_rank("r", r)
+    check_alpha("alpha", alpha)
+    check_dropout_arg(dropout)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
+    ranks = _check_pattern("rank_pattern", rank_pattern, check_rank)
+    alphas = _check_pattern("alpha_pattern", alpha_pattern, check_alpha)
+    targets = select_targets(model, target_modules, exclude_modules)
+    names = [name for name, _ in targets]
+    for arg, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        for key in pattern:
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in names):
+                raise ValueError(f"{arg} key {key!r} matches none of the adapted modules {names[:6]}")
+    plan = [
+        (name, module, pattern_value(ranks, name, r), pattern_value(alphas, name, alpha)) for name, module in targets
+    ]
+    install_layers(model, plan, dropout, use_rslora)
+    freeze_except_lora(model)
+    return model
+
+
+def _require_layers(model: nn.Module, fn: str) -> list[tuple[str, LoRALayer]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}")
+    found = lora_layers(model)
+    if not found:
+        raise ValueError(f"{fn}: {type(model).__name__} has no fastlora LoRA layers (apply_lora or load_adapter first)")
+    return found
+
+
+def _meta_module(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+def _rebuild_base(layer: LoRALayer) -> nn.Module:
+    """A plain module holding the layer's own weight and bias, for layers that were not built from a module."""
+    if isinstance(layer, LoRALinear):
+        if layer.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            base = _meta_module(lambda: Conv1D(layer.out_features, layer.in_features))
+        else:
+            base = _meta_module(lambda: nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None))
+    elif type(layer).__name__ == "LoRAEmbedding":
+        v, d = layer.weight.shape
+        base = _meta_module(lambda: nn.Embedding(v, d, padding_idx=getattr(layer, "padding_idx", None)))
+    else:
+        w = layer.weight
+        attrs = {k: getattr(layer, k) for k in ("stride", "padding", "dilation", "groups") if hasattr(layer, k)}
+        base = _meta_module(
+            lambda: nn.Conv2d(
+                w.shape[1] * attrs.get("groups", 1),
+                w.shape[0],
+                tuple(w.shape[2:]),
+                bias=layer.bias is not None,
+                **attrs,
+            )
+        )
+    base.weight = layer.weight
+    if getattr(layer, "bias", None) is not None:
+        base.bias = layer.bias
+    base.train(layer.training)
+    return base
+
+
+def base_module(layer: LoRALayer) -> nn.Module:
+    """The plain module a layer wraps: the original one when it still holds the layer's tensors."""
+    base = layer.__dict__.get(_BASE_ATTR)
+    bias = getattr(layer, "bias", None)
+    if base is not None and base.weight is layer.weight and getattr(base, "bias", None) is bias:
+        base.train(layer.training)
+        return base
+    return _rebuild_base(layer)
+
+
+def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
+    """Gives each layer whose weight another module also uses (tied embeddings) its own copy before merging."""
+    users = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for name, layer in found:
+        if users[id(layer.weight)] > 1:
+            warnings.warn(
+                f"fastlora: {name}.weight is shared with another module (tied weights); merging gives {name} its own "
+                "copy so that the other module keeps the base weight",
+                stacklevel=3,
+            )
+            own = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+            base = layer.__dict__.get(_BASE_ATTR)
+            if base is not None and base.weight is layer.weight:
+                base.weight = own
+            layer.weight = own
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merges every fastlora layer (W += s * B A, in float32, rounded once) and puts plain modules back.
+
+    Returns ``model`` with ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` / ``nn.Conv2d`` in place of the LoRA
+    layers (the original module objects where available), holding the merged weights. A weight tied to another
+    module is copied first, with a warning, so the other module is unchanged. If an adapter holds NaN or Inf or
+    merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
+    """
+    found = _require_layers(model, "merge_and_unload")
+    for name, layer in found:
+        for pname in ("lora_A", "lora_B"):
+            if not torch.isfinite(getattr(layer, pname)).all():
+                raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
+    _untie(model, found)
+    merged_here = []
+    try:
+        for _, layer in found:
+            if not layer.merged:
+                layer.merge(safe=True)
+                merged_here.append(layer)
+    except ValueError as err:
+        for layer in merged_here:
+            layer.unmerge()
+        raise ValueError(f"merge_and_unload: {err}; no layer was merged") from None
+    for name, layer in found:
+        _replace(model, name, base_module(layer))
+    return model
+
+
+@torch.no_grad()
+def unload(model: nn.Module) -> nn.Module:
+    """Removes every fastlora layer without merging: the plain modules go back with their base weights.
+
+    A merged layer is unmerged first (W -= s * B A), which restores W up to the rounding of its dtype.
+    Returns ``model``.
+    """
+    found = _require_layers(model, "unload")
+    for name, layer in found:
+        layer.unmerge()
+        _replace(model, name, base_module(layer))
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Inside the block every fastlora layer computes its base op alone (the base model's output).
+
+    Use it for reference-model losses (DPO and the like) without a second copy of the model. A merged layer is
+    unmerged on its first call inside the block. The previous switch of each layer is restored on exit.
+    """
+    found = _require_layers(model, "disable_adapter")
+    previous = [layer.disabled for _, layer in found]
+    for _, layer in found:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, layer), flag in zip(found, previous, strict=True):
+            layer.disabled = flag
+
+
+class ParameterCount(NamedTuple):
+    """Trainable and total parameter counts (tied parameters counted once)."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        percent = 100.0 * self.trainable / self.total if self.total else 0.0
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {percent:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module, print_fn=print) -> ParameterCount:
+    """Prints one line like PEFT's and returns ``ParameterCount(trainable, total)``.
+
+    ``print_fn=None`` returns the counts without printing.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    count = ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    if print_fn is not None:
+        print_fn(str(count))
+    return count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PEFT conversion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _peft_adapter_tensors(module, kind, adapter):
+    if kind == "embedding":
+        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+    return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
+def _peft_skip_reason(module, adapter: str, plora) -> str | None:
+    if type(module) not in (plora.Linear, plora.Embedding, plora.Conv2d):
+        return f"{type(module).__module__}.{type(module).__name__} has no fastlora equivalent"
+    base = module.base_layer
+    reason = unsupported_reason("base_layer", base, None)
+    if reason is not None:
+        return f"its base layer cannot be wrapped: {reason}"
+    if set(module.r) != {adapter}:
+        return f"it holds the adapters {sorted(module.r)}, fastlora converts a layer with exactly {adapter!r}"
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        return "it uses DoRA"
+    if adapter in getattr(module, "lora_variant", {}):
+        return f"it uses the LoRA variant {type(module.lora_variant[adapter]).__name__}"
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        return "it has a bias on lora_B (lora_bias=True)"
+    if module_kind(base) == "conv2d" and (base.dilation != (1, 1) or base.groups != 1):
+        return "PEFT's LoRA branch on a dilated or grouped Conv2d differs from fastlora's"
+    r, alpha, scaling = module.r[adapter], module.lora_alpha[adapter], module.scaling[adapter]
+    if scaling not in (lora_scaling(r, alpha, False), lora_scaling(r, alpha, True)):
+        return f"its scaling {scaling} is neither alpha/r nor alpha/sqrt(r) (changed with set_scale?)"
+    return None
+
+
+@torch.no_grad()
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Swaps PEFT's LoRA layers for fastlora layers in place, keeping the very same Parameter objects.
+
+    Converts ``peft.tuners.lora.Linear`` (over ``nn.Linear`` or ``Conv1D``), ``Embedding`` and ``Conv2d``: the
+    fastlora layer's ``weight``/``bias`` are the base layer's, its ``lora_A``/``lora_B`` are PEFT's parameters
+    (so an optimizer built before the call keeps working). A layer that cannot be converted exactly (DoRA or another
+    variant, lora_bias, quantised or other base layers, a changed scaling) stays PEFT's, with a warning naming it.
+    A model with more than one adapter, or more than one active adapter, is refused with ValueError.
+
+    Returns ``peft_model``. Afterwards use fastlora's functions (``fl.disable_adapter``, ``fl.save_adapter``,
+    ``fl.merge_and_unload``) on it; PEFT's own adapter methods no longer see the converted layers.
+    """
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"from_peft expects a torch.nn.Module, got {type(peft_model).__name__}")
+    try:
+        from peft.tuners.lora import layer as plora
+    except ImportError as err:
+        raise ImportError("from_peft needs the peft package") from err
+    configs = getattr(peft_model, "peft_config", None) or {}
+    if len(configs) > 1:
+        raise ValueError(
+            f"from_peft converts a model with one adapter, this one has {sorted(configs)}; "
+            "delete the others (delete_adapter) or merge them first"
+        )
+    found = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, plora.LoraLayer)]
+    if not found:
+        raise ValueError(f"from_peft: {type(peft_model).__name__} has no PEFT LoRA layers")
+    for name, module in found:
+        if len(module.active_adapters) != 1:
+            raise ValueError(
+                f"from_peft: {name} has active adapters {list(module.active_adapters)}; fastlora layers hold exactly "
+                "one adapter, so activate one (set_adapter) first"
+            )
+    plan = []
+    for name, module in found:
+        adapter = module.active_adapters[0]
+        reason = _peft_skip_reason(module, adapter, plora)
+        if reason is not None:
+            warnings.warn(f"fastlora.from_peft: {name} stays a PEFT layer: {reason}", stacklevel=2)
+            continue
+        plan.append((name, module, adapter))
+    built = {}
+    for name, module, adapter in plan:
+        base = module.base_layer
+        kind = module_kind(base)
+        flags = [(p, p.requires_grad) for p in base.parameters()]
+        r, alpha = module.r[adapter], module.lora_alpha[adapter]
+        use_rslora = module.scaling[adapter] != lora_scaling(r, alpha, False)
+        dropout_mod = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
+        dropout = float(dropout_mod.p) if isinstance(dropout_mod, nn.Dropout) else 0.0
+        layer = build_layer(base, r, alpha, dropout, use_rslora)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        a, b = _peft_adapter_tensors(module, kind, adapter)
+        if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
+            warnings.warn(
+                f"fastlora.from_peft: {name} stays a PEFT layer: its adapter shapes {tuple(a.shape)}, {tuple(b.shape)} "
+                f"differ from fastlora's {tuple(layer.lora_A.shape)}, {tuple(layer.lora_B.shape)}",
+                stacklevel=2,
+            )
+            continue
+        layer.lora_A, layer.lora_B = a, b
+        layer.merged = bool(module.merged_adapters)
+        layer.disabled = bool(module.disable_adapters)
+        layer.train(module.training)
+        built[name] = layer
+    for name, layer in built.items():
+        _replace(peft_model, name, layer)
+    return peft_model

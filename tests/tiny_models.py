@@ -1,0 +1,132 @@
+"""Tiny models built from configs with random weights (no downloads), and helpers the model-level tests share."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastlora
+import fastlora.layers
+
+requires_embedding = pytest.mark.skipif(
+    not hasattr(fastlora.layers, "LoRAEmbedding"), reason="LoRAEmbedding is not in this build"
+)
+requires_conv2d = pytest.mark.skipif(
+    not hasattr(fastlora.layers, "LoRAConv2d"), reason="LoRAConv2d is not in this build"
+)
+
+VOCAB = 61
+
+
+def llama(vocab: int = VOCAB) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(vocab: int = VOCAB) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=24, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    """A small conv net: two Conv2d (one strided and padded), a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.head(h.flatten(1))
+
+
+def convnet() -> nn.Module:
+    return ConvNet().eval()
+
+
+def token_ids(batch: int = 2, seq: int = 7, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq))
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def randomise_lora(model: nn.Module):
+    """Draws every adapter tensor fresh (a new adapter starts with B or A at zero and would check nothing)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave alone: module types and identities, parameter values, flags, state."""
+    modules = {name: (type(m), id(m)) for name, m in model.named_modules()}
+    params = {
+        name: (id(p), p.detach().clone(), p.requires_grad) for name, p in model.named_parameters(remove_duplicate=False)
+    }
+    layer_state = {
+        name: (m.r, m.lora_alpha, m.use_rslora, m.lora_dropout, m.merged, m.disabled)
+        for name, m in model.named_modules()
+        if isinstance(m, fastlora.LoRALayer)
+    }
+    return {"modules": modules, "params": params, "layers": layer_state}
+
+
+def assert_unchanged(model: nn.Module, before: dict):
+    after = snapshot(model)
+    assert after["modules"] == before["modules"], "the module tree changed"
+    assert after["layers"] == before["layers"], "a LoRA layer's settings changed"
+    assert after["params"].keys() == before["params"].keys(), "the parameter names changed"
+    for name, (pid, value, flag) in before["params"].items():
+        pid2, value2, flag2 = after["params"][name]
+        assert pid2 == pid, f"{name} was replaced by another Parameter"
+        assert flag2 == flag, f"{name}.requires_grad changed"
+        same = value2.shape == value.shape and bool((value2 == value).logical_or(value2.isnan() & value.isnan()).all())
+        assert same, f"{name} changed value"
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def float64_reference(base: nn.Module, lora_model: nn.Module) -> nn.Module:
+    """A float64 copy of ``base`` with each adapted module's weight replaced by W + s * delta, computed in float64."""
+    from fastlora.reference import conv2d_delta_weight, embedding_delta_weight, linear_delta_weight
+
+    ref = copy.deepcopy(base).double()
+    with torch.no_grad():
+        for name, layer in lora_model.named_modules():
+            if not isinstance(layer, fastlora.LoRALayer):
+                continue
+            a, b, s = layer.lora_A.double(), layer.lora_B.double(), layer.scaling
+            target = ref.get_submodule(name)
+            kind = type(layer).__name__
+            if kind == "LoRAEmbedding":
+                target.weight += embedding_delta_weight(a, b, s)
+            elif kind == "LoRAConv2d":
+                target.weight += conv2d_delta_weight(a, b, s)
+            elif layer.fan_in_fan_out:
+                target.weight += linear_delta_weight(a, b, s).t()
+            else:
+                target.weight += linear_delta_weight(a, b, s)
+    return ref
