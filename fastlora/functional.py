@@ -478,7 +478,7 @@ def check_embedding_indices(idx: torch.Tensor, num_embeddings: int) -> None:
     lo, hi = torch.stack(torch.aminmax(idx.reshape(-1))).tolist()
     if lo < 0 or hi >= num_embeddings:
         raise ValueError(
-            f"embedding indices must be in [0, {num_embeddings}) for num_embeddings={num_embeddings}, "
+            f"idx: embedding indices must be in [0, {num_embeddings}) for num_embeddings={num_embeddings}, "
             f"got indices from {lo} to {hi}"
         )
 
@@ -538,7 +538,8 @@ class LoRAEmbeddingFunction(torch.autograd.Function):
         ctx.save_for_backward(idx, lora_A, lora_B)
         ctx.scaling, ctx.padding_idx = scaling, padding_idx
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        return y2.reshape(*idx.shape, weight.shape[1])
+        # detach() drops the view link to y2, so in-place ops on the output work as on nn.Embedding's
+        return y2.reshape(*idx.shape, weight.shape[1]).detach()
 
     @staticmethod
     def backward(ctx, dy):

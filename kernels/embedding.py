@@ -336,7 +336,7 @@ def check_indices(idx: torch.Tensor, num_embeddings: int) -> None:
     lo, hi = torch.stack(torch.aminmax(idx.reshape(-1))).tolist()
     if lo < 0 or hi >= num_embeddings:
         raise ValueError(
-            f"embedding indices must be in [0, {num_embeddings}) for num_embeddings={num_embeddings}, "
+            f"idx: embedding indices must be in [0, {num_embeddings}) for num_embeddings={num_embeddings}, "
             f"got indices from {lo} to {hi}"
         )
 
