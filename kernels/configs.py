@@ -116,12 +116,12 @@ def rank_block(r: int) -> int:
 # BLOCK_K (input channels per step of one kernel tap), GROUP_M, warps, stages.
 
 _CONV_GEMM_16BIT = {
-    9: [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)],
-    8: [(128, 128, 32, 8, 4, 4), (128, 256, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4)],
+    9: [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4)],
+    8: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
 }
 _CONV_GEMM_32BIT = {
-    9: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)],
-    8: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)],
+    9: [(128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
+    8: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
 }
 # Under the interpreter: tiles smaller than the test shapes, so every mask and every loop is exercised.
 CONV_GEMM_INTERPRET = (32, 16, 16, 2, 4, 1)
@@ -129,9 +129,13 @@ CONV_GEMM_INTERPRET = (32, 16, 16, 2, 4, 1)
 # Rank-r passes, one config each: BLOCK_M (pixels), BLOCK_K (channels), warps, stages.
 #   down: S = im2col(m * x) A^T;  ds_db: dS = s dY B and dB = s dY^T S (BLOCK_K over output channels);
 #   da: dA = dS^T im2col(m * x);  dx: dX += m * conv_transpose(dS, A) (BLOCK_M over input pixels).
-_CONV_SKINNY = {
-    9: {"down": (128, 64, 4, 3), "ds_db": (128, 64, 4, 3), "da": (128, 64, 4, 3), "dx": (128, 64, 4, 2)},
-    8: {"down": (128, 32, 4, 3), "ds_db": (128, 32, 4, 3), "da": (128, 32, 4, 3), "dx": (128, 32, 4, 2)},
+_CONV_SKINNY_16BIT = {
+    9: {"down": (128, 64, 4, 3), "ds_db": (128, 64, 4, 3), "da": (128, 64, 4, 3), "dx": (128, 32, 4, 2)},
+    8: {"down": (128, 32, 4, 3), "ds_db": (128, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (128, 32, 4, 2)},
+}
+_CONV_SKINNY_32BIT = {
+    9: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2)},
+    8: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2)},
 }
 CONV_SKINNY_INTERPRET = {"down": (16, 16, 4, 1), "ds_db": (16, 16, 4, 1), "da": (16, 16, 4, 1), "dx": (16, 16, 4, 1)}
 CONV_SKINNY_KINDS = ("down", "ds_db", "da", "dx")
@@ -151,8 +155,9 @@ def conv_gemm_configs(major: int, dtype: torch.dtype):
     ]
 
 
-def conv_skinny_config(major: int, kind: str):
+def conv_skinny_config(major: int, kind: str, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_K, warps, stages) for one of the conv rank-r passes: "down", "ds_db", "da" or "dx"."""
     if major == 0:
         return CONV_SKINNY_INTERPRET[kind]
-    return _CONV_SKINNY[9 if major >= 9 else 8][kind]
+    table = _CONV_SKINNY_32BIT if dtype == torch.float32 else _CONV_SKINNY_16BIT
+    return table[9 if major >= 9 else 8][kind]

@@ -381,7 +381,7 @@ def _conv_da_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
 
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)  # dA^T: channels as the MMA's M side
     for m0 in range(split * BLOCK_M, M, num_splits * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -397,17 +397,17 @@ def _conv_da_kernel(
             b_x = b_x.to(tl.float32) * keep
         p_ds = ds_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
         b_ds = tl.load(p_ds, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
-        acc = tl.dot(tl.trans(b_ds.to(DOT_DTYPE)), b_x.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_ds.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     # dap[split, r, c, i, j]
     p_da = (
         dap_ptr
         + split.to(tl.int64) * R * C * KH * KW
-        + offs_r.to(tl.int64)[:, None] * (C * KH * KW)
-        + c.to(tl.int64)[None, :] * (KH * KW)
+        + offs_r.to(tl.int64)[None, :] * (C * KH * KW)
+        + c.to(tl.int64)[:, None] * (KH * KW)
         + tap
     )
-    tl.store(p_da, acc, mask=r_ok[:, None] & c_ok[None, :])
+    tl.store(p_da, acc, mask=c_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -549,8 +549,8 @@ def _dropout_args(dropout_p, seed):
     return {"seed": 0, "p": 0.0, "drop_scale": 1.0, "HAS_DROPOUT": False}
 
 
-def _skinny(device, kind):
-    bm, bk, warps, stages = conv_skinny_config(capability(device), kind)
+def _skinny(device, kind, dtype):
+    bm, bk, warps, stages = conv_skinny_config(capability(device), kind, dtype)
     return {"BLOCK_M": bm, "BLOCK_K": bk}, {"num_warps": warps, "num_stages": stages}
 
 
@@ -578,9 +578,13 @@ def lora_conv2d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dila
     precision = _precision(x.dtype)
     block_r = conv_rank_block(r)
     b2 = lora_B.reshape(o, r)
+    # Channels innermost in W and A (a no-op when they are already channels_last): each kernel tap then reads
+    # BLOCK_K contiguous channels, which vectorise and pipeline.
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    lora_A = lora_A.contiguous(memory_format=torch.channels_last)
 
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
-    meta, launch = _skinny(x.device, "down")
+    meta, launch = _skinny(x.device, "down", x.dtype)
     _conv_down_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
         x_ptr=x, a_ptr=lora_A, s_ptr=s,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
@@ -645,7 +649,7 @@ def lora_conv2d_bwd(
     block_r = conv_rank_block(r)
     b2 = lora_B.reshape(o, r)
 
-    meta, launch = _skinny(x.device, "ds_db")
+    meta, launch = _skinny(x.device, "ds_db", x.dtype)
     num_tiles = triton.cdiv(m, meta["BLOCK_M"])
     ds = torch.empty((m, r), device=x.device, dtype=torch.float32)
     dbp = torch.empty((num_tiles, o, r), device=x.device, dtype=torch.float32)
@@ -658,7 +662,7 @@ def lora_conv2d_bwd(
     )  # fmt: skip
     db = dbp.sum(0).mul_(scaling).to(lora_B.dtype).reshape(lora_B.shape)
 
-    meta, launch = _skinny(x.device, "da")
+    meta, launch = _skinny(x.device, "da", x.dtype)
     k_blocks = kh * kw * triton.cdiv(c, meta["BLOCK_K"])
     splits = max(1, min(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(num_programs_target(x.device), k_blocks)))
     dap = torch.empty((splits, r, c, kh, kw), device=x.device, dtype=torch.float32)
@@ -675,13 +679,14 @@ def lora_conv2d_bwd(
     dx = None
     if need_dx:
         dx = _input_grad_base(dy, x, weight, stride, pads, dilation, groups)
-        meta, launch = _skinny(x.device, "dx")
+        a_cl = lora_A.contiguous(memory_format=torch.channels_last)
+        meta, launch = _skinny(x.device, "dx", x.dtype)
         grid = (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_K"]))
         _conv_dx_kernel[grid](
-            dx_ptr=dx, ds_ptr=ds, a_ptr=lora_A,
+            dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
             P=nb * h * w, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
             sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
-            sar=lora_A.stride(0), sac=lora_A.stride(1), sah=lora_A.stride(2), saw=lora_A.stride(3),
+            sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
             **drop, **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
         )  # fmt: skip
     dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype) if need_dbias else None
