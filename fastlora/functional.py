@@ -424,20 +424,26 @@ __all__ += ["lora_conv2d"]
 CONV_MAX_TRITON_RANK = 64
 
 
-def _conv_use_triton(t: torch.Tensor, r: int) -> bool:
+def _conv_use_triton(x: torch.Tensor, r: int, m: int) -> bool:
+    """Triton for float16/bfloat16 on CUDA (and every dtype under the interpreter, or when forced); the torch path
+    otherwise. float32 on CUDA goes to cuDNN by default, which may use TF32 for convolutions where Triton's float32
+    dot would run on plain FMA. Row indices are int32 inside the kernels: M and Nb*H*W stay below 2^31."""
     if _backend == "torch":
         return False
     if _kconv is None:
         if _backend == "triton":
             raise RuntimeError("the triton backend was requested but Triton is not installed")
         return False
-    if t.device.type != "cuda" and not _CONV_INTERPRET:
+    if x.device.type != "cuda" and not _CONV_INTERPRET:
         if _backend == "triton":
             raise RuntimeError(
                 "the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before importing fastlora"
             )
         return False
-    return r <= CONV_MAX_TRITON_RANK
+    if x.device.type == "cuda" and not _CONV_INTERPRET and x.dtype == torch.float32 and _backend == "auto":
+        return False
+    rows = max(m, x.shape[0] * x.shape[2] * x.shape[3])
+    return r <= CONV_MAX_TRITON_RANK and 0 < rows < 2**31
 
 
 def _int_pair(name, value, minimum):
@@ -579,7 +585,8 @@ def _torch_conv_bwd(
 
 
 def _conv_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed):
-    if _conv_use_triton(x, lora_A.shape[0]) and x.numel() > 0:
+    nb, _, ho, wo = _conv_out_shape(x, weight, stride, pads, dilation)
+    if _conv_use_triton(x, lora_A.shape[0], nb * ho * wo) and x.numel() > 0:
         return _kconv.lora_conv2d_fwd(
             x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed
         )
@@ -594,7 +601,7 @@ def _conv_bwd(
         dbias = dy.new_zeros(dy.shape[1]) if need_dbias else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), dbias
     args = (dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed)
-    if _conv_use_triton(x, lora_A.shape[0]):
+    if _conv_use_triton(x, lora_A.shape[0], s.shape[0]):
         return _kconv.lora_conv2d_bwd(*args, need_dx=need_dx, need_dbias=need_dbias)
     return _torch_conv_bwd(*args, need_dx, need_dbias)
 

@@ -554,9 +554,13 @@ def _skinny(device, kind, dtype):
     return {"BLOCK_M": bm, "BLOCK_K": bk}, {"num_warps": warps, "num_stages": stages}
 
 
+# Autotune key: the sizes, plus the geometry and the layout (unit channel stride), which are compile-time.
+_FWD_TUNE_KEY = ["M", "Og", "Cg", "R", "H", "W", "sxc", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
+
+
 @functools.cache
 def _tuned_fwd_kernel(major: int, dtype: torch.dtype):
-    return triton.autotune(configs=conv_gemm_configs(major, dtype), key=["M", "Og", "Cg", "R"])(_conv_fwd_kernel)
+    return triton.autotune(configs=conv_gemm_configs(major, dtype), key=_FWD_TUNE_KEY)(_conv_fwd_kernel)
 
 
 def _precision(dtype):
