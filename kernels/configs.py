@@ -123,7 +123,17 @@ _CONV_GEMM_32BIT = {
     9: [(128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
     8: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
 }
-# Under the interpreter: tiles smaller than the test shapes, so every mask and every loop is exercised.
+# Fused dX GEMM (dX = conv_transpose(dY, W) + conv_transpose(dS, A)): BLOCK_M (input pixels), BLOCK_N (input
+# channels), BLOCK_K (output channels per step of one kernel tap), GROUP_M, warps, stages.
+_CONV_DGRAD_16BIT = {
+    9: [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4)],
+    8: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4)],
+}
+_CONV_DGRAD_32BIT = {
+    9: [(32, 64, 32, 8, 4, 3), (64, 64, 16, 8, 4, 3)],
+    8: [(64, 32, 32, 8, 4, 3)],
+}
+# Under the interpreter (both GEMMs): tiles smaller than the test shapes, so every mask and loop is exercised.
 CONV_GEMM_INTERPRET = (32, 16, 16, 2, 4, 1)
 
 # Rank-r passes, one config each: BLOCK_M (pixels), BLOCK_K (channels), warps, stages.
@@ -152,6 +162,20 @@ def conv_gemm_configs(major: int, dtype: torch.dtype):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
         for bm, bn, bk, g, w, s in conv_gemm_config_tuples(major, dtype)
+    ]
+
+
+def conv_dgrad_config_tuples(major: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) for the fused conv dX GEMM on this generation."""
+    table = _CONV_DGRAD_32BIT if dtype == torch.float32 else _CONV_DGRAD_16BIT
+    return table[9 if major >= 9 else 8]
+
+
+def conv_dgrad_configs(major: int, dtype: torch.dtype):
+    """The fused conv dX GEMM's autotune configs."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for bm, bn, bk, g, w, s in conv_dgrad_config_tuples(major, dtype)
     ]
 
 

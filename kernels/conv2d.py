@@ -13,8 +13,9 @@ Backward, given dY:
     dS = s * dY B                          [M, r]   _conv_ds_db_kernel: one pass over dY gives dS and dB
     dB = s * dY^T S                        [O, r]
     dA = dS^T im2col(m * x)                [r, K]   _conv_da_kernel: split over M, partial sums added in fp32
-    dX = conv_transpose(dY, W) + m * conv_transpose(dS, A)
-         the first term by torch (cuDNN on the GPU), the second added in place by _conv_dx_kernel.
+    dX = conv_transpose(dY, W) + m * conv_transpose(dS, A)   _conv_dgrad_kernel: one accumulator, stored once
+         (no dropout); or torch's dgrad (cuDNN) plus the LoRA term added in place by _conv_dx_kernel, with
+         dropout or where that is faster.
 No dW is formed. The dropout mask m (0 or 1/(1-p)) is a pure function of the seed and the input element's
 flat NCHW index (n, c, h, w), so every kernel regenerates the same mask whatever its tiling or memory format.
 """
@@ -26,10 +27,12 @@ import functools
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .configs import (
     CONV_GEMM_INTERPRET,
     capability,
+    conv_dgrad_configs,
     conv_gemm_configs,
     conv_skinny_config,
     dot_dtype,
@@ -498,6 +501,138 @@ def _conv_dx_kernel(
 
 
 @triton.jit
+def _conv_dgrad_kernel(
+    # pointers
+    dy_ptr,
+    w_ptr,
+    ds_ptr,
+    a_ptr,
+    dx_ptr,
+    # sizes
+    P,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    R,
+    Cg,
+    Og,
+    # strides
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    swo,
+    swc,
+    swh,
+    sww,
+    sar,
+    sac,
+    sah,
+    saw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    # meta-parameters
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX [Nb, C, H, W] = conv_transpose(dY, W) + conv_transpose(dS, A) with one accumulator, stored once.
+
+    Without dropout only: the mask's Philox rounds over a [BLOCK_M, BLOCK_N] tile would spill next to this
+    accumulator. Tiles over (group, input pixels (n, h, w), input channels of the group). The accumulator first
+    takes the r-wide LoRA term over the kh*kw taps, then runs over kh*kw taps x Og/BLOCK_K channel steps of dY W.
+    Input pixel h receives output row ho at tap i when h + pad_top - i*dh = ho * sh with 0 <= ho < Ho.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(P, BLOCK_M)
+    num_pid_n = tl.cdiv(Cg, BLOCK_N)
+    tiles_per_group = num_pid_m * num_pid_n
+    g = pid // tiles_per_group
+    pid = pid - g * tiles_per_group
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < P
+    c_ok = offs_cn < Cg
+    r_ok = offs_r < R
+    c = g * Cg + offs_cn
+    n, h, w = _pixel_rows(offs_m, H, W)
+    n64 = n.to(tl.int64)
+
+    # LoRA term: sum over taps of dS[source rows] A[:, c, i, j], dS [BM, BR] and A [BR, BN].
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        i = tap // KW
+        j = tap - i * KW
+        hs = h + PAD_H - i * DIL_H
+        ws = w + PAD_W - j * DIL_W
+        ho = tl.maximum(hs, 0) // STRIDE_H
+        wo = tl.maximum(ws, 0) // STRIDE_W
+        src_ok = m_ok & (hs >= 0) & (ws >= 0) & (ho < Ho) & (wo < Wo)
+        if STRIDE_H > 1:
+            src_ok = src_ok & (hs % STRIDE_H == 0)
+        if STRIDE_W > 1:
+            src_ok = src_ok & (ws % STRIDE_W == 0)
+        rows = (n64 * Ho + ho) * Wo + wo
+        b_ds = tl.load(ds_ptr + rows[:, None] * R + offs_r[None, :], mask=src_ok[:, None] & r_ok[None, :], other=0.0)
+        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + c.to(tl.int64)[None, :] * sac + i * sah + j * saw
+        b_a = tl.load(p_a, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    # Base term: sum over taps and output channels of dY[source pixels, o] W[o, c, i, j].
+    o_base = g * Og
+    num_o = tl.cdiv(Og, BLOCK_K)
+    for it in range(0, KH * KW * num_o):
+        tap = it // num_o
+        o = (it - tap * num_o) * BLOCK_K + offs_k  # output channel within the group [BK]
+        i = tap // KW
+        j = tap - i * KW
+        hs = h + PAD_H - i * DIL_H
+        ws = w + PAD_W - j * DIL_W
+        ho = tl.maximum(hs, 0) // STRIDE_H
+        wo = tl.maximum(ws, 0) // STRIDE_W
+        src_ok = m_ok & (hs >= 0) & (ws >= 0) & (ho < Ho) & (wo < Wo)
+        if STRIDE_H > 1:
+            src_ok = src_ok & (hs % STRIDE_H == 0)
+        if STRIDE_W > 1:
+            src_ok = src_ok & (ws % STRIDE_W == 0)
+        o_ok = o < Og
+        o64 = (o_base + o).to(tl.int64)
+        row_off = n64 * sdn + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
+        b_dy = tl.load(dy_ptr + row_off[:, None] + o64[None, :] * sdc, mask=src_ok[:, None] & o_ok[None, :], other=0.0)
+        p_w = w_ptr + o64[:, None] * swo + offs_cn.to(tl.int64)[None, :] * swc + i * swh + j * sww
+        b_w = tl.load(p_w, mask=o_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(b_dy.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    row_off = n64 * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+    p_dx = dx_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
+    tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def _conv_mask_kernel(out_ptr, numel, C, H, W, seed, p, drop_scale, BLOCK: tl.constexpr):
     """out [Nb, C, H, W] contiguous = the dropout factor of each input element (what the other kernels draw)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -635,12 +770,106 @@ def _input_grad_base(dy, x, weight, stride, pads, dilation, groups):
     return dx.contiguous(memory_format=_memory_format(x))
 
 
+def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r):
+    """dX = conv_transpose(dY, W) by torch, then += m * conv_transpose(dS, A) in place."""
+    nb, c, h, w = x.shape
+    r = lora_A.shape[0]
+    dx = _input_grad_base(dy, x, weight, stride, pads, dilation, groups)
+    a_cl = lora_A.contiguous(memory_format=torch.channels_last)
+    meta, launch = _skinny(x.device, "dx", x.dtype)
+    grid = (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_K"]))
+    _conv_dx_kernel[grid](
+        dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
+        P=nb * h * w, C=c, H=h, W=w, Ho=dy.shape[2], Wo=dy.shape[3], R=r,
+        sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
+        sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
+        **drop, **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
+    )  # fmt: skip
+    return dx
+
+
+# Autotune key of the fused dX kernel: sizes, geometry and layout (unit channel stride of dY).
+_DGRAD_TUNE_KEY = ["P", "Cg", "Og", "R", "H", "W", "sdc", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
+
+
+@functools.cache
+def _tuned_dgrad_kernel(major: int, dtype: torch.dtype):
+    return triton.autotune(configs=conv_dgrad_configs(major, dtype), key=_DGRAD_TUNE_KEY)(_conv_dgrad_kernel)
+
+
+def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r):
+    """dX = conv_transpose(dY, W) + conv_transpose(dS, A) in one kernel (no dropout)."""
+    nb, c, h, w = x.shape
+    o = weight.shape[0]
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    a_cl = lora_A.contiguous(memory_format=torch.channels_last)
+    dx = torch.empty((nb, c, h, w), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    p, cg, og = nb * h * w, c // groups, o // groups
+    args = dict(
+        dy_ptr=dy, w_ptr=weight, ds_ptr=ds, a_ptr=a_cl, dx_ptr=dx,
+        P=p, C=c, H=h, W=w, Ho=dy.shape[2], Wo=dy.shape[3], R=lora_A.shape[0], Cg=cg, Og=og,
+        sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
+        swo=weight.stride(0), swc=weight.stride(1), swh=weight.stride(2), sww=weight.stride(3),
+        sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
+        sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
+        BLOCK_R=block_r, **geometry, **precision,
+    )  # fmt: skip
+    grid = lambda meta: (groups * triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),)
+    major = capability(x.device)
+    if major == 0:
+        bm, bn, bk, gm, warps, stages = CONV_GEMM_INTERPRET
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+        _conv_dgrad_kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
+    else:
+        _tuned_dgrad_kernel(major, x.dtype)[grid](**args)
+    return dx
+
+
+_DGRAD_CHOICE: dict = {}
+
+
+def _fused_dgrad_wins(args) -> bool:
+    """Whether the fused dX kernel beats cuDNN's dgrad plus the in-place LoRA add for this shape: timed once per
+    (shapes, layouts, dtype, geometry) on the GPU; always True under the interpreter and off CUDA."""
+    dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r = args
+    if capability(x.device) == 0:
+        return True
+    key = (
+        tuple(x.shape), x.stride(), tuple(dy.shape), dy.stride(), tuple(weight.shape), weight.stride(),
+        lora_A.shape[0], x.dtype, stride, pads, dilation, groups,
+    )  # fmt: skip
+    if key not in _DGRAD_CHOICE:
+        fused = triton.testing.do_bench(lambda: _dx_fused(*args))
+        split = triton.testing.do_bench(lambda: _dx_split(*args))
+        _DGRAD_CHOICE[key] = fused < split
+    return _DGRAD_CHOICE[key]
+
+
 def lora_conv2d_bwd(
-    dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, need_dx, need_dbias
+    dy,
+    x,
+    s,
+    weight,
+    lora_A,
+    lora_B,
+    scaling,
+    stride,
+    pads,
+    dilation,
+    groups,
+    dropout_p,
+    seed,
+    need_dx,
+    need_dbias,
+    fused_dgrad=None,
 ):
     """dX, dA, dB (and dbias) of lora_conv2d_fwd; dy [Nb, O, Ho, Wo] in any layout, s the forward's S [M, r].
 
     dX is None unless need_dx, dbias None unless need_dbias. dA and dB come in lora_A's and lora_B's dtypes.
+    fused_dgrad (without dropout only): True computes dX in one Triton kernel (_conv_dgrad_kernel); False takes
+    conv_transpose(dY, W) from torch (cuDNN) and adds the LoRA term in place (_conv_dx_kernel), as every call
+    with dropout does; None (default) times both once per shape on the GPU and keeps the faster, and fuses under
+    the interpreter.
     """
     nb, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -682,17 +911,12 @@ def lora_conv2d_bwd(
 
     dx = None
     if need_dx:
-        dx = _input_grad_base(dy, x, weight, stride, pads, dilation, groups)
-        a_cl = lora_A.contiguous(memory_format=torch.channels_last)
-        meta, launch = _skinny(x.device, "dx", x.dtype)
-        grid = (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_K"]))
-        _conv_dx_kernel[grid](
-            dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
-            P=nb * h * w, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
-            sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
-            sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
-            **drop, **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
-        )  # fmt: skip
+        args = (dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r)
+        if drop["HAS_DROPOUT"]:
+            fused_dgrad = False
+        elif fused_dgrad is None:
+            fused_dgrad = _fused_dgrad_wins(args)
+        dx = _dx_fused(*args) if fused_dgrad else _dx_split(*args)
     dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype) if need_dbias else None
     return dx, da, db, dbias
 

@@ -6,7 +6,7 @@ and which matrix instructions its PTX uses. tests/test_conv2d.py runs it in a su
 
 The signatures carry the specialisation a real launch gets for the benchmark layer (3x3, stride 1, padding 1,
 C = O = 256): unit strides become constants and the other strides and the pointers are known multiples of 16,
-as Triton's JIT specialises them. Both memory formats of x are compiled for the forward GEMM.
+as Triton's JIT specialises them. Both memory formats of x are compiled for the two big GEMMs (forward, dX).
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ KERNELS = {
         {"scaling"},
         {"channels_last": {"sxc", "swc", "syc", "sbr"}, "nchw": {"sxw", "swc", "syw", "sbr"}},
     ),
+    "dgrad": (
+        kconv._conv_dgrad_kernel,
+        {"ds_ptr"},
+        set(),
+        {"channels_last": {"sdc", "swc", "sac", "sxc"}, "nchw": {"sdw", "swc", "sac", "sxw"}},
+    ),
     "down": (kconv._conv_down_kernel, set(), {"p", "drop_scale"}, {"channels_last": {"sxc", "sac"}}),
     "ds_db": (kconv._conv_ds_db_kernel, {"ds_ptr", "dbp_ptr"}, {"scaling"}, {"channels_last": {"sdc", "sbr"}}),
     "da": (kconv._conv_da_kernel, {"ds_ptr", "dap_ptr"}, {"p", "drop_scale"}, {"channels_last": {"sxc"}}),
@@ -48,7 +54,7 @@ KERNELS = {
 }
 # Scalars that are multiples of 16 for the benchmark layer (strides other than the unit one, channel counts, M).
 DIVISIBLE = {"M", "C", "O", "Cg", "Og", "sxn", "sxh", "sxw", "sxc", "swo", "swh", "sww", "swc", "sbo", "syn", "syh",
-             "syw", "syc", "sdn", "sdh", "sdw", "sdc", "sar", "sah", "saw", "sac"}  # fmt: skip
+             "syw", "syc", "sdn", "sdh", "sdw", "sdc", "sar", "sah", "saw", "sac", "P"}  # fmt: skip
 
 
 def jobs():
@@ -60,6 +66,9 @@ def jobs():
             for bm, bn, bk, g, w, s in configs.conv_gemm_config_tuples(major, dtype):
                 meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
                 out += [("fwd", major, dname, layout, meta, w, s) for layout in layouts]
+            for bm, bn, bk, g, w, s in configs.conv_dgrad_config_tuples(major, dtype):
+                meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
+                out += [("dgrad", major, dname, layout, meta, w, s) for layout in layouts]
             for kind in configs.CONV_SKINNY_KINDS:
                 bm, bk, w, s = configs.conv_skinny_config(major, kind, dtype)
                 out.append((kind, major, dname, "channels_last", {"BLOCK_M": bm, "BLOCK_K": bk}, w, s))
