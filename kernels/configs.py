@@ -139,16 +139,21 @@ CONV_GEMM_INTERPRET = (32, 16, 16, 2, 4, 1)
 # Rank-r passes, one config each: BLOCK_M (pixels), BLOCK_K (channels), warps, stages.
 #   down: S = im2col(m * x) A^T;  ds_db: dS = s dY B and dB = s dY^T S (BLOCK_K over output channels);
 #   da: dA = dS^T im2col(m * x);  dx: dX += m * conv_transpose(dS, A) (BLOCK_M over input pixels).
+#   up: Y += s * S B^T in place (BLOCK_K over output channels), after torch's convolution.
 _CONV_SKINNY_16BIT = {
-    9: {"down": (128, 64, 4, 3), "ds_db": (128, 64, 4, 3), "da": (128, 64, 4, 3), "dx": (128, 32, 4, 2)},
-    8: {"down": (128, 32, 4, 3), "ds_db": (128, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (128, 32, 4, 2)},
-}
+    9: {"down": (128, 64, 4, 3), "ds_db": (128, 64, 4, 3), "da": (128, 64, 4, 3), "dx": (128, 32, 4, 2),
+        "up": (128, 64, 4, 2)},
+    8: {"down": (128, 32, 4, 3), "ds_db": (128, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (128, 32, 4, 2),
+        "up": (128, 64, 4, 2)},
+}  # fmt: skip
 _CONV_SKINNY_32BIT = {
-    9: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2)},
-    8: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2)},
-}
-CONV_SKINNY_INTERPRET = {"down": (16, 16, 4, 1), "ds_db": (16, 16, 4, 1), "da": (16, 16, 4, 1), "dx": (16, 16, 4, 1)}
-CONV_SKINNY_KINDS = ("down", "ds_db", "da", "dx")
+    9: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2),
+        "up": (64, 64, 4, 2)},
+    8: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2),
+        "up": (64, 64, 4, 2)},
+}  # fmt: skip
+CONV_SKINNY_KINDS = ("down", "ds_db", "da", "dx", "up")
+CONV_SKINNY_INTERPRET = {kind: (16, 16, 4, 1) for kind in CONV_SKINNY_KINDS}
 
 
 def conv_gemm_config_tuples(major: int, dtype: torch.dtype):
@@ -180,7 +185,7 @@ def conv_dgrad_configs(major: int, dtype: torch.dtype):
 
 
 def conv_skinny_config(major: int, kind: str, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_K, warps, stages) for one of the conv rank-r passes: "down", "ds_db", "da" or "dx"."""
+    """(BLOCK_M, BLOCK_K, warps, stages) for one of the conv rank-r passes (CONV_SKINNY_KINDS)."""
     if major == 0:
         return CONV_SKINNY_INTERPRET[kind]
     table = _CONV_SKINNY_32BIT if dtype == torch.float32 else _CONV_SKINNY_16BIT

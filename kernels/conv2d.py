@@ -8,7 +8,8 @@ h = ho*sh - pad_top + i*dh, w = wo*sw - pad_left + j*dw, zero outside the image.
 
 Forward:
     S  = im2col(m * x) A^T                 [M, r]   _conv_down_kernel: one pass over x, mask drawn in-kernel
-    Y  = im2col(x) W^T + s * S B^T + bias           _conv_fwd_kernel: accumulator seeded with s * S B^T
+    Y  = im2col(x) W^T + s * S B^T + bias           _conv_fwd_kernel: accumulator seeded with s * S B^T;
+         or torch's convolution (cuDNN) plus s * S B^T added in place by _conv_up_kernel, where that is faster.
 Backward, given dY:
     dS = s * dY B                          [M, r]   _conv_ds_db_kernel: one pass over dY gives dS and dB
     dB = s * dY^T S                        [O, r]
@@ -260,6 +261,55 @@ def _conv_fwd_kernel(
     row_off = n64 * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
     p_y = y_ptr + row_off[:, None] + offs_o[None, :] * syc
     tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _conv_up_kernel(
+    # pointers
+    y_ptr,
+    s_ptr,
+    b_ptr,
+    # sizes
+    M,
+    O,
+    Ho,
+    Wo,
+    R,
+    # strides
+    syn,
+    syc,
+    syh,
+    syw,
+    sbo,
+    sbr,
+    scaling,
+    # meta-parameters
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Y [Nb, O, Ho, Wo] += s * S B^T in place, for a Y computed by torch's convolution; tiles over (pixels, O)."""
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_o * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    o_ok = offs_o < O
+    r_ok = offs_r < R
+    n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
+    p_s = s_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    b_s = tl.load(p_s, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
+    p_b = b_ptr + offs_o.to(tl.int64)[None, :] * sbo + offs_r.to(tl.int64)[:, None] * sbr
+    b_b = tl.load(p_b, mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BR, BK]
+    acc = tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
+    row_off = n.to(tl.int64) * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+    p_y = y_ptr + row_off[:, None] + offs_o.to(tl.int64)[None, :] * syc
+    io_mask = m_ok[:, None] & o_ok[None, :]
+    b_y = tl.load(p_y, mask=io_mask, other=0.0).to(tl.float32)
+    tl.store(p_y, (b_y + acc).to(y_ptr.dtype.element_ty), mask=io_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -702,36 +752,52 @@ def _precision(dtype):
     return {"DOT_DTYPE": dot_dtype(dtype), "INPUT_PRECISION": input_precision(dtype)}
 
 
-def lora_conv2d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed):
+def lora_conv2d_fwd(
+    x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, fused=None
+):
     """Y = conv(x, W) + bias + s * conv1x1(conv(m * x, A), B), and S [M, r] for backward.
 
     x [Nb, C, H, W], weight [O, C/groups, kh, kw], bias [O] or None, lora_A [r, C, kh, kw], lora_B [O, r, 1, 1];
     stride, dilation pairs; pads (top, bottom, left, right). Returns y [Nb, O, Ho, Wo] (x's memory format), S.
+    fused: True seeds the implicit GEMM with s * S B^T (_conv_fwd_kernel); False takes conv(x, W) + bias from
+    torch (cuDNN) and adds s * S B^T in place (_conv_up_kernel); None (default) times both once per shape on the
+    GPU and keeps the faster, and fuses under the interpreter.
     """
     nb, c, h, w = x.shape
-    o, cg, kh, kw = weight.shape
+    o, _, kh, kw = weight.shape
     r = lora_A.shape[0]
     ho, wo = output_size(h, w, (kh, kw), stride, pads, dilation)
     m = nb * ho * wo
     geometry = _geometry((kh, kw), stride, pads, dilation)
     precision = _precision(x.dtype)
     block_r = conv_rank_block(r)
-    b2 = lora_B.reshape(o, r)
-    # Channels innermost in W and A (a no-op when they are already channels_last): each kernel tap then reads
-    # BLOCK_K contiguous channels, which vectorise and pipeline.
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    lora_A = lora_A.contiguous(memory_format=torch.channels_last)
+    # Channels innermost in A (a no-op when it is already channels_last): each kernel tap then reads BLOCK_K
+    # contiguous channels, which vectorise and pipeline.
+    a_cl = lora_A.contiguous(memory_format=torch.channels_last)
 
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     meta, launch = _skinny(x.device, "down", x.dtype)
     _conv_down_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
-        x_ptr=x, a_ptr=lora_A, s_ptr=s,
+        x_ptr=x, a_ptr=a_cl, s_ptr=s,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        sar=lora_A.stride(0), sac=lora_A.stride(1), sah=lora_A.stride(2), saw=lora_A.stride(3),
+        sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
         **_dropout_args(dropout_p, seed), **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
 
+    args = (x, weight, bias, s, lora_B.reshape(o, r), scaling, stride, pads, dilation, groups, geometry, precision)
+    if fused is None:
+        fused = _fused_wins("fwd", args, _y_fused, _y_split)
+    return (_y_fused(*args) if fused else _y_split(*args)), s
+
+
+def _y_fused(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, geometry, precision):
+    """Y = im2col(x) W^T + s * S B^T + bias in one kernel, the accumulator seeded with the LoRA term."""
+    nb, _, h, w = x.shape
+    o, cg = weight.shape[0], weight.shape[1]
+    m, r = s.shape
+    ho, wo = output_size(h, w, (geometry["KH"], geometry["KW"]), stride, pads, dilation)
+    weight = weight.contiguous(memory_format=torch.channels_last)  # channels innermost, as for A
     y = torch.empty((nb, o, ho, wo), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
     og = o // groups
     args = dict(
@@ -741,7 +807,7 @@ def lora_conv2d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dila
         swo=weight.stride(0), swc=weight.stride(1), swh=weight.stride(2), sww=weight.stride(3),
         sbo=b2.stride(0), sbr=b2.stride(1),
         syn=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
-        scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=block_r, **geometry, **precision,
+        scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=conv_rank_block(r), **geometry, **precision,
     )  # fmt: skip
     grid = lambda meta: (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(og, meta["BLOCK_N"]),)
     major = capability(x.device)
@@ -751,7 +817,45 @@ def lora_conv2d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dila
         _conv_fwd_kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
     else:
         _tuned_fwd_kernel(major, x.dtype)[grid](**args)
-    return y, s
+    return y
+
+
+def _y_split(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, geometry, precision):
+    """Y = conv(x, W) + bias by torch (cuDNN on the GPU), then += s * S B^T in place."""
+    extra_h, extra_w = pads[1] - pads[0], pads[3] - pads[2]
+    x_in = x if extra_h == 0 and extra_w == 0 else torch.nn.functional.pad(x, (0, extra_w, 0, extra_h))
+    y = torch.nn.functional.conv2d(x_in, weight, bias, stride, (pads[0], pads[2]), dilation, groups)
+    y = y.contiguous(memory_format=_memory_format(x))
+    m, r = s.shape
+    o = y.shape[1]
+    meta, launch = _skinny(x.device, "up", x.dtype)
+    _conv_up_kernel[(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_K"]))](
+        y_ptr=y, s_ptr=s, b_ptr=b2,
+        M=m, O=o, Ho=y.shape[2], Wo=y.shape[3], R=r,
+        syn=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
+        sbo=b2.stride(0), sbr=b2.stride(1), scaling=float(scaling),
+        **precision, **meta, BLOCK_R=conv_rank_block(r), **launch,
+    )  # fmt: skip
+    return y
+
+
+_PATH_CHOICE: dict = {}
+
+
+def _fused_wins(kind, args, fused, split) -> bool:
+    """Whether the fused kernel beats torch's convolution plus the separate LoRA kernel for these arguments:
+    timed once per (kind, shapes, strides, dtype, geometry) on the GPU; always True under the interpreter and off
+    CUDA. The first call per shape pays for the timing (and the autotuning inside it)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if capability(tensors[0].device) == 0:
+        return True
+    rest = tuple(a for a in args if not isinstance(a, (torch.Tensor, dict)))
+    key = (kind, tensors[0].dtype, *((tuple(t.shape), t.stride()) for t in tensors), rest)
+    if key not in _PATH_CHOICE:
+        t_fused = triton.testing.do_bench(lambda: fused(*args), warmup=5, rep=25)
+        t_split = triton.testing.do_bench(lambda: split(*args), warmup=5, rep=25)
+        _PATH_CHOICE[key] = t_fused < t_split
+    return _PATH_CHOICE[key]
 
 
 def _input_grad_base(dy, x, weight, stride, pads, dilation, groups):
@@ -825,26 +929,6 @@ def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     return dx
 
 
-_DGRAD_CHOICE: dict = {}
-
-
-def _fused_dgrad_wins(args) -> bool:
-    """Whether the fused dX kernel beats cuDNN's dgrad plus the in-place LoRA add for this shape: timed once per
-    (shapes, layouts, dtype, geometry) on the GPU; always True under the interpreter and off CUDA."""
-    dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r = args
-    if capability(x.device) == 0:
-        return True
-    key = (
-        tuple(x.shape), x.stride(), tuple(dy.shape), dy.stride(), tuple(weight.shape), weight.stride(),
-        lora_A.shape[0], x.dtype, stride, pads, dilation, groups,
-    )  # fmt: skip
-    if key not in _DGRAD_CHOICE:
-        fused = triton.testing.do_bench(lambda: _dx_fused(*args))
-        split = triton.testing.do_bench(lambda: _dx_split(*args))
-        _DGRAD_CHOICE[key] = fused < split
-    return _DGRAD_CHOICE[key]
-
-
 def lora_conv2d_bwd(
     dy,
     x,
@@ -915,7 +999,7 @@ def lora_conv2d_bwd(
         if drop["HAS_DROPOUT"]:
             fused_dgrad = False
         elif fused_dgrad is None:
-            fused_dgrad = _fused_dgrad_wins(args)
+            fused_dgrad = _fused_wins("dgrad", args, _dx_fused, _dx_split)
         dx = _dx_fused(*args) if fused_dgrad else _dx_split(*args)
     dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype) if need_dbias else None
     return dx, da, db, dbias

@@ -47,6 +47,7 @@ KERNELS = {
         set(),
         {"channels_last": {"sdc", "swc", "sac", "sxc"}, "nchw": {"sdw", "swc", "sac", "sxw"}},
     ),
+    "up": (kconv._conv_up_kernel, set(), {"scaling"}, {"channels_last": {"syc", "sbr"}}),
     "down": (kconv._conv_down_kernel, set(), {"p", "drop_scale"}, {"channels_last": {"sxc", "sac"}}),
     "ds_db": (kconv._conv_ds_db_kernel, {"ds_ptr", "dbp_ptr"}, {"scaling"}, {"channels_last": {"sdc", "sbr"}}),
     "da": (kconv._conv_da_kernel, {"ds_ptr", "dap_ptr"}, {"p", "drop_scale"}, {"channels_last": {"sxc"}}),

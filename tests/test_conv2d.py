@@ -144,22 +144,24 @@ def test_dropout_mask_forward_and_backward(case, backend):
     assert (y0 - y).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-dgrad", "cudnn-dgrad-plus-lora"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-conv-plus-lora-kernel"])
 @pytest.mark.parametrize("case", ["k3-g2-r5", "k2x4-same-asym-r3", "C19-O37-k3-s2-r3"])
-def test_both_dx_paths(case, fused):
-    """The kernels' two ways to dX (one fused GEMM, or torch's dgrad plus the in-place LoRA add) agree with the
-    reference; the public call picks between them by timing on the GPU."""
+def test_both_kernel_paths(case, fused):
+    """The kernels' two ways to Y and to dX (one fused GEMM, or torch's convolution plus the LoRA term added in
+    place) agree with the reference; the public call picks between them by timing once per shape on the GPU."""
     x, weight, bias, lora_A, lora_B, conv = make_case(case, torch.float32, channels_last=fused)
     geometry = functional._check_conv2d(
         x, weight, bias, lora_A, lora_B, 0.5, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], 0.0
     )  # (stride, pads, dilation, groups) normalised
     with torch.no_grad():
-        y, s = kconv.lora_conv2d_fwd(x, weight, bias, lora_A, lora_B, 0.5, *geometry, 0.0, 0)
+        y, s = kconv.lora_conv2d_fwd(x, weight, bias, lora_A, lora_B, 0.5, *geometry, 0.0, 0, fused)
         dy = torch.randn(y.shape)
         dx, *_ = kconv.lora_conv2d_bwd(dy, x, s, weight, lora_A, lora_B, 0.5, *geometry, 0.0, 0, True, False, fused)
-    _, (dx_ref, _, _), _ = reference(x, weight, bias, lora_A, lora_B, 0.5, conv, dy)
+    y_ref, (dx_ref, _, _), _ = reference(x, weight, bias, lora_A, lora_B, 0.5, conv, dy)
+    assert_close(y, y_ref, torch.float32, "y")
     assert_close(dx, dx_ref, torch.float32, "dX")
-    assert dx.is_contiguous(memory_format=torch.channels_last if fused else torch.contiguous_format)
+    layout = torch.channels_last if fused else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout) and dx.is_contiguous(memory_format=layout)
 
 
 def test_dropout_off_in_eval_and_seeds_differ():
