@@ -758,6 +758,9 @@ def lora_conv2d(
 
     Returns:
         Y [Nb, O, Ho, Wo] in x's dtype (the autocast dtype under ``torch.autocast``).
+
+    Paths: float16/bfloat16 on CUDA run the Triton kernels (fastlora.kernels.conv2d); float32 on CUDA and CPU
+    tensors run torch's convolutions with the same math, the same saved tensors (x and S [M, r]) and no stored mask.
     """
     stride, pads, dilation, groups = _check_conv2d(
         x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, dropout_p
