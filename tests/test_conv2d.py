@@ -11,11 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from aot_conv2d import jobs as aot_jobs
 from fastlora.kernels import conv2d as kconv
 from helpers import DTYPE_IDS, assert_close
 
@@ -349,17 +349,13 @@ def test_bad_input_raises(name):
 def aot_results():
     script = os.path.join(os.path.dirname(__file__), "aot_conv2d.py")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    with warnings.catch_warnings():
-        proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def test_aot_every_shipped_config_compiles(aot_results):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from aot_conv2d import jobs
-
-    assert len(aot_results) == len(jobs())
+    assert len(aot_results) == len(aot_jobs())
     for res in aot_results:
         where = f"{res['kernel']} sm_{res['arch']} {res['dtype']} {res['layout']} {res['meta']} w{res['num_warps']}"
         assert res["shared"] <= res["shared_limit"], f"{where}: shared memory {res['shared']} > {res['shared_limit']}"
