@@ -1,8 +1,8 @@
 """fastlora: fused Triton kernels for LoRA fine-tuning, behind drop-in PyTorch layers."""
 
-from fastlora.functional import active_path, get_backend, lora_embedding, lora_linear, use_backend
+from fastlora.functional import active_path, get_backend, lora_conv2d, lora_embedding, lora_linear, use_backend
 from fastlora.io import load_adapter, lora_state_dict, save_adapter
-from fastlora.layers import LoRAEmbedding, LoRALayer, LoRALinear
+from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
 from fastlora.model import (
     apply_lora,
     disable_adapter,
@@ -21,6 +21,8 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "LoRAEmbedding",
+    "lora_conv2d",
+    "LoRAConv2d",
     "lora_scaling",
     "use_backend",
     "get_backend",

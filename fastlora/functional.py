@@ -30,15 +30,16 @@ import warnings
 import torch
 
 try:
+    from fastlora.kernels import conv2d as _kconv
     from fastlora.kernels import embedding as _kembedding
     from fastlora.kernels import linear as _klinear
     from fastlora.kernels import merge as _kmerge
     from fastlora.kernels.configs import INTERPRET
 except ImportError:  # no Triton on this platform: the torch path serves every call
-    _klinear = _kmerge = _kembedding = None
+    _klinear = _kmerge = _kembedding = _kconv = None
     INTERPRET = False
 
-__all__ = ["lora_linear", "lora_embedding", "use_backend", "get_backend", "merge_delta_", "active_path"]
+__all__ = ["lora_linear", "lora_embedding", "lora_conv2d", "use_backend", "get_backend", "merge_delta_", "active_path"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "torch")
@@ -633,3 +634,389 @@ def lora_embedding(idx, weight, lora_A, lora_B, scaling, padding_idx=None):
             )
             return y2.reshape(*idx.shape, weight.shape[1])
         return LoRAEmbeddingFunction.apply(idx, weight, lora_A, lora_B, scaling, padding_idx, out_dtype)
+
+
+# ==========================================================================================================
+# Conv2d
+# ==========================================================================================================
+#
+# x [Nb, C, H, W], W [O, C/groups, kh, kw], A [r, C, kh, kw] (applied with groups=1, as PEFT does), B [O, r, 1, 1].
+# As an implicit GEMM with rows m = (n, ho, wo), M = Nb*Ho*Wo, the linear formulas above carry over:
+#
+#     S  = conv(m * x, A)                        [M, r]   saved for backward, with x itself (an alias)
+#     Y  = conv(x, W) + s * conv1x1(S, B) + bias
+#     dS = s * dY B                              [M, r]
+#     dB = s * dY^T S                            [O, r]
+#     dA = dS^T im2col(m * x)                    [r, C, kh, kw]
+#     dX = conv_transpose(dY, W) + m * conv_transpose(dS, A)
+#
+# Padding is carried as (top, bottom, left, right): 'same' with an even kernel extent pads one more at the
+# bottom/right, as torch does.
+
+
+# Rank above which the Triton conv kernels hand over to the torch path (their rank tile holds r whole).
+CONV_MAX_TRITON_RANK = 64
+
+
+def _conv_use_triton(x: torch.Tensor, r: int, m: int) -> bool:
+    """Triton for float16/bfloat16 on CUDA (and every dtype under the interpreter, or when forced); the torch path
+    otherwise. float32 on CUDA goes to cuDNN by default, which may use TF32 for convolutions where Triton's float32
+    dot would run on plain FMA. Row indices are int32 inside the kernels: M and Nb*H*W stay below 2^31."""
+    if _kconv is None or not _use_triton(x):
+        return False
+    if x.device.type == "cuda" and not INTERPRET and x.dtype == torch.float32 and _backend == "auto":
+        return False
+    rows = max(m, x.shape[0] * x.shape[2] * x.shape[3])
+    return r <= CONV_MAX_TRITON_RANK and 0 < rows < 2**31
+
+
+def _int_pair(name, value, minimum):
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
+    ):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def conv2d_pads(padding, kernel_size, stride, dilation):
+    """Normalise padding (int, pair, 'same' or 'valid') to (top, bottom, left, right)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in torch), got stride {stride}")
+        pads = []
+        for k, d in zip(kernel_size, dilation, strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = _int_pair("padding", padding, 0)
+    return (ph, ph, pw, pw)
+
+
+def _check_conv2d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, dropout_p):
+    """Validate a lora_conv2d call; returns (stride, pads, dilation, groups) normalised."""
+    _check_tensor("x", x, ndim=4)
+    _check_tensor("weight", weight, ndim=4)
+    _check_tensor("lora_A", lora_A, ndim=4)
+    _check_tensor("lora_B", lora_B, ndim=4)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    nb, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    if c % groups or o % groups:
+        raise ValueError(f"in_channels={c} and out_channels={o} must both be divisible by groups={groups}")
+    if cg * groups != c:
+        raise ValueError(
+            f"x has {c} channels but weight of shape {tuple(weight.shape)} expects {cg * groups} (groups={groups})"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {_dtype_name(x.dtype)} but weight is {_dtype_name(weight.dtype)}; they must match")
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != o:
+            raise ValueError(f"bias must have shape [{o}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {_dtype_name(bias.dtype)} but weight is {_dtype_name(weight.dtype)}")
+    r = lora_A.shape[0]
+    if r < 1 or tuple(lora_A.shape[1:]) != (c, kh, kw):
+        raise ValueError(f"lora_A must have shape [r, {c}, {kh}, {kw}] with r >= 1, got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (o, r, 1, 1):
+        raise ValueError(f"lora_B must have shape [{o}, {r}, 1, 1] to match lora_A, got {tuple(lora_B.shape)}")
+    check_lora_factors(lora_A, lora_B, c * kh * kw, o, scaling)
+    check_dropout(dropout_p)
+    _check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    stride = _int_pair("stride", stride, 1)
+    dilation = _int_pair("dilation", dilation, 1)
+    pads = conv2d_pads(padding, (kh, kw), stride, dilation)
+    ho = (h + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"the input of spatial size {h}x{w} is smaller than the dilated kernel {kh}x{kw} "
+            f"(dilation {dilation}, padding {pads}): the output would be {ho}x{wo}"
+        )
+    return stride, pads, dilation, groups
+
+
+def _conv_out_format(x: torch.Tensor):
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _pad_extra(t, pads):
+    """t padded with zeros at the bottom/right by what asymmetric pads add beyond the symmetric top/left pads."""
+    extra_h, extra_w = pads[1] - pads[0], pads[3] - pads[2]
+    if extra_h == 0 and extra_w == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, extra_w, 0, extra_h))
+
+
+def _conv_keep(seed, x, p):
+    return dropout_keep(seed, x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def _torch_conv_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed):
+    dt = x.dtype
+    conv = torch.nn.functional.conv2d
+    sym = (pads[0], pads[2])
+    x_lora = x if dropout_p == 0 else x * _conv_keep(seed, x, dropout_p)
+    s4 = conv(_pad_extra(x_lora, pads), lora_A.to(dt), None, stride, sym, dilation)  # [Nb, r, Ho, Wo]
+    y = conv(_pad_extra(x, pads), weight, bias, stride, sym, dilation, groups)
+    y.add_(conv(s4, lora_B.to(dt)), alpha=scaling)
+    y = y.contiguous(memory_format=_conv_out_format(x))
+    return y, s4.permute(0, 2, 3, 1).reshape(-1, lora_A.shape[0])
+
+
+def _conv_grad_input(x, weight, dy, stride, pads, dilation, groups):
+    xp = _pad_extra(x, pads)
+    dx = torch.ops.aten.convolution_backward(
+        dy, xp, weight, None, list(stride), [pads[0], pads[2]], list(dilation), False, [0, 0], groups,
+        [True, False, False],
+    )[0]  # fmt: skip
+    return dx[:, :, : x.shape[2], : x.shape[3]]
+
+
+def _torch_conv_bwd(
+    dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, need_dx, need_dbias
+):
+    dt = dy.dtype
+    nb, _, ho, wo = dy.shape
+    r = lora_A.shape[0]
+    a, b = lora_A.to(dt), lora_B.to(dt)
+    s4 = s.reshape(nb, ho, wo, r).permute(0, 3, 1, 2)
+    ds4 = torch.nn.functional.conv2d(dy, b.permute(1, 0, 2, 3)).mul_(scaling)  # [Nb, r, Ho, Wo]
+    db = torch.einsum("nohw,nrhw->or", dy, s4).mul_(scaling).reshape(lora_B.shape)
+    keep = _conv_keep(seed, x, dropout_p) if dropout_p > 0 else None
+    x_lora = x if keep is None else x * keep
+    da = torch.ops.aten.convolution_backward(
+        ds4, _pad_extra(x_lora, pads), a, None, list(stride), [pads[0], pads[2]], list(dilation), False, [0, 0], 1,
+        [False, True, False],
+    )[1]  # fmt: skip
+    dx = None
+    if need_dx:
+        dx_lora = _conv_grad_input(x, a, ds4, stride, pads, dilation, 1)
+        dx = _conv_grad_input(x, weight, dy, stride, pads, dilation, groups)
+        dx = dx.add_(dx_lora if keep is None else dx_lora.mul_(keep)).contiguous(memory_format=_conv_out_format(x))
+    dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(dt) if need_dbias else None
+    return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dbias
+
+
+def _conv_on_triton(x, weight, lora_A, stride, pads, dilation) -> bool:
+    """Whether a conv call runs the kernels; decided once in forward, and backward follows it (the two paths
+    draw different dropout masks)."""
+    nb, _, ho, wo = _conv_out_shape(x, weight, stride, pads, dilation)
+    return _conv_use_triton(x, lora_A.shape[0], nb * ho * wo) and x.numel() > 0
+
+
+def _conv_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, triton_path):
+    if triton_path:
+        return _kconv.lora_conv2d_fwd(
+            x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed
+        )
+    return _torch_conv_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed)
+
+
+def _conv_bwd(
+    dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, need_dx, need_dbias,
+    triton_path,
+):  # fmt: skip
+    if x.shape[0] == 0:
+        dx = torch.zeros_like(x) if need_dx else None
+        dbias = dy.new_zeros(dy.shape[1]) if need_dbias else None
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), dbias
+    args = (dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed)
+    if triton_path:
+        return _kconv.lora_conv2d_bwd(*args, need_dx=need_dx, need_dbias=need_dbias)
+    return _torch_conv_bwd(*args, need_dx, need_dbias)
+
+
+def _conv_weight_grad(dy, x, weight, stride, pads, dilation, groups):
+    warnings.warn(
+        "fastlora: the base weight requires grad, so its full gradient dW is formed; LoRA normally keeps it "
+        "frozen (weight.requires_grad_(False))",
+        stacklevel=3,
+    )
+    return torch.ops.aten.convolution_backward(
+        dy, _pad_extra(x, pads), weight, None, list(stride), [pads[0], pads[2]], list(dilation), False, [0, 0],
+        groups, [False, True, False],
+    )[1]  # fmt: skip
+
+
+class LoRAConv2dFunction(torch.autograd.Function):
+    """Y = conv(x, W) + bias + s * conv1x1(conv(m * x, A), B); backward gives dX, dA, dB (and dbias if trainable).
+
+    Saves x (an alias), S [M, r] and the seed; never a mask, never a dropped copy of x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed):
+        ctx.triton_path = _conv_on_triton(x, weight, lora_A, stride, pads, dilation)
+        y, s = _conv_fwd(
+            x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, ctx.triton_path
+        )
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B)
+        ctx.conv = (scaling, stride, pads, dilation, groups, dropout_p, seed)
+        ctx.mark_non_differentiable(s)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, _ds_unused):
+        x, s, weight, lora_A, lora_B = ctx.saved_tensors
+        scaling, stride, pads, dilation, groups, dropout_p, seed = ctx.conv
+        need_dx, need_dw, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx, da, db, dbias = _conv_bwd(
+            dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed,
+            need_dx, need_dbias, ctx.triton_path,
+        )  # fmt: skip
+        dw = _conv_weight_grad(dy, x, weight, stride, pads, dilation, groups) if need_dw else None
+        return dx, dw, dbias, da, db, None, None, None, None, None, None, None
+
+
+def _conv_out_shape(x, weight, stride, pads, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = (x.shape[2] + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.shape[0], weight.shape[0], ho, wo
+
+
+@torch.library.custom_op("fastlora::lora_conv2d", mutates_args=())
+def _lora_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    stride: list[int],
+    pads: list[int],
+    dilation: list[int],
+    groups: int,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    seed_int = int(seed.item()) if seed is not None else 0
+    stride, pads, dilation = tuple(stride), tuple(pads), tuple(dilation)
+    triton_path = _conv_on_triton(x, weight, lora_A, stride, pads, dilation)
+    y, s = _conv_fwd(
+        x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed_int, triton_path
+    )
+    return y, s
+
+
+@_lora_conv2d_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed):
+    nb, o, ho, wo = _conv_out_shape(x, weight, stride, pads, dilation)
+    y = torch.empty((nb, o, ho, wo), dtype=x.dtype, device=x.device, memory_format=_conv_out_format(x))
+    return y, x.new_empty(nb * ho * wo, lora_A.shape[0])
+
+
+@torch.library.custom_op("fastlora::lora_conv2d_backward", mutates_args=())
+def _lora_conv2d_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    stride: list[int],
+    pads: list[int],
+    dilation: list[int],
+    groups: int,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+    need_dbias: bool,
+    triton_path: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed_int = int(seed.item()) if seed is not None else 0
+    dx, da, db, dbias = _conv_bwd(
+        dy, x, s, weight, lora_A, lora_B, scaling, tuple(stride), tuple(pads), tuple(dilation), groups, dropout_p,
+        seed_int, need_dx, need_dbias, triton_path,
+    )  # fmt: skip
+    dx = dx.contiguous(memory_format=_conv_out_format(x)) if dx is not None else x.new_empty(0)
+    dbias = dbias if dbias is not None else dy.new_empty(0)
+    return dx, da.contiguous(), db.contiguous(), dbias
+
+
+@_lora_conv2d_bwd_op.register_fake
+def _(
+    dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, need_dx, need_dbias,
+    triton_path,
+):  # fmt: skip
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_conv_out_format(x))
+    dx = dx if need_dx else x.new_empty(0)
+    dbias = dy.new_empty(dy.shape[1]) if need_dbias else dy.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), dbias
+
+
+def _lora_conv2d_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.conv = (scaling, stride, pads, dilation, groups, dropout_p)
+    ctx.triton_path = _conv_on_triton(x, weight, lora_A, tuple(stride), tuple(pads), tuple(dilation))
+
+
+def _lora_conv2d_op_backward(ctx, dy, _ds_unused):
+    x, s, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    scaling, stride, pads, dilation, groups, dropout_p = ctx.conv
+    need_dx, need_dw, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, da, db, dbias = torch.ops.fastlora.lora_conv2d_backward(
+        dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed,
+        need_dx, need_dbias, ctx.triton_path,
+    )  # fmt: skip
+    dw = _conv_weight_grad(dy, x, weight, stride, pads, dilation, groups) if need_dw else None
+    return (
+        (dx if need_dx else None), dw, (dbias if need_dbias else None), da, db,
+        None, None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+_lora_conv2d_op.register_autograd(_lora_conv2d_op_backward, setup_context=_lora_conv2d_setup)
+
+
+def lora_conv2d(
+    x, weight, bias, lora_A, lora_B, scaling, stride=1, padding=0, dilation=1, groups=1, dropout_p=0.0, training=True
+):
+    """LoRA Conv2d: Y = conv(x, W) + bias + s * conv1x1(conv(dropout(x), A), B).
+
+    Args:
+        x: input [Nb, C, H, W], float16, bfloat16 or float32; NCHW or channels_last (the output follows).
+        weight: frozen base weight [O, C/groups, kh, kw], same dtype as x. bias: [O] or None.
+        lora_A: [r, C, kh, kw], applied with the base's stride, padding and dilation and groups=1 (as PEFT does);
+            lora_B: [O, r, 1, 1]; any float dtype (computed in x's dtype, gradients in their own).
+        scaling: s, usually alpha / r.
+        stride, dilation: int or pair. padding: int, pair, 'same' (stride 1 only) or 'valid'. groups: of the base.
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1); applied only when training.
+
+    Returns:
+        Y [Nb, O, Ho, Wo] in x's dtype (the autocast dtype under ``torch.autocast``).
+
+    Paths: float16/bfloat16 on CUDA run the Triton kernels (fastlora.kernels.conv2d); float32 on CUDA and CPU
+    tensors run torch's convolutions with the same math, the same saved tensors (x and S [M, r]) and no stored mask.
+    """
+    stride, pads, dilation, groups = _check_conv2d(
+        x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, dropout_p
+    )
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    p = float(dropout_p) if training else 0.0
+    scaling = float(scaling)
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            seed = draw_seed() if p > 0 else None
+            y, _ = torch.ops.fastlora.lora_conv2d(
+                x, weight, bias, lora_A, lora_B, scaling, list(stride), list(pads), list(dilation), groups, p, seed
+            )
+            return y
+        seed = int(draw_seed()) if p > 0 else 0
+        y, _ = LoRAConv2dFunction.apply(
+            x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, p, seed
+        )
+        return y

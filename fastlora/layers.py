@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlora.functional import check_dropout, lora_embedding, lora_linear, merge_delta_
+from fastlora.functional import check_dropout, lora_conv2d, lora_embedding, lora_linear, merge_delta_
 from fastlora.reference import lora_scaling
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d"]
 
 
 def _check_rank_alpha(r, alpha):
@@ -239,3 +239,104 @@ class LoRAEmbedding(LoRALayer):
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         lora = f"r={self.r}, alpha={self.lora_alpha}, merged={self.merged}"
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, {lora}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conv2d
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA on a Conv2d: Y = conv(x, W) + bias + s * conv1x1(conv(dropout(x), A), B).
+
+    ``weight`` [O, C/groups, kh, kw] and ``bias`` [O] are frozen; ``lora_A`` [r, C, kh, kw] (the base's stride,
+    padding and dilation, groups=1, as in PEFT) and ``lora_B`` [O, r, 1, 1] are trained. Only
+    ``padding_mode='zeros'`` is supported; with ``groups > 1`` the layer trains but cannot merge (the delta
+    B A spans all input channels, the grouped weight only C/groups of them).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        base = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
+        )
+        self._init_base(base)
+        self._init_lora(r, alpha, dropout, use_rslora, *self._lora_shapes(r), self._factory())
+
+    def _init_base(self, conv: nn.Conv2d):
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"LoRAConv2d supports padding_mode='zeros' only, got padding_mode={conv.padding_mode!r}")
+        self.weight = conv.weight
+        self.weight.requires_grad_(False)
+        if conv.bias is not None:
+            self.bias = conv.bias
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
+        self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        self.groups = conv.groups
+
+    def _lora_shapes(self, r):
+        return (r, self.in_channels, *self.kernel_size), (self.out_channels, r, 1, 1)
+
+    def _factory(self):
+        return {"device": self.weight.device, "dtype": self.weight.dtype}
+
+    @classmethod
+    def from_module(cls, module: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora=False):
+        """Wrap an ``nn.Conv2d`` (padding_mode 'zeros'); its weight and bias are shared, not copied."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d.from_module expects nn.Conv2d, got {type(module).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_base(module)
+        layer._init_lora(r, alpha, dropout, use_rslora, *layer._lora_shapes(r), layer._factory())
+        return layer
+
+    def _merge_views(self):
+        """W viewed [O, K], A [r, K], B [O, r], with K = C*kh*kw in W's memory order (NCHW or channels_last)."""
+        if self.groups != 1:
+            raise ValueError(
+                f"cannot merge a LoRA adapter into a grouped convolution (groups={self.groups}): the delta B A "
+                "spans all input channels, while the grouped weight holds only in_channels/groups of them"
+            )
+        o, r = self.out_channels, self.r
+        w = self.weight
+        if w.is_contiguous():
+            return w.view(o, -1), self.lora_A.reshape(r, -1), self.lora_B.reshape(o, r)
+        if w.is_contiguous(memory_format=torch.channels_last):
+            w2 = w.permute(0, 2, 3, 1).view(o, -1)
+            return w2, self.lora_A.permute(0, 2, 3, 1).reshape(r, -1), self.lora_B.reshape(o, r)
+        raise ValueError(f"cannot merge into a conv weight with strides {w.stride()}: expected NCHW or channels_last")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._base_only():
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return lora_conv2d(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.stride, self.padding,
+            self.dilation, self.groups, self.lora_dropout, self.training,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {super().extra_repr()}"
+        )

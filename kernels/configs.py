@@ -201,3 +201,86 @@ def embedding_shipped_configs():
                 for r_block in (16,) if kind == "bwd_reduce" else EMBEDDING_RANK_BLOCKS:
                     out.append((kind, major, dtype, r_block, embedding_config(kind, major, dtype, r_block)))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conv2d (kernels/conv2d.py)
+# ----------------------------------------------------------------------------------------------------------
+# Main implicit GEMM (Y = im2col(x) W^T + s * S B^T): BLOCK_M (output pixels), BLOCK_N (output channels),
+# BLOCK_K (input channels per step of one kernel tap), GROUP_M, warps, stages.
+
+_CONV_GEMM_16BIT = {
+    9: [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4)],
+    8: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
+}
+_CONV_GEMM_32BIT = {
+    9: [(128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
+    8: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
+}
+# Fused dX GEMM (dX = conv_transpose(dY, W) + conv_transpose(dS, A)): BLOCK_M (input pixels), BLOCK_N (input
+# channels), BLOCK_K (output channels per step of one kernel tap), GROUP_M, warps, stages.
+_CONV_DGRAD_16BIT = {
+    9: [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4)],
+    8: [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4)],
+}
+_CONV_DGRAD_32BIT = {
+    9: [(32, 64, 32, 8, 4, 3), (64, 64, 16, 8, 4, 3)],
+    8: [(64, 32, 32, 8, 4, 3)],
+}
+# Under the interpreter (both GEMMs): tiles smaller than the test shapes, so every mask and loop is exercised.
+CONV_GEMM_INTERPRET = (32, 16, 16, 2, 4, 1)
+
+# Rank-r passes, one config each: BLOCK_M (pixels), BLOCK_K (channels), warps, stages.
+#   down: S = im2col(m * x) A^T;  ds_db: dS = s dY B and dB = s dY^T S (BLOCK_K over output channels);
+#   da: dA = dS^T im2col(m * x);  dx: dX += m * conv_transpose(dS, A) (BLOCK_M over input pixels).
+#   up: Y += s * S B^T in place (BLOCK_K over output channels), after torch's convolution.
+_CONV_SKINNY_16BIT = {
+    9: {"down": (128, 64, 4, 3), "ds_db": (128, 64, 4, 3), "da": (128, 64, 4, 3), "dx": (128, 32, 4, 2),
+        "up": (128, 64, 4, 2)},
+    8: {"down": (128, 32, 4, 3), "ds_db": (128, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (128, 32, 4, 2),
+        "up": (128, 64, 4, 2)},
+}  # fmt: skip
+_CONV_SKINNY_32BIT = {
+    9: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2),
+        "up": (64, 64, 4, 2)},
+    8: {"down": (64, 32, 4, 3), "ds_db": (64, 32, 4, 3), "da": (64, 32, 4, 3), "dx": (64, 32, 4, 2),
+        "up": (64, 64, 4, 2)},
+}  # fmt: skip
+CONV_SKINNY_KINDS = ("down", "ds_db", "da", "dx", "up")
+CONV_SKINNY_INTERPRET = {kind: (16, 16, 4, 1) for kind in CONV_SKINNY_KINDS}
+
+
+def conv_gemm_config_tuples(major: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) for the conv forward GEMM on this generation."""
+    table = _CONV_GEMM_32BIT if dtype == torch.float32 else _CONV_GEMM_16BIT
+    return table[9 if major >= 9 else 8]
+
+
+def conv_gemm_configs(major: int, dtype: torch.dtype):
+    """The conv forward GEMM's autotune configs."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for bm, bn, bk, g, w, s in conv_gemm_config_tuples(major, dtype)
+    ]
+
+
+def conv_dgrad_config_tuples(major: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) for the fused conv dX GEMM on this generation."""
+    table = _CONV_DGRAD_32BIT if dtype == torch.float32 else _CONV_DGRAD_16BIT
+    return table[9 if major >= 9 else 8]
+
+
+def conv_dgrad_configs(major: int, dtype: torch.dtype):
+    """The fused conv dX GEMM's autotune configs."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for bm, bn, bk, g, w, s in conv_dgrad_config_tuples(major, dtype)
+    ]
+
+
+def conv_skinny_config(major: int, kind: str, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_K, warps, stages) for one of the conv rank-r passes (CONV_SKINNY_KINDS)."""
+    if major == 0:
+        return CONV_SKINNY_INTERPRET[kind]
+    table = _CONV_SKINNY_32BIT if dtype == torch.float32 else _CONV_SKINNY_16BIT
+    return table[9 if major >= 9 else 8][kind]
