@@ -1,8 +1,6 @@
 """Small models built from each fastlora layer type, shared by the compile, checkpointing, determinism and
 distributed tests. Every LoRA factor is drawn random (PEFT starts B or A at zero, which would hide half the
 gradients), and only the LoRA factors train.
-
-The Embedding and Conv2d layers arrive on other branches; their cases skip until ``fastlora`` has them.
 """
 
 from __future__ import annotations
@@ -17,43 +15,20 @@ import fastlora
 
 LAYER_KINDS = ("linear", "embedding", "conv2d")
 
-HAS_KIND = {
-    "linear": hasattr(fastlora, "lora_linear"),
-    "embedding": hasattr(fastlora, "lora_embedding") and hasattr(fastlora, "LoRAEmbedding"),
-    "conv2d": hasattr(fastlora, "lora_conv2d") and hasattr(fastlora, "LoRAConv2d"),
-}
-
 # Kinds whose layer takes a dropout on the LoRA branch.
 DROPOUT_KINDS = ("linear", "conv2d")
 
 
 def kind_param(kind: str):
-    """A pytest param for a layer kind that skips while fastlora lacks that layer."""
-    skip = pytest.mark.skipif(not HAS_KIND[kind], reason=f"fastlora has no {kind} LoRA layer on this branch yet")
-    return pytest.param(kind, id=kind, marks=[skip])
+    """A pytest param for a layer kind."""
+    return pytest.param(kind, id=kind)
 
 
 def kind_params(kinds=LAYER_KINDS):
     return [kind_param(k) for k in kinds]
 
 
-def triton_available() -> bool:
-    """Whether CPU tensors can run the Triton kernels (under the interpreter) on this checkout."""
-    try:
-        with fastlora.use_backend("triton"):
-            return fastlora.active_path("cpu") == "triton-interpreter"
-    except RuntimeError:
-        return False
-
-
-PATHS = (
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "triton",
-        id="interp",
-        marks=pytest.mark.skipif(not triton_available(), reason="the Triton kernels are not on this branch yet"),
-    ),
-)
+PATHS = (pytest.param("torch", id="torch"), pytest.param("triton", id="interp"))
 
 
 @contextlib.contextmanager

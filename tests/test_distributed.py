@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from helpers import assert_close
-from lora_cases import HAS_KIND, LAYER_KINDS, build_model, kind_param, lora_params, make_input
+from lora_cases import LAYER_KINDS, build_model, kind_param, lora_params, make_input
 
 import fastlora
 
@@ -100,12 +100,11 @@ def _worker(rank, port, out_path, kinds):
                     from safetensors.torch import save_file
 
                     save_file({n: t.contiguous() for n, t in full.items()}, f"{out_path}.{kind}.safetensors")
-                if hasattr(fastlora, "lora_state_dict"):
-                    state = fastlora.lora_state_dict(model)
-                    results[kind, "lora_state_dict"] = {
-                        k: (type(v).__name__, v.detach().clone() if not isinstance(v, DTensor) else None)
-                        for k, v in state.items()
-                    }
+                state = fastlora.lora_state_dict(model)
+                results[kind, "lora_state_dict"] = {
+                    k: (type(v).__name__, v.detach().clone() if not isinstance(v, DTensor) else None)
+                    for k, v in state.items()
+                }
                 dist.barrier()
         if rank == 0:
             torch.save(results, out_path)
@@ -122,7 +121,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
     """Run every available layer kind under DDP and FSDP2 in one 2-process spawn; return (results, path)."""
-    kinds = [k for k in LAYER_KINDS if HAS_KIND[k]]
+    kinds = list(LAYER_KINDS)
     out_path = str(tmp_path_factory.mktemp("dist") / "results.pt")
     mp.spawn(_worker, args=(_free_port(), out_path, kinds), nprocs=WORLD, join=True)
     return torch.load(out_path, weights_only=False), out_path
@@ -164,7 +163,6 @@ def test_fsdp_adapter_saved_by_rank0_loads_back(kind, distributed_run):
         assert_close(fresh(x), trained(x), torch.float32, "output after loading the saved adapter")
 
 
-@pytest.mark.skipif(not hasattr(fastlora, "lora_state_dict"), reason="fastlora.lora_state_dict is on another branch")
 @pytest.mark.parametrize("kind", [kind_param(k) for k in LAYER_KINDS])
 def test_fsdp_lora_state_dict_holds_full_tensors(kind, distributed_run):
     results, _ = distributed_run

@@ -16,8 +16,6 @@ from tiny_models import (
     llama,
     logits,
     randomise_lora,
-    requires_conv2d,
-    requires_embedding,
     snapshot,
     token_ids,
 )
@@ -359,7 +357,6 @@ def test_model_argument_type():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@requires_embedding
 def test_embedding_target_matches_reference_and_merges():
     base = llama()
     model = fl.apply_lora(copy_model(base), ["embed_tokens", "q_proj"], r=4, alpha=8)
@@ -373,7 +370,6 @@ def test_embedding_target_matches_reference_and_merges():
     assert_close(logits(model, ids), out, F32, "merged")
 
 
-@requires_embedding
 def test_merging_a_tied_embedding_unties_it():
     base = gpt2()
     model = fl.apply_lora(copy_model(base), ["wte", "c_attn"], r=4)
@@ -386,7 +382,6 @@ def test_merging_a_tied_embedding_unties_it():
     assert_close(logits(model, ids), out, F32, "merged tied gpt2")
 
 
-@requires_conv2d
 def test_conv_net_matches_reference_merges_and_unloads():
     base = convnet()
     model = fl.apply_lora(copy_model(base), ["conv1", "conv2"], r=3, alpha=6)

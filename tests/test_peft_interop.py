@@ -18,8 +18,6 @@ from tiny_models import (
     llama,
     logits,
     randomise_lora,
-    requires_conv2d,
-    requires_embedding,
     snapshot,
     token_ids,
 )
@@ -268,7 +266,6 @@ def test_from_peft_refuses_a_model_without_peft_layers():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@requires_embedding
 def test_embedding_interop_both_ways(tmp_path):
     base = llama()
     pm = peft_model(base, ["embed_tokens", "q_proj"]).eval()
@@ -284,7 +281,6 @@ def test_embedding_interop_both_ways(tmp_path):
     assert_close(logits(loaded, ids), logits(pm, ids), F32, "PEFT on fastlora's embedding adapter")
 
 
-@requires_conv2d
 def test_conv_net_interop_both_ways(tmp_path):
     base = convnet()
     pm = peft_model(base, ["conv1", "conv2", "head"]).eval()

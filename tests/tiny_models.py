@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 
 import fastlora
 import fastlora.layers
-
-requires_embedding = pytest.mark.skipif(
-    not hasattr(fastlora.layers, "LoRAEmbedding"), reason="LoRAEmbedding is not in this build"
-)
-requires_conv2d = pytest.mark.skipif(
-    not hasattr(fastlora.layers, "LoRAConv2d"), reason="LoRAConv2d is not in this build"
-)
 
 VOCAB = 61
 
