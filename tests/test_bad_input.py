@@ -9,12 +9,13 @@ and the gradients exactly where the float64 reference has them: they never vanis
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 from helpers import assert_close
-from lora_cases import PATHS, kind_param, on_path
+from lora_cases import PATHS, kind_param, kind_params, on_path, triton_available
 
 import fastlora
 from fastlora.reference import lora_conv2d_ref, lora_embedding_ref, lora_linear_ref
@@ -430,3 +431,111 @@ def test_conv2d_zero_batch(kind, path):
     assert args["x"].grad.shape == (0, 3, 7, 7)
     for k in ("lora_A", "lora_B"):
         assert torch.equal(args[k].grad, torch.zeros_like(args[k])), f"{k}.grad is not zero-filled"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Offsets past 2^31 elements
+# ----------------------------------------------------------------------------------------------------------
+# Two halves. On CPU, a strided view whose last element lies past 2^31 elements goes through the torch path
+# (the storage is reserved, not touched: only the three rows in use are ever written). For the Triton kernels,
+# the compiled TTIR is read back and every address computation is checked for 32-bit products of run-time
+# values (tests/ttir_offsets.py); a large view under the interpreter would copy the whole 4 GiB storage on
+# every launch, so the kernels' half of the proof is the inspection.
+
+ROW_STRIDE = 2**30 + 17  # three rows: the last element sits past 2^31
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_torch_path_offsets_past_2_31(dropout_p):
+    rows, k, n, r = 3, 8, 5, 2
+    x = torch.empty_strided((rows, k), (ROW_STRIDE, 1), dtype=torch.float16)
+    with torch.no_grad():
+        x.copy_(torch.randn(rows, k))
+    assert (rows - 1) * ROW_STRIDE + k > 2**31
+    args = linear_args(x=x, weight=torch.randn(n, k).half(), bias=torch.randn(n).half())
+    args.update(lora_A=torch.randn(r, k).half(), lora_B=torch.randn(n, r).half())
+    leaves = {key: (v.requires_grad_() if key in LINEAR_GRADS else v) for key, v in args.items()}
+    refs = {
+        key: (v.detach().double().requires_grad_(key in LINEAR_GRADS) if key != "scaling" else v)
+        for key, v in args.items()
+    }
+    mask = None
+    if dropout_p > 0:
+        torch.manual_seed(5)
+        eye = torch.eye(k)
+        mask = fastlora.lora_linear(torch.ones(rows, k), torch.zeros(k, k), None, eye, eye, 1.0, dropout_p).double()
+    with on_path("torch"):
+        torch.manual_seed(5)
+        out = fastlora.lora_linear(**leaves, dropout_p=dropout_p)
+    ref = lora_linear_ref(**refs, mask=mask)
+    assert_close(out, ref, torch.float16, "output")
+    dy = torch.randn(rows, n).half()
+    out.backward(dy)
+    ref.backward(dy.double())
+    for key in LINEAR_GRADS:
+        assert_close(leaves[key].grad, refs[key].grad, torch.float16, f"grad {key}")
+
+
+def test_offset_inspection_tells_32_from_64_bits():
+    """The inspection itself: it flags the 32-bit offsets of the toy kernels and passes their 64-bit twins."""
+    pytest.importorskip("triton")
+    import toy_offset_kernels as toy
+    from ttir_offsets import capture_launches, compile_ttir, distinct, offsets_32bit
+
+    x = torch.randn(20, 11).t()
+    a, b = torch.randn(37, 21).half(), torch.randn(21, 19).half()
+    with capture_launches() as launches:
+        for kernel in (toy.gather_rows_i32, toy.gather_rows_i64):
+            assert torch.equal(toy.gather_rows(x, kernel), x.contiguous())
+        for wide in (False, True):
+            torch.testing.assert_close(toy.matmul(a, b, wide), a.float() @ b.float())
+    compiled = compile_ttir(distinct(launches), extra_path=[Path(__file__).parent])
+    found = {(c["name"], i): offsets_32bit(c["ttir"]) for i, c in enumerate(compiled)}
+    narrow32, wide32, narrow_mm, wide_mm = found.values()
+    assert len(narrow32) == 3, narrow32  # row * stride_xm, col * stride_xk, row * K
+    assert len(narrow_mm) == 4, narrow_mm  # the row and column offsets of A, B and C
+    assert wide32 == [] and wide_mm == []
+
+
+def _exercise_kernels(kind):
+    """Forward and backward (and merge) of one op on small inputs, with and without dropout, fp32 and fp16."""
+    for dtype in (torch.float32, torch.float16):
+        if kind == "linear":
+            for p in (0.0, 0.2):
+                x = torch.randn(37, 75, dtype=dtype, requires_grad=True)
+                layer = fastlora.LoRALinear.from_module(nn.Linear(75, 51).to(dtype), r=5, alpha=10, dropout=p)
+                layer(x).sum().backward()
+                layer.merge()
+                layer.unmerge()
+        elif kind == "embedding":
+            layer = fastlora.LoRAEmbedding.from_module(nn.Embedding(53, 29).to(dtype), r=5, alpha=10)
+            layer(torch.randint(0, 53, (37,))).sum().backward()
+            layer.merge()
+            layer.unmerge()
+        else:
+            for p in (0.0, 0.2):
+                x = torch.randn(2, 6, 9, 9, dtype=dtype, requires_grad=True)
+                layer = fastlora.LoRAConv2d.from_module(
+                    nn.Conv2d(6, 7, 3, padding=1).to(dtype), r=5, alpha=10, dropout=p
+                )
+                layer(x).sum().backward()
+                layer.merge()
+                layer.unmerge()
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels are not on this branch yet")
+@pytest.mark.parametrize("kind", kind_params())
+def test_kernels_compute_offsets_in_64_bits(kind):
+    """Every kernel an op launches, compiled for sm_90 as launched: no 32-bit product of run-time values
+    reaches an address."""
+    from ttir_offsets import capture_launches, compile_ttir, distinct, offsets_32bit
+
+    with on_path("triton"), capture_launches() as launches:
+        _exercise_kernels(kind)
+    assert launches, f"{kind}: no Triton kernel ran"
+    failures = {}
+    for launch, compiled in zip(distinct(launches), compile_ttir(distinct(launches)), strict=True):
+        found = offsets_32bit(compiled["ttir"])
+        if found:
+            failures[f"{launch['module']}.{launch['name']}"] = found
+    assert not failures, f"32-bit address arithmetic: {failures}"
