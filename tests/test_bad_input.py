@@ -92,8 +92,17 @@ def conv(**change):
     return lambda: fastlora.lora_conv2d(**conv2d_args(**change))
 
 
-def layer_call(x):
-    return lambda: fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=3, alpha=6)(x)
+def layer_call(x, state="active"):
+    """Call a LoRALinear(5 -> 4) on x: active, merged into its weight, or with its adapter disabled."""
+
+    def call():
+        layer = fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=3, alpha=6)
+        if state == "merged":
+            layer.merge()
+        layer.disabled = state == "disabled"
+        return layer(x)
+
+    return call
 
 
 ERROR_ROWS = [
@@ -136,6 +145,10 @@ ERROR_ROWS = [
     _row("LoRALinear-forward-shape", layer_call(torch.randn(7, 6)), ValueError, r"\bx\b"),
     _row("LoRALinear-forward-int", layer_call(torch.randint(0, 3, (7, 5))), TypeError, r"\bx\b"),
     _row("LoRALinear-forward-meta", layer_call(torch.randn(7, 5, device=META)), ValueError, r"\bx on meta"),
+    _row("LoRALinear-merged-shape", layer_call(torch.randn(7, 6), "merged"), ValueError, r"\bx\b"),
+    _row("LoRALinear-merged-fp16", layer_call(torch.randn(7, 5).half(), "merged"), TypeError, r"\bx\b"),
+    _row("LoRALinear-disabled-int", layer_call(torch.randint(0, 3, (7, 5)), "disabled"), TypeError, r"\bx\b"),
+    _row("LoRALinear-disabled-meta", layer_call(torch.randn(7, 5, device=META), "disabled"), ValueError, "meta"),
     _row(
         "LoRALinear-from-conv",
         lambda: fastlora.LoRALinear.from_module(nn.Conv2d(3, 4, 1)),
@@ -353,6 +366,38 @@ def test_layer_merge_refuses_non_finite(path):
     with on_path(path), pytest.raises(ValueError, match="non-finite"):
         layer.merge(safe=True)
     assert torch.equal(layer.weight, before) and not layer.merged
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["active", "merged"])
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_dtypes_under_autocast(path, merged):
+    """Under torch.autocast the second layer gets bfloat16 input and float32 weights, as nn.Linear would:
+    a correct bfloat16 result, not a dtype error."""
+    model = nn.Sequential(
+        fastlora.LoRALinear.from_module(nn.Linear(13, 11), r=3, alpha=6),
+        fastlora.LoRALinear.from_module(nn.Linear(11, 7), r=2, alpha=4),
+    )
+    for layer in model:
+        nn.init.normal_(layer.lora_B)
+    ref_params = {n: p.detach().double().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    if merged:
+        model[1].merge()
+    x = torch.randn(5, 13)
+    with on_path(path), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    ref = x.double()
+    for i, layer in enumerate(model):
+        w, b, a, bb = (ref_params[f"{i}.{n}"] for n in ("weight", "bias", "lora_A", "lora_B"))
+        ref = lora_linear_ref(ref, w, b, a, bb, layer.scaling)
+    assert_close(out, ref, torch.bfloat16, "output")
+    dy = torch.randn(out.shape)
+    out.float().backward(dy)
+    ref.backward(dy.double())
+    assert model[0].lora_A.grad.dtype == torch.float32
+    trained = ("0.lora_A", "0.lora_B") if merged else ("0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B")
+    for name in trained:
+        assert_close(model.get_parameter(name).grad, ref_params[name].grad, torch.bfloat16, f"grad {name}")
 
 
 EMBEDDING_RESULT_ROWS = {
