@@ -493,7 +493,10 @@ ROW_STRIDE = 2**30 + 17  # three rows: the last element sits past 2^31
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["p0", "p0.3"])
 def test_torch_path_offsets_past_2_31(dropout_p):
     rows, k, n, r = 3, 8, 5, 2
-    x = torch.empty_strided((rows, k), (ROW_STRIDE, 1), dtype=torch.float16)
+    try:  # 4 GiB of address space, reserved but never touched beyond three rows
+        x = torch.empty_strided((rows, k), (ROW_STRIDE, 1), dtype=torch.float16)
+    except RuntimeError as err:
+        pytest.skip(f"this machine cannot reserve 4 GiB of address space: {err}")
     with torch.no_grad():
         x.copy_(torch.randn(rows, k))
     assert (rows - 1) * ROW_STRIDE + k > 2**31
