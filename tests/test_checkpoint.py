@@ -9,7 +9,16 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 from helpers import assert_close
-from lora_cases import DROPOUT_KINDS, LAYER_KINDS, PATHS, build_model, forward_backward, kind_param, make_input, on_path
+from lora_cases import (
+    DROPOUT_KINDS,
+    LAYER_KINDS,
+    PATHS,
+    build_model,
+    forward_backward,
+    kind_param,
+    make_input,
+    on_path,
+)
 from torch.utils.checkpoint import checkpoint
 
 import fastlora
@@ -67,9 +76,24 @@ def test_checkpoint_gradients_identical(kind, dropout, use_reentrant, segments, 
             assert not torch.equal(other_grads[name], ref), f"{name}: another mask gave the same gradient"
 
 
-@pytest.mark.parametrize("compiler", [None, "aot_eager", "inductor"], ids=["eager", "aot_eager", "inductor"])
-@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
-def test_gradients_use_the_forward_mask(checkpointed, compiler):
+MASK_CASES = [
+    pytest.param(checkpointed, compiler, "torch", id=f"{'checkpointed' if checkpointed else 'plain'}-{compiler}-torch")
+    for checkpointed in (False, True)
+    for compiler in (None, "aot_eager", "inductor")
+] + [
+    pytest.param(
+        checkpointed,
+        None,
+        "triton",
+        id=f"{'checkpointed' if checkpointed else 'plain'}-None-interp",
+        marks=PATHS[1].marks,
+    )
+    for checkpointed in (False, True)
+]
+
+
+@pytest.mark.parametrize(("checkpointed", "compiler", "path"), MASK_CASES)
+def test_gradients_use_the_forward_mask(checkpointed, compiler, path):
     """With dropout, the gradients are those of the mask the forward actually drew, also when checkpointing
     recomputes that forward and when a compiler (inductor has its own RNG) runs it. With K = N = r and
     orthogonal A and B, the forward's output reveals S = (m * x) A^T and m * x, so dA and dB are known exactly."""
@@ -83,7 +107,7 @@ def test_gradients_use_the_forward_mask(checkpointed, compiler):
     if compiler is not None:
         torch._dynamo.reset()
         step = torch.compile(step, backend=compiler, fullgraph=True)
-    with on_path("torch"):
+    with on_path(path):
         torch.manual_seed(1)
         out = step(x)
         (out * g).sum().backward()
