@@ -146,13 +146,14 @@ def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be in_features={k}, got x of shape {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
+    autocasting = autocast_enabled(x.device.type)  # then autocast_inputs brings x, weight and bias to one dtype
+    if x.dtype != weight.dtype and not autocasting:
         raise TypeError(f"x is {_dtype_name(x.dtype)} but weight is {_dtype_name(weight.dtype)}; they must match")
     if bias is not None:
         _check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != n:
             raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
+        if bias.dtype != weight.dtype and not autocasting:
             raise TypeError(f"bias is {_dtype_name(bias.dtype)} but weight is {_dtype_name(weight.dtype)}")
     check_lora_factors(lora_A, lora_B, k, n, scaling)
     check_dropout(dropout_p)
@@ -363,10 +364,15 @@ _lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_
 # ----------------------------------------------------------------------------------------------------------
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for this device type (never on a device without autocast, such as meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(x, *tensors):
     """Cast x and the frozen base tensors to the autocast dtype when autocast is on for x's device."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlora.functional import check_dropout, lora_conv2d, lora_embedding, lora_linear, merge_delta_
+from fastlora.functional import _check_linear, check_dropout, lora_conv2d, lora_embedding, lora_linear, merge_delta_
 from fastlora.reference import lora_scaling
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d"]
@@ -150,6 +150,7 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._base_only():
+            _check_linear(x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
             return F.linear(x, self.base_weight, self.bias)
         return lora_linear(
             x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training

@@ -9,12 +9,13 @@ and the gradients exactly where the float64 reference has them: they never vanis
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 from helpers import assert_close
-from lora_cases import PATHS, kind_param, on_path
+from lora_cases import PATHS, kind_param, kind_params, on_path, triton_available
 
 import fastlora
 from fastlora.reference import lora_conv2d_ref, lora_embedding_ref, lora_linear_ref
@@ -91,8 +92,17 @@ def conv(**change):
     return lambda: fastlora.lora_conv2d(**conv2d_args(**change))
 
 
-def layer_call(x):
-    return lambda: fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=3, alpha=6)(x)
+def layer_call(x, state="active"):
+    """Call a LoRALinear(5 -> 4) on x: active, merged into its weight, or with its adapter disabled."""
+
+    def call():
+        layer = fastlora.LoRALinear.from_module(nn.Linear(5, 4), r=3, alpha=6)
+        if state == "merged":
+            layer.merge()
+        layer.disabled = state == "disabled"
+        return layer(x)
+
+    return call
 
 
 ERROR_ROWS = [
@@ -135,6 +145,10 @@ ERROR_ROWS = [
     _row("LoRALinear-forward-shape", layer_call(torch.randn(7, 6)), ValueError, r"\bx\b"),
     _row("LoRALinear-forward-int", layer_call(torch.randint(0, 3, (7, 5))), TypeError, r"\bx\b"),
     _row("LoRALinear-forward-meta", layer_call(torch.randn(7, 5, device=META)), ValueError, r"\bx on meta"),
+    _row("LoRALinear-merged-shape", layer_call(torch.randn(7, 6), "merged"), ValueError, r"\bx\b"),
+    _row("LoRALinear-merged-fp16", layer_call(torch.randn(7, 5).half(), "merged"), TypeError, r"\bx\b"),
+    _row("LoRALinear-disabled-int", layer_call(torch.randint(0, 3, (7, 5)), "disabled"), TypeError, r"\bx\b"),
+    _row("LoRALinear-disabled-meta", layer_call(torch.randn(7, 5, device=META), "disabled"), ValueError, "meta"),
     _row(
         "LoRALinear-from-conv",
         lambda: fastlora.LoRALinear.from_module(nn.Conv2d(3, 4, 1)),
@@ -354,6 +368,38 @@ def test_layer_merge_refuses_non_finite(path):
     assert torch.equal(layer.weight, before) and not layer.merged
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["active", "merged"])
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_dtypes_under_autocast(path, merged):
+    """Under torch.autocast the second layer gets bfloat16 input and float32 weights, as nn.Linear would:
+    a correct bfloat16 result, not a dtype error."""
+    model = nn.Sequential(
+        fastlora.LoRALinear.from_module(nn.Linear(13, 11), r=3, alpha=6),
+        fastlora.LoRALinear.from_module(nn.Linear(11, 7), r=2, alpha=4),
+    )
+    for layer in model:
+        nn.init.normal_(layer.lora_B)
+    ref_params = {n: p.detach().double().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    if merged:
+        model[1].merge()
+    x = torch.randn(5, 13)
+    with on_path(path), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    ref = x.double()
+    for i, layer in enumerate(model):
+        w, b, a, bb = (ref_params[f"{i}.{n}"] for n in ("weight", "bias", "lora_A", "lora_B"))
+        ref = lora_linear_ref(ref, w, b, a, bb, layer.scaling)
+    assert_close(out, ref, torch.bfloat16, "output")
+    dy = torch.randn(out.shape)
+    out.float().backward(dy)
+    ref.backward(dy.double())
+    assert model[0].lora_A.grad.dtype == torch.float32
+    trained = ("0.lora_A", "0.lora_B") if merged else ("0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B")
+    for name in trained:
+        assert_close(model.get_parameter(name).grad, ref_params[name].grad, torch.bfloat16, f"grad {name}")
+
+
 EMBEDDING_RESULT_ROWS = {
     "weight-transposed": {"weight": lambda: torch.randn(6, 11).t()},
     "A-B-transposed": {"lora_A": lambda: torch.randn(11, 3).t(), "lora_B": lambda: torch.randn(3, 6).t()},
@@ -430,3 +476,114 @@ def test_conv2d_zero_batch(kind, path):
     assert args["x"].grad.shape == (0, 3, 7, 7)
     for k in ("lora_A", "lora_B"):
         assert torch.equal(args[k].grad, torch.zeros_like(args[k])), f"{k}.grad is not zero-filled"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Offsets past 2^31 elements
+# ----------------------------------------------------------------------------------------------------------
+# Two halves. On CPU, a strided view whose last element lies past 2^31 elements goes through the torch path
+# (the storage is reserved, not touched: only the three rows in use are ever written). For the Triton kernels,
+# the compiled TTIR is read back and every address computation is checked for 32-bit products of run-time
+# values (tests/ttir_offsets.py); a large view under the interpreter would copy the whole 4 GiB storage on
+# every launch, so the kernels' half of the proof is the inspection.
+
+ROW_STRIDE = 2**30 + 17  # three rows: the last element sits past 2^31
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_torch_path_offsets_past_2_31(dropout_p):
+    rows, k, n, r = 3, 8, 5, 2
+    try:  # 4 GiB of address space, reserved but never touched beyond three rows
+        x = torch.empty_strided((rows, k), (ROW_STRIDE, 1), dtype=torch.float16)
+    except RuntimeError as err:
+        pytest.skip(f"this machine cannot reserve 4 GiB of address space: {err}")
+    with torch.no_grad():
+        x.copy_(torch.randn(rows, k))
+    assert (rows - 1) * ROW_STRIDE + k > 2**31
+    args = linear_args(x=x, weight=torch.randn(n, k).half(), bias=torch.randn(n).half())
+    args.update(lora_A=torch.randn(r, k).half(), lora_B=torch.randn(n, r).half())
+    leaves = {key: (v.requires_grad_() if key in LINEAR_GRADS else v) for key, v in args.items()}
+    refs = {
+        key: (v.detach().double().requires_grad_(key in LINEAR_GRADS) if key != "scaling" else v)
+        for key, v in args.items()
+    }
+    mask = None
+    if dropout_p > 0:
+        torch.manual_seed(5)
+        eye = torch.eye(k)
+        mask = fastlora.lora_linear(torch.ones(rows, k), torch.zeros(k, k), None, eye, eye, 1.0, dropout_p).double()
+    with on_path("torch"):
+        torch.manual_seed(5)
+        out = fastlora.lora_linear(**leaves, dropout_p=dropout_p)
+    ref = lora_linear_ref(**refs, mask=mask)
+    assert_close(out, ref, torch.float16, "output")
+    dy = torch.randn(rows, n).half()
+    out.backward(dy)
+    ref.backward(dy.double())
+    for key in LINEAR_GRADS:
+        assert_close(leaves[key].grad, refs[key].grad, torch.float16, f"grad {key}")
+
+
+def test_offset_inspection_tells_32_from_64_bits():
+    """The inspection itself: it flags the 32-bit offsets of the toy kernels and passes their 64-bit twins."""
+    pytest.importorskip("triton")
+    import toy_offset_kernels as toy
+    from ttir_offsets import capture_launches, compile_ttir, distinct, offsets_32bit
+
+    x = torch.randn(20, 11).t()
+    a, b = torch.randn(37, 21).half(), torch.randn(21, 19).half()
+    with capture_launches() as launches:
+        for kernel in (toy.gather_rows_i32, toy.gather_rows_i64):
+            assert torch.equal(toy.gather_rows(x, kernel), x.contiguous())
+        for wide in (False, True):
+            torch.testing.assert_close(toy.matmul(a, b, wide), a.float() @ b.float())
+    compiled = compile_ttir(distinct(launches), extra_path=[Path(__file__).parent])
+    found = {(c["name"], i): offsets_32bit(c["ttir"]) for i, c in enumerate(compiled)}
+    narrow32, wide32, narrow_mm, wide_mm = found.values()
+    assert len(narrow32) == 3, narrow32  # row * stride_xm, col * stride_xk, row * K
+    assert len(narrow_mm) == 4, narrow_mm  # the row and column offsets of A, B and C
+    assert wide32 == [] and wide_mm == []
+
+
+def _exercise_kernels(kind):
+    """Forward and backward (and merge) of one op on small inputs, with and without dropout, fp32 and fp16."""
+    for dtype in (torch.float32, torch.float16):
+        if kind == "linear":
+            for p in (0.0, 0.2):
+                x = torch.randn(37, 75, dtype=dtype, requires_grad=True)
+                layer = fastlora.LoRALinear.from_module(nn.Linear(75, 51).to(dtype), r=5, alpha=10, dropout=p)
+                layer(x).sum().backward()
+                layer.merge()
+                layer.unmerge()
+        elif kind == "embedding":
+            layer = fastlora.LoRAEmbedding.from_module(nn.Embedding(53, 29).to(dtype), r=5, alpha=10)
+            layer(torch.randint(0, 53, (37,))).sum().backward()
+            layer.merge()
+            layer.unmerge()
+        else:
+            for p in (0.0, 0.2):
+                x = torch.randn(2, 6, 9, 9, dtype=dtype, requires_grad=True)
+                layer = fastlora.LoRAConv2d.from_module(
+                    nn.Conv2d(6, 7, 3, padding=1).to(dtype), r=5, alpha=10, dropout=p
+                )
+                layer(x).sum().backward()
+                layer.merge()
+                layer.unmerge()
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels are not on this branch yet")
+@pytest.mark.parametrize("kind", kind_params())
+def test_kernels_compute_offsets_in_64_bits(kind):
+    """Every kernel an op launches, compiled for sm_90 as launched: no 32-bit product of run-time values
+    reaches an address."""
+    from ttir_offsets import capture_launches, compile_ttir, distinct, offsets_32bit
+
+    with on_path("triton"), capture_launches() as launches:
+        _exercise_kernels(kind)
+    assert launches, f"{kind}: no Triton kernel ran"
+    failures = {}
+    for launch, compiled in zip(distinct(launches), compile_ttir(distinct(launches)), strict=True):
+        found = offsets_32bit(compiled["ttir"])
+        if found:
+            failures[f"{launch['module']}.{launch['name']}"] = found
+    assert not failures, f"32-bit address arithmetic: {failures}"

@@ -30,6 +30,12 @@ PROFILE = settings(
 )
 
 DTYPES = {"torch": [torch.float32, torch.float16, torch.bfloat16], "triton": [torch.float32, torch.float16]}
+# The interpreter runs each kernel program by program in Python: fewer examples there keep the suite quick.
+EXAMPLES = {"torch": 12, "triton": 8}
+
+
+# Sizes start at 2 or 3, so each compared tensor has several elements: a lone dot product can cancel to near
+# zero, and no finite-precision path meets a relative bound on a cancelled scalar.
 
 
 def _layout(gen, shape, dtype, layout):
@@ -133,7 +139,7 @@ def _run_linear(c):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_lora_linear_matches_reference(path):
-    @PROFILE
+    @settings(PROFILE, max_examples=EXAMPLES[path])
     @given(linear_cases(DTYPES[path]))
     def check(case):
         with on_path(path):
@@ -185,7 +191,7 @@ def _run_embedding(c):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", [kind_param("embedding")])
 def test_lora_embedding_matches_reference(kind, path):
-    @PROFILE
+    @settings(PROFILE, max_examples=EXAMPLES[path])
     @given(embedding_cases(DTYPES[path]))
     def check(case):
         with on_path(path):
@@ -270,7 +276,7 @@ def _run_conv2d(c):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", [kind_param("conv2d")])
 def test_lora_conv2d_matches_reference(kind, path):
-    @PROFILE
+    @settings(PROFILE, max_examples=EXAMPLES[path])
     @given(conv2d_cases(DTYPES[path]))
     def check(case):
         with on_path(path):
