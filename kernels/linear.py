@@ -97,14 +97,14 @@ def _lora_down_kernel(
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    i_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    i_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_m, m_r = i_m < M, i_r < R
     i_m64 = i_m.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if HAS_SIDE:
         p_t = t_ptr + i_m64[:, None] * stride_tm + i_r[None, :] * stride_tr
         b_t = tl.load(p_t, mask=m_m[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
-    k_start = pid_s * K_PER_SPLIT
+    k_start = pid_s.to(tl.int64) * K_PER_SPLIT
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # K_PER_SPLIT is a multiple of BLOCK_K
         i_k = k_start + k0 + tl.arange(0, BLOCK_K)
         m_k = i_k < K
@@ -160,11 +160,11 @@ def _lora_up_t_kernel(
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
     i_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    i_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    i_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_k, m_r = i_k < K, i_r < R
     i_k64 = i_k.to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)  # out^T: K is the MMA's M side (wgmma needs >= 64)
-    m_start = pid_s * M_PER_SPLIT
+    m_start = pid_s.to(tl.int64) * M_PER_SPLIT
     for m0 in range(0, M_PER_SPLIT, BLOCK_M):  # M_PER_SPLIT is a multiple of BLOCK_M
         i_m = m_start + m0 + tl.arange(0, BLOCK_M)
         m_m = i_m < M
@@ -244,7 +244,7 @@ def _lora_gemm_kernel(
     # the LoRA term first: an r-wide K step that seeds the accumulator
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        i_r = r0 + tl.arange(0, BLOCK_R)
+        i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         m_r = i_r < R
         b_p = tl.load(
             p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr, mask=m_m[:, None] & m_r[None, :], other=0.0
@@ -336,7 +336,7 @@ def _lora_gemm_tma_kernel(
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
-            i_r = r0 + tl.arange(0, BLOCK_R)
+            i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             m_r = i_r < R
             p_p = p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr
             p_q = q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn

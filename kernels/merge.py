@@ -51,7 +51,7 @@ def _merge_kernel(
     i_n64, i_k64 = i_n.to(tl.int64), i_k.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        i_r = r0 + tl.arange(0, BLOCK_R)
+        i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         m_r = i_r < R
         b_b = tl.load(
             b_ptr + i_n64[:, None] * stride_bn + i_r[None, :] * stride_br, mask=m_n[:, None] & m_r[None, :], other=0.0

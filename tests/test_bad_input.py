@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import assert_close
-from lora_cases import PATHS, kind_param, kind_params, on_path, triton_available
+from lora_cases import PATHS, kind_param, kind_params, on_path
 
 import fastlora
 from fastlora.reference import lora_conv2d_ref, lora_embedding_ref, lora_linear_ref
@@ -571,7 +571,6 @@ def _exercise_kernels(kind):
                 layer.unmerge()
 
 
-@pytest.mark.skipif(not triton_available(), reason="the Triton kernels are not on this branch yet")
 @pytest.mark.parametrize("kind", kind_params())
 def test_kernels_compute_offsets_in_64_bits(kind):
     """Every kernel an op launches, compiled for sm_90 as launched: no 32-bit product of run-time values

@@ -59,6 +59,12 @@ def _describe(value):
         return {"kind": "float", "value": value}
     if value is None:
         return {"kind": "none"}
+    import triton.language as tl
+
+    if isinstance(value, tl.dtype):  # a compile-time dtype switch (e.g. the dot's operand dtype)
+        return {"kind": "tl_dtype", "value": value.name}
+    if isinstance(value, str):
+        return {"kind": "str", "value": value}
     return {"kind": "other", "value": repr(value)}
 
 
@@ -127,6 +133,14 @@ def compile_ttir(launches, extra_path=(), arch=90):
     return json.loads(run.stdout)
 
 
+def _constexpr_value(spec):
+    if spec["kind"] == "tl_dtype":
+        import triton.language as tl
+
+        return tl.dtype(spec["value"])
+    return spec.get("value")
+
+
 def _signature_and_constants(jit_fn, args):
     signature, constexprs = {}, {}
     for param in jit_fn.params:
@@ -138,7 +152,7 @@ def _signature_and_constants(jit_fn, args):
             spec = _describe(value.value if hasattr(value, "value") else value)
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-            constexprs[param.name] = spec.get("value")
+            constexprs[param.name] = _constexpr_value(spec)
         elif spec["kind"] == "tensor":
             signature[param.name] = "*" + spec["dtype"]
         elif spec["kind"] == "desc":
