@@ -63,3 +63,25 @@ def test_fsdp_example_runs_under_torchrun(tmp_path):
     shapes = {name: tuple(t.shape) for name, t in adapter.items()}
     assert shapes == {"0.lora_A": (8, 64), "0.lora_B": (64, 8), "2.lora_A": (8, 64), "2.lora_B": (8, 8)}
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in adapter.values())
+
+
+def test_training_script_snippets_run(tmp_path, monkeypatch):
+    """The "Using fastlora in a training script" blocks, in order, in one namespace (real PEFT and transformers)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using fastlora in a training script", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 4, "expected the apply, save/load, from_peft and merge snippets"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    import fastlora
+
+    with fastlora.use_backend("torch"):
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").exists()
+    ids = namespace["ids"]
+    namespace["merged"].eval(), namespace["fresh"].eval()  # LoRA dropout off: the two must then agree
+    with torch.no_grad():
+        torch.testing.assert_close(
+            namespace["merged"](ids).logits, namespace["fresh"](ids).logits, rtol=1e-4, atol=1e-4
+        )
