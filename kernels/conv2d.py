@@ -131,7 +131,7 @@ def _conv_down_kernel(
     num_c = tl.cdiv(C, BLOCK_K)
     for it in range(0, KH * KW * num_c):
         tap = it // num_c
-        c = (it - tap * num_c) * BLOCK_K + offs_k  # [BK]
+        c = (it % num_c) * BLOCK_K + offs_k  # [BK]
         i = tap // KW
         j = tap - i * KW
         h = ho * STRIDE_H - PAD_H + i * DIL_H
@@ -144,7 +144,8 @@ def _conv_down_kernel(
         if HAS_DROPOUT:
             keep = _keep_scale(seed, p, drop_scale, n[:, None], c[None, :], h[:, None], w[:, None], C, H, W)
             b_x = b_x.to(tl.float32) * keep
-        p_a = a_ptr + offs_r.to(tl.int64)[None, :] * sar + c.to(tl.int64)[:, None] * sac + i * sah + j * saw
+        a_tap = tl.cast(i, tl.int64) * sah + tl.cast(j, tl.int64) * saw
+        p_a = a_ptr + offs_r.to(tl.int64)[None, :] * sar + c.to(tl.int64)[:, None] * sac + a_tap
         b_a = tl.load(p_a, mask=c_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
         acc = tl.dot(b_x.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
@@ -211,9 +212,9 @@ def _conv_fwd_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(Og, BLOCK_N)
-    tiles_per_group = num_pid_m * num_pid_n
-    g = pid // tiles_per_group
-    pid = pid - g * tiles_per_group
+    g = pid // num_pid_n // num_pid_m  # the group: pid // (tiles per group), in 32-bit divisions
+    g64 = g.to(tl.int64)
+    pid = (pid - g64 * num_pid_m * num_pid_n).to(tl.int32)  # the tile within group g, below the grid size
     width = GROUP_M * num_pid_n
     first_m = (pid // width) * GROUP_M
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -227,22 +228,26 @@ def _conv_fwd_kernel(
     m_ok = offs_m < M
     o_ok = offs_on < Og
     r_ok = offs_r < R
-    offs_o = (g * Og + offs_on).to(tl.int64)
     n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
     n64 = n.to(tl.int64)
+    # group g's channels: inputs from g * Cg, outputs from g * Og
+    x_ptr += g64 * Cg * sxc
+    w_ptr += g64 * Og * swo
+    b_ptr += g64 * Og * sbo
+    bias_ptr += g64 * Og
+    y_ptr += g64 * Og * syc
 
     # Seed: s * S B^T, S [BM, BR] and B^T [BR, BN].
     p_s = s_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
     b_s = tl.load(p_s, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    p_b = b_ptr + offs_o[None, :] * sbo + offs_r.to(tl.int64)[:, None] * sbr
+    p_b = b_ptr + offs_on.to(tl.int64)[None, :] * sbo + offs_r.to(tl.int64)[:, None] * sbr
     b_b = tl.load(p_b, mask=r_ok[:, None] & o_ok[None, :], other=0.0)
     acc = tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
 
-    c_base = (g * Cg).to(tl.int64)
     num_c = tl.cdiv(Cg, BLOCK_K)
     for it in range(0, KH * KW * num_c):
         tap = it // num_c
-        c = (it - tap * num_c) * BLOCK_K + offs_k  # channel within the group [BK]
+        c = (it % num_c) * BLOCK_K + offs_k  # channel within the group [BK]
         i = tap // KW
         j = tap - i * KW
         h = ho * STRIDE_H - PAD_H + i * DIL_H
@@ -250,16 +255,17 @@ def _conv_fwd_kernel(
         row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         c_ok = c < Cg
         row_off = n64 * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        p_x = x_ptr + row_off[:, None] + (c_base + c)[None, :] * sxc
+        p_x = x_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
         b_x = tl.load(p_x, mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # [BM, BK]
-        p_w = w_ptr + offs_o[None, :] * swo + c.to(tl.int64)[:, None] * swc + i * swh + j * sww
+        w_tap = tl.cast(i, tl.int64) * swh + tl.cast(j, tl.int64) * sww
+        p_w = w_ptr + offs_on.to(tl.int64)[None, :] * swo + c.to(tl.int64)[:, None] * swc + w_tap
         b_w = tl.load(p_w, mask=c_ok[:, None] & o_ok[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(b_x.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_on, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     row_off = n64 * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
-    p_y = y_ptr + row_off[:, None] + offs_o[None, :] * syc
+    p_y = y_ptr + row_off[:, None] + offs_on.to(tl.int64)[None, :] * syc
     tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
@@ -537,7 +543,8 @@ def _conv_dx_kernel(
         rows = (n_rows + ho) * Wo + wo
         p_ds = ds_ptr + rows[:, None] * R + offs_r[None, :]
         b_ds = tl.load(p_ds, mask=src_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
-        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + c.to(tl.int64)[None, :] * sac + i * sah + j * saw
+        a_tap = tl.cast(i, tl.int64) * sah + tl.cast(j, tl.int64) * saw
+        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + c.to(tl.int64)[None, :] * sac + a_tap
         b_a = tl.load(p_a, mask=r_ok[:, None] & c_ok[None, :], other=0.0)  # [BR, BK]
         acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
@@ -612,9 +619,9 @@ def _conv_dgrad_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(P, BLOCK_M)
     num_pid_n = tl.cdiv(Cg, BLOCK_N)
-    tiles_per_group = num_pid_m * num_pid_n
-    g = pid // tiles_per_group
-    pid = pid - g * tiles_per_group
+    g = pid // num_pid_n // num_pid_m  # the group: pid // (tiles per group), in 32-bit divisions
+    g64 = g.to(tl.int64)
+    pid = (pid - g64 * num_pid_m * num_pid_n).to(tl.int32)  # the tile within group g, below the grid size
     width = GROUP_M * num_pid_n
     first_m = (pid // width) * GROUP_M
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -628,9 +635,12 @@ def _conv_dgrad_kernel(
     m_ok = offs_m < P
     c_ok = offs_cn < Cg
     r_ok = offs_r < R
-    c = g * Cg + offs_cn
     n, h, w = _pixel_rows(offs_m, H, W)
     n64 = n.to(tl.int64)
+    # group g's slices of dX (input channels from g * Cg) and of dY and W (output channels from g * Og)
+    dx_ptr += g64 * Cg * sxc
+    dy_ptr += g64 * Og * sdc
+    w_ptr += g64 * Og * swo
 
     # LoRA term: sum over taps of dS[source rows] A[:, c, i, j], dS [BM, BR] and A [BR, BN].
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -648,16 +658,16 @@ def _conv_dgrad_kernel(
             src_ok = src_ok & (ws % STRIDE_W == 0)
         rows = (n64 * Ho + ho) * Wo + wo
         b_ds = tl.load(ds_ptr + rows[:, None] * R + offs_r[None, :], mask=src_ok[:, None] & r_ok[None, :], other=0.0)
-        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + c.to(tl.int64)[None, :] * sac + i * sah + j * saw
+        a_tap = tl.cast(i, tl.int64) * sah + tl.cast(j, tl.int64) * saw
+        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + (g64 * Cg + offs_cn)[None, :] * sac + a_tap
         b_a = tl.load(p_a, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     # Base term: sum over taps and output channels of dY[source pixels, o] W[o, c, i, j].
-    o_base = g * Og
     num_o = tl.cdiv(Og, BLOCK_K)
     for it in range(0, KH * KW * num_o):
         tap = it // num_o
-        o = (it - tap * num_o) * BLOCK_K + offs_k  # output channel within the group [BK]
+        o = (it % num_o) * BLOCK_K + offs_k  # output channel within the group [BK]
         i = tap // KW
         j = tap - i * KW
         hs = h + PAD_H - i * DIL_H
@@ -670,15 +680,16 @@ def _conv_dgrad_kernel(
         if STRIDE_W > 1:
             src_ok = src_ok & (ws % STRIDE_W == 0)
         o_ok = o < Og
-        o64 = (o_base + o).to(tl.int64)
+        o64 = o.to(tl.int64)
         row_off = n64 * sdn + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
         b_dy = tl.load(dy_ptr + row_off[:, None] + o64[None, :] * sdc, mask=src_ok[:, None] & o_ok[None, :], other=0.0)
-        p_w = w_ptr + o64[:, None] * swo + offs_cn.to(tl.int64)[None, :] * swc + i * swh + j * sww
+        w_tap = tl.cast(i, tl.int64) * swh + tl.cast(j, tl.int64) * sww
+        p_w = w_ptr + o64[:, None] * swo + offs_cn.to(tl.int64)[None, :] * swc + w_tap
         b_w = tl.load(p_w, mask=o_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(b_dy.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     row_off = n64 * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-    p_dx = dx_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
+    p_dx = dx_ptr + row_off[:, None] + offs_cn.to(tl.int64)[None, :] * sxc
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 

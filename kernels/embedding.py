@@ -91,7 +91,7 @@ def _emb_fwd_kernel(
     p_w = w_ptr + i_v[:, None] * stride_wv  # [BLOCK_M, 1] row starts
     p_y = y_ptr + o_m[:, None].to(tl.int64) * stride_ym
 
-    col_start = pid_d * COLS_PER_PROGRAM
+    col_start = pid_d.to(tl.int64) * COLS_PER_PROGRAM
     col_end = tl.minimum(col_start + COLS_PER_PROGRAM, D)
     for d0 in range(col_start, col_end, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
@@ -153,11 +153,11 @@ def _emb_bwd_dy_kernel(
     o_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_d = o_d < D
     m_r = o_r < R
-    p_b = b_ptr + o_d[:, None].to(tl.int64) * stride_bd + o_r[None, :] * stride_br  # [BLOCK_D, BLOCK_R]
+    p_b = b_ptr + o_d[:, None].to(tl.int64) * stride_bd + o_r[None, :].to(tl.int64) * stride_br  # [BLOCK_D, BLOCK_R]
     b_b = tl.load(p_b, mask=m_d[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)
     b_db = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
 
-    row_start = pid_m * ROWS_PER_PROGRAM
+    row_start = pid_m.to(tl.int64) * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
     ds_base = ds_part_ptr + pid_d.to(tl.int64) * M * R
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -215,7 +215,7 @@ def _emb_bwd_scatter_kernel(
         p_ds = ds_part_ptr + o_m[:, None].to(tl.int64) * R + o_r[None, :]
         b_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for j in range(0, N_PARTS):
-            b_g += tl.load(p_ds + j * M * R, mask=m_m[:, None] & m_r[None, :], other=0.0)
+            b_g += tl.load(p_ds + tl.cast(j, tl.int64) * M * R, mask=m_m[:, None] & m_r[None, :], other=0.0)
         p_da = da_ptr + o_r[None, :].to(tl.int64) * stride_dar + i_v[:, None] * stride_dav
         tl.atomic_add(p_da, scaling * b_g, mask=m_keep[:, None] & m_r[None, :])
 
@@ -320,7 +320,7 @@ def _emb_bwd_reduce_kernel(
     m_e = o_e < N_ELEM
     b_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j in range(0, N_PARTS):
-        b_acc += tl.load(part_ptr + j * N_ELEM + o_e, mask=m_e, other=0.0)
+        b_acc += tl.load(part_ptr + tl.cast(j, tl.int64) * N_ELEM + o_e, mask=m_e, other=0.0)
     tl.store(out_ptr + o_e, (scaling * b_acc).to(out_ptr.dtype.element_ty), mask=m_e)
 
 
