@@ -246,18 +246,24 @@ def test_bad_input_raises_clear_error(call, error, names, path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _assert_matches(out, ref, name):
-    """Same NaN and Inf positions as the float64 reference (non-finite values never vanish), the rest close."""
+def _assert_matches(out, ref, name, nan_may_spread=False):
+    """Same NaN and Inf positions as the float64 reference (non-finite values never vanish), the rest close.
+
+    nan_may_spread: NaN may also appear where the reference is finite (never the other way), for a NaN weight
+    in an implicit GEMM, whose zero padding meets the NaN (0 * NaN) at taps the reference's convolution skips."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     for what, test in (("NaN", torch.isnan), ("Inf", torch.isinf)):
         got, want = test(out.detach()), test(ref.detach())
+        if nan_may_spread and what == "NaN":
+            assert not (want & ~got).any(), f"{name}: NaN vanished at {(want & ~got).nonzero()[:5].tolist()}"
+            continue
         assert torch.equal(got, want), f"{name}: {what} at {(got != want).nonzero()[:5].tolist()} differs from ref"
-    finite = torch.isfinite(ref.detach())
+    finite = torch.isfinite(ref.detach()) & torch.isfinite(out.detach())
     if finite.any():
         assert_close(out.detach()[finite], ref.detach()[finite], torch.float32, name)
 
 
-def _run_and_compare(fn, ref_fn, args, grad_names, dy=None):
+def _run_and_compare(fn, ref_fn, args, grad_names, dy=None, nan_may_spread=()):
     """Call fn(**args) and ref_fn on float64 copies; compare the output and the grads of grad_names."""
     leaves = {k: (v.detach().requires_grad_() if k in grad_names else v) for k, v in args.items()}
     refs = {
@@ -276,7 +282,7 @@ def _run_and_compare(fn, ref_fn, args, grad_names, dy=None):
     ref.backward(dy.double())
     for k in grad_names:
         assert leaves[k].grad is not None, f"{k} got no gradient"
-        _assert_matches(leaves[k].grad, refs[k].grad, f"grad {k}")
+        _assert_matches(leaves[k].grad, refs[k].grad, f"grad {k}", nan_may_spread=k in nan_may_spread)
     return out, leaves
 
 
@@ -459,8 +465,10 @@ CONV2D_RESULT_ROWS = {
 @pytest.mark.parametrize("row", [pytest.param(r, id=r, marks=CONV) for r in CONV2D_RESULT_ROWS])
 def test_conv2d_result_rows(row, path):
     args = conv2d_args(**{k: make() for k, make in CONV2D_RESULT_ROWS[row].items()})
+    # the kernels' dX is an implicit GEMM over all taps: a NaN in A meets the zero padding of dS there
+    spread = ("x",) if row == "A-nan" and path == "triton" else ()
     with on_path(path):
-        _run_and_compare(fastlora.lora_conv2d, lora_conv2d_ref, args, CONV2D_GRADS)
+        _run_and_compare(fastlora.lora_conv2d, lora_conv2d_ref, args, CONV2D_GRADS, nan_may_spread=spread)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -511,7 +519,9 @@ def test_torch_path_offsets_past_2_31(dropout_p):
     if dropout_p > 0:
         torch.manual_seed(5)
         eye = torch.eye(k)
-        mask = fastlora.lora_linear(torch.ones(rows, k), torch.zeros(k, k), None, eye, eye, 1.0, dropout_p).double()
+        with on_path("torch"):  # the mask of the path under test (each path draws its own)
+            mask = fastlora.lora_linear(torch.ones(rows, k), torch.zeros(k, k), None, eye, eye, 1.0, dropout_p)
+        mask = mask.double()
     with on_path("torch"):
         torch.manual_seed(5)
         out = fastlora.lora_linear(**leaves, dropout_p=dropout_p)
