@@ -35,4 +35,5 @@ for _ in range(3):
 adapter = {name: p.full_tensor() for name, p in model.named_parameters() if "lora_" in name}
 if dist.get_rank() == 0:
     save_file({name: t.cpu().contiguous() for name, t in adapter.items()}, "adapter.safetensors")
+dist.barrier()  # no rank tears the group down while another still uses it
 dist.destroy_process_group()

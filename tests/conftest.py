@@ -1,8 +1,11 @@
 """Test set-up: Triton kernels run under the interpreter on CPU, and unwritten outputs show up as NaN."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton-decorated kernels
+# A fresh inductor cache per run: a graph cached by an earlier build of the custom ops must never be reused.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlora-inductor-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
