@@ -687,223 +687,86 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _sig(types: dict) -> dict:
+    """{"*fp16": "a_ptr b_ptr", "i32": "M N"} -> {"a_ptr": "*fp16", "b_ptr": "*fp16", "M": "i32", "N": "i32"}."""
+    return {name: ty for ty, names in types.items() for name in names.split()}
+
+
+def _aot_case(case_id, major, kernel, signature, constexprs, divisible, warps, stages, expects_mma=True):
+    return {
+        "id": case_id, "major": major, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+        "divisible": divisible.split(), "num_warps": warps, "num_stages": stages, "expects_mma": expects_mma,
+    }  # fmt: skip
+
+
 def aot_cases():
-    """The compile cases tests/aot.py builds for sm_80 and sm_90 (contiguous, 16-aligned tensors, r = 16)."""
+    """The compile cases tests/aot.py builds for sm_80 and sm_90 (contiguous, 16-aligned tensors, r = 16): every
+    GEMM tile for each dtype, both directions (forward with bias, backward dX with dropout), the TMA variant on
+    sm_90 for 16-bit dtypes, and the skinny passes with dropout and the atomic dB side output."""
     cases = []
+    precisions = ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
     for major in (8, 9):
-        for dtype, precision in (
-            (torch.float16, "ieee"),
-            (torch.bfloat16, "ieee"),
-            (torch.float32, "ieee"),
-            (torch.float32, "tf32"),
-        ):
+        for dtype, precision in precisions:
             t = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-            for direction in ("fwd", "bwd"):
-                fwd = direction == "fwd"
-                tag = "-tf32" if precision == "tf32" else ""
+            tag = "-tf32" if precision == "tf32" else ""
+            mma = precision == "tf32" or dtype != torch.float32
+            for fwd in (True, False):
+                flags = {"HAS_BIAS": fwd, "HAS_DROPOUT": not fwd, "DOT_DTYPE": TL_DTYPES[dtype],
+                         "PRECISION": precision, "BLOCK_R": 16, "stride_pr": 1, "stride_qr": 1}  # fmt: skip
+                b_strided, b_unit = ("stride_bn", "stride_bk") if fwd else ("stride_bk", "stride_bn")
                 for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
-                    cases.append(
+                    name = f"{'fwd' if fwd else 'bwd'}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}"
+                    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
+                    sig = _sig(
                         {
-                            "id": f"gemm-{direction}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}",
-                            "major": major,
-                            "kernel": _lora_gemm_kernel,
-                            "signature": {
-                                **dict.fromkeys(["a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr"], f"*{t}"),
-                                **dict.fromkeys(
-                                    ["M", "N", "K", "R", "M_BUCKET", "stride_am", "stride_pm", "stride_cm", "seed"],
-                                    "i32",
-                                ),
-                                ("stride_bn" if fwd else "stride_bk"): "i32",
-                                "stride_qn": "i32",
-                                "lora_scale": "fp32",
-                                "p_drop": "fp32",
-                            },
-                            "constexprs": {
-                                "stride_ak": 1,
-                                ("stride_bk" if fwd else "stride_bn"): 1,
-                                "stride_pr": 1,
-                                "stride_qr": 1,
-                                "stride_cn": 1,
-                                "HAS_BIAS": fwd,
-                                "HAS_DROPOUT": not fwd,
-                                "DOT_DTYPE": TL_DTYPES[dtype],
-                                "PRECISION": precision,
-                                "BLOCK_R": 16,
-                                "BLOCK_M": bm,
-                                "BLOCK_N": bn,
-                                "BLOCK_K": bk,
-                                "GROUP_M": g,
-                            },
-                            "divisible": [
-                                "a_ptr",
-                                "b_ptr",
-                                "p_ptr",
-                                "q_ptr",
-                                "bias_ptr",
-                                "c_ptr",
-                                "N",
-                                "K",
-                                "stride_am",
-                                "stride_bn" if fwd else "stride_bk",
-                                "stride_pm",
-                                "stride_qn",
-                                "stride_cm",
-                            ],
-                            "num_warps": w,
-                            "num_stages": st,
-                            "expects_mma": precision == "tf32" or dtype != torch.float32,
+                            f"*{t}": "a_ptr b_ptr p_ptr q_ptr bias_ptr c_ptr",
+                            "fp32": "lora_scale p_drop",
+                            "i32": f"M N K R M_BUCKET stride_am stride_pm stride_qn stride_cm seed {b_strided}",
                         }
                     )
-            for direction in ("fwd", "bwd") if major >= 9 and dtype != torch.float32 else ():
-                fwd = direction == "fwd"
-                tag = "-tf32" if precision == "tf32" else ""
-                for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
-                    cases.append(
-                        {
-                            "id": f"gemm_tma-{direction}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}",
-                            "major": major,
-                            "kernel": _lora_gemm_tma_kernel,
-                            "signature": {
-                                "a_desc": f"tensordesc<{t}[{bm}, {bk}]>",
-                                "b_desc": f"tensordesc<{t}[{bn}, {bk}]>" if fwd else f"tensordesc<{t}[{bk}, {bn}]>",
-                                "c_desc": f"tensordesc<{t}[{bm}, {bn}]>",
-                                **dict.fromkeys(["p_ptr", "q_ptr", "bias_ptr"], f"*{t}"),
-                                **dict.fromkeys(
-                                    ["M", "N", "K", "R", "M_BUCKET", "stride_pm", "stride_qn", "seed"], "i32"
-                                ),
-                                "lora_scale": "fp32",
-                                "p_drop": "fp32",
-                            },
-                            "constexprs": {
-                                "stride_pr": 1,
-                                "stride_qr": 1,
-                                "B_NK": fwd,
-                                "HAS_BIAS": fwd,
-                                "HAS_DROPOUT": not fwd,
-                                "DOT_DTYPE": TL_DTYPES[dtype],
-                                "PRECISION": precision,
-                                "BLOCK_R": 16,
-                                "BLOCK_M": bm,
-                                "BLOCK_N": bn,
-                                "BLOCK_K": bk,
-                                "GROUP_M": g,
-                                "NUM_SMS": 132,
-                            },
-                            "divisible": ["p_ptr", "q_ptr", "bias_ptr", "N", "K", "stride_pm", "stride_qn"],
-                            "num_warps": w,
-                            "num_stages": st,
-                            "expects_mma": precision == "tf32" or dtype != torch.float32,
-                        }
-                    )
+                    cases.append(_aot_case(
+                        f"gemm-{name}", major, _lora_gemm_kernel, sig,
+                        {**flags, **tiles, "stride_ak": 1, b_unit: 1, "stride_cn": 1},
+                        f"a_ptr b_ptr p_ptr q_ptr bias_ptr c_ptr N K stride_am {b_strided} stride_pm stride_qn "
+                        "stride_cm", w, st, mma,
+                    ))  # fmt: skip
+                    if major < 9 or dtype == torch.float32:
+                        continue
+                    b_block = f"{bn}, {bk}" if fwd else f"{bk}, {bn}"
+                    sig = _sig({f"*{t}": "p_ptr q_ptr bias_ptr", "fp32": "lora_scale p_drop",
+                                "i32": "M N K R M_BUCKET stride_pm stride_qn seed"})  # fmt: skip
+                    sig["a_desc"], sig["c_desc"] = f"tensordesc<{t}[{bm}, {bk}]>", f"tensordesc<{t}[{bm}, {bn}]>"
+                    sig["b_desc"] = f"tensordesc<{t}[{b_block}]>"
+                    cases.append(_aot_case(
+                        f"gemm_tma-{name}", major, _lora_gemm_tma_kernel, sig,
+                        {**flags, **tiles, "B_NK": fwd, "NUM_SMS": 132},
+                        "p_ptr q_ptr bias_ptr N K stride_pm stride_qn", w, st, mma,
+                    ))  # fmt: skip
             if dtype == torch.float32:
                 continue  # the skinny passes are memory-bound: their 16-bit builds stand for all dtypes
             for bm, bk, w, st in configs.skinny_config_tuples(major):
-                common = {"num_warps": w, "num_stages": st, "expects_mma": True}
-                cases.append(
+                meta = {"DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "tf32", "HAS_DROPOUT": True,
+                        "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16}  # fmt: skip
+                sig = _sig(
                     {
-                        "id": f"down-{t}-{bm}x{bk}-w{w}s{st}",
-                        "major": major,
-                        "kernel": _lora_down_kernel,
-                        "signature": {
-                            **dict.fromkeys(["x_ptr", "bt_ptr", "t_ptr", "out_ptr"], f"*{t}"),
-                            "side_ptr": "*fp32",
-                            **dict.fromkeys(
-                                [
-                                    "M",
-                                    "K",
-                                    "R",
-                                    "K_PER_SPLIT",
-                                    "stride_xm",
-                                    "stride_bk",
-                                    "stride_tm",
-                                    "stride_os",
-                                    "stride_om",
-                                    "stride_sk",
-                                    "seed",
-                                ],
-                                "i32",
-                            ),
-                            **dict.fromkeys(["scale", "side_scale", "p_drop"], "fp32"),
-                        },
-                        "constexprs": {
-                            "stride_xk": 1,
-                            "stride_br": 1,
-                            "stride_tr": 1,
-                            "stride_or": 1,
-                            "stride_sr": 1,
-                            "HAS_DROPOUT": True,
-                            "HAS_SIDE": True,
-                            "DOT_DTYPE": TL_DTYPES[dtype],
-                            "PRECISION": "tf32",
-                            "BLOCK_M": bm,
-                            "BLOCK_K": bk,
-                            "BLOCK_R": 16,
-                        },
-                        "divisible": [
-                            "x_ptr",
-                            "bt_ptr",
-                            "t_ptr",
-                            "out_ptr",
-                            "side_ptr",
-                            "K",
-                            "K_PER_SPLIT",
-                            "stride_xm",
-                            "stride_bk",
-                            "stride_tm",
-                            "stride_os",
-                            "stride_om",
-                            "stride_sk",
-                        ],
-                        **common,
+                        f"*{t}": "x_ptr bt_ptr t_ptr out_ptr",
+                        "*fp32": "side_ptr",
+                        "fp32": "scale side_scale p_drop",
+                        "i32": "M K R K_PER_SPLIT stride_xm stride_bk stride_tm stride_os stride_om stride_sk seed",
                     }
                 )
-                cases.append(
-                    {
-                        "id": f"up_t-{t}-{bm}x{bk}-w{w}s{st}",
-                        "major": major,
-                        "kernel": _lora_up_t_kernel,
-                        "signature": {
-                            **dict.fromkeys(["t_ptr", "x_ptr"], f"*{t}"),
-                            "out_ptr": "*fp32",
-                            **dict.fromkeys(
-                                [
-                                    "M",
-                                    "K",
-                                    "R",
-                                    "M_PER_SPLIT",
-                                    "stride_tm",
-                                    "stride_xm",
-                                    "stride_os",
-                                    "stride_or",
-                                    "seed",
-                                ],
-                                "i32",
-                            ),
-                            **dict.fromkeys(["scale", "p_drop"], "fp32"),
-                        },
-                        "constexprs": {
-                            "stride_tr": 1,
-                            "stride_xk": 1,
-                            "stride_ok": 1,
-                            "HAS_DROPOUT": True,
-                            "DOT_DTYPE": TL_DTYPES[dtype],
-                            "PRECISION": "tf32",
-                            "BLOCK_M": bm,
-                            "BLOCK_K": bk,
-                            "BLOCK_R": 16,
-                        },
-                        "divisible": [
-                            "t_ptr",
-                            "x_ptr",
-                            "out_ptr",
-                            "K",
-                            "M_PER_SPLIT",
-                            "stride_tm",
-                            "stride_xm",
-                            "stride_os",
-                            "stride_or",
-                        ],
-                        **common,
-                    }
-                )
+                cases.append(_aot_case(
+                    f"down-{t}-{bm}x{bk}-w{w}s{st}", major, _lora_down_kernel, sig,
+                    {**meta, "HAS_SIDE": True, "stride_xk": 1, "stride_br": 1, "stride_tr": 1, "stride_or": 1,
+                     "stride_sr": 1},
+                    "x_ptr bt_ptr t_ptr out_ptr side_ptr K K_PER_SPLIT stride_xm stride_bk stride_tm stride_os "
+                    "stride_om stride_sk", w, st,
+                ))  # fmt: skip
+                sig = _sig({f"*{t}": "t_ptr x_ptr", "*fp32": "out_ptr", "fp32": "scale p_drop",
+                            "i32": "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or seed"})  # fmt: skip
+                cases.append(_aot_case(
+                    f"up_t-{t}-{bm}x{bk}-w{w}s{st}", major, _lora_up_t_kernel, sig,
+                    {**meta, "stride_tr": 1, "stride_xk": 1, "stride_ok": 1},
+                    "t_ptr x_ptr out_ptr K M_PER_SPLIT stride_tm stride_xm stride_os stride_or", w, st,
+                ))  # fmt: skip
     return cases
