@@ -372,8 +372,12 @@ def _set_tma_block_shapes(nargs):
 
 
 def _prune_gemm_configs(configs_list, named_args, **kwargs):
-    """Drop tiles much larger than the problem (small M or N): they only waste the autotuner's time."""
-    m, n = named_args["M"], named_args["N"]
+    """Drop tiles much larger than the problem (small M or N): they only waste the autotuner's time.
+
+    Triton passes the positional arguments as named_args and the keyword ones as kwargs; the launchers use
+    keywords."""
+    args = {**named_args, **kwargs}
+    m, n = args["M"], args["N"]
     kept = [c for c in configs_list if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))]
     kept = [c for c in kept if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
     return kept or configs_list[-1:]

@@ -348,3 +348,28 @@ def test_bad_rank_in_layer():
         fl.LoRALinear.from_module(nn.Linear(4, 4), r=0)
     with pytest.raises(TypeError, match="nn.Linear"):
         fl.LoRALinear.from_module(nn.Conv2d(3, 3, 1), r=2)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_autotuner_hooks_take_keyword_launches(tma):
+    """The GPU launch goes through triton.autotune with keyword arguments only: the prune hook must find M and N
+    among the keywords (Triton hands it the positional ones as named_args), and the TMA pre-hook must re-shape the
+    descriptors from the config it is given."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tuner = (klinear._gemm_tma_kernel_for if tma else klinear._gemm_kernel_for)(9, torch.bfloat16, False)
+    tuner.nargs = {}  # what Triton's Autotuner.run sets for a launch with no positional arguments
+    # sm_90's tiles are all at least 128 wide in N: a 37 x 51 problem keeps only the smallest one
+    assert tuner.prune_configs({"M": 37, "N": 51, "K": 75, "R": 5}) == [tuner.configs[-1]]
+    half = tuner.prune_configs({"M": 64, "N": 4096, "K": 4096, "R": 16})
+    assert half and all(c.kwargs["BLOCK_M"] <= 64 for c in half) and len(half) < len(tuner.configs)
+    assert tuner.prune_configs({"M": 8192, "N": 4096, "K": 4096, "R": 16}) == tuner.configs
+    if tma:
+        a, w, c = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64)
+        descs = {
+            k: TensorDescriptor.from_tensor(t, [16, 16]) for k, t in zip(("a_desc", "b_desc", "c_desc"), (a, w, c))
+        }
+        for config in tuner.configs:
+            config.pre_hook({**descs, "B_NK": True, **config.kwargs})
+            bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            assert [list(descs[k].block_shape) for k in descs] == [[bm, bk], [bn, bk], [bm, bn]]
