@@ -32,8 +32,11 @@ import triton.testing
 
 from .configs import (
     CONV_GEMM_INTERPRET,
+    CONV_SKINNY_KINDS,
     capability,
+    conv_dgrad_config_tuples,
     conv_dgrad_configs,
+    conv_gemm_config_tuples,
     conv_gemm_configs,
     conv_skinny_config,
     dot_dtype,
@@ -1027,3 +1030,93 @@ def conv2d_dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Ten
         out, numel, c, h, w, drop["seed"], drop["p"], drop["drop_scale"], BLOCK=block
     )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases
+# ----------------------------------------------------------------------------------------------------------
+
+# The specialisation a real launch gets for the benchmark layer (3x3, stride 1, padding 1, C = O = 256): unit
+# strides become constants, the other strides, the channel counts, M and the pointers are multiples of 16.
+_AOT_GEOMETRY = {"KH": 3, "KW": 3, "STRIDE_H": 1, "STRIDE_W": 1, "PAD_H": 1, "PAD_W": 1, "DIL_H": 1, "DIL_W": 1}
+_AOT_DIVISIBLE = set(
+    "M C O Cg Og P sxn sxh sxw sxc swo swh sww swc sbo syn syh syw syc sdn sdh sdw sdc sar sah saw sac".split()
+)
+# Per kernel: float32 pointer args, float scalar args, and the unit-stride args per memory format of x.
+_AOT_KERNELS = {
+    "fwd": (
+        _conv_fwd_kernel,
+        set(),
+        {"scaling"},
+        {"channels_last": {"sxc", "swc", "syc", "sbr"}, "nchw": {"sxw", "swc", "syw", "sbr"}},
+    ),
+    "dgrad": (
+        _conv_dgrad_kernel,
+        {"ds_ptr"},
+        set(),
+        {"channels_last": {"sdc", "swc", "sac", "sxc"}, "nchw": {"sdw", "swc", "sac", "sxw"}},
+    ),
+    "up": (_conv_up_kernel, set(), {"scaling"}, {"channels_last": {"syc", "sbr"}}),
+    "down": (_conv_down_kernel, set(), {"p", "drop_scale"}, {"channels_last": {"sxc", "sac"}}),
+    "ds_db": (_conv_ds_db_kernel, {"ds_ptr", "dbp_ptr"}, {"scaling"}, {"channels_last": {"sdc", "sbr"}}),
+    "da": (_conv_da_kernel, {"ds_ptr", "dap_ptr"}, {"p", "drop_scale"}, {"channels_last": {"sxc"}}),
+    "dx": (_conv_dx_kernel, {"ds_ptr"}, {"p", "drop_scale"}, {"channels_last": {"sxc", "sac"}}),
+}
+
+
+def _aot_case(kind, major, t, tl_dtype, layout, meta, num_warps, num_stages):
+    """One compile case: the kernel of `kind` specialised as a launch on the benchmark layer in `layout`."""
+    fn, fp32_ptrs, float_args, unit_strides = _AOT_KERNELS[kind]
+    flags = {"HAS_BIAS": True, "HAS_DROPOUT": True}
+    constexprs = {**meta, "DOT_DTYPE": tl_dtype, "INPUT_PRECISION": "ieee", "BLOCK_R": 16}
+    signature, divisible = {}, []
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name in _AOT_GEOMETRY or name in flags or name in unit_strides[layout]:
+            constexprs[name] = _AOT_GEOMETRY.get(name, flags.get(name, 1))
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_ptrs else f"*{t}"
+            divisible.append(name)
+        elif name in float_args:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name in _AOT_DIVISIBLE:
+                divisible.append(name)
+    tile = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in meta)
+    group = f"-g{meta['GROUP_M']}" if "GROUP_M" in meta else ""
+    return {
+        "id": f"conv-{kind}-{t}-{layout}-{tile}{group}-w{num_warps}s{num_stages}",
+        "major": major,
+        "kernel": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "divisible": divisible,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "expects_mma": t != "fp32",
+    }
+
+
+def aot_cases():
+    """Compile cases for tests/aot.py: every shipped config of every conv kernel for sm_80 and sm_90. Both memory
+    formats of x for the two big GEMMs (forward, dX) in fp16 and fp32; the 16-bit products must run on tensor
+    cores."""
+    cases = []
+    for major in (8, 9):
+        for dtype, t, tl_dtype in (
+            (torch.float16, "fp16", tl.float16),
+            (torch.bfloat16, "bf16", tl.bfloat16),
+            (torch.float32, "fp32", tl.float32),
+        ):
+            layouts = ("channels_last", "nchw") if t != "bf16" else ("channels_last",)
+            for kind, tuples in (("fwd", conv_gemm_config_tuples), ("dgrad", conv_dgrad_config_tuples)):
+                for bm, bn, bk, g, w, s in tuples(major, dtype):
+                    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
+                    cases += [_aot_case(kind, major, t, tl_dtype, layout, meta, w, s) for layout in layouts]
+            for kind in CONV_SKINNY_KINDS:
+                bm, bk, w, s = conv_skinny_config(major, kind, dtype)
+                meta = {"BLOCK_M": bm, "BLOCK_K": bk}
+                cases.append(_aot_case(kind, major, t, tl_dtype, "channels_last", meta, w, s))
+    return cases

@@ -29,7 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import capability, dot_dtype, embedding_config, input_precision, num_programs_target, rank_block
+from .configs import (
+    capability,
+    dot_dtype,
+    embedding_config,
+    embedding_shipped_configs,
+    input_precision,
+    num_programs_target,
+    rank_block,
+)
 
 __all__ = ["check_indices", "lora_embedding_fwd", "lora_embedding_bwd"]
 
@@ -531,3 +539,74 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
         **cfg,
     )
     return da32.to(lora_A.dtype), db
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases
+# ----------------------------------------------------------------------------------------------------------
+
+# Argument values of a representative call (the target shape: V=128256, D=4096, 8192 tokens, contiguous tensors).
+# Triton specialises integers equal to 1 as constants and marks multiples of 16 as such; aot_cases does the same,
+# so tests/aot.py builds the very kernels a GPU run builds for this shape.
+_AOT_SIZES = {"M": 8192, "D": 4096, "V": 128256, "COLS_PER_PROGRAM": 1024, "ROWS_PER_PROGRAM": 256}
+_AOT_SIZES.update(stride_wv=4096, stride_wd=1, stride_ym=4096, stride_yd=1, stride_dym=4096, stride_dyd=1)
+_AOT_SIZES.update(stride_ar=128256, stride_av=1, stride_br=1, stride_dar=128256, stride_dav=1)
+_AOT_SIZES.update(N_PARTS=16, padding_idx=-1)
+# Pointers whose type does not follow the table's dtype: indices, and the float32 partial sums.
+_AOT_POINTERS = {"idx_ptr": "*i64", "sorted_ptr": "*i64", "perm_ptr": "*i64", "head_ptr": "*i64"}
+_AOT_POINTERS.update(ds_part_ptr="*fp32", db_part_ptr="*fp32", part_ptr="*fp32")
+
+
+def aot_cases():
+    """Compile cases for tests/aot.py: every (kind, target, dtype, rank tile) config the launchers can pick,
+    specialised as a launch at the representative shape above. The rank-r products (fwd, bwd_dy) must run on
+    tensor cores."""
+    kernels = {
+        "fwd": _emb_fwd_kernel,
+        "bwd_dy": _emb_bwd_dy_kernel,
+        "bwd_scatter": _emb_bwd_scatter_kernel,
+        "bwd_segment": _emb_bwd_segment_kernel,
+        "bwd_reduce": _emb_bwd_reduce_kernel,
+    }
+    types = {
+        torch.float16: ("fp16", tl.float16),
+        torch.bfloat16: ("bf16", tl.bfloat16),
+        torch.float32: ("fp32", tl.float32),
+    }
+    cases = []
+    for kind, major, dtype, r_block, cfg in embedding_shipped_configs():
+        kernel = kernels[kind]
+        t, tl_dtype = types[dtype]
+        constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        constexprs.update(BLOCK_R=r_block, RANK_CHUNKS=1, DOT_DTYPE=tl_dtype)
+        constexprs["INPUT_PRECISION"] = "tf32" if dtype == torch.float32 else "ieee"
+        sizes = {**_AOT_SIZES, "R": r_block, "stride_bd": r_block, "N_ELEM": 4096 * r_block}
+        signature, divisible = {}, []
+        for name in kernel.arg_names:
+            if name in constexprs:
+                continue
+            if sizes.get(name) == 1:
+                constexprs[name] = 1
+            elif name.endswith("_ptr"):
+                signature[name] = _AOT_POINTERS.get(name, f"*{t}")
+                divisible.append(name)
+            elif name == "scaling":
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+                if sizes[name] % 16 == 0:
+                    divisible.append(name)
+        cases.append(
+            {
+                "id": f"emb-{kind}-{t}-R{r_block}",
+                "major": major,
+                "kernel": kernel,
+                "signature": signature,
+                "constexprs": {k: v for k, v in constexprs.items() if k in kernel.arg_names},
+                "divisible": divisible,
+                "num_warps": cfg["num_warps"],
+                "num_stages": cfg.get("num_stages", 1),
+                "expects_mma": kind in ("fwd", "bwd_dy"),
+            }
+        )
+    return cases

@@ -10,7 +10,12 @@ import sys
 import pytest
 from fastlora.kernels.configs import SHARED_MEMORY_LIMIT
 
-MODULES = ["fastlora.kernels.linear", "fastlora.kernels.merge"]
+MODULES = [
+    "fastlora.kernels.linear",
+    "fastlora.kernels.merge",
+    "fastlora.kernels.embedding",
+    "fastlora.kernels.conv2d",
+]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -2,20 +2,14 @@
 
 bfloat16 runs under the interpreter with float32 dot operands (configs.dot_dtype: the interpreter cannot multiply
 bfloat16), so the interpreter checks bf16 loads, stores and rounding; bf16 tensor-core code is checked by the
-ahead-of-time compile (wgmma in the sm_90 PTX) and on a GPU.
+ahead-of-time compile (tests/test_aot_compile.py: wgmma in the sm_90 PTX) and on a GPU.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn as nn
-from aot_conv2d import jobs as aot_jobs
 from fastlora.kernels import conv2d as kconv
 from helpers import DTYPE_IDS, assert_close
 
@@ -338,30 +332,3 @@ def test_bad_input_raises(name):
     with pytest.raises(exc) as info:
         fl.lora_conv2d(**kwargs, **options)
     assert len(str(info.value)) > 20
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile of every shipped config for sm_80 and sm_90
-# ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    script = os.path.join(os.path.dirname(__file__), "aot_conv2d.py")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
-def test_aot_every_shipped_config_compiles(aot_results):
-    assert len(aot_results) == len(aot_jobs())
-    for res in aot_results:
-        where = f"{res['kernel']} sm_{res['arch']} {res['dtype']} {res['layout']} {res['meta']} w{res['num_warps']}"
-        assert res["shared"] <= res["shared_limit"], f"{where}: shared memory {res['shared']} > {res['shared_limit']}"
-        assert res["stack"] == 0 and res["local"] == 0, f"{where}: spills (stack {res['stack']}, local {res['local']})"
-        if res["dtype"] != "fp32":
-            if res["arch"] == 90:
-                assert res["wgmma"], f"{where}: no wgmma in the sm_90 PTX"
-            else:
-                assert res["mma_sync"], f"{where}: no mma.sync in the sm_80 PTX"

@@ -2,7 +2,7 @@
 
 bfloat16 runs on both paths: under the interpreter the kernels load bfloat16, compute in float32 (the
 dot_dtype switch; the interpreter cannot multiply bfloat16) and round on store, so the bf16 tensor-core
-path itself is covered only by the ahead-of-time compile below and by GPU runs.
+path itself is covered only by the ahead-of-time compile (tests/test_aot_compile.py) and by GPU runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastlora.reference import lora_embedding_ref
 
 try:
     from helpers import DTYPE_IDS, TOLERANCE, assert_close
-except ImportError:  # run as a script for the ahead-of-time compile, outside pytest
+except ImportError:  # run as a script for the GPU checks, outside pytest
     DTYPE_IDS = TOLERANCE = assert_close = None
 
 V, D = 53, 37
@@ -382,133 +382,7 @@ def test_bad_input_raises(path, args, error, match):
         fl.lora_embedding(*args)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile of every shipped config for sm_80 and sm_90 (no GPU needed: the wheel carries ptxas)
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Argument values of a representative call (the target shape: V=128256, D=4096, 8192 tokens, contiguous tensors).
-# Triton specialises integers equal to 1 as constants and marks multiples of 16 as such; the compile below does
-# the same, so it builds the very kernels a GPU run builds for this shape.
-_AOT_SIZES = {"M": 8192, "D": 4096, "V": 128256, "COLS_PER_PROGRAM": 1024, "ROWS_PER_PROGRAM": 256}
-_AOT_SIZES.update(stride_wv=4096, stride_wd=1, stride_ym=4096, stride_yd=1, stride_dym=4096, stride_dyd=1)
-_AOT_SIZES.update(stride_ar=128256, stride_av=1, stride_br=1, stride_dar=128256, stride_dav=1)
-_AOT_SIZES.update(N_PARTS=16, padding_idx=-1)
-
-
-def _aot_signature(kind, dtype, r_block, cfg):
-    """(kernel, signature, constexprs, attrs) for one shipped config, as a representative launch specialises it."""
-    import triton.language as tl
-    from fastlora.kernels import embedding as kemb
-
-    kernel = {
-        "fwd": kemb._emb_fwd_kernel,
-        "bwd_dy": kemb._emb_bwd_dy_kernel,
-        "bwd_scatter": kemb._emb_bwd_scatter_kernel,
-        "bwd_segment": kemb._emb_bwd_segment_kernel,
-        "bwd_reduce": kemb._emb_bwd_reduce_kernel,
-    }[kind]
-    io_ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    pointers = {"idx_ptr": "*i64", "sorted_ptr": "*i64", "perm_ptr": "*i64", "head_ptr": "*i64", "ds_part_ptr": "*fp32"}
-    pointers.update(db_part_ptr="*fp32", part_ptr="*fp32")
-    constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    constexprs.update(BLOCK_R=r_block, RANK_CHUNKS=1, DOT_DTYPE=getattr(tl, str(dtype).replace("torch.", "")))
-    constexprs["INPUT_PRECISION"] = "tf32" if dtype == torch.float32 else "ieee"
-    sizes = {**_AOT_SIZES, "R": r_block, "stride_bd": r_block, "N_ELEM": 4096 * r_block}
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs or sizes.get(name) == 1:
-            signature[name] = "constexpr"
-            constexprs.setdefault(name, 1)
-        elif name.endswith("_ptr"):
-            signature[name] = pointers.get(name, io_ptr)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "scaling":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if sizes[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = {name: v for name, v in constexprs.items() if name in kernel.arg_names}
-    return kernel, signature, constexprs, attrs
-
-
-def _aot_compile_all(capability: int) -> list[dict]:
-    """Compile every shipped embedding config for one target; report shared memory, registers and spills."""
-    import tempfile
-
-    import triton
-    from fastlora.kernels.configs import embedding_shipped_configs
-    from triton.backends.compiler import GPUTarget
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    target = GPUTarget("cuda", capability, 32)
-    results = []
-    for kind, major, dtype, r_block, cfg in embedding_shipped_configs():
-        if major != capability // 10:
-            continue
-        row = {"id": f"{kind}-sm{capability}-{DTYPE_NAMES[dtype]}-R{r_block}", "major": major}
-        try:
-            kernel, signature, constexprs, attrs = _aot_signature(kind, dtype, r_block, cfg)
-            src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-            options = {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
-            compiled = triton.compile(src, target=target, options=options)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run(
-                    [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-                ).stdout
-            fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
-            row.update(shared=compiled.metadata.shared, regs=int(fields["REG"]))
-            row.update(stack=int(fields["STACK"]), local=int(fields["LOCAL"]))
-            ptx = compiled.asm["ptx"]
-            row["mma"] = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
-            row["cp_async"] = "cp.async" in ptx
-        except Exception as exc:  # reported by the test, with the config that failed
-            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        results.append(row)
-    return results
-
-
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _shipped_ids():
-    from fastlora.kernels.configs import embedding_shipped_configs
-
-    return [
-        f"{kind}-sm{major}0-{DTYPE_NAMES[dtype]}-R{r_block}"
-        for kind, major, dtype, r_block, _ in embedding_shipped_configs()
-    ]
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    """Both targets compiled in two subprocesses side by side, with the interpreter off."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--aot", str(cc)], stdout=subprocess.PIPE, text=True, env=env)
-        for cc in (80, 90)
-    ]
-    rows = {}
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"ahead-of-time compile process failed (exit {proc.returncode})"
-        rows.update({row["id"]: row for row in json.loads(out.strip().splitlines()[-1])})
-    return rows
-
-
-@pytest.mark.parametrize("config_id", _shipped_ids())
-def test_aot_compile_fits_and_does_not_spill(aot_results, config_id):
-    from fastlora.kernels.configs import SHARED_MEMORY_LIMIT
-
-    row = aot_results[config_id]
-    assert "error" not in row, f"{config_id} failed to compile: {row.get('error')}"
-    assert row["shared"] <= SHARED_MEMORY_LIMIT[row["major"]], f"{config_id}: {row['shared']} bytes of shared memory"
-    assert row["stack"] == 0 and row["local"] == 0, f"{config_id} spills: {row}"
-    if config_id.startswith(("fwd-", "bwd_dy-")):  # the rank-r products run on tensor cores
-        assert row["mma"] == ("wgmma" if row["major"] == 9 else "mma.sync"), f"{config_id}: {row}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,7 +465,5 @@ def test_compiled_kernels_on_gpu():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--aot"]:
-        print(json.dumps(_aot_compile_all(int(sys.argv[2]))))
-    elif sys.argv[1:2] == ["--gpu"]:
+    if sys.argv[1:2] == ["--gpu"]:
         print(json.dumps(_gpu_checks()))
