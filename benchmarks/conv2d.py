@@ -15,9 +15,7 @@ LAYER = "conv2d"
 
 
 def inputs(case, device, seed):
-    t = OPS[LAYER].make(case.shape, case.dtype, device, seed)
-    t["scaling"] = float(providers.ALPHA_PER_RANK)
-    return t
+    return providers.layer_inputs(LAYER, case, device, seed)
 
 
 def providers_for(case, t, device):

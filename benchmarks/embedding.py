@@ -7,15 +7,12 @@ import torch.nn as nn
 
 from benchmarks import providers
 from fastlora.reference import PeftStyleEmbedding
-from fastlora.validate import OPS
 
 LAYER = "embedding"
 
 
 def inputs(case, device, seed):
-    t = OPS[LAYER].make(case.shape, case.dtype, device, seed)
-    t["scaling"] = float(providers.ALPHA_PER_RANK)
-    return t
+    return providers.layer_inputs(LAYER, case, device, seed)
 
 
 def providers_for(case, t, device):

@@ -7,9 +7,17 @@ import torch.nn as nn
 
 import fastlora
 from benchmarks.harness import Provider
+from fastlora.validate import OPS
 
 # alpha = 2r: scaling 2.0 for every rank, exactly representable.
 ALPHA_PER_RANK = 2
+
+
+def layer_inputs(layer: str, case, device, seed):
+    """The op's random inputs for a case (the same builder `fastlora validate` uses), at the benchmarks' scaling."""
+    t = OPS[layer].make(case.shape, case.dtype, device, seed)
+    t["scaling"] = float(ALPHA_PER_RANK)
+    return t
 
 
 def peft_layer(base: nn.Module, r: int, alpha: float, dropout: float):

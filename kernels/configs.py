@@ -97,11 +97,16 @@ def gemm_config_tuples(major: int, dtype: torch.dtype, masked: bool = False):
     return tuples
 
 
-def gemm_configs(major: int, dtype: torch.dtype, masked: bool = False):
+def gemm_tiles_as_configs(tuples):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) tuples as autotune configs."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in gemm_config_tuples(major, dtype, masked)
+        for bm, bn, bk, g, w, s in tuples
     ]
+
+
+def gemm_configs(major: int, dtype: torch.dtype, masked: bool = False):
+    return gemm_tiles_as_configs(gemm_config_tuples(major, dtype, masked))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,10 +265,7 @@ def conv_gemm_config_tuples(major: int, dtype: torch.dtype):
 
 def conv_gemm_configs(major: int, dtype: torch.dtype):
     """The conv forward GEMM's autotune configs."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in conv_gemm_config_tuples(major, dtype)
-    ]
+    return gemm_tiles_as_configs(conv_gemm_config_tuples(major, dtype))
 
 
 def conv_dgrad_config_tuples(major: int, dtype: torch.dtype):
@@ -274,10 +276,7 @@ def conv_dgrad_config_tuples(major: int, dtype: torch.dtype):
 
 def conv_dgrad_configs(major: int, dtype: torch.dtype):
     """The fused conv dX GEMM's autotune configs."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in conv_dgrad_config_tuples(major, dtype)
-    ]
+    return gemm_tiles_as_configs(conv_dgrad_config_tuples(major, dtype))
 
 
 def conv_skinny_config(major: int, kind: str, dtype: torch.dtype):
