@@ -3,6 +3,15 @@
 Every config listed here ships: the test suite compiles each one ahead of time for sm_80 and sm_90 and
 checks that it fits shared memory, uses the tensor-core instructions it should (wgmma on sm_90) and does
 not spill. Keep the lists short: each entry costs autotuning time on the user's first call.
+
+Naming in every kernel file (embedding.py, conv2d.py, merge.py, linear.py):
+
+- ``i_<dim>``: index vectors (``i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)``, ``i_v`` vocabulary rows);
+- ``m_<dim>``: masks (``m_m = i_m < M``);
+- ``p_<tensor>``: pointer blocks (``p_x = x_ptr + ...``); ``<tensor>_ptr``: the pointer arguments;
+- ``b_<tensor>``: loaded blocks (``b_x = tl.load(p_x, ...)``); ``acc`` the fp32 accumulator;
+- ``stride_<tensor><dim>``: strides (``stride_xm``, ``stride_wk``);
+- ``BLOCK_<DIM>``: tile sizes (compile-time); ``pid_<dim>``: program ids.
 """
 
 from __future__ import annotations
@@ -123,9 +132,20 @@ def skinny_config_tuples(major: int):
     return SKINNY[9 if major >= 9 else 8]
 
 
-def rank_block(r: int) -> int:
-    """Rank tile: the padded rank for r <= 64 (at least 16, the tensor-core minimum), else 64-wide chunks."""
-    return min(64, max(16, triton.next_power_of_2(r)))
+def rank_block(r: int, max_block: int | None = 64) -> int:
+    """Rank tile, the one rule for every kernel's BLOCK_R: the padded rank (at least 16, the tensor-core minimum),
+    at most max_block (a larger rank is walked in max_block-wide chunks); max_block=None for kernels that take the
+    whole rank in one tile."""
+    block = max(16, triton.next_power_of_2(r))
+    return block if max_block is None else min(max_block, block)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merge (W += c * B A, kernels/merge.py): BLOCK_N, BLOCK_K, warps. A one-off, memory-bound pass over W.
+# ----------------------------------------------------------------------------------------------------------
+
+MERGE_CONFIG = (64, 64, 4)
+MERGE_INTERPRET = (16, 32, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,20 +174,20 @@ _EMBEDDING_BWD_DY = {
     (32, 32): (32, 128, 8, 3),
     (32, 64): (32, 128, 8, 3),
 }
-# Finishing passes over the rank-r partials, keyed by rank tile: BLOCK_M tokens, warps. The scatter adds dS
-# rows into dA; the deterministic segment pass sums runs of equal indices (a run longer than BLOCK_M is walked
-# block by block, so BLOCK_M stays as large as registers allow).
-_EMBEDDING_BWD_SCATTER = {16: (64, 4), 32: (64, 8), 64: (32, 8)}
+# Deterministic dA pass over the rank-r partials, keyed by rank tile: BLOCK_M tokens, warps. It sums runs of equal
+# indices (a run longer than BLOCK_M is walked block by block, so BLOCK_M stays as large as registers allow).
 _EMBEDDING_BWD_SEGMENT = {16: (64, 8), 32: (64, 4), 64: (64, 8)}
-# dB reduction over the row-strip partials: BLOCK_M elements, warps.
+# Elementwise passes, BLOCK_M elements and warps: the deterministic dB reduction over the row-strip partials, and
+# the finish of the atomic backward (the fp32 workspace written into dA's and dB's dtypes).
 _EMBEDDING_BWD_REDUCE = (1024, 4)
+_EMBEDDING_BWD_FINISH = (1024, 4)
 # Under the interpreter: tiles small enough that odd test shapes cross several of them in every dimension.
 _EMBEDDING_INTERPRET = {
     "fwd": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1},
     "bwd_dy": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1},
-    "bwd_scatter": {"BLOCK_M": 16, "num_warps": 4},
     "bwd_segment": {"BLOCK_M": 16, "num_warps": 4},
     "bwd_reduce": {"BLOCK_M": 64, "num_warps": 4},
+    "bwd_finish": {"BLOCK_M": 64, "num_warps": 4},
 }
 EMBEDDING_KINDS = tuple(_EMBEDDING_INTERPRET)
 EMBEDDING_RANK_BLOCKS = (16, 32, 64)
@@ -177,8 +197,8 @@ def embedding_config(kind: str, major: int, dtype: torch.dtype, r_block: int) ->
     """Launch parameters of one embedding kernel: meta-parameters plus num_warps (and num_stages for the loops).
 
     kind is one of EMBEDDING_KINDS; major the compute capability (0: the interpreter's small tiles);
-    dtype the dtype of Y / dY (of dA for "bwd_segment", of dB for "bwd_reduce"); r_block the rank tile
-    (rank_block(r)). sm_80 and sm_90 share the tables: these kernels are bandwidth-bound.
+    dtype the dtype of Y / dY (of dA for "bwd_segment" and "bwd_finish", of dB for "bwd_reduce"); r_block the
+    rank tile (rank_block(r)). sm_80 and sm_90 share the tables: these kernels are bandwidth-bound.
     """
     if kind not in EMBEDDING_KINDS:
         raise ValueError(f"embedding kernel kind must be one of {EMBEDDING_KINDS}, got {kind!r}")
@@ -188,24 +208,22 @@ def embedding_config(kind: str, major: int, dtype: torch.dtype, r_block: int) ->
     if kind in ("fwd", "bwd_dy"):
         bm, bd, w, s = (_EMBEDDING_FWD if kind == "fwd" else _EMBEDDING_BWD_DY)[key]
         return {"BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s}
-    if kind == "bwd_reduce":
-        bm, w = _EMBEDDING_BWD_REDUCE
-    else:
-        bm, w = (_EMBEDDING_BWD_SCATTER if kind == "bwd_scatter" else _EMBEDDING_BWD_SEGMENT)[r_block]
+    bm, w = {"bwd_reduce": _EMBEDDING_BWD_REDUCE, "bwd_finish": _EMBEDDING_BWD_FINISH}.get(kind) or (
+        _EMBEDDING_BWD_SEGMENT[r_block]
+    )
     return {"BLOCK_M": bm, "num_warps": w}
 
 
 def embedding_shipped_configs():
     """Every (kind, major, dtype, r_block, config) the embedding launchers can pick on a GPU, for AOT compile tests.
 
-    The scatter accumulates in float32 whatever the dtypes; the dB reduction does not depend on the rank tile.
+    The elementwise passes (dB reduction, finish) do not depend on the rank tile.
     """
     out = []
     for major in (8, 9):
         for kind in EMBEDDING_KINDS:
-            dtypes = (torch.float32,) if kind == "bwd_scatter" else (torch.float16, torch.bfloat16, torch.float32)
-            for dtype in dtypes:
-                for r_block in (16,) if kind == "bwd_reduce" else EMBEDDING_RANK_BLOCKS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for r_block in (16,) if kind in ("bwd_reduce", "bwd_finish") else EMBEDDING_RANK_BLOCKS:
                     out.append((kind, major, dtype, r_block, embedding_config(kind, major, dtype, r_block)))
     return out
 

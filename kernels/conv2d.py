@@ -32,24 +32,19 @@ import triton.testing
 
 from .configs import (
     CONV_GEMM_INTERPRET,
-    CONV_SKINNY_KINDS,
     capability,
-    conv_dgrad_config_tuples,
     conv_dgrad_configs,
-    conv_gemm_config_tuples,
     conv_gemm_configs,
     conv_skinny_config,
     dot_dtype,
     input_precision,
     num_programs_target,
+    rank_block,
 )
+from .geometry import input_grad, memory_format, output_size
+from .tiles import grouped_tile
 
-__all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask", "output_size", "conv_rank_block"]
-
-
-def conv_rank_block(r: int) -> int:
-    """Rank tile of the conv kernels: the padded rank (at least 16, the tensor-core minimum)."""
-    return max(16, triton.next_power_of_2(r))
+__all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,11 +60,172 @@ def _keep_scale(seed, p, scale, n, c, h, w, C, H, W):
 
 
 @triton.jit
-def _pixel_rows(offs_m, Ho, Wo):
+def _pixel_rows(i_m, Ho, Wo):
     """Row index m = (n, ho, wo) -> its three coordinates."""
-    wo = offs_m % Wo
-    t = offs_m // Wo
-    return t // Ho, t % Ho, wo
+    i_wo = i_m % Wo
+    t = i_m // Wo
+    return t // Ho, t % Ho, i_wo
+
+
+@triton.jit
+def _pixel_offset(i_n, i_h, i_w, stride_n, stride_h, stride_w):
+    """Offset (int64) of pixels (n, h, w), channel 0, in an [Nb, C, H, W] tensor with these strides."""
+    return i_n.to(tl.int64) * stride_n + i_h.to(tl.int64) * stride_h + i_w.to(tl.int64) * stride_w
+
+
+@triton.jit
+def _load_rank_rows(s_ptr, i_m, m_m, i_r, R):
+    """[BLOCK_M, BLOCK_R] block of rows i_m of a contiguous [M, R] tensor (S or dS), zero where masked."""
+    return tl.load(
+        s_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :], mask=m_m[:, None] & (i_r < R)[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _lora_up(
+    s_ptr,
+    b_ptr,
+    i_m,
+    m_m,
+    i_o,
+    m_o,
+    i_r,
+    R,
+    stride_bo,
+    stride_br,
+    scaling,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """s * S[i_m] B[i_o]^T, [BLOCK_M, BLOCK_O] in fp32: the LoRA term of output channels i_o."""
+    b_s = _load_rank_rows(s_ptr, i_m, m_m, i_r, R)  # [BM, BR]
+    p_b = b_ptr + i_o.to(tl.int64)[None, :] * stride_bo + i_r.to(tl.int64)[:, None] * stride_br
+    b_b = tl.load(p_b, mask=(i_r < R)[:, None] & m_o[None, :], other=0.0)  # [BR, BO]
+    return tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
+
+
+@triton.jit
+def _tap_offset(tap, KW: tl.constexpr, stride_h, stride_w):
+    """Offset (int64) of kernel tap `tap` (row-major over KH x KW) in a [.., .., KH, KW] weight with these strides."""
+    tap_h = tap // KW
+    return tl.cast(tap_h, tl.int64) * stride_h + tl.cast(tap - tap_h * KW, tl.int64) * stride_w
+
+
+@triton.jit
+def _tap_pixels(
+    i_n,
+    i_ho,
+    i_wo,
+    m_m,
+    tap,
+    H,
+    W,
+    stride_n,
+    stride_h,
+    stride_w,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+):
+    """The input pixels output pixels (n, ho, wo) read at kernel tap `tap`: (h, w), whether each lies in the image
+    (and in m_m), and its offset (int64) in an [Nb, C, H, W] tensor with these strides (channel 0)."""
+    tap_h = tap // KW
+    i_h = i_ho * STRIDE_H - PAD_H + tap_h * DIL_H
+    i_w = i_wo * STRIDE_W - PAD_W + (tap - tap_h * KW) * DIL_W
+    m_row = m_m & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+    return i_h, i_w, m_row, _pixel_offset(i_n, i_h, i_w, stride_n, stride_h, stride_w)
+
+
+@triton.jit
+def _source_pixels(
+    i_h,
+    i_w,
+    m_m,
+    tap,
+    Ho,
+    Wo,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+):
+    """The output pixels input pixels (h, w) receive from at kernel tap `tap` (the transposed convolution):
+    h + pad_top - i*dh = ho * sh with 0 <= ho < Ho. Returns (ho, wo) and whether there is one (and m_m holds)."""
+    tap_h = tap // KW
+    i_hs = i_h + PAD_H - tap_h * DIL_H
+    i_ws = i_w + PAD_W - (tap - tap_h * KW) * DIL_W
+    i_ho = tl.maximum(i_hs, 0) // STRIDE_H
+    i_wo = tl.maximum(i_ws, 0) // STRIDE_W
+    m_src = m_m & (i_hs >= 0) & (i_ws >= 0) & (i_ho < Ho) & (i_wo < Wo)
+    if STRIDE_H > 1:
+        m_src = m_src & (i_hs % STRIDE_H == 0)
+    if STRIDE_W > 1:
+        m_src = m_src & (i_ws % STRIDE_W == 0)
+    return i_ho, i_wo, m_src
+
+
+@triton.jit
+def _lora_dgrad(
+    acc,
+    ds_ptr,
+    a_ptr,
+    i_n,
+    i_h,
+    i_w,
+    m_m,
+    i_c,
+    m_c,
+    i_r,
+    R,
+    Ho,
+    Wo,
+    stride_ar,
+    stride_ac,
+    stride_ah,
+    stride_aw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """acc [BLOCK_M, BLOCK_C] + conv_transpose(dS, A) at input pixels (n, h, w) and input channels i_c: the sum
+    over taps of dS[source rows] A[:, c, tap], dS [M, R] contiguous, dS blocks [BM, BR] and A blocks [BR, BC]."""
+    for tap in range(0, KH * KW):
+        i_ho, i_wo, m_src = _source_pixels(
+            i_h, i_w, m_m, tap, Ho, Wo, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W
+        )
+        i_src = (i_n.to(tl.int64) * Ho + i_ho) * Wo + i_wo
+        b_ds = _load_rank_rows(ds_ptr, i_src, m_src, i_r, R)
+        a_tap = _tap_offset(tap, KW, stride_ah, stride_aw)
+        p_a = a_ptr + i_r.to(tl.int64)[:, None] * stride_ar + i_c.to(tl.int64)[None, :] * stride_ac + a_tap
+        b_a = tl.load(p_a, mask=(i_r < R)[:, None] & m_c[None, :], other=0.0)
+        acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _group_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(group g as int64, pid_m, pid_n) of program `pid` in a grid of groups x (M x N tiles), grouped order within
+    each group."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    g = (pid // num_pid_n // num_pid_m).to(tl.int64)  # pid // (tiles per group), in 32-bit divisions
+    tile_id = (pid - g * num_pid_m * num_pid_n).to(tl.int32)  # the tile within group g, below the grid size
+    pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+    return g, pid_m, pid_n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,14 +248,14 @@ def _conv_down_kernel(
     Wo,
     R,
     # strides
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    sar,
-    sac,
-    sah,
-    saw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_ar,
+    stride_ac,
+    stride_ah,
+    stride_aw,
     # dropout
     seed,
     p,
@@ -122,38 +278,50 @@ def _conv_down_kernel(
 ):
     """S [M, R] = im2col(m * x) A^T, one program per BLOCK_M output pixels."""
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    r_ok = offs_r < R
-    n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
-    n64 = n.to(tl.int64)
+    i_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_k = tl.arange(0, BLOCK_K)
+    i_r = tl.arange(0, BLOCK_R)
+    m_m = i_m < M
+    m_r = i_r < R
+    i_n, i_ho, i_wo = _pixel_rows(i_m, Ho, Wo)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     num_c = tl.cdiv(C, BLOCK_K)
     for it in range(0, KH * KW * num_c):
         tap = it // num_c
-        c = (it % num_c) * BLOCK_K + offs_k  # [BK]
-        i = tap // KW
-        j = tap - i * KW
-        h = ho * STRIDE_H - PAD_H + i * DIL_H
-        w = wo * STRIDE_W - PAD_W + j * DIL_W
-        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        c_ok = c < C
-        row_off = n64 * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        p_x = x_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
-        b_x = tl.load(p_x, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        i_c = (it % num_c) * BLOCK_K + i_k  # [BK]
+        m_c = i_c < C
+        i_h, i_w, m_row, row_off = _tap_pixels(
+            i_n,
+            i_ho,
+            i_wo,
+            m_m,
+            tap,
+            H,
+            W,
+            stride_xn,
+            stride_xh,
+            stride_xw,
+            KW,
+            STRIDE_H,
+            STRIDE_W,
+            PAD_H,
+            PAD_W,
+            DIL_H,
+            DIL_W,
+        )
+        p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
+        b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_scale(seed, p, drop_scale, n[:, None], c[None, :], h[:, None], w[:, None], C, H, W)
+            keep = _keep_scale(seed, p, drop_scale, i_n[:, None], i_c[None, :], i_h[:, None], i_w[:, None], C, H, W)
             b_x = b_x.to(tl.float32) * keep
-        a_tap = tl.cast(i, tl.int64) * sah + tl.cast(j, tl.int64) * saw
-        p_a = a_ptr + offs_r.to(tl.int64)[None, :] * sar + c.to(tl.int64)[:, None] * sac + a_tap
-        b_a = tl.load(p_a, mask=c_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, BR]
+        a_tap = _tap_offset(tap, KW, stride_ah, stride_aw)
+        p_a = a_ptr + i_r.to(tl.int64)[None, :] * stride_ar + i_c.to(tl.int64)[:, None] * stride_ac + a_tap
+        b_a = tl.load(p_a, mask=m_c[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
         acc = tl.dot(b_x.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    p_s = s_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    tl.store(p_s, acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+    p_s = s_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :]
+    tl.store(p_s, acc.to(s_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
 
 
 @triton.jit
@@ -175,20 +343,20 @@ def _conv_fwd_kernel(
     Cg,
     Og,
     # strides
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    swo,
-    swc,
-    swh,
-    sww,
-    sbo,
-    sbr,
-    syn,
-    syc,
-    syh,
-    syw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_bo,
+    stride_br,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_yw,
     scaling,
     # meta-parameters
     KH: tl.constexpr,
@@ -212,64 +380,60 @@ def _conv_fwd_kernel(
 
     The accumulator starts as s * S B^T (an r-wide step) and then runs over kh*kw taps x Cg/BLOCK_K channel steps.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(Og, BLOCK_N)
-    g = pid // num_pid_n // num_pid_m  # the group: pid // (tiles per group), in 32-bit divisions
-    g64 = g.to(tl.int64)
-    pid = (pid - g64 * num_pid_m * num_pid_n).to(tl.int32)  # the tile within group g, below the grid size
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel within the group
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    o_ok = offs_on < Og
-    r_ok = offs_r < R
-    n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
-    n64 = n.to(tl.int64)
+    g64, pid_m, pid_n = _group_tile(tl.program_id(0), M, Og, BLOCK_M, BLOCK_N, GROUP_M)
+    i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel within the group
+    i_k = tl.arange(0, BLOCK_K)
+    i_r = tl.arange(0, BLOCK_R)
+    m_m = i_m < M
+    m_o = i_o < Og
+    i_n, i_ho, i_wo = _pixel_rows(i_m, Ho, Wo)
     # group g's channels: inputs from g * Cg, outputs from g * Og
-    x_ptr += g64 * Cg * sxc
-    w_ptr += g64 * Og * swo
-    b_ptr += g64 * Og * sbo
+    x_ptr += g64 * Cg * stride_xc
+    w_ptr += g64 * Og * stride_wo
+    b_ptr += g64 * Og * stride_bo
     bias_ptr += g64 * Og
-    y_ptr += g64 * Og * syc
+    y_ptr += g64 * Og * stride_yc
 
     # Seed: s * S B^T, S [BM, BR] and B^T [BR, BN].
-    p_s = s_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    b_s = tl.load(p_s, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    p_b = b_ptr + offs_on.to(tl.int64)[None, :] * sbo + offs_r.to(tl.int64)[:, None] * sbr
-    b_b = tl.load(p_b, mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-    acc = tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
+    acc = _lora_up(s_ptr, b_ptr, i_m, m_m, i_o, m_o, i_r, R, stride_bo, stride_br, scaling, DOT_DTYPE, INPUT_PRECISION)
 
     num_c = tl.cdiv(Cg, BLOCK_K)
     for it in range(0, KH * KW * num_c):
         tap = it // num_c
-        c = (it % num_c) * BLOCK_K + offs_k  # channel within the group [BK]
-        i = tap // KW
-        j = tap - i * KW
-        h = ho * STRIDE_H - PAD_H + i * DIL_H
-        w = wo * STRIDE_W - PAD_W + j * DIL_W
-        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        c_ok = c < Cg
-        row_off = n64 * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        p_x = x_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
-        b_x = tl.load(p_x, mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # [BM, BK]
-        w_tap = tl.cast(i, tl.int64) * swh + tl.cast(j, tl.int64) * sww
-        p_w = w_ptr + offs_on.to(tl.int64)[None, :] * swo + c.to(tl.int64)[:, None] * swc + w_tap
-        b_w = tl.load(p_w, mask=c_ok[:, None] & o_ok[None, :], other=0.0)  # [BK, BN]
+        i_c = (it % num_c) * BLOCK_K + i_k  # channel within the group [BK]
+        m_c = i_c < Cg
+        _, _, m_row, row_off = _tap_pixels(
+            i_n,
+            i_ho,
+            i_wo,
+            m_m,
+            tap,
+            H,
+            W,
+            stride_xn,
+            stride_xh,
+            stride_xw,
+            KW,
+            STRIDE_H,
+            STRIDE_W,
+            PAD_H,
+            PAD_W,
+            DIL_H,
+            DIL_W,
+        )
+        p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
+        b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
+        w_tap = _tap_offset(tap, KW, stride_wh, stride_ww)
+        p_w = w_ptr + i_o.to(tl.int64)[None, :] * stride_wo + i_c.to(tl.int64)[:, None] * stride_wc + w_tap
+        b_w = tl.load(p_w, mask=m_c[:, None] & m_o[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(b_x.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_on, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    row_off = n64 * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
-    p_y = y_ptr + row_off[:, None] + offs_on.to(tl.int64)[None, :] * syc
-    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+        acc += tl.load(bias_ptr + i_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
+    row_off = _pixel_offset(i_n, i_ho, i_wo, stride_yn, stride_yh, stride_yw)
+    p_y = y_ptr + row_off[:, None] + i_o.to(tl.int64)[None, :] * stride_yc
+    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_o[None, :])
 
 
 @triton.jit
@@ -285,12 +449,12 @@ def _conv_up_kernel(
     Wo,
     R,
     # strides
-    syn,
-    syc,
-    syh,
-    syw,
-    sbo,
-    sbr,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_yw,
+    stride_bo,
+    stride_br,
     scaling,
     # meta-parameters
     DOT_DTYPE: tl.constexpr,
@@ -302,23 +466,18 @@ def _conv_up_kernel(
     """Y [Nb, O, Ho, Wo] += s * S B^T in place, for a Y computed by torch's convolution; tiles over (pixels, O)."""
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = pid_o * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    o_ok = offs_o < O
-    r_ok = offs_r < R
-    n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
-    p_s = s_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    b_s = tl.load(p_s, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
-    p_b = b_ptr + offs_o.to(tl.int64)[None, :] * sbo + offs_r.to(tl.int64)[:, None] * sbr
-    b_b = tl.load(p_b, mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BR, BK]
-    acc = tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
-    row_off = n.to(tl.int64) * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
-    p_y = y_ptr + row_off[:, None] + offs_o.to(tl.int64)[None, :] * syc
-    io_mask = m_ok[:, None] & o_ok[None, :]
-    b_y = tl.load(p_y, mask=io_mask, other=0.0).to(tl.float32)
-    tl.store(p_y, (b_y + acc).to(y_ptr.dtype.element_ty), mask=io_mask)
+    i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_o = pid_o * BLOCK_K + tl.arange(0, BLOCK_K)
+    i_r = tl.arange(0, BLOCK_R)
+    m_m = i_m < M
+    m_o = i_o < O
+    i_n, i_ho, i_wo = _pixel_rows(i_m, Ho, Wo)
+    acc = _lora_up(s_ptr, b_ptr, i_m, m_m, i_o, m_o, i_r, R, stride_bo, stride_br, scaling, DOT_DTYPE, INPUT_PRECISION)
+    row_off = _pixel_offset(i_n, i_ho, i_wo, stride_yn, stride_yh, stride_yw)
+    p_y = y_ptr + row_off[:, None] + i_o.to(tl.int64)[None, :] * stride_yc
+    m_io = m_m[:, None] & m_o[None, :]
+    b_y = tl.load(p_y, mask=m_io, other=0.0).to(tl.float32)
+    tl.store(p_y, (b_y + acc).to(y_ptr.dtype.element_ty), mask=m_io)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,7 +492,7 @@ def _conv_ds_db_kernel(
     s_ptr,
     b_ptr,
     ds_ptr,
-    dbp_ptr,
+    db_part_ptr,
     # sizes
     M,
     O,
@@ -341,12 +500,12 @@ def _conv_ds_db_kernel(
     Wo,
     R,
     # strides
-    sdn,
-    sdc,
-    sdh,
-    sdw,
-    sbo,
-    sbr,
+    stride_dyn,
+    stride_dyc,
+    stride_dyh,
+    stride_dyw,
+    stride_bo,
+    stride_br,
     scaling,
     # meta-parameters
     DOT_DTYPE: tl.constexpr,
@@ -360,32 +519,30 @@ def _conv_ds_db_kernel(
     One pass over dY: each [BLOCK_M, BLOCK_K] tile of dY feeds both products.
     """
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    r_ok = offs_r < R
-    n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
-    row_off = n.to(tl.int64) * sdn + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
-
-    p_s = s_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    b_s = tl.load(p_s, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
-    acc_ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    dbp_row = dbp_ptr + pid.to(tl.int64) * O * R
+    i_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_k = tl.arange(0, BLOCK_K)
+    i_r = tl.arange(0, BLOCK_R)
+    m_m = i_m < M
+    m_r = i_r < R
+    i_n, i_ho, i_wo = _pixel_rows(i_m, Ho, Wo)
+    row_off = _pixel_offset(i_n, i_ho, i_wo, stride_dyn, stride_dyh, stride_dyw)
+    b_s = _load_rank_rows(s_ptr, i_m, m_m, i_r, R).to(DOT_DTYPE)  # [BM, BR]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    p_db_part = db_part_ptr + pid.to(tl.int64) * O * R
     for o0 in range(0, O, BLOCK_K):
-        o = o0 + offs_k
-        o_ok = o < O
-        p_dy = dy_ptr + row_off[:, None] + o.to(tl.int64)[None, :] * sdc
-        b_dy = tl.load(p_dy, mask=m_ok[:, None] & o_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
-        p_b = b_ptr + o.to(tl.int64)[:, None] * sbo + offs_r[None, :] * sbr
-        b_b = tl.load(p_b, mask=o_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
-        acc_ds = tl.dot(b_dy, b_b, acc_ds, input_precision=INPUT_PRECISION)
+        i_o = o0 + i_k
+        m_o = i_o < O
+        p_dy = dy_ptr + row_off[:, None] + i_o.to(tl.int64)[None, :] * stride_dyc
+        b_dy = tl.load(p_dy, mask=m_m[:, None] & m_o[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
+        p_b = b_ptr + i_o.to(tl.int64)[:, None] * stride_bo + i_r[None, :] * stride_br
+        b_b = tl.load(p_b, mask=m_o[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
+        acc = tl.dot(b_dy, b_b, acc, input_precision=INPUT_PRECISION)
         b_db = tl.dot(tl.trans(b_dy), b_s, input_precision=INPUT_PRECISION)  # [BK, BR]
-        p_db = dbp_row + o.to(tl.int64)[:, None] * R + offs_r[None, :]
-        tl.store(p_db, b_db, mask=o_ok[:, None] & r_ok[None, :])
+        p_db = p_db_part + i_o.to(tl.int64)[:, None] * R + i_r[None, :]
+        tl.store(p_db, b_db, mask=m_o[:, None] & m_r[None, :])
 
-    p_ds = ds_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    tl.store(p_ds, acc_ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
+    p_ds = ds_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :]
+    tl.store(p_ds, acc * scaling, mask=m_m[:, None] & m_r[None, :])
 
 
 @triton.jit
@@ -393,7 +550,7 @@ def _conv_da_kernel(
     # pointers
     x_ptr,
     ds_ptr,
-    dap_ptr,
+    da_part_ptr,
     # sizes
     M,
     C,
@@ -403,10 +560,10 @@ def _conv_da_kernel(
     Wo,
     R,
     # strides
-    sxn,
-    sxc,
-    sxh,
-    sxw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
     # dropout
     seed,
     p,
@@ -436,40 +593,52 @@ def _conv_da_kernel(
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     tap = pid_k % (KH * KW)
-    i = tap // KW
-    j = tap - i * KW
-    c = (pid_k // (KH * KW)) * BLOCK_K + tl.arange(0, BLOCK_K)
-    c_ok = c < C
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
+    i_c = (pid_k // (KH * KW)) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_c = i_c < C
+    i_r = tl.arange(0, BLOCK_R)
+    m_r = i_r < R
 
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)  # dA^T: channels as the MMA's M side
     for m0 in range(split * BLOCK_M, M, num_splits * BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        n, ho, wo = _pixel_rows(offs_m, Ho, Wo)
-        h = ho * STRIDE_H - PAD_H + i * DIL_H
-        w = wo * STRIDE_W - PAD_W + j * DIL_W
-        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        row_off = n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        p_x = x_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
-        b_x = tl.load(p_x, mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # [BM, BK]
+        i_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = i_m < M
+        i_n, i_ho, i_wo = _pixel_rows(i_m, Ho, Wo)
+        i_h, i_w, m_row, row_off = _tap_pixels(
+            i_n,
+            i_ho,
+            i_wo,
+            m_m,
+            tap,
+            H,
+            W,
+            stride_xn,
+            stride_xh,
+            stride_xw,
+            KW,
+            STRIDE_H,
+            STRIDE_W,
+            PAD_H,
+            PAD_W,
+            DIL_H,
+            DIL_W,
+        )
+        p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
+        b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
-            keep = _keep_scale(seed, p, drop_scale, n[:, None], c[None, :], h[:, None], w[:, None], C, H, W)
+            keep = _keep_scale(seed, p, drop_scale, i_n[:, None], i_c[None, :], i_h[:, None], i_w[:, None], C, H, W)
             b_x = b_x.to(tl.float32) * keep
-        p_ds = ds_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-        b_ds = tl.load(p_ds, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
+        b_ds = _load_rank_rows(ds_ptr, i_m, m_m, i_r, R)  # [BM, BR]
         acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_ds.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    # dap[split, r, c, i, j]
+    # da_part[split, r, c, i, j]
     p_da = (
-        dap_ptr
+        da_part_ptr
         + split.to(tl.int64) * R * C * KH * KW
-        + offs_r.to(tl.int64)[None, :] * (C * KH * KW)
-        + c.to(tl.int64)[:, None] * (KH * KW)
+        + i_r.to(tl.int64)[None, :] * (C * KH * KW)
+        + i_c.to(tl.int64)[:, None] * (KH * KW)
         + tap
     )
-    tl.store(p_da, acc, mask=c_ok[:, None] & r_ok[None, :])
+    tl.store(p_da, acc, mask=m_c[:, None] & m_r[None, :])
 
 
 @triton.jit
@@ -487,14 +656,14 @@ def _conv_dx_kernel(
     Wo,
     R,
     # strides
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    sar,
-    sac,
-    sah,
-    saw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_ar,
+    stride_ac,
+    stride_ah,
+    stride_aw,
     # dropout
     seed,
     p,
@@ -521,43 +690,25 @@ def _conv_dx_kernel(
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < P
-    c_ok = c < C
-    r_ok = offs_r < R
-    n, h, w = _pixel_rows(offs_m, H, W)
-    n_rows = n.to(tl.int64) * Ho
+    i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    i_r = tl.arange(0, BLOCK_R)
+    m_m = i_m < P
+    m_c = i_c < C
+    i_n, i_h, i_w = _pixel_rows(i_m, H, W)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for tap in range(0, KH * KW):
-        i = tap // KW
-        j = tap - i * KW
-        hs = h + PAD_H - i * DIL_H
-        ws = w + PAD_W - j * DIL_W
-        ho = tl.maximum(hs, 0) // STRIDE_H
-        wo = tl.maximum(ws, 0) // STRIDE_W
-        src_ok = m_ok & (hs >= 0) & (ws >= 0) & (ho < Ho) & (wo < Wo)
-        if STRIDE_H > 1:
-            src_ok = src_ok & (hs % STRIDE_H == 0)
-        if STRIDE_W > 1:
-            src_ok = src_ok & (ws % STRIDE_W == 0)
-        rows = (n_rows + ho) * Wo + wo
-        p_ds = ds_ptr + rows[:, None] * R + offs_r[None, :]
-        b_ds = tl.load(p_ds, mask=src_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
-        a_tap = tl.cast(i, tl.int64) * sah + tl.cast(j, tl.int64) * saw
-        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + c.to(tl.int64)[None, :] * sac + a_tap
-        b_a = tl.load(p_a, mask=r_ok[:, None] & c_ok[None, :], other=0.0)  # [BR, BK]
-        acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-
+    acc = _lora_dgrad(
+        acc, ds_ptr, a_ptr, i_n, i_h, i_w, m_m, i_c, m_c, i_r, R, Ho, Wo, stride_ar, stride_ac, stride_ah, stride_aw,
+        KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, DOT_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
     if HAS_DROPOUT:
-        acc = acc * _keep_scale(seed, p, drop_scale, n[:, None], c[None, :], h[:, None], w[:, None], C, H, W)
-    row_off = n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-    p_dx = dx_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * sxc
-    io_mask = m_ok[:, None] & c_ok[None, :]
-    b_dx = tl.load(p_dx, mask=io_mask, other=0.0).to(tl.float32)
-    tl.store(p_dx, (b_dx + acc).to(dx_ptr.dtype.element_ty), mask=io_mask)
+        acc = acc * _keep_scale(seed, p, drop_scale, i_n[:, None], i_c[None, :], i_h[:, None], i_w[:, None], C, H, W)
+    row_off = _pixel_offset(i_n, i_h, i_w, stride_xn, stride_xh, stride_xw)
+    p_dx = dx_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
+    m_io = m_m[:, None] & m_c[None, :]
+    b_dx = tl.load(p_dx, mask=m_io, other=0.0).to(tl.float32)
+    tl.store(p_dx, (b_dx + acc).to(dx_ptr.dtype.element_ty), mask=m_io)
 
 
 @triton.jit
@@ -579,22 +730,22 @@ def _conv_dgrad_kernel(
     Cg,
     Og,
     # strides
-    sdn,
-    sdc,
-    sdh,
-    sdw,
-    swo,
-    swc,
-    swh,
-    sww,
-    sar,
-    sac,
-    sah,
-    saw,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
+    stride_dyn,
+    stride_dyc,
+    stride_dyh,
+    stride_dyw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_ar,
+    stride_ac,
+    stride_ah,
+    stride_aw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
     # meta-parameters
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -619,114 +770,64 @@ def _conv_dgrad_kernel(
     takes the r-wide LoRA term over the kh*kw taps, then runs over kh*kw taps x Og/BLOCK_K channel steps of dY W.
     Input pixel h receives output row ho at tap i when h + pad_top - i*dh = ho * sh with 0 <= ho < Ho.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(P, BLOCK_M)
-    num_pid_n = tl.cdiv(Cg, BLOCK_N)
-    g = pid // num_pid_n // num_pid_m  # the group: pid // (tiles per group), in 32-bit divisions
-    g64 = g.to(tl.int64)
-    pid = (pid - g64 * num_pid_m * num_pid_n).to(tl.int32)  # the tile within group g, below the grid size
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < P
-    c_ok = offs_cn < Cg
-    r_ok = offs_r < R
-    n, h, w = _pixel_rows(offs_m, H, W)
-    n64 = n.to(tl.int64)
+    g64, pid_m, pid_n = _group_tile(tl.program_id(0), P, Cg, BLOCK_M, BLOCK_N, GROUP_M)
+    i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
+    i_k = tl.arange(0, BLOCK_K)
+    i_r = tl.arange(0, BLOCK_R)
+    m_m = i_m < P
+    m_c = i_c < Cg
+    i_n, i_h, i_w = _pixel_rows(i_m, H, W)
     # group g's slices of dX (input channels from g * Cg) and of dY and W (output channels from g * Og)
-    dx_ptr += g64 * Cg * sxc
-    dy_ptr += g64 * Og * sdc
-    w_ptr += g64 * Og * swo
+    dx_ptr += g64 * Cg * stride_xc
+    dy_ptr += g64 * Og * stride_dyc
+    w_ptr += g64 * Og * stride_wo
 
-    # LoRA term: sum over taps of dS[source rows] A[:, c, i, j], dS [BM, BR] and A [BR, BN].
+    # LoRA term: conv_transpose(dS, A) over the group's channels of A
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):
-        i = tap // KW
-        j = tap - i * KW
-        hs = h + PAD_H - i * DIL_H
-        ws = w + PAD_W - j * DIL_W
-        ho = tl.maximum(hs, 0) // STRIDE_H
-        wo = tl.maximum(ws, 0) // STRIDE_W
-        src_ok = m_ok & (hs >= 0) & (ws >= 0) & (ho < Ho) & (wo < Wo)
-        if STRIDE_H > 1:
-            src_ok = src_ok & (hs % STRIDE_H == 0)
-        if STRIDE_W > 1:
-            src_ok = src_ok & (ws % STRIDE_W == 0)
-        rows = (n64 * Ho + ho) * Wo + wo
-        b_ds = tl.load(ds_ptr + rows[:, None] * R + offs_r[None, :], mask=src_ok[:, None] & r_ok[None, :], other=0.0)
-        a_tap = tl.cast(i, tl.int64) * sah + tl.cast(j, tl.int64) * saw
-        p_a = a_ptr + offs_r.to(tl.int64)[:, None] * sar + (g64 * Cg + offs_cn)[None, :] * sac + a_tap
-        b_a = tl.load(p_a, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    acc = _lora_dgrad(
+        acc, ds_ptr, a_ptr, i_n, i_h, i_w, m_m, g64 * Cg + i_c, m_c, i_r, R, Ho, Wo, stride_ar, stride_ac, stride_ah,
+        stride_aw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, DOT_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
 
     # Base term: sum over taps and output channels of dY[source pixels, o] W[o, c, i, j].
     num_o = tl.cdiv(Og, BLOCK_K)
     for it in range(0, KH * KW * num_o):
         tap = it // num_o
-        o = (it % num_o) * BLOCK_K + offs_k  # output channel within the group [BK]
-        i = tap // KW
-        j = tap - i * KW
-        hs = h + PAD_H - i * DIL_H
-        ws = w + PAD_W - j * DIL_W
-        ho = tl.maximum(hs, 0) // STRIDE_H
-        wo = tl.maximum(ws, 0) // STRIDE_W
-        src_ok = m_ok & (hs >= 0) & (ws >= 0) & (ho < Ho) & (wo < Wo)
-        if STRIDE_H > 1:
-            src_ok = src_ok & (hs % STRIDE_H == 0)
-        if STRIDE_W > 1:
-            src_ok = src_ok & (ws % STRIDE_W == 0)
-        o_ok = o < Og
-        o64 = o.to(tl.int64)
-        row_off = n64 * sdn + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
-        b_dy = tl.load(dy_ptr + row_off[:, None] + o64[None, :] * sdc, mask=src_ok[:, None] & o_ok[None, :], other=0.0)
-        w_tap = tl.cast(i, tl.int64) * swh + tl.cast(j, tl.int64) * sww
-        p_w = w_ptr + o64[:, None] * swo + offs_cn.to(tl.int64)[None, :] * swc + w_tap
-        b_w = tl.load(p_w, mask=o_ok[:, None] & c_ok[None, :], other=0.0)  # [BK, BN]
+        i_o = (it % num_o) * BLOCK_K + i_k  # output channel within the group [BK]
+        m_o = i_o < Og
+        i_ho, i_wo, m_src = _source_pixels(
+            i_h, i_w, m_m, tap, Ho, Wo, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W
+        )
+        row_off = _pixel_offset(i_n, i_ho, i_wo, stride_dyn, stride_dyh, stride_dyw)
+        p_dy = dy_ptr + row_off[:, None] + i_o.to(tl.int64)[None, :] * stride_dyc
+        b_dy = tl.load(p_dy, mask=m_src[:, None] & m_o[None, :], other=0.0)  # [BM, BK]
+        w_tap = _tap_offset(tap, KW, stride_wh, stride_ww)
+        p_w = w_ptr + i_o.to(tl.int64)[:, None] * stride_wo + i_c.to(tl.int64)[None, :] * stride_wc + w_tap
+        b_w = tl.load(p_w, mask=m_o[:, None] & m_c[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(b_dy.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    row_off = n64 * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-    p_dx = dx_ptr + row_off[:, None] + offs_cn.to(tl.int64)[None, :] * sxc
-    tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    row_off = _pixel_offset(i_n, i_h, i_w, stride_xn, stride_xh, stride_xw)
+    p_dx = dx_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
+    tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_c[None, :])
 
 
 @triton.jit
 def _conv_mask_kernel(out_ptr, numel, C, H, W, seed, p, drop_scale, BLOCK: tl.constexpr):
     """out [Nb, C, H, W] contiguous = the dropout factor of each input element (what the other kernels draw)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    w = offs % W
-    t = offs // W
-    h = t % H
+    i_e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    i_w = i_e % W
+    t = i_e // W
+    i_h = t % H
     t = t // H
-    c = t % C
-    n = t // C
-    tl.store(out_ptr + offs, _keep_scale(seed, p, drop_scale, n, c, h, w, C, H, W), mask=offs < numel)
+    i_c = t % C
+    i_n = t // C
+    tl.store(out_ptr + i_e, _keep_scale(seed, p, drop_scale, i_n, i_c, i_h, i_w, C, H, W), mask=i_e < numel)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def output_size(h: int, w: int, kernel_size, stride, pads, dilation):
-    """(Ho, Wo) of a convolution; pads = (top, bottom, left, right)."""
-    kh, kw = kernel_size
-    ho = (h + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
-
-
-def _memory_format(x: torch.Tensor):
-    """channels_last when x is laid out that way (and not also plain contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _geometry(kernel_size, stride, pads, dilation):
@@ -754,7 +855,7 @@ def _skinny(device, kind, dtype):
 
 
 # Autotune key: the sizes, plus the geometry and the layout (unit channel stride), which are compile-time.
-_FWD_TUNE_KEY = ["M", "Og", "Cg", "R", "H", "W", "sxc", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
+_FWD_TUNE_KEY = ["M", "Og", "Cg", "R", "H", "W", "stride_xc", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
 
 
 @functools.cache
@@ -784,7 +885,7 @@ def lora_conv2d_fwd(
     m = nb * ho * wo
     geometry = _geometry((kh, kw), stride, pads, dilation)
     precision = _precision(x.dtype)
-    block_r = conv_rank_block(r)
+    block_r = rank_block(r, max_block=None)
     # Channels innermost in A (a no-op when it is already channels_last): each kernel tap then reads BLOCK_K
     # contiguous channels, which vectorise and pipeline.
     a_cl = lora_A.contiguous(memory_format=torch.channels_last)
@@ -794,8 +895,8 @@ def lora_conv2d_fwd(
     _conv_down_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
         x_ptr=x, a_ptr=a_cl, s_ptr=s,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
-        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_ar=a_cl.stride(0), stride_ac=a_cl.stride(1), stride_ah=a_cl.stride(2), stride_aw=a_cl.stride(3),
         **_dropout_args(dropout_p, seed), **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
 
@@ -812,16 +913,17 @@ def _y_fused(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     m, r = s.shape
     ho, wo = output_size(h, w, (geometry["KH"], geometry["KW"]), stride, pads, dilation)
     weight = weight.contiguous(memory_format=torch.channels_last)  # channels innermost, as for A
-    y = torch.empty((nb, o, ho, wo), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    y = torch.empty((nb, o, ho, wo), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     og = o // groups
     args = dict(
         x_ptr=x, w_ptr=weight, s_ptr=s, b_ptr=b2, bias_ptr=bias if bias is not None else y, y_ptr=y,
         M=m, H=h, W=w, Ho=ho, Wo=wo, R=r, Cg=cg, Og=og,
-        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        swo=weight.stride(0), swc=weight.stride(1), swh=weight.stride(2), sww=weight.stride(3),
-        sbo=b2.stride(0), sbr=b2.stride(1),
-        syn=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
-        scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=conv_rank_block(r), **geometry, **precision,
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_wo=weight.stride(0), stride_wc=weight.stride(1), stride_wh=weight.stride(2), stride_ww=weight.stride(3),
+        stride_bo=b2.stride(0), stride_br=b2.stride(1),
+        stride_yn=y.stride(0), stride_yc=y.stride(1), stride_yh=y.stride(2), stride_yw=y.stride(3),
+        scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=rank_block(r, max_block=None), **geometry,
+        **precision,
     )  # fmt: skip
     grid = lambda meta: (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(og, meta["BLOCK_N"]),)
     major = capability(x.device)
@@ -839,16 +941,16 @@ def _y_split(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     extra_h, extra_w = pads[1] - pads[0], pads[3] - pads[2]
     x_in = x if extra_h == 0 and extra_w == 0 else torch.nn.functional.pad(x, (0, extra_w, 0, extra_h))
     y = torch.nn.functional.conv2d(x_in, weight, bias, stride, (pads[0], pads[2]), dilation, groups)
-    y = y.contiguous(memory_format=_memory_format(x))
+    y = y.contiguous(memory_format=memory_format(x))
     m, r = s.shape
     o = y.shape[1]
     meta, launch = _skinny(x.device, "up", x.dtype)
     _conv_up_kernel[(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_K"]))](
         y_ptr=y, s_ptr=s, b_ptr=b2,
         M=m, O=o, Ho=y.shape[2], Wo=y.shape[3], R=r,
-        syn=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
-        sbo=b2.stride(0), sbr=b2.stride(1), scaling=float(scaling),
-        **precision, **meta, BLOCK_R=conv_rank_block(r), **launch,
+        stride_yn=y.stride(0), stride_yc=y.stride(1), stride_yh=y.stride(2), stride_yw=y.stride(3),
+        stride_bo=b2.stride(0), stride_br=b2.stride(1), scaling=float(scaling),
+        **precision, **meta, BLOCK_R=rank_block(r, max_block=None), **launch,
     )  # fmt: skip
     return y
 
@@ -872,42 +974,26 @@ def _fused_wins(kind, args, fused, split) -> bool:
     return _PATH_CHOICE[key]
 
 
-def _input_grad_base(dy, x, weight, stride, pads, dilation, groups):
-    """conv_transpose(dY, W) by torch (cuDNN on the GPU), in x's memory format; asymmetric pads ('same' with an
-    even kernel extent) are the symmetric top/left pads on an input extended at the bottom/right, then cut."""
-    nb, c, h, w = x.shape
-    extra_h, extra_w = pads[1] - pads[0], pads[3] - pads[2]
-    shape = [nb, c, h + extra_h, w + extra_w]
-    ref = x if extra_h == 0 and extra_w == 0 else x.new_empty(()).expand(shape)
-    dx = torch.ops.aten.convolution_backward(
-        dy, ref, weight, None, list(stride), [pads[0], pads[2]], list(dilation), False, [0, 0], groups,
-        [True, False, False],
-    )[0]  # fmt: skip
-    if extra_h or extra_w:
-        dx = dx[:, :, :h, :w]
-    return dx.contiguous(memory_format=_memory_format(x))
-
-
 def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r):
     """dX = conv_transpose(dY, W) by torch, then += m * conv_transpose(dS, A) in place."""
     nb, c, h, w = x.shape
     r = lora_A.shape[0]
-    dx = _input_grad_base(dy, x, weight, stride, pads, dilation, groups)
+    dx = input_grad(dy, x, weight, stride, pads, dilation, groups)
     a_cl = lora_A.contiguous(memory_format=torch.channels_last)
     meta, launch = _skinny(x.device, "dx", x.dtype)
     grid = (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_K"]))
     _conv_dx_kernel[grid](
         dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
         P=nb * h * w, C=c, H=h, W=w, Ho=dy.shape[2], Wo=dy.shape[3], R=r,
-        sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
-        sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
+        stride_xn=dx.stride(0), stride_xc=dx.stride(1), stride_xh=dx.stride(2), stride_xw=dx.stride(3),
+        stride_ar=a_cl.stride(0), stride_ac=a_cl.stride(1), stride_ah=a_cl.stride(2), stride_aw=a_cl.stride(3),
         **drop, **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
     return dx
 
 
 # Autotune key of the fused dX kernel: sizes, geometry and layout (unit channel stride of dY).
-_DGRAD_TUNE_KEY = ["P", "Cg", "Og", "R", "H", "W", "sdc", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
+_DGRAD_TUNE_KEY = ["P", "Cg", "Og", "R", "H", "W", "stride_dyc", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
 
 
 @functools.cache
@@ -921,15 +1007,15 @@ def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     o = weight.shape[0]
     weight = weight.contiguous(memory_format=torch.channels_last)
     a_cl = lora_A.contiguous(memory_format=torch.channels_last)
-    dx = torch.empty((nb, c, h, w), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    dx = torch.empty((nb, c, h, w), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     p, cg, og = nb * h * w, c // groups, o // groups
     args = dict(
         dy_ptr=dy, w_ptr=weight, ds_ptr=ds, a_ptr=a_cl, dx_ptr=dx,
         P=p, C=c, H=h, W=w, Ho=dy.shape[2], Wo=dy.shape[3], R=lora_A.shape[0], Cg=cg, Og=og,
-        sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
-        swo=weight.stride(0), swc=weight.stride(1), swh=weight.stride(2), sww=weight.stride(3),
-        sar=a_cl.stride(0), sac=a_cl.stride(1), sah=a_cl.stride(2), saw=a_cl.stride(3),
-        sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
+        stride_dyn=dy.stride(0), stride_dyc=dy.stride(1), stride_dyh=dy.stride(2), stride_dyw=dy.stride(3),
+        stride_wo=weight.stride(0), stride_wc=weight.stride(1), stride_wh=weight.stride(2), stride_ww=weight.stride(3),
+        stride_ar=a_cl.stride(0), stride_ac=a_cl.stride(1), stride_ah=a_cl.stride(2), stride_aw=a_cl.stride(3),
+        stride_xn=dx.stride(0), stride_xc=dx.stride(1), stride_xh=dx.stride(2), stride_xw=dx.stride(3),
         BLOCK_R=block_r, **geometry, **precision,
     )  # fmt: skip
     grid = lambda meta: (groups * triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),)
@@ -977,7 +1063,7 @@ def lora_conv2d_bwd(
     geometry = _geometry((kh, kw), stride, pads, dilation)
     precision = _precision(x.dtype)
     drop = _dropout_args(dropout_p, seed)
-    block_r = conv_rank_block(r)
+    block_r = rank_block(r, max_block=None)
     b2 = lora_B.reshape(o, r)
 
     meta, launch = _skinny(x.device, "ds_db", x.dtype)
@@ -985,10 +1071,10 @@ def lora_conv2d_bwd(
     ds = torch.empty((m, r), device=x.device, dtype=torch.float32)
     dbp = torch.empty((num_tiles, o, r), device=x.device, dtype=torch.float32)
     _conv_ds_db_kernel[(num_tiles,)](
-        dy_ptr=dy, s_ptr=s, b_ptr=b2, ds_ptr=ds, dbp_ptr=dbp,
+        dy_ptr=dy, s_ptr=s, b_ptr=b2, ds_ptr=ds, db_part_ptr=dbp,
         M=m, O=o, Ho=ho, Wo=wo, R=r,
-        sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
-        sbo=b2.stride(0), sbr=b2.stride(1), scaling=float(scaling),
+        stride_dyn=dy.stride(0), stride_dyc=dy.stride(1), stride_dyh=dy.stride(2), stride_dyw=dy.stride(3),
+        stride_bo=b2.stride(0), stride_br=b2.stride(1), scaling=float(scaling),
         **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
     db = dbp.sum(0).mul_(scaling).to(lora_B.dtype).reshape(lora_B.shape)
@@ -998,9 +1084,9 @@ def lora_conv2d_bwd(
     splits = max(1, min(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(num_programs_target(x.device), k_blocks)))
     dap = torch.empty((splits, r, c, kh, kw), device=x.device, dtype=torch.float32)
     _conv_da_kernel[(k_blocks, splits)](
-        x_ptr=x, ds_ptr=ds, dap_ptr=dap,
+        x_ptr=x, ds_ptr=ds, da_part_ptr=dap,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
-        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         **drop, **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
     da = dap.sum(0).to(lora_A.dtype)
@@ -1030,93 +1116,3 @@ def conv2d_dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Ten
         out, numel, c, h, w, drop["seed"], drop["p"], drop["drop_scale"], BLOCK=block
     )
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases
-# ----------------------------------------------------------------------------------------------------------
-
-# The specialisation a real launch gets for the benchmark layer (3x3, stride 1, padding 1, C = O = 256): unit
-# strides become constants, the other strides, the channel counts, M and the pointers are multiples of 16.
-_AOT_GEOMETRY = {"KH": 3, "KW": 3, "STRIDE_H": 1, "STRIDE_W": 1, "PAD_H": 1, "PAD_W": 1, "DIL_H": 1, "DIL_W": 1}
-_AOT_DIVISIBLE = set(
-    "M C O Cg Og P sxn sxh sxw sxc swo swh sww swc sbo syn syh syw syc sdn sdh sdw sdc sar sah saw sac".split()
-)
-# Per kernel: float32 pointer args, float scalar args, and the unit-stride args per memory format of x.
-_AOT_KERNELS = {
-    "fwd": (
-        _conv_fwd_kernel,
-        set(),
-        {"scaling"},
-        {"channels_last": {"sxc", "swc", "syc", "sbr"}, "nchw": {"sxw", "swc", "syw", "sbr"}},
-    ),
-    "dgrad": (
-        _conv_dgrad_kernel,
-        {"ds_ptr"},
-        set(),
-        {"channels_last": {"sdc", "swc", "sac", "sxc"}, "nchw": {"sdw", "swc", "sac", "sxw"}},
-    ),
-    "up": (_conv_up_kernel, set(), {"scaling"}, {"channels_last": {"syc", "sbr"}}),
-    "down": (_conv_down_kernel, set(), {"p", "drop_scale"}, {"channels_last": {"sxc", "sac"}}),
-    "ds_db": (_conv_ds_db_kernel, {"ds_ptr", "dbp_ptr"}, {"scaling"}, {"channels_last": {"sdc", "sbr"}}),
-    "da": (_conv_da_kernel, {"ds_ptr", "dap_ptr"}, {"p", "drop_scale"}, {"channels_last": {"sxc"}}),
-    "dx": (_conv_dx_kernel, {"ds_ptr"}, {"p", "drop_scale"}, {"channels_last": {"sxc", "sac"}}),
-}
-
-
-def _aot_case(kind, major, t, tl_dtype, layout, meta, num_warps, num_stages):
-    """One compile case: the kernel of `kind` specialised as a launch on the benchmark layer in `layout`."""
-    fn, fp32_ptrs, float_args, unit_strides = _AOT_KERNELS[kind]
-    flags = {"HAS_BIAS": True, "HAS_DROPOUT": True}
-    constexprs = {**meta, "DOT_DTYPE": tl_dtype, "INPUT_PRECISION": "ieee", "BLOCK_R": 16}
-    signature, divisible = {}, []
-    for name in fn.arg_names:
-        if name in constexprs:
-            continue
-        if name in _AOT_GEOMETRY or name in flags or name in unit_strides[layout]:
-            constexprs[name] = _AOT_GEOMETRY.get(name, flags.get(name, 1))
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_ptrs else f"*{t}"
-            divisible.append(name)
-        elif name in float_args:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name in _AOT_DIVISIBLE:
-                divisible.append(name)
-    tile = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in meta)
-    group = f"-g{meta['GROUP_M']}" if "GROUP_M" in meta else ""
-    return {
-        "id": f"conv-{kind}-{t}-{layout}-{tile}{group}-w{num_warps}s{num_stages}",
-        "major": major,
-        "kernel": fn,
-        "signature": signature,
-        "constexprs": constexprs,
-        "divisible": divisible,
-        "num_warps": num_warps,
-        "num_stages": num_stages,
-        "expects_mma": t != "fp32",
-    }
-
-
-def aot_cases():
-    """Compile cases for tests/aot.py: every shipped config of every conv kernel for sm_80 and sm_90. Both memory
-    formats of x for the two big GEMMs (forward, dX) in fp16 and fp32; the 16-bit products must run on tensor
-    cores."""
-    cases = []
-    for major in (8, 9):
-        for dtype, t, tl_dtype in (
-            (torch.float16, "fp16", tl.float16),
-            (torch.bfloat16, "bf16", tl.bfloat16),
-            (torch.float32, "fp32", tl.float32),
-        ):
-            layouts = ("channels_last", "nchw") if t != "bf16" else ("channels_last",)
-            for kind, tuples in (("fwd", conv_gemm_config_tuples), ("dgrad", conv_dgrad_config_tuples)):
-                for bm, bn, bk, g, w, s in tuples(major, dtype):
-                    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
-                    cases += [_aot_case(kind, major, t, tl_dtype, layout, meta, w, s) for layout in layouts]
-            for kind in CONV_SKINNY_KINDS:
-                bm, bk, w, s = conv_skinny_config(major, kind, dtype)
-                meta = {"BLOCK_M": bm, "BLOCK_K": bk}
-                cases.append(_aot_case(kind, major, t, tl_dtype, "channels_last", meta, w, s))
-    return cases

@@ -10,11 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastlora.kernels.configs import INTERPRET, rank_block
 
-# BLOCK_N, BLOCK_K, warps: merging is a one-off, memory-bound pass over W.
-MERGE_CONFIG = (64, 64, 4)
-MERGE_INTERPRET = (16, 32, 4)
+from .configs import INTERPRET, MERGE_CONFIG, MERGE_INTERPRET, rank_block
 
 
 @triton.jit
@@ -107,41 +104,3 @@ def merge_(weight, lora_A, lora_B, coeff: float, safe: bool = False):
             )
     _merge_kernel[grid](flag_ptr=weight, CHECK_ONLY=False, **args)
     return weight
-
-
-def aot_cases():
-    """Compile cases for tests/aot.py: the shipped merge config for each weight dtype, both passes."""
-    cases = []
-    bn, bk, warps = MERGE_CONFIG
-    for major in (8, 9):
-        for t in ("fp16", "bf16", "fp32"):
-            for check in (False, True):
-                cases.append(
-                    {
-                        "id": f"merge-{t}-{'check' if check else 'write'}-{bn}x{bk}-w{warps}",
-                        "major": major,
-                        "kernel": _merge_kernel,
-                        "signature": {
-                            "w_ptr": f"*{t}",
-                            "a_ptr": "*fp32",
-                            "b_ptr": "*fp32",
-                            "flag_ptr": "*i32",
-                            **dict.fromkeys(["N", "K", "R", "stride_wn", "stride_ar", "stride_bn"], "i32"),
-                            "coeff": "fp32",
-                            "limit": "fp32",
-                        },
-                        "constexprs": {
-                            "stride_wk": 1,
-                            "stride_ak": 1,
-                            "stride_br": 1,
-                            "CHECK_ONLY": check,
-                            "BLOCK_N": bn,
-                            "BLOCK_K": bk,
-                            "BLOCK_R": 16,
-                        },
-                        "divisible": ["w_ptr", "a_ptr", "b_ptr", "flag_ptr", "N", "K", "stride_wn", "stride_ar"],
-                        "num_warps": warps,
-                        "num_stages": 1,
-                    }
-                )
-    return cases
