@@ -88,7 +88,7 @@ def kernel_launches(monkeypatch):
     from fastlora.kernels import embedding as kemb
 
     counters = {}
-    for name in ("_emb_fwd_kernel", "_emb_bwd_dy_kernel", "_emb_bwd_scatter_kernel", "_emb_bwd_segment_kernel"):
+    for name in ("_emb_fwd_kernel", "_emb_bwd_dy_kernel", "_emb_bwd_finish_kernel", "_emb_bwd_segment_kernel"):
         counters[name] = _LaunchCounter(getattr(kemb, name))
         monkeypatch.setattr(kemb, name, counters[name])
     return counters
@@ -171,7 +171,7 @@ def test_deterministic_mode_bitwise(kernel_launches, dtype):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert kernel_launches["_emb_bwd_segment_kernel"].launches == 2
-    assert kernel_launches["_emb_bwd_scatter_kernel"].launches == 0
+    assert kernel_launches["_emb_bwd_finish_kernel"].launches == 0
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     _, da64, db64 = _reference(idx, weight, lora_A, lora_B, 1.3, 7, torch.ones(3, 14, D, dtype=dtype))
     assert_close(grads[0][0], da64, dtype, "dA")
@@ -335,21 +335,59 @@ def test_layer_refuses_other_modules():
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sync_checks", [False, True], ids=["flag", "sync"])
 @pytest.mark.parametrize("bad", [V, -1, 10**6], ids=["V", "negative", "huge"])
 @pytest.mark.parametrize("path", PATHS)
-def test_out_of_range_indices_raise_before_any_kernel(kernel_launches, path, bad):
+def test_out_of_range_indices_raise_before_a_result(kernel_launches, monkeypatch, path, bad, sync_checks):
+    """A bad index raises ValueError before anything is returned: by default from the flag the kernel that reads
+    idx sets (one launch each, no host sync), under FASTLORA_SYNC_CHECKS before any kernel. Then a good call
+    runs clean (the flag is reset)."""
     from fastlora.kernels import embedding as kemb
 
+    monkeypatch.setattr(kemb, "SYNC_CHECKS", sync_checks)
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((3, 14))
     idx[1, 6] = bad
     with _backend(path), pytest.raises(ValueError, match=rf"indices must be in \[0, {V}\).*{bad}"):
         fl.lora_embedding(idx, weight, lora_A, lora_B, 1.0)
-    with pytest.raises(ValueError, match="indices must be in"):
+    with pytest.raises(ValueError, match=rf"indices must be in \[0, {V}\).*{bad}"):
         kemb.lora_embedding_fwd(idx.view(-1), weight, lora_A.detach(), lora_B.detach(), 1.0)
-    with pytest.raises(ValueError, match="indices must be in"):
+    with pytest.raises(ValueError, match=rf"indices must be in \[0, {V}\).*{bad}"):
         kemb.lora_embedding_bwd(torch.randn(42, D), idx.view(-1), lora_A.detach(), lora_B.detach(), 1.0)
-    assert all(counter.launches == 0 for counter in kernel_launches.values())
+    launched = {name: counter.launches for name, counter in kernel_launches.items()}
+    expected = 0 if sync_checks else 1
+    fwd_expected = expected * (2 if path == "triton" else 1)
+    assert launched["_emb_fwd_kernel"] == fwd_expected and launched["_emb_bwd_dy_kernel"] == expected, launched
+    assert launched["_emb_bwd_finish_kernel"] == launched["_emb_bwd_segment_kernel"] == 0, launched
+    idx[1, 6] = 0
+    y = kemb.lora_embedding_fwd(idx.view(-1), weight, lora_A.detach(), lora_B.detach(), 1.0)
+    assert torch.isfinite(y).all()
+
+
+def test_launch_budget(monkeypatch):
+    """At M >= 2048, every device launch counted (Triton kernels, memsets, casts, torch ops): forward <= 2,
+    backward <= 3, and no device-to-host sync. On CUDA the forward also queues one torch._assert_async on the
+    index flag, which the CPU path replaces by a host read: it is added to the count."""
+    from launches import count_launches, unpoisoned_empty
+
+    unpoisoned_empty(monkeypatch)
+    weight, lora_A, lora_B = _operands(5, torch.float32)
+    idx = _indices((2048,), 3)
+    with _backend("triton"):
+        fl.lora_embedding(idx, weight, lora_A, lora_B, 0.5, 3).sum().backward()  # first call: the index flag
+        with count_launches() as forward:
+            y = fl.lora_embedding(idx, weight, lora_A, lora_B, 0.5, 3)
+        dy = torch.randn_like(y)
+        lora_A.grad = lora_B.grad = None
+        with count_launches() as backward:
+            y.backward(dy)
+    assert forward.total + 1 <= 2 and forward.triton == ["_emb_fwd_kernel"], forward
+    assert backward.total <= 3 and "_emb_bwd_dy_kernel" in backward.triton, backward
+    assert forward.syncs == backward.syncs == [], (forward, backward)
+    y64, da64, db64 = _reference(idx, weight, lora_A, lora_B, 0.5, 3, dy)
+    assert_close(y, y64, torch.float32, "Y")
+    assert_close(lora_A.grad, da64, torch.float32, "dA")
+    assert_close(lora_B.grad, db64, torch.float32, "dB")
 
 
 def _bad_inputs():
@@ -442,15 +480,31 @@ def _gpu_checks() -> list[dict]:
                 name = f"{DTYPE_NAMES[dtype]}-r{r}-{'det' if deterministic else 'atomic'}"
                 compare(name, dtype, 32000, 1024, r, 4096, 3, deterministic)
     compare("bf16-V600000-D4096-int64-offsets", torch.bfloat16, 600000, 4096, 16, 512, None, True, low=590000)
+    kemb.SYNC_CHECKS = True  # the debug switch: a ValueError before any kernel
     try:
-        idx = torch.tensor([0, 5, 32000], device="cuda")
-        weight, lora_A, lora_B = (torch.randn(*shape, device="cuda") for shape in ((32000, 64), (4, 32000), (64, 4)))
-        kemb.lora_embedding_fwd(idx, weight, lora_A, lora_B, 1.0)
-        rows.append({"name": "out-of-range raises", "ok": False})
+        kemb.lora_embedding_fwd(*_bad_index_call())
+        rows.append({"name": "out-of-range raises (sync checks)", "ok": False})
     except ValueError:
-        rows.append({"name": "out-of-range raises", "ok": True})
+        rows.append({"name": "out-of-range raises (sync checks)", "ok": True})
+    finally:
+        kemb.SYNC_CHECKS = False
     torch.cuda.synchronize()
     return rows
+
+
+def _bad_index_call():
+    idx = torch.tensor([0, 5, 32000], device="cuda")
+    weight, lora_A, lora_B = (torch.randn(*shape, device="cuda") for shape in ((32000, 64), (4, 32000), (64, 4)))
+    return idx, weight, lora_A, lora_B, 1.0
+
+
+def _gpu_async_index_assert():
+    """Default mode on CUDA: the forward returns without a sync; the index flag's device-side assert fails the
+    next synchronising call (this ends the CUDA context, hence its own process)."""
+    from fastlora.kernels import embedding as kemb
+
+    kemb.lora_embedding_fwd(*_bad_index_call())
+    torch.cuda.synchronize()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -462,8 +516,14 @@ def test_compiled_kernels_on_gpu():
     rows = json.loads(out.strip().splitlines()[-1])
     failed = [row for row in rows if not row["ok"]]
     assert not failed, failed
+    bad = subprocess.run(
+        [sys.executable, __file__, "--gpu-assert"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert bad.returncode != 0 and "device-side assert" in bad.stderr, bad.stderr[-2000:]
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--gpu"]:
         print(json.dumps(_gpu_checks()))
+    if sys.argv[1:2] == ["--gpu-assert"]:
+        _gpu_async_index_assert()
