@@ -1,9 +1,9 @@
 """Ahead-of-time compilation of shipped kernel configs for a GPU target, with no GPU.
 
-Run as a script (without TRITON_INTERPRET) by tests/test_aot_compile.py: it compiles every case that the
-kernel modules list in their ``aot_cases()``, each for the GPU generation it names (sm_80 or sm_90), and
-prints one JSON line per case with what the tests check: shared memory, spills, registers and the matrix
-instructions in the PTX.
+Run as a script (without TRITON_INTERPRET) by tests/test_aot_compile.py: ``python tests/aot.py embedding conv2d``
+compiles every case of the named tables of tests/aot_cases.py (``TABLES``), each for the GPU generation it names
+(sm_80 or sm_90), and prints one JSON line per case with what the tests check: shared memory, spills, registers
+and the matrix instructions in the PTX.
 """
 
 from __future__ import annotations
@@ -63,12 +63,11 @@ def compile_case(case: dict, major: int) -> dict:
     }
 
 
-def main(modules):
-    import importlib
+def main(tables):
+    from aot_cases import TABLES
 
-    for name in modules:
-        module = importlib.import_module(name)
-        for case in module.aot_cases():
+    for name in tables:
+        for case in TABLES[name]():
             major = case["major"]
             try:
                 row = compile_case(case, major)

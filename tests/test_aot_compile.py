@@ -1,29 +1,24 @@
 """Every shipped kernel config compiles ahead of time for sm_80 and sm_90 (no GPU needed): it fits shared
-memory, does not spill, and its matrix products run on tensor cores (wgmma on sm_90)."""
+memory, does not spill, and its matrix products run on tensor cores (wgmma on sm_90). The cases are the tables of
+tests/aot_cases.py. Slow (a few hundred ptxas runs in one subprocess, allowed 900 s)."""
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from aot_cases import TABLES
 from fastlora.kernels.configs import SHARED_MEMORY_LIMIT
 
-MODULES = [
-    "fastlora.kernels.linear",
-    "fastlora.kernels.merge",
-    "fastlora.kernels.embedding",
-    "fastlora.kernels.conv2d",
-]
 HERE = os.path.dirname(os.path.abspath(__file__))
+COMPILE_TIMEOUT = 900
+# The compile subprocess may use all of COMPILE_TIMEOUT; each test allows that plus the time to start it.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(COMPILE_TIMEOUT + 300)]
 
 
 def _case_ids():
-    ids = []
-    for name in MODULES:
-        ids += [f"{case['id']}-sm{case['major']}0" for case in importlib.import_module(name).aot_cases()]
-    return ids
+    return [f"{case['id']}-sm{case['major']}0" for cases in TABLES.values() for case in cases()]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,11 @@ def compiled():
     """Compile every case in one subprocess without the interpreter (the kernels must be real JIT functions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "aot.py"), *MODULES], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, os.path.join(HERE, "aot.py"), *TABLES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=COMPILE_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
