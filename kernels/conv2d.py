@@ -292,24 +292,9 @@ def _conv_down_kernel(
         i_c = (it % num_c) * BLOCK_K + i_k  # [BK]
         m_c = i_c < C
         i_h, i_w, m_row, row_off = _tap_pixels(
-            i_n,
-            i_ho,
-            i_wo,
-            m_m,
-            tap,
-            H,
-            W,
-            stride_xn,
-            stride_xh,
-            stride_xw,
-            KW,
-            STRIDE_H,
-            STRIDE_W,
-            PAD_H,
-            PAD_W,
-            DIL_H,
-            DIL_W,
-        )
+            i_n, i_ho, i_wo, m_m, tap, H, W, stride_xn, stride_xh, stride_xw, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+            DIL_H, DIL_W,
+        )  # fmt: skip
         p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
         b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -604,24 +589,9 @@ def _conv_da_kernel(
         m_m = i_m < M
         i_n, i_ho, i_wo = _pixel_rows(i_m, Ho, Wo)
         i_h, i_w, m_row, row_off = _tap_pixels(
-            i_n,
-            i_ho,
-            i_wo,
-            m_m,
-            tap,
-            H,
-            W,
-            stride_xn,
-            stride_xh,
-            stride_xw,
-            KW,
-            STRIDE_H,
-            STRIDE_W,
-            PAD_H,
-            PAD_W,
-            DIL_H,
-            DIL_W,
-        )
+            i_n, i_ho, i_wo, m_m, tap, H, W, stride_xn, stride_xh, stride_xw, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+            DIL_H, DIL_W,
+        )  # fmt: skip
         p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
         b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
@@ -863,6 +833,18 @@ def _tuned_fwd_kernel(major: int, dtype: torch.dtype):
     return triton.autotune(configs=conv_gemm_configs(major, dtype), key=_FWD_TUNE_KEY)(_conv_fwd_kernel)
 
 
+def _launch_gemm(kernel, tuned, grid, args, x):
+    """Launch one of the conv GEMMs: autotuned per (generation, dtype) on a GPU, the small fixed tiles under the
+    interpreter. grid maps the meta-parameters to the launch grid."""
+    major = capability(x.device)
+    if major == 0:
+        bm, bn, bk, gm, warps, stages = CONV_GEMM_INTERPRET
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+        kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
+    else:
+        tuned(major, x.dtype)[grid](**args)
+
+
 def _precision(dtype):
     return {"DOT_DTYPE": dot_dtype(dtype), "INPUT_PRECISION": input_precision(dtype)}
 
@@ -926,13 +908,7 @@ def _y_fused(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
         **precision,
     )  # fmt: skip
     grid = lambda meta: (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(og, meta["BLOCK_N"]),)
-    major = capability(x.device)
-    if major == 0:
-        bm, bn, bk, gm, warps, stages = CONV_GEMM_INTERPRET
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
-        _conv_fwd_kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
-    else:
-        _tuned_fwd_kernel(major, x.dtype)[grid](**args)
+    _launch_gemm(_conv_fwd_kernel, _tuned_fwd_kernel, grid, args, x)
     return y
 
 
@@ -1019,13 +995,7 @@ def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
         BLOCK_R=block_r, **geometry, **precision,
     )  # fmt: skip
     grid = lambda meta: (groups * triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),)
-    major = capability(x.device)
-    if major == 0:
-        bm, bn, bk, gm, warps, stages = CONV_GEMM_INTERPRET
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
-        _conv_dgrad_kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
-    else:
-        _tuned_dgrad_kernel(major, x.dtype)[grid](**args)
+    _launch_gemm(_conv_dgrad_kernel, _tuned_dgrad_kernel, grid, args, x)
     return dx
 
 
