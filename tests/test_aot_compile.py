@@ -11,7 +11,7 @@ import pytest
 from fastlora.kernels.configs import SHARED_MEMORY_LIMIT
 
 MODULES = [
-    "fastlora.kernels.linear",
+    "aot_linear_cases",
     "fastlora.kernels.merge",
     "fastlora.kernels.embedding",
     "fastlora.kernels.conv2d",
