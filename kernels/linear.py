@@ -981,7 +981,10 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
         if need_dx:
 
             def fused(out=dx, da=da32):
-                return _gemm(dy, weight, ds, lora_A, None, out, inv_keep, dropout_p, seed, x=x, da=da, direction="dx")
+                if dropout_p == 0:  # dA's share in the epilogue; with dropout the x pass draws each mask once
+                    return _gemm(dy, weight, ds, lora_A, None, out, 1.0, x=x, da=da, direction="dx")
+                _gemm(dy, weight, ds, lora_A, None, out, inv_keep, dropout_p, seed, direction="dx")
+                return _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
 
             def cublas_update(out=dx, da=da32):
                 torch.mm(dy, weight, out=out)
