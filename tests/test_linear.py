@@ -117,7 +117,7 @@ def test_rank_update_in_place(dtype, p):
 
 
 def _budget_inputs(dtype, lora_dtype):
-    # M = 2048 rows (past configs.SPLIT_FREE_M): tiny K, N and r keep the interpreter quick; r = 8 keeps TMA rows aligned
+    # M = 2048 rows (past configs.SPLIT_FREE_M); tiny K, N, r keep the interpreter quick (r = 8: TMA-aligned rows)
     x, w, b, a, bb = (t.detach() for t in _inputs(2048, 24, 40, 8, dtype, lora_dtype=lora_dtype))
     return x, w, b, a, bb
 
