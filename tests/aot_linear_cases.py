@@ -39,7 +39,7 @@ def _pointer_gemm_cases(major, dtype, precision):
     mma = precision == "tf32" or dtype != torch.float32
     cases = []
     for fwd in (True, False):
-        flags = {"HAS_BIAS": fwd, "HAS_COL_SCALE": False, "HAS_DROPOUT": not fwd, "HAS_DA": not fwd,
+        flags = {"HAS_BIAS": fwd, "HAS_COL_SCALE": False, "HAS_DROPOUT": not fwd, "HAS_DA": False,
                  "DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": precision, "BLOCK_R": RANK, "stride_pr": 1,
                  "stride_qr": 1, "stride_xn": 1, "stride_dan": 1}  # fmt: skip
         b_strided, b_unit = ("stride_bn", "stride_bk") if fwd else ("stride_bk", "stride_bn")
