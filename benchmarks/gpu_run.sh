@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU run (H100/H200): install fastlora in place, validate every op, then the benchmark suite at the
-# target shapes, writing the JSON result file (and logs, tables, plots) to the folder given as argument.
+# One GPU run (H100/H200): install fastlora in place, time the TMA GEMM against torch.mm (gemm_check.json),
+# validate every op, then the benchmark suite at the target shapes, writing the JSON result file (and logs, tables, plots) to the folder given as argument.
 # Installs nothing else. Finishes in under 8 minutes: each stage has a time limit, the suite has a budget
 # after which it starts no new case, and the result file is rewritten after every case.
 #
@@ -17,6 +17,9 @@ status=0
 
 log "pip install --no-deps --no-build-isolation -e ."
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { log "install failed"; exit 1; }
+
+log "gemm check: the persistent TMA GEMM against torch.mm at 8192x4096x4096 bf16 (the number everything hinges on)"
+timeout 90 "$PY" -m benchmarks.gemm_check "$OUT" 2>&1 | tee "$OUT/gemm_check.txt" || { log "gemm check failed or was cut"; status=1; }
 
 log "fastlora info"
 $FASTLORA info | tee "$OUT/info.txt"

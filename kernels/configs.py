@@ -118,14 +118,60 @@ def gemm_configs(major: int, dtype: torch.dtype, masked: bool = False):
     return gemm_tiles_as_configs(gemm_config_tuples(major, dtype, masked))
 
 
+# Hopper persistent TMA GEMM (16-bit inputs): BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, EPILOGUE_SUBTILE.
+# The forward (Y) and the backward dX GEMM are tuned apart, each under its own autotune key. The dropout mask and the
+# dA side product live in dX's epilogue, one column half at a time with EPILOGUE_SUBTILE, so dX keeps the large
+# tiles with dropout on. Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes plus the epilogue's tiles.
+_GEMM_TMA_FWD = [
+    (128, 256, 64, 8, 8, 3, True),
+    (128, 128, 64, 8, 8, 4, True),
+    (128, 128, 128, 8, 8, 3, True),
+    (128, 128, 64, 8, 4, 5, True),
+]
+_GEMM_TMA_DX = [
+    (128, 128, 64, 8, 8, 3, True),
+    (128, 128, 64, 8, 8, 4, True),
+    (128, 128, 64, 8, 8, 5, True),
+]
+GEMM_TMA_DIRECTIONS = ("fwd", "dx")
+# Under the interpreter: tiles small enough that odd test shapes cross several tiles and both epilogue halves.
+GEMM_TMA_INTERPRET = (32, 32, 16, 2, 4, 1, True)
+# The TMA GEMM applies the LoRA term in its epilogue as one rank tile: ranks above this take the pointer kernel.
+GEMM_TMA_MAX_RANK = 64
+
+
+def gemm_tma_config_tuples(direction: str):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, EPILOGUE_SUBTILE) of the Hopper GEMM, "fwd" or "dx"."""
+    if direction not in GEMM_TMA_DIRECTIONS:
+        raise ValueError(f"GEMM direction must be one of {GEMM_TMA_DIRECTIONS}, got {direction!r}")
+    return _GEMM_TMA_FWD if direction == "fwd" else _GEMM_TMA_DX
+
+
+def gemm_tma_configs(direction: str, pre_hook=None):
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "EPILOGUE_SUBTILE": sub},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=pre_hook,
+        )
+        for bm, bn, bk, g, w, s, sub in gemm_tma_config_tuples(direction)
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Skinny passes (S = (m x) A^T, dS = s dY B, dA = dS^T (m x), dB = s dY^T S): BLOCK_M, BLOCK_K, warps, stages
 # ----------------------------------------------------------------------------------------------------------
 
 # One config per generation, chosen by rule: these passes are memory-bound, and they are not autotuned because the
-# fused dS/dB pass accumulates dB with atomics, which every tuning rerun would add again.
+# fused dS/dB pass accumulates dB with atomics, which every tuning rerun would add again. The fused dS/dB pass ("side")
+# takes taller row blocks: its dB atomics number (M / BLOCK_M) * N * r.
 SKINNY = {9: [(64, 128, 4, 3)], 8: [(64, 64, 4, 3)]}
+SKINNY_SIDE = {9: (128, 64, 8, 3), 8: (128, 32, 8, 3)}
 SKINNY_INTERPRET = (16, 32, 4, 1)
+# From this many rows on, the rank-r passes fill the GPU with row blocks alone: no split reduction, no partial
+# buffers, sums or casts; every output is written in its final dtype by the kernel that computes it.
+SPLIT_FREE_M = 2048
 
 
 def skinny_config_tuples(major: int):
@@ -146,6 +192,17 @@ def rank_block(r: int, max_block: int | None = 64) -> int:
 
 MERGE_CONFIG = (64, 64, 4)
 MERGE_INTERPRET = (16, 32, 4)
+
+
+def skinny_side_config(major: int):
+    return SKINNY_SIDE[9 if major >= 9 else 8]
+
+
+# The r-wide in-place update Y = c * (Y + s * mask(P Q)) + bias after cuBLAS (the dispatch's alternative to the
+# fused GEMM): memory-bound, one config. BLOCK_M, BLOCK_N, warps, stages.
+LORA_UPDATE = (64, 128, 4, 2)
+LORA_UPDATE_INTERPRET = (16, 32, 4, 1)
+
 
 
 # ----------------------------------------------------------------------------------------------------------

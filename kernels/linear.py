@@ -4,16 +4,34 @@ x [M, K], W [N, K] (frozen), A [r, K], B [N, r], s the scaling, m the dropout ma
 a pure function of (seed, row, column) so that backward regenerates exactly the mask forward drew,
 whatever the tiling:
 
-    forward:   S = (m x) A^T          one pass over x                     (_lora_down_kernel)
-               Y = x W^T + s S B^T + bias   the GEMM's accumulator starts at s S B^T   (_lora_gemm_kernel)
-    backward:  dS = s dY B, dB = s dY^T S   one pass over dY               (_lora_down_kernel, side output)
-               dX = dY W + m (dS A)   the GEMM's accumulator starts at m (dS A)      (_lora_gemm_kernel)
-               dA = dS^T (m x)        one pass over x                     (_lora_up_t_kernel)
+    forward:   S = (m x) A^T                one pass over x                          (_lora_down_kernel)
+               Y = c * (x W^T + s S B^T) + bias     the LoRA term and bias in the GEMM's epilogue (c: an optional
+                                            per-column scale, DoRA's g / ||W + s B A||)    (_lora_gemm_*kernel)
+    backward:  dS = s dY B, dB = s dY^T S   one pass over dY, dB by float32 atomics   (_lora_down_kernel, side)
+               dX = dY W + m (dS A)         the LoRA term in the dX GEMM's epilogue, which also adds its tile's
+               dA = dS^T (m x)              share of dA (float32 atomics): no pass of its own over x
 
-All products accumulate in float32 and every output is rounded once. The skinny rank-r passes split their
-reduction across programs to fill the GPU; the partial sums go to a float32 buffer summed in a fixed order,
-except dB in the fused dY pass, which uses float32 atomics unless deterministic algorithms are requested
-(then dB takes its own pass over dY and no atomics run anywhere).
+Every product accumulates in float32 and every output is rounded once. From configs.SPLIT_FREE_M rows on,
+the rank-r passes fill the GPU with row blocks alone: forward is two launches (S pass, GEMM), backward four
+(one memset of the float32 dA/dB buffer, the dS/dB pass, the dX GEMM, one cast to the adapters' dtype; three
+with float32 adapters). Below it the skinny passes split their reduction across programs into float32
+partials summed in a fixed order. With deterministic algorithms requested no atomics run: dB and dA take
+their own passes over dY and x.
+
+Dropout's generator is a counter-based hash, not philox: each row gets a key from the seed (two full 32-bit
+mixes per row, amortised over the tile), and each element a multiply-xorshift-multiply hash of
+(key ^ col * golden ratio), whose top 16 bits are its uniform u; the element is kept where u >= t,
+t = round(p * 65536). The exact keep probability is therefore 1 - t / 65536 (within 2^-17 of 1 - p), and kept
+values are scaled by 1 / (1 - p). About 7 instructions per element where a quarter of a 10-round philox call
+plus a float conversion took about 35 (5x cheaper); the hash is purely elementwise, so the compiler draws the
+mask in the accumulator's own layout. With dropout on, dX leaves dA to the pass over x, so each element's
+mask is drawn once per pass that needs it (S pass, dX epilogue, dA pass).
+
+On Hopper with 16-bit inputs the GEMMs are persistent TMA kernels in the form of Triton's persistent-matmul
+tutorial: one flattened, software-pipelined loop over (tile, k), the epilogue (LoRA term, mask, dA share,
+column scale, bias, store in column halves) keyed to its own tile counter. Which of the fused GEMM and
+"cuBLAS for the frozen product plus an r-wide in-place update" runs is measured per shape on the first
+CUDA call and cached (kernels/dispatch.py).
 """
 
 from __future__ import annotations
@@ -22,8 +40,12 @@ import torch
 import triton
 import triton.language as tl
 from fastlora.kernels import configs
+from fastlora.kernels import dispatch as _dispatch
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
+from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_mask", "dropout_threshold", "lora_update_"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Device helpers
@@ -31,24 +53,38 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, p):
-    """Keep-mask [len(rows), len(cols)] for dropout probability p: philox on the counter (col // 4, row),
-    each call giving the 4 lanes of 4 neighbouring columns. cols must start at a multiple of 4 and number
-    a multiple of 4 (block sizes are powers of two >= 16)."""
-    BM: tl.constexpr = rows.shape[0]
-    BC: tl.constexpr = cols.shape[0]
-    quads = tl.reshape(cols, (BC // 4, 4))
-    c0 = (tl.min(quads, axis=1) // 4)[None, :] + rows[:, None] * 0
-    c1 = rows[:, None] + c0 * 0
-    zero = c0 * 0
-    r0, r1, r2, r3 = tl.random.philox(seed, c0.to(tl.uint32), c1.to(tl.uint32), zero.to(tl.uint32), zero.to(tl.uint32))
-    lanes = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [BM, BC // 4, 2, 2], row-major order r0, r1, r2, r3
-    u = tl.random.uint_to_uniform_float(tl.reshape(lanes, (BM, BC)))
-    return u >= p
+def _mix32(h):
+    """A 32-bit integer hash with full avalanche (the lowbias32 finalizer: xor-shift, multiply, twice)."""
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, threshold):
+    """Keep-mask [len(rows), len(cols)]: a 16-bit uniform u per element, kept where u >= threshold.
+
+    Each row gets a key, key(row) = mix32(mix32(row ^ seed_lo) + seed_hi) (one vector per tile); each element's
+    u is the top 16 bits of h = ((key ^ col * 0x9E3779B9) * C1 ^ >> 15) * C2, a multiply-xorshift-multiply hash:
+    two multiplies, one xor-shift, one compare per element."""
+    seed64 = tl.zeros((1,), dtype=tl.int64) + seed  # a tensor even where the JIT specialised seed to a constant
+    seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    key = _mix32(_mix32(rows.to(tl.uint32) ^ seed_lo) + seed_hi)  # [BM]
+    h = (key[:, None] ^ (cols.to(tl.uint32) * 0x9E3779B9)[None, :]) * 0x7FEB352D
+    h = (h ^ (h >> 15)) * 0x846CA68B
+    return (h >> 16) >= threshold.to(tl.uint32)
+
+
+def dropout_threshold(p: float) -> int:
+    """The 16-bit threshold t for dropout probability p: keep where u >= t, so P(keep) = 1 - t / 65536."""
+    return int(round(float(p) * 65536))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels: the rank-r passes
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -81,7 +117,7 @@ def _lora_down_kernel(
     scale,
     side_scale,
     seed,
-    p_drop,
+    p_thresh,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr,
     HAS_SIDE: tl.constexpr,
@@ -111,7 +147,7 @@ def _lora_down_kernel(
         p_x = x_ptr + i_m64[:, None] * stride_xm + i_k[None, :].to(tl.int64) * stride_xk
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
-            b_x = tl.where(dropout_keep(seed, i_m, i_k, p_drop), b_x, 0.0)
+            b_x = tl.where(dropout_keep(seed, i_m, i_k, p_thresh), b_x, 0.0)
         b_x = b_x.to(DOT_DTYPE)
         p_b = bt_ptr + i_k[:, None].to(tl.int64) * stride_bk + i_r[None, :] * stride_br
         b_b = tl.load(p_b, mask=m_k[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
@@ -146,7 +182,7 @@ def _lora_up_t_kernel(
     # scalars
     scale,
     seed,
-    p_drop,
+    p_thresh,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -174,10 +210,78 @@ def _lora_up_t_kernel(
         p_x = x_ptr + i_m64[:, None] * stride_xm + i_k64[None, :] * stride_xk
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
-            b_x = tl.where(dropout_keep(seed, i_m, i_k, p_drop), b_x, 0.0)
+            b_x = tl.where(dropout_keep(seed, i_m, i_k, p_thresh), b_x, 0.0)
         acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_t, acc, input_precision=PRECISION)
     p_o = out_ptr + pid_s.to(tl.int64) * stride_os + i_k64[:, None] * stride_ok + i_r[None, :] * stride_or
     tl.store(p_o, (acc * scale).to(out_ptr.dtype.element_ty), mask=m_k[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _lora_update_kernel(
+    # pointers
+    y_ptr,
+    p_ptr,
+    q_ptr,
+    bias_ptr,
+    cs_ptr,
+    # sizes
+    M,
+    N,
+    R,
+    # strides
+    stride_ym,
+    stride_yn,
+    stride_pm,
+    stride_pr,
+    stride_qr,
+    stride_qn,
+    # scalars
+    lora_scale,
+    seed,
+    p_thresh,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Y[M, N] = c * (Y + lora_scale * mask(P[M, R] @ Q[R, N])) + bias, in place: the r-wide half of the
+    "cuBLAS + update" path (forward: Y = x W^T from cuBLAS, P = S, Q = B^T; dX: Y = dY W, P = dS, Q = A)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 8)
+    i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m, m_n = i_m < M, i_n < N
+    i_m64, i_n64 = i_m.to(tl.int64), i_n.to(tl.int64)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        m_r = i_r < R
+        p_p = p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr
+        p_q = q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn
+        b_p = tl.load(p_p, mask=m_m[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
+        b_q = tl.load(p_q, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)  # [BR, BN]
+        lora = tl.dot(b_p, b_q, lora, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        lora = tl.where(dropout_keep(seed, i_m, i_n, p_thresh), lora, 0.0)
+    p_y = y_ptr + i_m64[:, None] * stride_ym + i_n64[None, :] * stride_yn
+    m_y = m_m[:, None] & m_n[None, :]
+    b_y = tl.load(p_y, mask=m_y, other=0.0).to(tl.float32) + lora * lora_scale
+    if HAS_COL_SCALE:
+        b_y *= tl.load(cs_ptr + i_n, mask=m_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + i_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels: the GEMMs. Forward: a = x, b = W^T, P = S, Q = B^T, lora_scale = s, no mask.
+# Backward dX: a = dY, b = W, P = dS, Q = A, lora_scale = 1 / (1 - p), the mask of x's element (row, col),
+# and with HAS_DA the tile's share of dA = dS^T (m x) added to a float32 dA by atomics.
+# ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -188,6 +292,9 @@ def _lora_gemm_kernel(
     p_ptr,
     q_ptr,
     bias_ptr,
+    cs_ptr,
+    x_ptr,
+    da_ptr,
     c_ptr,
     # sizes
     M,
@@ -204,15 +311,21 @@ def _lora_gemm_kernel(
     stride_pr,
     stride_qr,
     stride_qn,
+    stride_xm,
+    stride_xn,
+    stride_dar,
+    stride_dan,
     stride_cm,
     stride_cn,
     # scalars
     lora_scale,
     seed,
-    p_drop,
+    p_thresh,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_DA: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -221,44 +334,16 @@ def _lora_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N]) + bias[N].
-
-    Forward: a = x, b = W^T, P = S, Q = B^T, no mask. Backward dX: a = dY, b = W, P = dS, Q = A, with the
-    dropout mask of x's element (row, col) and lora_scale = 1 / (1 - p)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row-blocks share each column-block of b while it sits in L2
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    """C[M, N] = c * (a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N])) + bias[N]; with HAS_DA also
+    dA[R, N] += lora_scale * P^T @ (m x)[M, N]. Pointer loads: any strides, any GPU, the interpreter."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     i_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m, m_n = i_m < M, i_n < N
     i_m64, i_n64 = i_m.to(tl.int64), i_n.to(tl.int64)
 
-    # the LoRA term first: an r-wide K step that seeds the accumulator
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        m_r = i_r < R
-        b_p = tl.load(
-            p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr, mask=m_m[:, None] & m_r[None, :], other=0.0
-        )
-        b_q = tl.load(
-            q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn, mask=m_r[:, None] & m_n[None, :], other=0.0
-        )
-        acc = tl.dot(b_p.to(DOT_DTYPE), b_q.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    if HAS_DROPOUT:
-        acc = tl.where(dropout_keep(seed, i_m, i_n, p_drop), acc * lora_scale, 0.0)
-    else:
-        acc = acc * lora_scale
-
     # the frozen product
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     p_a = a_ptr + i_m64[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
     p_b = b_ptr + tl.arange(0, BLOCK_K)[:, None] * stride_bk + i_n64[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
@@ -269,6 +354,35 @@ def _lora_gemm_kernel(
         p_a += BLOCK_K * stride_ak
         p_b += BLOCK_K * stride_bk
 
+    # the epilogue: the LoRA term (r-wide steps), its mask, the dA share, column scale, bias
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, i_m, i_n, p_thresh)
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DA:
+        p_x = x_ptr + i_m64[:, None] * stride_xm + i_n64[None, :] * stride_xn
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_n[None, :], other=0.0)
+        if HAS_DROPOUT:
+            b_x = tl.where(keep, b_x, 0.0)
+        b_xt = tl.trans(b_x.to(DOT_DTYPE))  # [BN, BM]
+    for r0 in range(0, R, BLOCK_R):
+        i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        m_r = i_r < R
+        p_p = p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr
+        p_q = q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn
+        b_p = tl.load(p_p, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
+        b_q = tl.load(p_q, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)  # [BR, BN]
+        if HAS_DROPOUT:
+            lora = tl.dot(b_p.to(DOT_DTYPE), b_q, lora, input_precision=PRECISION)
+        else:
+            acc = tl.dot((b_p.to(tl.float32) * lora_scale).to(DOT_DTYPE), b_q, acc, input_precision=PRECISION)
+        if HAS_DA:
+            b_da = tl.dot(b_xt, b_p.to(DOT_DTYPE), input_precision=PRECISION)  # [BN, BR]
+            p_da = da_ptr + i_r[None, :] * stride_dar + i_n64[:, None] * stride_dan
+            tl.atomic_add(p_da, b_da * lora_scale, mask=m_n[:, None] & m_r[None, :], sem="relaxed")
+    if HAS_DROPOUT:
+        acc = tl.where(keep, acc + lora * lora_scale, acc)
+    if HAS_COL_SCALE:
+        acc *= tl.load(cs_ptr + i_n, mask=m_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + i_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     p_c = c_ptr + i_m64[:, None] * stride_cm + i_n64[None, :] * stride_cn
@@ -276,14 +390,69 @@ def _lora_gemm_kernel(
 
 
 @triton.jit
+def _tma_epilogue(
+    acc,
+    b_p,
+    b_ps,
+    b_q,
+    off_m,
+    off_n,
+    c_desc,
+    bias_desc,
+    cs_desc,
+    x_desc,
+    da_ptr,
+    N,
+    R,
+    stride_dar,
+    stride_dan,
+    lora_scale,
+    seed,
+    p_thresh,
+    HAS_BIAS: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_DA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One column block [BM, BNP] of the TMA GEMM's epilogue at (off_m, off_n): the masked LoRA term (with
+    dropout; without it the term is already in acc), the dA share, column scale, bias, and the store."""
+    BM: tl.constexpr = acc.shape[0]
+    BNP: tl.constexpr = acc.shape[1]
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, off_m + tl.arange(0, BM), off_n + tl.arange(0, BNP), p_thresh)
+        lora = tl.dot(b_ps, b_q, input_precision=PRECISION)  # [BM, BNP]
+        acc = tl.where(keep, acc + lora * lora_scale, acc)
+    if HAS_DA:
+        b_x = x_desc.load([off_m, off_n])  # [BM, BNP], zero beyond M and N
+        if HAS_DROPOUT:
+            b_x = tl.where(keep, b_x, 0.0)
+        b_da = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_p, input_precision=PRECISION)  # [BNP, BR]
+        i_n = off_n + tl.arange(0, BNP)
+        i_r = tl.arange(0, b_p.shape[1])
+        p_da = da_ptr + i_r[None, :] * stride_dar + i_n.to(tl.int64)[:, None] * stride_dan
+        tl.atomic_add(p_da, b_da * lora_scale, mask=(i_n < N)[:, None] & (i_r < R)[None, :], sem="relaxed")
+    if HAS_COL_SCALE:
+        acc *= cs_desc.load([off_n])[None, :]
+    if HAS_BIAS:
+        acc += bias_desc.load([off_n]).to(tl.float32)[None, :]
+    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
 def _lora_gemm_tma_kernel(
-    # tensor descriptors and pointers
+    # tensor descriptors
     a_desc,
     b_desc,
+    p_desc,
+    q_desc,
+    bias_desc,
+    cs_desc,
+    x_desc,
     c_desc,
-    p_ptr,
-    q_ptr,
-    bias_ptr,
+    # pointers
+    da_ptr,
     # sizes
     M,
     N,
@@ -291,18 +460,19 @@ def _lora_gemm_tma_kernel(
     R,
     M_BUCKET,
     # strides
-    stride_pm,
-    stride_pr,
-    stride_qr,
-    stride_qn,
+    stride_dar,
+    stride_dan,
     # scalars
     lora_scale,
     seed,
-    p_drop,
+    p_thresh,
     # meta-parameters
     B_NK: tl.constexpr,
+    Q_NR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_DA: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -310,65 +480,98 @@ def _lora_gemm_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
-    """_lora_gemm_kernel for Hopper: tiles move by TMA (tensor descriptors, out-of-bounds zero-filled), and
-    NUM_SMS persistent programs walk the tiles in grouped order. b_desc holds W [N, K] when B_NK (forward),
-    else b [K, N] (backward dX)."""
+    """_lora_gemm_kernel for Hopper, in the form of Triton's persistent-matmul tutorial: NUM_SMS programs walk
+    the tiles in grouped order in one loop over (tile, k) that the compiler flattens and pipelines; every
+    operand moves by TMA (out of bounds zero-filled), the epilogue follows its own tile counter tile_id_c.
+    b_desc holds W [N, K] when B_NK (forward), else b [K, N] (dX); q_desc B [N, R] when Q_NR, else A [R, N].
+    R <= BLOCK_R: the LoRA term is one rank tile."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_n
+    num_tiles = num_pid_m * num_pid_n
+    tile_id_c = start_pid - NUM_SMS
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
-        group_id = tile_id // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (tile_id % group_size_m)
-        pid_n = (tile_id % num_pid_in_group) // group_size_m
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        i_m = off_m + tl.arange(0, BLOCK_M)
-        i_n = off_n + tl.arange(0, BLOCK_N)
-        m_m, m_n = i_m < M, i_n < N
-        i_m64, i_n64 = i_m.to(tl.int64), i_n.to(tl.int64)
-
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_am = pid_m * BLOCK_M
+        off_bn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-            m_r = i_r < R
-            p_p = p_ptr + i_m64[:, None] * stride_pm + i_r[None, :] * stride_pr
-            p_q = q_ptr + i_r[:, None] * stride_qr + i_n64[None, :] * stride_qn
-            b_p = tl.load(p_p, mask=m_m[:, None] & m_r[None, :], other=0.0)
-            b_q = tl.load(p_q, mask=m_r[:, None] & m_n[None, :], other=0.0)
-            acc = tl.dot(b_p.to(DOT_DTYPE), b_q.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            acc = tl.where(dropout_keep(seed, i_m, i_n, p_drop), acc * lora_scale, 0.0)
-        else:
-            acc = acc * lora_scale
-
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
-            b_a = a_desc.load([off_m, off_k]).to(DOT_DTYPE)
+            b_a = a_desc.load([off_am, off_k]).to(DOT_DTYPE)
             if B_NK:
-                b_b = b_desc.load([off_n, off_k]).to(DOT_DTYPE)
-                acc = tl.dot(b_a, b_b.T, acc, input_precision=PRECISION)
+                acc = tl.dot(b_a, b_desc.load([off_bn, off_k]).to(DOT_DTYPE).T, acc, input_precision=PRECISION)
             else:
-                b_b = b_desc.load([off_k, off_n]).to(DOT_DTYPE)
-                acc = tl.dot(b_a, b_b, acc, input_precision=PRECISION)
+                acc = tl.dot(b_a, b_desc.load([off_k, off_bn]).to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + i_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        off_cm = pid_m * BLOCK_M
+        off_cn = pid_n * BLOCK_N
+        b_p = p_desc.load([off_cm, 0]).to(DOT_DTYPE)  # [BM, BR]
+        if Q_NR:
+            b_q = q_desc.load([off_cn, 0]).to(DOT_DTYPE).T  # [BR, BN]
+        else:
+            b_q = q_desc.load([0, off_cn]).to(DOT_DTYPE)
+        if HAS_DROPOUT:
+            b_ps = b_p
+        else:  # the LoRA term as one more MMA into the accumulator, s folded into the S tile
+            b_ps = (b_p.to(tl.float32) * lora_scale).to(DOT_DTYPE)
+            acc = tl.dot(b_ps, b_q, acc, input_precision=PRECISION)
+        if EPILOGUE_SUBTILE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            q0, q1 = tl.split(tl.permute(tl.reshape(b_q, (BLOCK_R, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _tma_epilogue(acc0, b_p, b_ps, q0, off_cm, off_cn, c_desc, bias_desc, cs_desc, x_desc, da_ptr, N, R,
+                          stride_dar, stride_dan, lora_scale, seed, p_thresh, HAS_BIAS, HAS_COL_SCALE, HAS_DROPOUT,
+                          HAS_DA, DOT_DTYPE, PRECISION)  # fmt: skip
+            _tma_epilogue(acc1, b_p, b_ps, q1, off_cm, off_cn + BLOCK_N // 2, c_desc, bias_desc, cs_desc, x_desc,
+                          da_ptr, N, R, stride_dar, stride_dan, lora_scale, seed, p_thresh, HAS_BIAS, HAS_COL_SCALE,
+                          HAS_DROPOUT, HAS_DA, DOT_DTYPE, PRECISION)  # fmt: skip
+        else:
+            _tma_epilogue(acc, b_p, b_ps, b_q, off_cm, off_cn, c_desc, bias_desc, cs_desc, x_desc, da_ptr, N, R,
+                          stride_dar, stride_dan, lora_scale, seed, p_thresh, HAS_BIAS, HAS_COL_SCALE, HAS_DROPOUT,
+                          HAS_DA, DOT_DTYPE, PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    out_ptr, M, K, stride_om, stride_ok, seed, p_thresh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """out[M, K] = the keep-mask the LoRA kernels draw for (seed, p): for tests and `fastlora validate`."""
+    i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(seed, i_m, i_k, p_thresh)
+    p_o = out_ptr + i_m.to(tl.int64)[:, None] * stride_om + i_k.to(tl.int64)[None, :] * stride_ok
+    tl.store(p_o, keep.to(tl.int8), mask=(i_m < M)[:, None] & (i_k < K)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------------------------
+
+_TMA_DESCS = ("a_desc", "b_desc", "p_desc", "q_desc", "bias_desc", "cs_desc", "x_desc", "c_desc")
 
 
 def _set_tma_block_shapes(nargs):
-    """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
-    nargs["c_desc"].block_shape = [bm, bn]
+    """Autotune pre-hook: the descriptors' block shapes follow the config being tried (absent ones are None)."""
+    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
+    bnp = bn // 2 if nargs["EPILOGUE_SUBTILE"] else bn
+    shapes = {
+        "a_desc": [bm, bk],
+        "b_desc": [bn, bk] if nargs["B_NK"] else [bk, bn],
+        "p_desc": [bm, br],
+        "q_desc": [bn, br] if nargs["Q_NR"] else [br, bn],
+        "bias_desc": [bnp],
+        "cs_desc": [bnp],
+        "x_desc": [bm, bnp],
+        "c_desc": [bm, bnp],
+    }
+    for name, shape in shapes.items():
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = shape
 
 
 def _prune_gemm_configs(configs_list, named_args, **kwargs):
@@ -383,154 +586,227 @@ def _prune_gemm_configs(configs_list, named_args, **kwargs):
     return kept or configs_list[-1:]
 
 
-@triton.jit
-def _dropout_mask_kernel(
-    out_ptr, M, K, stride_om, stride_ok, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """out[M, K] = the keep-mask the LoRA kernels draw for (seed, p): for tests and `fastlora validate`."""
-    i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, i_m, i_k, p_drop)
-    p_o = out_ptr + i_m.to(tl.int64)[:, None] * stride_om + i_k.to(tl.int64)[None, :] * stride_ok
-    tl.store(p_o, keep.to(tl.int8), mask=(i_m < M)[:, None] & (i_k < K)[None, :])
+_GEMM_TUNE_KEY = ["M_BUCKET", "N", "K", "R"]
+_autotuned_gemm = {}
+_autotuned_gemm_tma = {}
+
+
+def _gemm_kernel_for(major: int, dtype: torch.dtype, masked: bool, direction: str = "fwd"):
+    """The pointer GEMM autotuned over this GPU generation's configs: one autotuner per generation, dtype,
+    direction (forward and dX tune apart) and whether the LoRA term is dropout-masked (smaller tiles). The dX
+    GEMM adds into dA with atomics, so its tuning runs start from a zeroed dA."""
+    key = (major, dtype, masked, direction)
+    if key not in _autotuned_gemm:
+        _autotuned_gemm[key] = triton.autotune(
+            configs=configs.gemm_configs(major, dtype, masked),
+            key=_GEMM_TUNE_KEY,
+            prune_configs_by={"early_config_prune": _prune_gemm_configs},
+            reset_to_zero=["da_ptr"] if direction == "dx" else None,
+        )(_lora_gemm_kernel)
+    return _autotuned_gemm[key]
+
+
+def _gemm_tma_kernel_for(major: int, dtype: torch.dtype, direction: str):
+    """The persistent TMA GEMM autotuned over the direction's own tiles (configs.gemm_tma_config_tuples); the
+    pre-hook re-shapes the descriptors per config."""
+    key = (major, dtype, direction)
+    if key not in _autotuned_gemm_tma:
+        _autotuned_gemm_tma[key] = triton.autotune(
+            configs=configs.gemm_tma_configs(direction, pre_hook=_set_tma_block_shapes),
+            key=_GEMM_TUNE_KEY,
+            prune_configs_by={"early_config_prune": _prune_gemm_configs},
+            reset_to_zero=["da_ptr"] if direction == "dx" else None,
+        )(_lora_gemm_tma_kernel)
+    return _autotuned_gemm_tma[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-_autotuned_gemm = {}
 
-
-def _gemm_kernel_for(major: int, dtype: torch.dtype, masked: bool):
-    """The GEMM kernel autotuned over this GPU generation's configs (one autotuner per generation, dtype and
-    whether the LoRA term is dropout-masked, which needs smaller tiles)."""
-    key = (major, dtype, masked)
-    if key not in _autotuned_gemm:
-        _autotuned_gemm[key] = triton.autotune(
-            configs=configs.gemm_configs(major, dtype, masked),
-            key=["M_BUCKET", "N", "K", "R"],
-            prune_configs_by={"early_config_prune": _prune_gemm_configs},
-        )(_lora_gemm_kernel)
-    return _autotuned_gemm[key]
-
-
-def _skinny_config(device):
+def _skinny_config(device, side=False):
     if INTERPRET:
         return configs.SKINNY_INTERPRET
-    return configs.skinny_config_tuples(configs.capability(device))[0]
+    major = configs.capability(device)
+    return configs.skinny_side_config(major) if side else configs.skinny_config_tuples(major)[0]
 
 
-def _splits(blocks: int, programs_without_split: int, device) -> int:
-    """How many ways to split a reduction of `blocks` blocks so the launch fills the device."""
+def _splits(rows: int, blocks: int, programs_without_split: int, device) -> int:
+    """How many ways to split a reduction of `blocks` blocks so the launch fills the device: none from
+    configs.SPLIT_FREE_M rows on, where the row blocks alone fill it."""
+    if rows >= configs.SPLIT_FREE_M:
+        return 1
     return max(1, min(blocks, configs.num_programs_target(device) // max(1, programs_without_split)))
-
-
-_autotuned_gemm_tma = {}
-
-
-def _gemm_tma_kernel_for(major: int, dtype: torch.dtype, masked: bool):
-    """The TMA persistent GEMM autotuned over the same tiles; the pre-hook re-shapes the descriptors per config."""
-    key = (major, dtype, masked)
-    if key not in _autotuned_gemm_tma:
-        tuned = [
-            triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_block_shapes)
-            for c in configs.gemm_configs(major, dtype, masked)
-        ]
-        _autotuned_gemm_tma[key] = triton.autotune(
-            configs=tuned, key=["M_BUCKET", "N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs}
-        )(_lora_gemm_tma_kernel)
-    return _autotuned_gemm_tma[key]
 
 
 def _tma_capable(device) -> bool:
     return configs.capability(device) >= 9
 
 
-def _tma_views(a, b, c):
-    """(a, b as W [N, K] or [K, N], B_NK) when TMA can address all three (unit inner stride, 16-byte aligned
-    rows and base), else None."""
-    if b.stride(0) == 1:
-        b_view, b_nk = b.t(), True
-    elif b.stride(1) == 1:
-        b_view, b_nk = b, False
-    else:
+def _tma_ok(t) -> bool:
+    """TMA can address t: unit inner stride, 16-byte aligned base and outer strides."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+
+
+def _unit_inner(t):
+    """(t or t^T with unit inner stride, whether it was transposed), or (None, False)."""
+    if t.stride(1) == 1:
+        return t, False
+    if t.stride(0) == 1:
+        return t.t(), True
+    return None, False
+
+
+def _tma_views(a, b, p, q, c, bias=None, col_scale=None, x=None):
+    """{"b": W [N, K] or b [K, N], "B_NK", "q": B [N, R] or A [R, N], "Q_NR"} when TMA can address every operand
+    of this GEMM, else None."""
+    b_view, b_nk = _unit_inner(b)
+    q_view, q_nr = _unit_inner(q)
+    if b_view is None or q_view is None:
         return None
-    for t in (a, b_view, c):
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return None
-    return a, b_view, b_nk
+    if not all(_tma_ok(t) for t in (a, b_view, p, q_view, c, bias, col_scale, x) if t is not None):
+        return None
+    return {"b": b_view, "B_NK": b_nk, "q": q_view, "Q_NR": q_nr}
 
 
-def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0):
-    """c[M, N] = a[M, K] @ b[K, N] + lora_scale * mask(p[M, R] @ q[R, N]) + bias; a, b, p, q are strided views."""
+def _desc(t, block_shape):
+    return None if t is None else TensorDescriptor.from_tensor(t, block_shape)
+
+
+def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None, x=None, da=None, direction="fwd"):
+    """c[M, N] = col_scale * (a[M, K] @ b[K, N] + lora_scale * mask(p[M, R] @ q[R, N])) + bias; with x and da also
+    da[R, N] += lora_scale * p^T @ (m x)[M, N] (float32 atomics). a, b, p, q, x are strided views."""
     M, K = a.shape
     N = b.shape[1]
     R = p.shape[1]
+    has_da = da is not None
     common = dict(
-        p_ptr=p,
-        q_ptr=q,
-        bias_ptr=bias if bias is not None else c,
         M=M,
         N=N,
         K=K,
         R=R,
         M_BUCKET=triton.next_power_of_2(M),
-        stride_pm=p.stride(0),
-        stride_pr=p.stride(1),
-        stride_qr=q.stride(0),
-        stride_qn=q.stride(1),
+        stride_dar=da.stride(0) if has_da else 0,
+        stride_dan=da.stride(1) if has_da else 0,
         lora_scale=float(lora_scale),
         seed=int(seed),
-        p_drop=float(dropout_p),
+        p_thresh=dropout_threshold(dropout_p),
         HAS_BIAS=bias is not None,
+        HAS_COL_SCALE=col_scale is not None,
         HAS_DROPOUT=dropout_p > 0,
+        HAS_DA=has_da,
         DOT_DTYPE=dot_dtype(a.dtype),
         PRECISION=input_precision(a.dtype),
-        BLOCK_R=rank_block(R),
     )
     # TMA for 16-bit tiles on Hopper; float32 (an FMA or TF32 product, not a speed target) keeps the pointer kernel
-    views = _tma_views(a, b, c) if a.dtype != torch.float32 and _tma_capable(a.device) else None
+    views = None
+    if a.dtype != torch.float32 and _tma_capable(a.device) and R <= configs.GEMM_TMA_MAX_RANK:
+        views = _tma_views(a, b, p, q, c, bias, col_scale, x)
     if views is not None:
-        a, b_view, b_nk = views
-        bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET if INTERPRET else (64, 64, 64, 8, 4, 3)
-        descs = dict(
-            a_desc=TensorDescriptor.from_tensor(a, [bm, bk]),
-            b_desc=TensorDescriptor.from_tensor(b_view, [bn, bk] if b_nk else [bk, bn]),
-            c_desc=TensorDescriptor.from_tensor(c, [bm, bn]),
+        args = dict(
+            a_desc=_desc(a, [1, 1]),
+            b_desc=_desc(views["b"], [1, 1]),
+            p_desc=_desc(p, [1, 1]),
+            q_desc=_desc(views["q"], [1, 1]),
+            bias_desc=_desc(bias, [1]),
+            cs_desc=_desc(col_scale, [1]),
+            x_desc=_desc(x, [1, 1]),
+            c_desc=_desc(c, [1, 1]),
+            da_ptr=da if has_da else c,
+            **common,
+            B_NK=views["B_NK"],
+            Q_NR=views["Q_NR"],
+            BLOCK_R=max(16, triton.next_power_of_2(R)),
+            NUM_SMS=configs.num_sms(a.device),
         )
-        num_sms = configs.num_sms(a.device)
         if INTERPRET:
-            grid = (min(num_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-            _lora_gemm_tma_kernel[grid](
-                **descs, **common, B_NK=b_nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, NUM_SMS=num_sms
-            )
+            bm, bn, bk, g, _, _, sub = configs.GEMM_TMA_INTERPRET
+            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, EPILOGUE_SUBTILE=sub)
+            _set_tma_block_shapes({**args, **meta})
+            grid = (min(args["NUM_SMS"], triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+            _lora_gemm_tma_kernel[grid](**args, **meta)
             return c
-        kernel = _gemm_tma_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0)
+        kernel = _gemm_tma_kernel_for(configs.capability(a.device), a.dtype, direction)
+        num_sms = args["NUM_SMS"]
         grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        kernel[grid](**descs, **common, B_NK=b_nk, NUM_SMS=num_sms)
+        kernel[grid](**args)
         return c
+    x_view = x if x is not None else a
     args = dict(
         a_ptr=a,
         b_ptr=b,
+        p_ptr=p,
+        q_ptr=q,
+        bias_ptr=bias if bias is not None else c,
+        cs_ptr=col_scale if col_scale is not None else c,
+        x_ptr=x_view,
+        da_ptr=da if has_da else c,
         c_ptr=c,
         **common,
         stride_am=a.stride(0),
         stride_ak=a.stride(1),
         stride_bk=b.stride(0),
         stride_bn=b.stride(1),
+        stride_pm=p.stride(0),
+        stride_pr=p.stride(1),
+        stride_qr=q.stride(0),
+        stride_qn=q.stride(1),
+        stride_xm=x_view.stride(0),
+        stride_xn=x_view.stride(1),
         stride_cm=c.stride(0),
         stride_cn=c.stride(1),
+        BLOCK_R=rank_block(R),
     )
     if INTERPRET:
         bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _lora_gemm_kernel[grid](**args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
         return c
-    kernel = _gemm_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0)
+    kernel = _gemm_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0, direction)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernel[grid](**args)
     return c
+
+
+def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, seed=0):
+    """y[M, N] <- col_scale * (y + lora_scale * mask(p[M, R] @ q[R, N])) + bias, in place (p, q strided views):
+    the r-wide half of the "cuBLAS + update" path. Returns y."""
+    M, N = y.shape
+    R = p.shape[1]
+    bm, bn, warps, stages = configs.LORA_UPDATE_INTERPRET if INTERPRET else configs.LORA_UPDATE
+    _lora_update_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+        y_ptr=y,
+        p_ptr=p,
+        q_ptr=q,
+        bias_ptr=bias if bias is not None else y,
+        cs_ptr=col_scale if col_scale is not None else y,
+        M=M,
+        N=N,
+        R=R,
+        stride_ym=y.stride(0),
+        stride_yn=y.stride(1),
+        stride_pm=p.stride(0),
+        stride_pr=p.stride(1),
+        stride_qr=q.stride(0),
+        stride_qn=q.stride(1),
+        lora_scale=float(lora_scale),
+        seed=int(seed),
+        p_thresh=dropout_threshold(dropout_p),
+        HAS_BIAS=bias is not None,
+        HAS_COL_SCALE=col_scale is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        DOT_DTYPE=dot_dtype(y.dtype),
+        PRECISION=input_precision(y.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_R=rank_block(R),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y
 
 
 def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
@@ -539,16 +815,17 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
     side = (t [M, R], acc [K, R] float32, side_scale): also acc += side_scale * x^T t, with atomics."""
     M, K = x.shape
     R = bt.shape[1]
-    bm, bk, warps, stages = _skinny_config(x.device)
+    bm, bk, warps, stages = _skinny_config(x.device, side=side is not None)
     br = rank_block(R)
     grid_m, grid_r = triton.cdiv(M, bm), triton.cdiv(R, br)
     k_blocks = triton.cdiv(K, bk)
-    k_per_split = triton.cdiv(k_blocks, _splits(k_blocks, grid_m * grid_r, x.device)) * bk
+    k_per_split = triton.cdiv(k_blocks, _splits(M, k_blocks, grid_m * grid_r, x.device)) * bk
     split = triton.cdiv(K, k_per_split)
-    out = torch.empty(
-        (split, M, R) if split > 1 else (1, M, R), device=x.device, dtype=torch.float32 if split > 1 else out_dtype
-    )
-    t, acc, side_scale = side if side is not None else (x, out, 0.0)
+    if split > 1:
+        out = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, R), device=x.device, dtype=out_dtype)[None]
+    t, acc, side_scale = side if side is not None else (x, out[0], 0.0)
     _lora_down_kernel[(grid_m, grid_r, split)](
         x_ptr=x,
         bt_ptr=bt,
@@ -573,7 +850,7 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
         scale=float(scale),
         side_scale=float(side_scale),
         seed=int(seed),
-        p_drop=float(dropout_p),
+        p_thresh=dropout_threshold(dropout_p),
         HAS_DROPOUT=dropout_p > 0,
         HAS_SIDE=side is not None,
         DOT_DTYPE=dot_dtype(x.dtype),
@@ -587,21 +864,23 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
     return out.sum(0).to(out_dtype) if split > 1 else out[0]
 
 
-def _up_t(t, x, scale, dropout_p=0.0, seed=0):
-    """scale * t[M, R]^T @ (m x)[M, K] -> [R, K] float32."""
+def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
+    """scale * t[M, R]^T @ (m x)[M, K] -> out [R, K] float32 (allocated when not given)."""
     M, K = x.shape
     R = t.shape[1]
     bm, bk, warps, stages = _skinny_config(x.device)
     br = rank_block(R)
     grid_k, grid_r = triton.cdiv(K, bk), triton.cdiv(R, br)
     m_blocks = triton.cdiv(M, bm)
-    m_per_split = triton.cdiv(m_blocks, _splits(m_blocks, grid_k * grid_r, x.device)) * bm
+    m_per_split = triton.cdiv(m_blocks, _splits(M, m_blocks, grid_k * grid_r, x.device)) * bm
     split = triton.cdiv(M, m_per_split)
-    out = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((R, K), device=x.device, dtype=torch.float32)
+    part = torch.empty((split, R, K), device=x.device, dtype=torch.float32) if split > 1 else out[None]
     _lora_up_t_kernel[(grid_k, grid_r, split)](
         t_ptr=t,
         x_ptr=x,
-        out_ptr=out,
+        out_ptr=part,
         M=M,
         K=K,
         R=R,
@@ -610,12 +889,12 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0):
         stride_tr=t.stride(1),
         stride_xm=x.stride(0),
         stride_xk=x.stride(1),
-        stride_os=out.stride(0),
-        stride_or=out.stride(1),
-        stride_ok=out.stride(2),
+        stride_os=part.stride(0),
+        stride_or=part.stride(1),
+        stride_ok=part.stride(2),
         scale=float(scale),
         seed=int(seed),
-        p_drop=float(dropout_p),
+        p_thresh=dropout_threshold(dropout_p),
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(x.dtype),
         PRECISION=input_precision(x.dtype),
@@ -625,7 +904,9 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0):
         num_warps=warps,
         num_stages=stages,
     )
-    return out.sum(0) if split > 1 else out[0]
+    if split > 1:
+        torch.sum(part, 0, out=out)
+    return out
 
 
 def _check_dtype(x):
@@ -633,18 +914,50 @@ def _check_dtype(x):
         raise TypeError(f"fastlora kernels take float16, bfloat16 or float32, got {x.dtype}")
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """Y [M, N] = x W^T + bias + s * S B^T and S [M, r] = (m x) A^T, for x [M, K] (any strides)."""
+def _measured(kind, device, shape, candidates, run):
+    """Run `run[choice]()` for the path the dispatch measured fastest for this shape on this device (timed once,
+    on the first call, with the `candidates` closures); under the interpreter and off CUDA the fused path."""
+    if INTERPRET or device.type != "cuda":
+        return run["fused"]()
+    return run[_dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device)]()
+
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
+    """Y [M, N] = c * (x W^T + s * S B^T) + bias and S [M, r] = (m x) A^T, for x [M, K] (any strides).
+
+    col_scale: c [N] float32 (DoRA's g / ||W + s B A||), or None for c = 1."""
     _check_dtype(x)
-    M, _ = x.shape
+    M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    if col_scale is not None:
+        if col_scale.dtype != torch.float32 or tuple(col_scale.shape) != (N,):
+            raise ValueError(
+                f"col_scale must be a float32 vector of the {N} output features, got {col_scale.dtype} "
+                f"{tuple(col_scale.shape)}"
+            )
+        if col_scale.device != x.device:
+            raise ValueError(f"col_scale is on {col_scale.device}, x on {x.device}: pass tensors on one device")
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, x.new_zeros((0, R))
     inv_keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     s = _down(x, lora_A.t(), x.dtype, inv_keep, dropout_p, seed)
-    _gemm(x, weight.t(), s, lora_B.t(), bias, y, lora_scale=scaling)
+
+    def fused(out=y):
+        return _gemm(x, weight.t(), s, lora_B.t(), bias, out, scaling, col_scale=col_scale, direction="fwd")
+
+    def cublas_update(out=y):
+        torch.mm(x, weight.t(), out=out)
+        return lora_update_(out, s, lora_B.t(), scaling, bias=bias, col_scale=col_scale)
+
+    shape = dict(M=M, N=N, K=K, R=R, dtype=x.dtype, dropout=False)
+    paths = {"fused": fused, "cublas+update": cublas_update}  # both write all of y: timing runs leave no trace
+    _measured("fwd", x.device, shape, paths, paths)
     return y, s
+
+
+def _grads_in(buf, dtype):
+    return buf if buf.dtype == dtype else buf.to(dtype)
 
 
 def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False):
@@ -653,23 +966,51 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    if torch.are_deterministic_algorithms_enabled():
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
+    if torch.are_deterministic_algorithms_enabled():  # no atomics: dB and dA take their own passes
         ds = _down(dy, lora_B, dy.dtype, scaling)
-        db = _up_t(s, dy, scaling).t()
+        db = _up_t(s, dy, scaling).t().to(lora_B.dtype, memory_format=torch.contiguous_format)
+        da = _up_t(ds, x, inv_keep, dropout_p, seed).to(lora_A.dtype)
+        if need_dx:
+            _gemm(dy, weight, ds, lora_A, None, dx, inv_keep, dropout_p, seed, direction="dx")
     else:
-        db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
-        ds = _down(dy, lora_B, dy.dtype, scaling, side=(s, db, scaling))
-    da = _up_t(ds, x, inv_keep, dropout_p, seed)
-    dx = None
-    if need_dx:
-        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        _gemm(dy, weight, ds, lora_A, None, dx, lora_scale=inv_keep, dropout_p=dropout_p, seed=seed)
+        # one float32 buffer, one memset: dB [N, r] then dA [r, K], both accumulated with atomics
+        grads = torch.zeros(N * R + R * K, device=dy.device, dtype=torch.float32)
+        db32, da32 = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
+        ds = _down(dy, lora_B, dy.dtype, scaling, side=(s, db32, scaling))
+        if need_dx:
+
+            def fused(out=dx, da=da32):
+                if dropout_p == 0:  # dA's share in the epilogue; with dropout the x pass draws each mask once
+                    return _gemm(dy, weight, ds, lora_A, None, out, 1.0, x=x, da=da, direction="dx")
+                _gemm(dy, weight, ds, lora_A, None, out, inv_keep, dropout_p, seed, direction="dx")
+                return _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
+
+            def cublas_update(out=dx, da=da32):
+                torch.mm(dy, weight, out=out)
+                lora_update_(out, ds, lora_A, inv_keep, dropout_p=dropout_p, seed=seed)
+                return _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
+
+            def timed(fn):  # timing runs write scratch outputs: the real dA must see one run only
+                return lambda: fn(torch.empty_like(dx), torch.zeros_like(da32))
+
+            shape = dict(M=M, N=K, K=N, R=R, dtype=x.dtype, dropout=dropout_p > 0)
+            candidates = {"fused": timed(fused), "cublas+update": timed(cublas_update)}
+            _measured("dx", x.device, shape, candidates, {"fused": fused, "cublas+update": cublas_update})
+        else:
+            _up_t(ds, x, inv_keep, dropout_p, seed, out=da32)
+        if lora_A.dtype == lora_B.dtype:
+            grads = _grads_in(grads, lora_A.dtype)  # one cast for both (none for float32 adapters)
+            db, da = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
+        else:
+            db, da = _grads_in(db32, lora_B.dtype), _grads_in(da32, lora_A.dtype)
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
-    return dx, da.to(lora_A.dtype), db.to(lora_B.dtype, memory_format=torch.contiguous_format), dbias
+    return dx, da, db, dbias
 
 
 def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
-    """The bool keep-mask [M, K] the kernels draw for (seed, p); m = keep / (1 - p)."""
+    """The bool keep-mask [M, K] the kernels draw for (seed, p); m = keep / (1 - p). P(keep) is exactly
+    1 - dropout_threshold(p) / 65536."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     bm, bk = 16, 32
     _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
@@ -679,98 +1020,8 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
         stride_om=out.stride(0),
         stride_ok=out.stride(1),
         seed=int(seed),
-        p_drop=float(p),
+        p_thresh=dropout_threshold(p),
         BLOCK_M=bm,
         BLOCK_K=bk,
     )
     return out.bool()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases: every shipped config, as the JIT would specialise it for aligned tensors
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _sig(types: dict) -> dict:
-    """{"*fp16": "a_ptr b_ptr", "i32": "M N"} -> {"a_ptr": "*fp16", "b_ptr": "*fp16", "M": "i32", "N": "i32"}."""
-    return {name: ty for ty, names in types.items() for name in names.split()}
-
-
-def _aot_case(case_id, major, kernel, signature, constexprs, divisible, warps, stages, expects_mma=True):
-    return {
-        "id": case_id, "major": major, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-        "divisible": divisible.split(), "num_warps": warps, "num_stages": stages, "expects_mma": expects_mma,
-    }  # fmt: skip
-
-
-def aot_cases():
-    """The compile cases tests/aot.py builds for sm_80 and sm_90 (contiguous, 16-aligned tensors, r = 16): every
-    GEMM tile for each dtype, both directions (forward with bias, backward dX with dropout), the TMA variant on
-    sm_90 for 16-bit dtypes, and the skinny passes with dropout and the atomic dB side output."""
-    cases = []
-    precisions = ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
-    for major in (8, 9):
-        for dtype, precision in precisions:
-            t = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-            tag = "-tf32" if precision == "tf32" else ""
-            mma = precision == "tf32" or dtype != torch.float32
-            for fwd in (True, False):
-                flags = {"HAS_BIAS": fwd, "HAS_DROPOUT": not fwd, "DOT_DTYPE": TL_DTYPES[dtype],
-                         "PRECISION": precision, "BLOCK_R": 16, "stride_pr": 1, "stride_qr": 1}  # fmt: skip
-                b_strided, b_unit = ("stride_bn", "stride_bk") if fwd else ("stride_bk", "stride_bn")
-                for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
-                    name = f"{'fwd' if fwd else 'bwd'}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}"
-                    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
-                    sig = _sig(
-                        {
-                            f"*{t}": "a_ptr b_ptr p_ptr q_ptr bias_ptr c_ptr",
-                            "fp32": "lora_scale p_drop",
-                            "i32": f"M N K R M_BUCKET stride_am stride_pm stride_qn stride_cm seed {b_strided}",
-                        }
-                    )
-                    cases.append(_aot_case(
-                        f"gemm-{name}", major, _lora_gemm_kernel, sig,
-                        {**flags, **tiles, "stride_ak": 1, b_unit: 1, "stride_cn": 1},
-                        f"a_ptr b_ptr p_ptr q_ptr bias_ptr c_ptr N K stride_am {b_strided} stride_pm stride_qn "
-                        "stride_cm", w, st, mma,
-                    ))  # fmt: skip
-                    if major < 9 or dtype == torch.float32:
-                        continue
-                    b_block = f"{bn}, {bk}" if fwd else f"{bk}, {bn}"
-                    sig = _sig({f"*{t}": "p_ptr q_ptr bias_ptr", "fp32": "lora_scale p_drop",
-                                "i32": "M N K R M_BUCKET stride_pm stride_qn seed"})  # fmt: skip
-                    sig["a_desc"], sig["c_desc"] = f"tensordesc<{t}[{bm}, {bk}]>", f"tensordesc<{t}[{bm}, {bn}]>"
-                    sig["b_desc"] = f"tensordesc<{t}[{b_block}]>"
-                    cases.append(_aot_case(
-                        f"gemm_tma-{name}", major, _lora_gemm_tma_kernel, sig,
-                        {**flags, **tiles, "B_NK": fwd, "NUM_SMS": 132},
-                        "p_ptr q_ptr bias_ptr N K stride_pm stride_qn", w, st, mma,
-                    ))  # fmt: skip
-            if dtype == torch.float32:
-                continue  # the skinny passes are memory-bound: their 16-bit builds stand for all dtypes
-            for bm, bk, w, st in configs.skinny_config_tuples(major):
-                meta = {"DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "tf32", "HAS_DROPOUT": True,
-                        "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16}  # fmt: skip
-                sig = _sig(
-                    {
-                        f"*{t}": "x_ptr bt_ptr t_ptr out_ptr",
-                        "*fp32": "side_ptr",
-                        "fp32": "scale side_scale p_drop",
-                        "i32": "M K R K_PER_SPLIT stride_xm stride_bk stride_tm stride_os stride_om stride_sk seed",
-                    }
-                )
-                cases.append(_aot_case(
-                    f"down-{t}-{bm}x{bk}-w{w}s{st}", major, _lora_down_kernel, sig,
-                    {**meta, "HAS_SIDE": True, "stride_xk": 1, "stride_br": 1, "stride_tr": 1, "stride_or": 1,
-                     "stride_sr": 1},
-                    "x_ptr bt_ptr t_ptr out_ptr side_ptr K K_PER_SPLIT stride_xm stride_bk stride_tm stride_os "
-                    "stride_om stride_sk", w, st,
-                ))  # fmt: skip
-                sig = _sig({f"*{t}": "t_ptr x_ptr", "*fp32": "out_ptr", "fp32": "scale p_drop",
-                            "i32": "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or seed"})  # fmt: skip
-                cases.append(_aot_case(
-                    f"up_t-{t}-{bm}x{bk}-w{w}s{st}", major, _lora_up_t_kernel, sig,
-                    {**meta, "stride_tr": 1, "stride_xk": 1, "stride_ok": 1},
-                    "t_ptr x_ptr out_ptr K M_PER_SPLIT stride_tm stride_xm stride_os stride_or", w, st,
-                ))  # fmt: skip
-    return cases

@@ -8,11 +8,11 @@ strides and sizes marked so). A case is {"id", "major", "kernel", "signature", "
 
 from __future__ import annotations
 
+import aot_linear_cases
 import torch
 import triton.language as tl
 from fastlora.kernels import conv2d as kconv
 from fastlora.kernels import embedding as kemb
-from fastlora.kernels import linear as klinear
 from fastlora.kernels import merge as kmerge
 from fastlora.kernels.configs import (
     CONV_SKINNY_KINDS,
@@ -244,9 +244,9 @@ def conv2d_cases():
     return cases
 
 
-# name -> cases, the names tests/aot.py takes on its command line. linear's table still lives beside its kernels.
+# name -> cases, the names tests/aot.py takes on its command line (linear's table is tests/aot_linear_cases.py).
 TABLES = {
-    "linear": klinear.aot_cases,
+    "linear": aot_linear_cases.aot_cases,
     "merge": merge_cases,
     "embedding": embedding_cases,
     "conv2d": conv2d_cases,

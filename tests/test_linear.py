@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from fastlora.kernels import linear as klinear
 from helpers import DTYPE_IDS, assert_close
+from linear_launches import LaunchCounter
 
 import fastlora as fl
 from fastlora.functional import dropout_keep
@@ -73,14 +74,84 @@ def test_matches_reference(backend, dtype, r):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("r", [5, 16])
+@pytest.mark.parametrize("r", [8, 16])
 def test_hopper_tma_gemm_matches_reference(monkeypatch, dtype, p, r):
-    """The sm_90 path (tensor descriptors, persistent tiles), forced on under the interpreter. Rows are 16-byte
-    aligned (K=72, N=56) so TMA can address them; the pointer kernel covers the rest."""
+    """The sm_90 path (tensor descriptors, persistent tiles, the LoRA term, mask and dA share in the epilogue),
+    forced on under the interpreter. Rows are 16-byte aligned (K=72, N=56, r a multiple of 8) so TMA can address
+    every operand; the pointer kernel covers the rest."""
     monkeypatch.setattr(klinear, "_tma_capable", lambda device: True)
     x, w, b, a, bb = _inputs(37, 72, 56, r, dtype, lead=(2,))
-    assert klinear._tma_views(x.detach().reshape(-1, 72), w.t(), torch.empty(74, 56, dtype=dtype)) is not None
-    _run_and_compare("triton", x, w, b, a, bb, 0.5, dtype, dropout_p=p)
+    with LaunchCounter() as launches:
+        _run_and_compare("triton", x, w, b, a, bb, 0.5, dtype, dropout_p=p)
+    assert launches.kernels.count("_lora_gemm_tma_kernel") == 2 and "_lora_gemm_kernel" not in launches.kernels
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_column_scale_multiplies_before_bias(monkeypatch, tma, dtype):
+    """DoRA's forward: Y = c * (x W^T + s S B^T) + bias with c [N] float32, in the GEMM's epilogue."""
+    monkeypatch.setattr(klinear, "_tma_capable", lambda device: tma)
+    x, w, b, a, bb = (t.detach() for t in _inputs(37, 72, 56, 8, dtype))
+    c = torch.rand(56) + 0.5
+    y, _ = klinear.lora_linear_fwd(x, w, b, a.to(dtype), bb.to(dtype), 0.75, 0.0, 0, col_scale=c)
+    a64, b64 = a.to(dtype).double(), bb.to(dtype).double()
+    ref = c.double() * lora_linear_ref(x.double(), w.double(), None, a64, b64, 0.75) + b.double()
+    assert_close(y, ref, dtype, "Y")
+    with pytest.raises(ValueError, match="col_scale"):
+        klinear.lora_linear_fwd(x, w, b, a, bb, 0.75, 0.0, 0, col_scale=c.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_rank_update_in_place(dtype, p):
+    """The dispatch's alternative path: Y <- c * (Y + s * mask(P Q)) + bias in place, the mask being x's."""
+    M, N, r, seed = 37, 51, 5, 99
+    y0 = torch.randn(M, N, dtype=dtype)
+    pm, q = torch.randn(M, r, dtype=dtype), torch.randn(N, r, dtype=dtype).t()
+    bias, c = torch.randn(N, dtype=dtype), torch.rand(N) + 0.5
+    y = y0.clone()
+    assert klinear.lora_update_(y, pm, q, 0.5, bias=bias, col_scale=c, dropout_p=p, seed=seed) is y
+    keep = klinear.dropout_mask(seed, M, N, p, "cpu").double() if p > 0 else 1.0
+    ref = c.double() * (y0.double() + 0.5 * keep * (pm.double() @ q.double())) + bias.double()
+    assert_close(y, ref, dtype, "Y")
+
+
+def _budget_inputs(dtype, lora_dtype):
+    # M = 2048 rows (past configs.SPLIT_FREE_M); tiny K, N, r keep the interpreter quick (r = 8: TMA-aligned rows)
+    x, w, b, a, bb = (t.detach() for t in _inputs(2048, 24, 40, 8, dtype, lora_dtype=lora_dtype))
+    return x, w, b, a, bb
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_launch_budget_at_2048_rows(monkeypatch, tma, lora_dtype, p):
+    """From 2048 rows: forward <= 2 launches, backward <= 4, every launch counted (Triton kernels, memsets,
+    casts, sums), with no split partials; the outputs come back in their final dtypes."""
+    monkeypatch.setattr(klinear, "_tma_capable", lambda device: tma)
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)  # no NaN poisoning: it launches fills
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    x, w, b, a, bb = _budget_inputs(torch.bfloat16, lora_dtype)
+    with LaunchCounter() as fwd:
+        y, s = klinear.lora_linear_fwd(x, w, b, a, bb, 0.5, p, 7)
+    dy = torch.randn_like(y)
+    with LaunchCounter() as bwd:
+        dx, da, db, _ = klinear.lora_linear_bwd(dy, x, s, w, a, bb, 0.5, p, 7)
+    assert fwd.total <= 2, (fwd.kernels, fwd.torch_ops)
+    # with dropout dA takes the pass over x (one more launch) so that dX's epilogue draws the mask once
+    assert bwd.total <= (4 if p == 0 else 5), (bwd.kernels, bwd.torch_ops)
+    assert ("_lora_gemm_tma_kernel" in fwd.kernels + bwd.kernels) == tma
+    assert "sum" not in bwd.torch_ops + fwd.torch_ops
+    assert y.dtype == dx.dtype == torch.bfloat16 and da.dtype == db.dtype == lora_dtype
+    # and the answer is right
+    keep = klinear.dropout_mask(7, 2048, 24, p, "cpu").double() / (1 - p) if p > 0 else None
+    x64, a64, b64 = x.double().requires_grad_(), a.double().requires_grad_(), bb.double().requires_grad_()
+    ref = lora_linear_ref(x64, w.double(), b.double(), a64, b64, 0.5, mask=keep)
+    ref.backward(dy.double())
+    assert_close(y, ref, torch.bfloat16, "Y")
+    assert_close(dx, x64.grad, torch.bfloat16, "dX")
+    assert_close(da, a64.grad, torch.bfloat16, "dA")
+    assert_close(db, b64.grad, torch.bfloat16, "dB")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,18 +193,34 @@ def test_dropout_uses_one_mask_in_forward_and_backward(backend, dtype, p):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keep_rate(p):
-    """The kernel's mask keeps 1 - p of the elements, within 5 standard deviations, with no pattern across rows."""
+    """The kernel's mask keeps 1 - t / 65536 of the elements (t the 16-bit threshold, within 2^-17 of p), within
+    5 standard deviations, with no pattern across rows."""
     m, k = 203, 301
     keep = klinear.dropout_mask(12345, m, k, p, "cpu").double()
     n = m * k
-    sigma = ((1 - p) * p / n) ** 0.5
-    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    q = 1 - klinear.dropout_threshold(p) / 65536
+    assert abs(q - (1 - p)) <= 2**-17
+    sigma = (q * (1 - q) / n) ** 0.5
+    assert abs(keep.mean().item() - q) < 5 * sigma
+    # no drift along rows or columns: the keep rate of each half of the rows and of the columns
+    for part in (keep[: m // 2], keep[m // 2 :], keep[:, : k // 2], keep[:, k // 2 :]):
+        assert abs(part.mean().item() - q) < 5 * (q * (1 - q) / part.numel()) ** 0.5
     # rows and columns differ: no two rows or columns share one mask
     assert len({tuple(row.tolist()) for row in keep}) == m
     assert len({tuple(col.tolist()) for col in keep.t()}) == k
     # a different seed gives a different mask; the same seed the same
     assert not torch.equal(keep, klinear.dropout_mask(54321, m, k, p, "cpu").double())
     assert torch.equal(keep, klinear.dropout_mask(12345, m, k, p, "cpu").double())
+
+
+def test_dropout_mask_is_a_function_of_seed_row_and_column():
+    """The mask of a sub-block equals that block of the full mask: what forward and backward draw does not depend
+    on their tiles (the pointer GEMM, the TMA epilogue halves and the rank-r passes all tile differently)."""
+    full = klinear.dropout_mask(777, 75, 90, 0.3, "cpu")
+    for rows, cols in ((slice(0, 37), slice(0, 45)), (slice(16, 75), slice(32, 90))):
+        # the kernel draws rows/cols from 0; a sub-block's mask is the full mask's block
+        block = klinear.dropout_mask(777, rows.stop, cols.stop, 0.3, "cpu")[rows, cols]
+        assert torch.equal(block, full[rows, cols])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -354,22 +441,38 @@ def test_bad_rank_in_layer():
 def test_autotuner_hooks_take_keyword_launches(tma):
     """The GPU launch goes through triton.autotune with keyword arguments only: the prune hook must find M and N
     among the keywords (Triton hands it the positional ones as named_args), and the TMA pre-hook must re-shape the
-    descriptors from the config it is given."""
+    descriptors from the config it is given. Forward and dX have autotuners (and tables) of their own."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    tuner = (klinear._gemm_tma_kernel_for if tma else klinear._gemm_kernel_for)(9, torch.bfloat16, False)
+    if tma:
+        tuner = klinear._gemm_tma_kernel_for(9, torch.bfloat16, "fwd")
+        dx_tuner = klinear._gemm_tma_kernel_for(9, torch.bfloat16, "dx")
+    else:
+        tuner = klinear._gemm_kernel_for(9, torch.bfloat16, False, "fwd")
+        dx_tuner = klinear._gemm_kernel_for(9, torch.bfloat16, False, "dx")
+    assert dx_tuner is not tuner and dx_tuner.reset_to_zero == ["da_ptr"] and not tuner.reset_to_zero
     tuner.nargs = {}  # what Triton's Autotuner.run sets for a launch with no positional arguments
     # sm_90's tiles are all at least 128 wide in N: a 37 x 51 problem keeps only the smallest one
     assert tuner.prune_configs({"M": 37, "N": 51, "K": 75, "R": 5}) == [tuner.configs[-1]]
-    half = tuner.prune_configs({"M": 64, "N": 4096, "K": 4096, "R": 16})
-    assert half and all(c.kwargs["BLOCK_M"] <= 64 for c in half) and len(half) < len(tuner.configs)
     assert tuner.prune_configs({"M": 8192, "N": 4096, "K": 4096, "R": 16}) == tuner.configs
-    if tma:
-        a, w, c = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64)
-        descs = {
-            k: TensorDescriptor.from_tensor(t, [16, 16]) for k, t in zip(("a_desc", "b_desc", "c_desc"), (a, w, c))
-        }
-        for config in tuner.configs:
-            config.pre_hook({**descs, "B_NK": True, **config.kwargs})
-            bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            assert [list(descs[k].block_shape) for k in descs] == [[bm, bk], [bn, bk], [bm, bn]]
+    if not tma:
+        half = tuner.prune_configs({"M": 64, "N": 4096, "K": 4096, "R": 16})
+        assert half and all(c.kwargs["BLOCK_M"] <= 64 for c in half) and len(half) < len(tuner.configs)
+        return
+    assert [c.num_stages for c in tuner.configs] != [c.num_stages for c in dx_tuner.configs] or len(
+        tuner.configs
+    ) != len(dx_tuner.configs)
+    assert {c.num_stages for c in tuner.configs} <= {3, 4, 5} and {c.kwargs["BLOCK_K"] for c in tuner.configs} == {
+        64,
+        128,
+    }
+    t2 = torch.randn(64, 64)
+    for config in tuner.configs + dx_tuner.configs:
+        descs = {k: TensorDescriptor.from_tensor(t2, [16, 16]) for k in ("a_desc", "b_desc", "p_desc", "q_desc")}
+        descs.update(c_desc=TensorDescriptor.from_tensor(t2, [16, 16]), x_desc=None, cs_desc=None)
+        descs["bias_desc"] = TensorDescriptor.from_tensor(torch.randn(64), [16])
+        config.pre_hook({**descs, "B_NK": True, "Q_NR": True, "BLOCK_R": 16, **config.kwargs})
+        bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        bnp = bn // 2 if config.kwargs["EPILOGUE_SUBTILE"] else bn
+        shapes = [list(descs[k].block_shape) for k in ("a_desc", "b_desc", "p_desc", "q_desc", "c_desc", "bias_desc")]
+        assert shapes == [[bm, bk], [bn, bk], [bm, 16], [bn, 16], [bm, bnp], [bnp]]
