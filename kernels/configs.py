@@ -204,7 +204,6 @@ LORA_UPDATE = (64, 128, 4, 2)
 LORA_UPDATE_INTERPRET = (16, 32, 4, 1)
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Embedding (Y = W[idx] + s * A[:, idx]^T B^T, and its backward): memory-bound gathers and skinny rank-r dots.
 # Chosen by rule, not autotuned: each entry is the one config a (GPU generation, dtype width, rank tile) uses.
