@@ -137,8 +137,34 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+PLOT_HINT = 'pip install "fastlora[bench]", or in a source checkout pip install -e ".[bench]"'
+CPU_NOTE = "CPU, torch path, not a speed claim"
+
+
+def _bars(ax, items, names, value):
+    """Grouped bars: one group per case in ``items``, one bar per provider name; ``value(row, provs)`` or None."""
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        vals = [value(provs.get(name), provs) for _, provs in items]
+        ax.bar([i + j * width for i in range(len(items))], [v or 0.0 for v in vals], width, label=name)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(items))])
+    ax.set_xticklabels([f"{k[1]}\n{k[2]} p={k[3]:g}" for k, _ in items], rotation=60, ha="right", fontsize=7)
+    ax.legend(fontsize=8)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(doc: dict, folder: Path) -> list[Path]:
-    """PNG bar charts per layer: time relative to the bare layer for each provider, and saved-for-backward bytes."""
+    """PNG bar charts per layer: time relative to the bare layer for each provider, and saved-for-backward bytes.
+
+    Plots of a CPU result file say so in their title: the CPU runs the torch path and its times are no speed claim.
+    Raises ImportError when matplotlib is missing.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,39 +172,48 @@ def plots(doc: dict, folder: Path) -> list[Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    device = doc["environment"]["device"]
+    where = device["name"] if device["type"] == "cuda" else f"{device['name']} ({CPU_NOTE})"
     written = []
     by_layer: dict = {}
     for key, provs in groups(doc):
         by_layer.setdefault(key[0], []).append((key, provs))
-    for layer, items in by_layer.items():
-        items = [(k, p) for k, p in items if k[4] in ("forward+backward", "train step")]
-        if not items:
-            continue
-        labels = [f"{k[1]}\n{k[2]} p={k[3]:g}" for k, _ in items]
-        names = [n for n in PROVIDER_ORDER if any(n in p for _, p in items) and n != "base"]
-        ref_name = "base" if layer != "llama" and all("base" in p for _, p in items) else "peft_style"
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(items) + 2), 4.5))
-        width = 0.8 / max(len(names), 1)
-        for j, name in enumerate(names):
-            vals = []
-            for _, p in items:
-                row, ref = p.get(name), p.get(ref_name)
-                ok = (
-                    row and ref and _num(row.get("median_ms")) and _num(ref.get("median_ms")) and not row.get("refused")
-                )
-                vals.append(row["median_ms"] / ref["median_ms"] if ok else 0.0)
-            ax.bar([i + j * width for i in range(len(items))], vals, width, label=name)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(items))])
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(f"time / {ref_name} ({items[0][0][4]})")
-        ax.set_title(f"{layer} — {doc['environment']['device']['name']}", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = folder / f"{layer}_time.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+    for layer, all_items in by_layer.items():
+        items = [(k, p) for k, p in all_items if k[4] in ("forward+backward", "train step")]
+        if items:
+            names = [n for n in PROVIDER_ORDER if any(n in p for _, p in items) and n != "base"]
+            ref_name = "base" if layer != "llama" and all("base" in p for _, p in items) else "peft_style"
+
+            def ratio(row, provs, ref_name=ref_name):
+                ref = provs.get(ref_name)
+                if not row or not ref or row.get("refused"):
+                    return None
+                ok = _num(row.get("median_ms")) and _num(ref.get("median_ms"))
+                return row["median_ms"] / ref["median_ms"] if ok else None
+
+            fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(items) + 2), 4.5))
+            _bars(ax, items, names, ratio)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylabel(f"time / {ref_name} ({items[0][0][4]})")
+            ax.set_title(f"{layer}: time — {where}", fontsize=9)
+            written.append(_save(plt, fig, folder / f"{layer}_time.png"))
+        # Saved bytes do not depend on the mode: one bar group per case, from its first mode that recorded them.
+        saved: dict = {}
+        for k, p in all_items:
+            if any(_num((row or {}).get("saved_bytes")) is not None for row in p.values()):
+                saved.setdefault(k[:4], (k, p))
+        if saved:
+            items = list(saved.values())
+            names = [n for n in PROVIDER_ORDER if any(n in p for _, p in items)]
+
+            def mib(row, provs):
+                return None if _num((row or {}).get("saved_bytes")) is None else row["saved_bytes"] / MIB
+
+            fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(items) + 2), 4.5))
+            _bars(ax, items, names, mib)
+            ax.set_ylabel("MiB saved for backward, beyond x and the parameters")
+            ax.set_title(f"{layer}: saved for backward — {where}", fontsize=9)
+            written.append(_save(plt, fig, folder / f"{layer}_saved_bytes.png"))
     return written
 
 
@@ -224,10 +259,12 @@ def main(argv=None) -> int:
         print(f"## {Path(doc['_file']).name}\n\n{markdown_table(doc)}\n")
     if args.plots:
         try:
-            for path in plots(docs[-1], args.plots):
-                print(f"wrote {path}")
-        except ImportError:
-            print("report: matplotlib is not installed (pip install fastlora[bench]); no plots", file=sys.stderr)
+            written = plots(docs[-1], args.plots)
+        except ImportError as exc:
+            print(f"report: --plots needs matplotlib ({exc}); install it with {PLOT_HINT}", file=sys.stderr)
+            return 1
+        for path in written:
+            print(f"wrote {path}")
     if args.readme:
         try:
             changed = update_readme(args.readme, docs)

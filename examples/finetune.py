@@ -29,7 +29,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="adapter folder (default: a temporary one)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="adapter folder to keep (default: a temporary one, removed at the end)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -67,7 +71,15 @@ def main():
     if not last < 0.5 * first:
         raise SystemExit("the loss did not fall by half; something is wrong")
 
-    out = args.out or os.path.join(tempfile.mkdtemp(prefix="fastlora-"), "adapter")
+    if args.out:
+        round_trip(model, config, base_state, args.out, device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fastlora-") as folder:  # removed when the check is done
+            round_trip(model, config, base_state, os.path.join(folder, "adapter"), device)
+
+
+def round_trip(model, config, base_state, out: str, device):
+    """Save the adapter to ``out``, load it into a fresh copy of the base model, merge it, and compare outputs."""
     fl.save_adapter(model, out)
     print(f"saved {sorted(os.listdir(out))} to {out}")
 

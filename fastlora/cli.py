@@ -40,6 +40,10 @@ from fastlora.validate import (
 )
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+MASK_LEGEND = (
+    "mask: the dropout mask the op drew, read back from its dX; rel_err is |keep rate - (1 - p)|, tol a 6-sigma "
+    "bound, and a mask value other than 0 or 1/(1-p) fails"
+)
 
 
 class UsageError(Exception):
@@ -202,6 +206,8 @@ def cmd_validate(args, argv) -> int:
     device = _device(args.device)
     layers = _layers(args.layer) or tuple(layer for layer in LAYERS if functional_available(layer))
     dtypes = _dtypes(args.dtype, device) or supported_dtypes(device)
+    if args.only_shapes and not args.shape:
+        raise UsageError("--only-shapes needs --shape: it checks only the shapes given with --shape")
     user_shapes = _shapes(args.shape, layers)
     for s in user_shapes:
         if s.layer not in layers:
@@ -223,7 +229,9 @@ def cmd_validate(args, argv) -> int:
         ps = tuple(p for p in ps if p == 0.0 or OPS[layer].has_dropout)
         cases += [(layer, s, dt, p) for s in shapes for dt in dtypes for p in ps]
     if not cases:
-        raise UsageError("the filters select no case (embedding has no dropout)")
+        no_dropout = [layer for layer in layers if not OPS[layer].has_dropout]
+        why = f" ({', '.join(no_dropout)} has no dropout)" if dropouts and no_dropout else ""
+        raise UsageError(f"the filters select no case{why}")
     missing = [layer for layer in LAYERS if not functional_available(layer)]
     print(f"fastlora validate on {_device_name(device)}; path: {functional.active_path(device)}; "
           f"{len(cases)} cases against a float64 reference", flush=True)  # fmt: skip
@@ -253,6 +261,9 @@ def cmd_validate(args, argv) -> int:
                 "pass" if c["ok"] else "FAIL", c["note"],
             ))  # fmt: skip
     _print_table(("layer", "shape", "dtype", "dropout", "step", "tensor", "rel_err", "tol", "result", "note"), rows)
+    print("rel_err: ||out - ref|| / ||ref|| against the float64 reference; tol: the dtype's tolerance")
+    if any(row[5] == "mask" for row in rows):
+        print(MASK_LEGEND)
     summary = f"{len(cases) - failed} of {len(cases)} cases passed in {time.monotonic() - start:.1f}s"
     print(summary if not failed else f"FAILED: {summary}")
     return EXIT_FAILED if failed else 0
@@ -281,6 +292,11 @@ def cmd_bench(args) -> int:
     layers = _layers(args.layer, available_only=False, allowed=suite.LAYERS)
     dtypes = _dtypes(args.dtype, device)
     shapes = _shapes(args.shape, [layer for layer in layers if layer in OPS])
+    for s in shapes:
+        if layers and s.layer not in layers:
+            raise UsageError(
+                f"shape {s.label} is for {s.layer}, which is not among the layers benchmarked ({', '.join(layers)})"
+            )
     modes = tuple(m.strip() for text in args.mode or () for m in text.split(","))
     for m in modes:
         if m not in harness.MODES:

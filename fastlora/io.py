@@ -8,10 +8,12 @@ Safety:
 
 - Only safetensors is read; nothing is ever unpickled (an ``adapter_model.bin`` is refused).
 - ``save_adapter`` writes each file to a temporary name in the same folder, fsyncs it and renames it over the
-  old one, so an interrupted save leaves every file either whole-old or whole-new, never half-written.
+  old one, so an interrupted save leaves every file either whole-old or whole-new, never half-written. The files
+  get the permissions the user's umask gives, like any other file the process creates.
 - fastlora records in the safetensors metadata a SHA-256 over every tensor's name, dtype, shape and bytes, and
   the config values the numbers depend on (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern). A file whose
-  tensors or config disagree with that record (damaged, edited, or two files from different saves) is refused.
+  tensors or config disagree with that record (damaged, edited, or two files from different saves) is refused;
+  a file without the record (PEFT's, or one re-saved without its metadata) loads with a warning saying so.
   The checksum detects damage, it is not a signature: whoever can rewrite the file can rewrite the checksum.
 - ``load_adapter`` parses and checks every key, dtype, shape and value before it changes the model; when it
   raises, the model is exactly as it was.
@@ -23,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from collections import Counter
 
@@ -178,7 +180,9 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def _write_file(path: str, data: bytes) -> str:
     """Writes ``data`` to a temporary file beside ``path`` and fsyncs it; returns the temporary name."""
     folder, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
+    tmp = os.path.join(folder, f".{base}.{secrets.token_hex(8)}.tmp")
+    # Mode 0o666 before the umask, as open() gives every other file (tempfile.mkstemp would make it 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -324,7 +328,13 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _verify_record(weights_path: str, config_path: str, tensors, metadata, config):
-    if _SUM_KEY in metadata and _digest(tensors) != metadata[_SUM_KEY]:
+    if _SUM_KEY not in metadata:
+        warnings.warn(
+            f"fastlora: no checksum found in {weights_path} (PEFT saves none, and a file re-saved without its "
+            "metadata loses fastlora's), so its integrity is not checked; keys, shapes and values still are",
+            stacklevel=3,
+        )
+    elif _digest(tensors) != metadata[_SUM_KEY]:
         raise ValueError(
             f"{weights_path} fails its checksum: its tensors changed after fastlora saved them (damaged or edited)"
         )
@@ -435,8 +445,10 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     use_rslora and dropout. Base tensors PEFT saves with a targeted embedding (``base_layer.weight``) are copied
     into the base weight, as PEFT does.
 
+    ``load_directory`` is the adapter folder, or the path of one of its two files (then their folder is loaded).
     Everything is checked first (the config's type and options, the file's integrity, every key, dtype, shape and
     value); any problem raises ValueError/TypeError naming the file and key, and the model is left as it was.
+    A file without fastlora's checksum (PEFT's, or one re-saved without its metadata) loads with a warning.
     Returns ``model``.
     """
     if not isinstance(model, nn.Module):
@@ -444,6 +456,12 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     if not isinstance(load_directory, (str, os.PathLike)):
         raise TypeError(f"load_directory must be a path, got {type(load_directory).__name__}")
     folder = os.fspath(load_directory)
+    if os.path.isfile(folder) and os.path.basename(folder) in (WEIGHTS_NAME, CONFIG_NAME):
+        folder = os.path.dirname(folder) or "."  # one of the adapter's files: load the folder that holds it
+    elif os.path.isfile(folder):
+        raise ValueError(
+            f"{folder} is a file; pass the folder that holds {WEIGHTS_NAME} and {CONFIG_NAME} (an adapter folder)"
+        )
     weights_path, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"adapter folder {folder} does not exist")

@@ -269,11 +269,27 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> li
     if refused:
         listing = "; ".join(refused[:5]) + (f"; and {len(refused) - 5} more" if len(refused) > 5 else "")
         raise ValueError(f"target_modules={target_modules!r} selects modules fastlora cannot wrap: {listing}")
+    names = [n for n, _ in model.named_modules() if n]
     if not selected:
+        hint = ""
+        if isinstance(spec, str) and not all_linear:
+            example = f" such as {names[-1]!r}" if names else ""
+            hint = (
+                f". Strings are full-match regular expressions (PEFT's rule): {spec!r} must match a whole dotted "
+                f"name{example}; to select modules by their name, pass a list: [{spec!r}]"
+            )
         raise ValueError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no module of "
-            f"{type(model).__name__}; module names look like {[n for n, _ in model.named_modules() if n][:6]}"
+            f"{type(model).__name__}; module names look like {names[:6]}{hint}"
         )
+    if isinstance(spec, list):
+        unmatched = [t for t in spec if not any(name_matches([t], n) for n in names)]
+        if unmatched:
+            warnings.warn(
+                f"fastlora: target_modules entries {unmatched} match no module of {type(model).__name__} "
+                f"(a misspelling?); LoRA was put on the modules the other entries name",
+                stacklevel=3,
+            )
     return selected
 
 

@@ -131,6 +131,9 @@ def parse_shape(text: str, layer: str | None = None) -> Shape:
         if layer is not None and name != layer:
             raise ValueError(f"shape {text!r} is for {name}, not {layer}")
         layer = name
+    if body.strip().lower() in OPS or (layer is not None and not body.strip()):
+        named = layer if layer is not None and not body.strip() else body.strip().lower()
+        raise ValueError(f"shape {text!r} is missing its dimensions; expected {OPS[named].shape_help}")
     if layer is None:
         raise ValueError(f"shape {text!r} does not name its layer; write it as LAYER:DIMS, e.g. linear:37x75x51x5")
     spec = OPS[layer]

@@ -1,11 +1,16 @@
 """Test set-up: Triton kernels run under the interpreter on CPU, and unwritten outputs show up as NaN."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton-decorated kernels
 # A fresh inductor cache per run: a graph cached by an earlier build of the custom ops must never be reused.
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlora-inductor-")
+# It is removed when the run's process exits (each xdist worker has its own).
+INDUCTOR_CACHE_DIR = tempfile.mkdtemp(prefix="fastlora-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE_DIR
+atexit.register(shutil.rmtree, INDUCTOR_CACHE_DIR, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,8 @@ def test_report_table_plots_and_readme(linear_run, tmp_path):
     table = report.markdown_table(cpu)
     assert table.count("| linear |") == 6 and "torch" in table
     pngs = report.plots(cpu, tmp_path / "plots")
-    assert [p.name for p in pngs] == ["linear_time.png"] and pngs[0].stat().st_size > 0
+    assert [p.name for p in pngs] == ["linear_time.png", "linear_saved_bytes.png"]
+    assert all(p.stat().st_size > 0 for p in pngs)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{report.README_START}\nold\n{report.README_END}\n\ntail\n")
     assert report.update_readme(readme, [cpu]) is True
@@ -198,6 +200,48 @@ def test_report_table_plots_and_readme(linear_run, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- fastlora-bench-results:start -->"):
         report.update_readme(readme, [gpu])
+
+
+def _drawn(monkeypatch):
+    """{png name: (title, {provider: bar heights})} of every figure report.plots saves."""
+    import matplotlib.figure
+
+    drawn, real = {}, matplotlib.figure.Figure.savefig
+
+    def record(fig, path, **kwargs):
+        ax = fig.axes[0]
+        drawn[Path(path).name] = (ax.get_title(), {c.get_label(): [b.get_height() for b in c] for c in ax.containers})
+        return real(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return drawn
+
+
+def test_plots_of_a_cpu_run_say_so_and_draw_the_saved_bytes(linear_run, tmp_path, monkeypatch):
+    _, doc = linear_run
+    drawn = _drawn(monkeypatch)
+    report.plots(doc, tmp_path / "cpu")
+    assert sorted(drawn) == ["linear_saved_bytes.png", "linear_time.png"]
+    assert all(title.endswith("(CPU, torch path, not a speed claim)") for title, _ in drawn.values())
+    _, bars = drawn["linear_saved_bytes.png"]  # one bar group per dropout: p=0, then p=0.1
+    s_mib = M * R * 4 / report.MIB  # fp32 S [M, r]
+    assert bars["fastlora"] == [pytest.approx(s_mib)] * 2 and bars["base"] == [0.0, 0.0]
+    assert bars["peft_style"][0] == pytest.approx(s_mib) and bars["peft_style"][1] > s_mib + M * K * 4 / report.MIB
+    gpu = json.loads(json.dumps(doc))
+    gpu["environment"]["device"] = {"type": "cuda", "name": "NVIDIA H200", "capability": "9.0"}
+    drawn.clear()
+    report.plots(gpu, tmp_path / "gpu")
+    assert all(title.endswith("— NVIDIA H200") for title, _ in drawn.values()) and len(drawn) == 2
+
+
+def test_plots_without_matplotlib_exit_non_zero_with_a_hint(linear_run, tmp_path, monkeypatch, capsys):
+    _, doc = linear_run
+    (tmp_path / "run.json").write_text(json.dumps(doc))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert report.main([str(tmp_path / "run.json"), "--plots", str(tmp_path / "plots")]) == 1
+    err = capsys.readouterr().err
+    assert "--plots needs matplotlib" in err and 'pip install -e ".[bench]"' in err
+    assert not (tmp_path / "plots").exists()
 
 
 def test_readme_has_the_results_block():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastlora
 from fastlora import reference
-from fastlora.cli import main
+from fastlora.cli import MASK_LEGEND, main
 from fastlora.validate import OPS, check_case, default_grid, parse_shape
 
 SMALL = ["--layer", "linear", "--only-shapes", "--shape", "linear:37x75x51x5"]
@@ -41,6 +41,7 @@ def test_validate_prints_every_tensor_and_passes(capsys):
         assert float(r[6]) <= float(r[7])
         assert r[4] == ("forward" if r[5] == "y" else "backward")
     assert "4 of 4 cases passed" in out
+    assert out.count(MASK_LEGEND) == 1, "the mask rows are explained under the table"
     assert f"path: {fastlora.active_path('cpu')}" in out
 
 
@@ -113,7 +114,13 @@ def test_validate_error_in_op_is_a_failed_row(monkeypatch, capsys):
         (["validate", "--shape", "rnn:3x4x5x6"], "unknown layer 'rnn'"),
         (["validate", "--dtype", "float64"], "unknown dtype 'float64'"),
         (["validate", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (["validate", "--layer", "linear", "--dtype", "fp32", "--only-shapes"], "the filters select no case"),
+        (["validate", "--layer", "linear", "--dtype", "fp32", "--only-shapes"], "--only-shapes needs --shape"),
+        (["validate", "--shape", "linear"], "shape 'linear' is missing its dimensions; expected linear:MxKxNxr"),
+        (["validate", "--layer", "linear", "--shape", "linear"], "shape 'linear' is missing its dimensions"),
+        (["validate", "--shape", "conv2d:"], "shape 'conv2d:' is missing its dimensions; expected conv2d:"),
+        (["validate", "--shape", "37x75x51x5"], "does not name its layer"),
+        (["validate", "--layer", "embedding", "--dropout", "0.1"], "select no case (embedding has no dropout)"),
+        (["bench", "--layer", "llama", "--shape", "linear:8x16x16x4"], "is for linear, which is not among the layers"),
         (["validate", "--device", "cuda:0"], "no CUDA device")
         if not torch.cuda.is_available()
         else (["validate", "--device", "tpu"], "unknown device"),

@@ -5,6 +5,10 @@ The eager path runs ``torch.autograd.Function``s; under ``torch.compile`` the sa
 op's schema, fake (meta) implementation and autograd registration.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
@@ -213,3 +217,13 @@ def test_in_place_on_layer_output(kind, compiled):
         ref_out, ref_grads = forward_backward(model, x, step=_out_of_place_step(model))
         out, grads = forward_backward(model, x, step=step)
     _assert_same(out, grads, ref_out, ref_grads, "in-place")
+
+
+def test_the_inductor_cache_folder_of_a_run_is_removed_when_it_ends():
+    """tests/conftest.py gives each test process a fresh inductor cache folder and removes it at exit."""
+    code = "import os, conftest; d = os.environ['TORCHINDUCTOR_CACHE_DIR']; open(os.path.join(d, 'x'), 'w'); print(d)"
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    folder = Path(run.stdout.strip())
+    assert folder.name.startswith("fastlora-inductor-") and not folder.exists()

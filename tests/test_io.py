@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -424,3 +425,45 @@ def test_checksum_covers_every_tensor_byte(saved):
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[-1] = torch.nextafter(tensors[key].view(-1)[-1], torch.tensor(1e9))
     assert flio._digest(tensors) != digest
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, "adapter_config.json"])
+def test_load_accepts_the_path_of_one_of_the_two_files(saved, name):
+    base, model, folder = saved
+    fresh = fl.load_adapter(copy_model(base), folder / name)
+    ids = token_ids()
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_load_from_another_file_asks_for_the_folder(tmp_path):
+    other = tmp_path / "weights.safetensors"
+    save_file({"x": torch.randn(3)}, other)
+    with pytest.raises(ValueError, match="is a file; pass the folder that holds adapter_model.safetensors"):
+        fl.load_adapter(llama(), other)
+
+
+def test_saved_files_get_the_umask_permissions(tmp_path):
+    model = fl.apply_lora(llama(), TARGETS, r=4)
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            fl.save_adapter(model, tmp_path / f"adapter-{umask:o}")
+        finally:
+            os.umask(old)
+        for name in (WEIGHTS, "adapter_config.json"):
+            assert (tmp_path / f"adapter-{umask:o}" / name).stat().st_mode & 0o777 == 0o666 & ~umask, (umask, name)
+
+
+def test_a_file_without_its_checksum_loads_with_a_warning(saved, tmp_path):
+    base, model, folder = saved
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    save_file(load_file(folder / WEIGHTS), stripped / WEIGHTS)  # re-saved: fastlora's metadata is gone
+    (stripped / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    with pytest.warns(UserWarning, match="no checksum found in .*stripped.*integrity is not checked"):
+        fresh = fl.load_adapter(copy_model(base), stripped)
+    ids = token_ids()
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fl.load_adapter(copy_model(base), folder)  # the checksummed original: no warning

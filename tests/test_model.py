@@ -87,6 +87,20 @@ def test_target_matching_follows_peft(target, exclude, expected):
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, fl.LoRALayer)
 
 
+def test_list_entries_that_match_nothing_are_named_in_a_warning():
+    model = llama()
+    with pytest.warns(UserWarning, match=r"target_modules entries \['vproj', 'k_prj'\] match no module") as caught:
+        fl.apply_lora(model, ["q_proj", "vproj", "k_prj"], r=2)
+    assert len(caught) == 1 and "q_proj" not in str(caught[0].message).split("]")[0]
+    assert adapted(model) == llama_names(range(2), ["q_proj"])
+
+
+def test_a_bare_string_is_a_full_match_regex_and_the_error_says_so():
+    with pytest.raises(ValueError, match="Strings are full-match regular expressions") as err:
+        fl.apply_lora(llama(), "q_proj", r=2)
+    assert "pass a list: ['q_proj']" in str(err.value)
+
+
 def test_all_linear_on_gpt2_wraps_conv1d_and_matches_float64_reference():
     base = gpt2()
     model = fl.apply_lora(copy_model(base), "all-linear", r=3, alpha=5)

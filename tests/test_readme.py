@@ -1,7 +1,9 @@
-"""The README's "Compile, checkpointing and distributed training" snippets run as written.
+"""Every python block of README.md runs as pasted, each on its own in a fresh namespace, and the README's set-up
+commands are the ones CI runs.
 
-The compile and checkpointing blocks run here in one namespace, in order; the distributed block is
-examples/fsdp_lora.py verbatim, which runs under torchrun with 2 CPU processes (gloo, 127.0.0.1 only).
+On CPU a fresh interpreter (no TRITON_INTERPRET) takes the torch path, so the blocks run under
+``use_backend("torch")`` here. The distributed block is examples/fsdp_lora.py verbatim, which runs under torchrun
+with 2 CPU processes (gloo, 127.0.0.1 only).
 """
 
 import os
@@ -16,37 +18,103 @@ import torch
 import torch._dynamo
 from safetensors.torch import load_file
 
+import fastlora as fl
+from fastlora.model import lora_layers
+
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Compile, checkpointing and distributed training"
+README = (ROOT / "README.md").read_text()
+FSDP_MARK = "# examples/fsdp_lora.py, run as: torchrun"
 
 
-def _section_blocks():
-    text = (ROOT / "README.md").read_text()
-    assert SECTION in text, f"README.md has no section {SECTION!r}"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def _python_blocks() -> list[tuple[str, str]]:
+    """(id, code) of every ```python block, the id from its section heading and its place in it."""
+    blocks, section, count = [], "top", {}
+    for heading, code in re.findall(r"^(#{2,3} [^\n]+)$|^```python\n(.*?)^```", README, flags=re.S | re.M):
+        if heading:
+            section = re.sub(r"\W+", "-", heading.lstrip("# ").lower()).strip("-")
+            continue
+        count[section] = count.get(section, 0) + 1
+        blocks.append((f"{section}-{count[section]}", code))
+    return blocks
 
 
-def test_compile_and_checkpoint_snippets_run():
-    blocks = _section_blocks()
-    assert len(blocks) == 3, "expected the compile, checkpointing and distributed snippets"
-    namespace = {}
-    torch._dynamo.reset()
-    try:
-        for block in blocks[:2]:
-            exec(compile(block, "README.md", "exec"), namespace)
-    finally:
-        torch._dynamo.reset()
-    model = namespace["model"]
-    for layer in (model[0], model[2]):
+BLOCKS = _python_blocks()
+RUNNABLE = [(block_id, code) for block_id, code in BLOCKS if not code.startswith(FSDP_MARK)]
+
+
+def _grads_reach_only_the_adapters(ns, tmp_path):
+    for layer in (ns["model"][0], ns["model"][2]):
         assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
         assert layer.weight.grad is None
 
 
+def _layers_block(ns, tmp_path):
+    assert ns["y"].shape == (4, 10, 48) and ns["e"].shape == (4, 10, 64) and ns["c"].shape == (2, 32, 8, 8)
+    assert all(torch.isfinite(ns[k]).all() for k in ("y", "e", "c"))
+
+
+def _training_block(ns, tmp_path):
+    assert all(p.grad is None for n, p in ns["model"].named_parameters() if "lora_" not in n)
+    assert ns["reference_logits"].shape == (4, 16, 32)
+
+
+def _save_load_block(ns, tmp_path):
+    assert sorted(os.listdir(tmp_path / "my-adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = {n: layer.lora_A for n, layer in lora_layers(ns["model"])}
+    loaded = {n: layer.lora_A for n, layer in lora_layers(ns["fresh"])}
+    assert sorted(saved) == sorted(loaded) and all(torch.equal(saved[n], loaded[n]) for n in saved)
+
+
+def _from_peft_block(ns, tmp_path):
+    assert len(lora_layers(ns["peft_model"])) == 2 * 7
+
+
+def _merge_block(ns, tmp_path):
+    assert not lora_layers(ns["merged"]) and type(ns["merged"].model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+# What each block must leave behind, found by a line only that block has (each must match exactly one block).
+CHECKS = {
+    "c = fl.lora_conv2d(": _layers_block,
+    "reference_logits = model(ids).logits": _training_block,
+    'fl.load_adapter(fresh, "my-adapter")': _save_load_block,
+    "fl.from_peft(peft_model)": _from_peft_block,
+    "merged = fl.merge_and_unload(model)": _merge_block,
+    "compiled(torch.randn(32, 64))": _grads_reach_only_the_adapters,
+    "checkpoint(model, x, use_reentrant=False)": _grads_reach_only_the_adapters,
+}
+
+
+def test_every_block_is_run_and_checked():
+    """Every opening fence is bash or python (a ```py block would escape the tests); each python block is either
+    run by test_block_runs_as_pasted or is the fsdp example run under torchrun; every check finds its block."""
+    fences = re.findall(r"^```(\S*)\n.*?^```", README, flags=re.S | re.M)  # the opening fence's language
+    assert set(fences) <= {"bash", "python"}, fences
+    assert len(BLOCKS) == fences.count("python") == 8
+    assert len(RUNNABLE) == len(BLOCKS) - 1
+    for needle in CHECKS:
+        assert sum(needle in code for _, code in RUNNABLE) == 1, needle
+
+
+@pytest.mark.parametrize("code", [code for _, code in RUNNABLE], ids=[block_id for block_id, _ in RUNNABLE])
+def test_block_runs_as_pasted(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__main__"}
+    torch._dynamo.reset()
+    try:
+        with fl.use_backend("torch"):
+            exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        torch._dynamo.reset()
+    for needle, check in CHECKS.items():
+        if needle in code:
+            check(namespace, tmp_path)
+
+
 def test_distributed_snippet_is_the_example():
     example = (ROOT / "examples" / "fsdp_lora.py").read_text().split('"""', 2)[2].strip()
-    block = _section_blocks()[2].split("\n", 1)[1].strip()
-    assert block == example, "the README's distributed snippet and examples/fsdp_lora.py differ"
+    (block,) = [code for _, code in BLOCKS if code.startswith(FSDP_MARK)]
+    assert block.split("\n", 1)[1].strip() == example, "the README's fsdp snippet and examples/fsdp_lora.py differ"
 
 
 @pytest.mark.slow
@@ -65,23 +133,11 @@ def test_fsdp_example_runs_under_torchrun(tmp_path):
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in adapter.values())
 
 
-def test_training_script_snippets_run(tmp_path, monkeypatch):
-    """The "Using fastlora in a training script" blocks, in order, in one namespace (real PEFT and transformers)."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Using fastlora in a training script", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 4, "expected the apply, save/load, from_peft and merge snippets"
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    import fastlora
-
-    with fastlora.use_backend("torch"):
-        for block in blocks:
-            exec(compile(block, "README.md", "exec"), namespace)
-    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").exists()
-    ids = namespace["ids"]
-    namespace["merged"].eval(), namespace["fresh"].eval()  # LoRA dropout off: the two must then agree
-    with torch.no_grad():
-        torch.testing.assert_close(
-            namespace["merged"](ids).logits, namespace["fresh"](ids).logits, rtol=1e-4, atol=1e-4
-        )
+def test_ci_runs_exactly_the_readme_set_up_commands():
+    setup = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    (commands,) = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    lines = commands.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert any(c.strip() == line or c.strip().startswith(line + " ||") for c in ci), f"CI does not run {line!r}"
