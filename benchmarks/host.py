@@ -455,7 +455,7 @@ def conditions(device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out", type=Path, help="JSON result file")
+    parser.add_argument("--out", type=Path, help="JSON result file, or a folder to write one into")
     parser.add_argument("--calls", type=int, default=50, help="calls per timed batch")
     parser.add_argument("--batches", type=int, default=15, help="timed batches (the median is reported)")
     args = parser.parse_args(argv)
@@ -480,6 +480,8 @@ def main(argv=None) -> int:
         print(cond["timing"])
     print(table(rows))
     if args.out:
+        if args.out.suffix != ".json":  # a folder, as `fastlora bench --out` takes
+            args.out = args.out / f"host-{device.type}-{cond['time'].replace(':', '')}.json"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"conditions": cond, "rows": rows}, indent=2) + "\n")
     return 0
