@@ -288,6 +288,12 @@ def _benchmarks():
 
 def cmd_bench(args) -> int:
     harness, report, suite = _benchmarks()
+    if args.host:
+        from benchmarks import host
+
+        return host.main(
+            [*(["--device", args.device] if args.device else []), *(["--out", str(args.out)] if args.out else [])]
+        )
     device = _device(args.device)
     layers = _layers(args.layer, available_only=False, allowed=suite.LAYERS)
     dtypes = _dtypes(args.dtype, device)
@@ -362,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the benchmark suite: speed, memory and accuracy side by side")
     bench.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     bench.add_argument("--quick", action="store_true", help="a few cases with short timings (a few minutes)")
+    bench.add_argument(
+        "--host", action="store_true", help="host (CPU-side) us per call of every op (benchmarks/host.py)"
+    )
     bench.add_argument("--layer", action="append", help="linear, embedding, conv2d, llama; repeat or comma-separate")
     bench.add_argument(
         "--shape", action="append", help="measure this shape instead of the suite's, e.g. linear:8192x4096x4096x16"

@@ -1,0 +1,165 @@
+"""Launch plans: a kernel call resolved once per call signature, then launched straight into the compiled kernel.
+
+``kernel[grid](**kwargs)`` costs the host, on every call, Triton's binder (specialisation of each argument and the
+cache key), the autotuner's key and dictionaries, the grid function and the launch-metadata hooks. A
+``LaunchPlans`` object does that work on the first call for a key and records the outcome (the autotuned config,
+the grid, the compiled kernel and its launcher); later calls with the same key pass the arguments to the
+compiled kernel's launcher directly, as torch inductor's generated launchers do.
+
+The caller's key must determine the grid and every argument it lists in ``static`` (shapes, strides, dtypes,
+device, flags). Everything else (pointers, seeds, scalars and compile-time flags not listed as static) is
+re-checked on each call by a guard that mirrors what Triton specialises on (16-byte alignment of pointers,
+integers equal to 1, divisible by 16 or past 32 bits, constexpr values), so a call whose specialisation differs
+gets its own plan and never a kernel compiled for other arguments.
+
+The direct path needs a JITFunction, or an Autotuner over one, on a Triton whose launch returns a CompiledKernel
+with ``run``, ``function`` and ``packed_metadata`` (3.x). Everywhere else (the interpreter, heuristics wrappers,
+launch hooks installed by a profiler) every call takes ``kernel[grid](...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # Triton before 3.4: no launch hooks to respect
+    _knobs = None
+
+__all__ = ["LaunchPlans", "LaunchPlan"]
+
+_I32 = range(-(2**31), 2**31)
+
+
+def _guard_value(v) -> Hashable:
+    """What Triton's specialisation of a runtime argument depends on, cheaply: alignment for tensors, 1 / 16 / width
+    for integers, the type for floats and bools (constexprs are guarded by value by the caller)."""
+    t = type(v)
+    if t is int:
+        return (v == 1, v % 16 == 0, v in _I32)
+    if t is float or t is bool or v is None:
+        return t
+    data_ptr = getattr(v, "data_ptr", None)
+    if data_ptr is not None:
+        return (data_ptr() % 16 == 0, v.dtype)
+    base = getattr(v, "base", None)
+    if base is not None and hasattr(v, "block_shape"):  # a host tensor descriptor
+        return (base.data_ptr() % 16 == 0, base.dtype, tuple(v.block_shape))
+    return v
+
+
+def _launch_hooks() -> bool:
+    """Whether a profiler has installed launch hooks (a plain function, or in 3.6 a non-empty HookChain): then
+    every call takes the normal path, so the hooks see each launch with its metadata."""
+    if _knobs is None:
+        return False
+    hook = _knobs.runtime.launch_enter_hook
+    return bool(getattr(hook, "calls", hook))
+
+
+class LaunchPlan:
+    """One resolved launch: the compiled kernel's launcher and handles, the grid, the arguments in order."""
+
+    __slots__ = ("run", "function", "metadata", "grid", "names", "fixed", "pre_hook", "device", "direct")
+
+    def __init__(self, direct: bool, **fields):
+        self.direct = direct
+        for name in self.__slots__[:-1]:
+            setattr(self, name, fields.get(name))
+
+
+_NORMAL = LaunchPlan(direct=False)
+
+
+class LaunchPlans:
+    """The launch plans of one kernel, keyed by the caller's call signature.
+
+    ``plans.launch(key, grid, **kwargs)`` launches ``kernel`` (a JITFunction or an Autotuner over one) with the
+    keyword arguments; ``grid`` is a tuple or a function of the arguments (with the autotuned config), as for
+    ``kernel[grid]``, and must be determined by ``key``. ``static`` names arguments that ``key`` determines too, so
+    that the per-call guard can skip them. ``direct=False`` keeps every call on ``kernel[grid](...)``.
+    """
+
+    def __init__(self, kernel, static: tuple[str, ...] = (), direct: bool = True):
+        self.kernel = kernel
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        self._jit = fn if isinstance(fn, JITFunction) and direct else None
+        self._static = frozenset(static)
+        self._constexprs = frozenset(p.name for p in fn.params if p.is_constexpr) if self._jit else frozenset()
+        self._plans: dict[Hashable, LaunchPlan] = {}
+        self.direct_launches = 0
+        self.normal_launches = 0
+
+    def _guard(self, kwargs: dict) -> tuple:
+        static, constexprs = self._static, self._constexprs
+        return tuple((v if name in constexprs else _guard_value(v)) for name, v in kwargs.items() if name not in static)
+
+    def launch(self, key: Hashable, grid, **kwargs: Any):
+        if self._jit is None:
+            self.normal_launches += 1
+            return self.kernel[grid](**kwargs)
+        full_key = (key, self._guard(kwargs))
+        plan = self._plans.get(full_key)
+        if plan is None:
+            self.normal_launches += 1
+            compiled = self.kernel[grid](**kwargs)
+            self._plans[full_key] = self._resolve(compiled, grid, kwargs)
+            return compiled
+        if not plan.direct or _launch_hooks():
+            self.normal_launches += 1
+            return self.kernel[grid](**kwargs)
+        self.direct_launches += 1
+        if plan.pre_hook is not None:
+            plan.pre_hook({**kwargs, **plan.fixed})
+        g0, g1, g2 = plan.grid
+        stream = driver.active.get_current_stream(plan.device)
+        plan.run(
+            g0, g1, g2, stream, plan.function, plan.metadata, None, None, None, *plan.names({**plan.fixed, **kwargs})
+        )
+        return None
+
+    def _resolve(self, compiled, grid, kwargs: dict) -> LaunchPlan:
+        """The plan for the call just launched, or the normal path where it cannot be launched directly."""
+        if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+            return _NORMAL  # the interpreter (None), or a Triton whose launch returns something else
+        jit = self._jit
+        fixed, pre_hook = {}, None
+        if isinstance(self.kernel, Autotuner):
+            config = self.kernel.best_config
+            fixed.update({k: v for k, v in config.all_kwargs().items() if k in jit.arg_names})
+            pre_hook = config.pre_hook
+        for param in jit.params:  # defaults the caller left out
+            if param.name not in kwargs and param.name not in fixed and param.default is not inspect.Parameter.empty:
+                fixed[param.name] = param.default
+        full = {**kwargs, **fixed}
+        missing = [n for n in jit.arg_names if n not in full]
+        if missing:
+            return _NORMAL
+        resolved = grid(full) if callable(grid) else grid
+        resolved = (tuple(resolved) + (1, 1))[:3]
+        return LaunchPlan(
+            direct=True,
+            run=compiled.run,
+            function=compiled.function,
+            metadata=compiled.packed_metadata,
+            grid=resolved,
+            names=operator.itemgetter(*jit.arg_names) if len(jit.arg_names) > 1 else _one(jit.arg_names[0]),
+            fixed=fixed,
+            pre_hook=pre_hook,
+            device=driver.active.get_current_device(),
+        )
+
+    def plan_for(self, key: Hashable, **kwargs) -> LaunchPlan | None:
+        """The recorded plan for a call (None before its first launch): for tests and diagnostics."""
+        return self._plans.get((key, self._guard(kwargs)))
+
+
+def _one(name: str) -> Callable[[dict], tuple]:
+    return lambda d: (d[name],)

@@ -1,0 +1,121 @@
+"""Launch plans (kernels/launch.py) and the stand-in driver the host benchmark uses (benchmarks/host.py).
+
+On the interpreter, a plan-launched toy kernel gives the same results as ``kernel[grid](...)``. Under the stand-in
+sm_90 driver (a JITFunction compiled for real with the wheel's ptxas, launched into a no-op launcher), later calls
+with a known key take the direct path, and a call whose specialisation differs (a misaligned pointer, an integer
+that becomes 1) gets a plan of its own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from fastlora.kernels.launch import LaunchPlans
+from triton.runtime.jit import JITFunction
+
+from benchmarks.host import StandInLauncher, stand_in_driver
+from tests.helpers import assert_close
+
+
+def _axpby(x_ptr, y_ptr, out_ptr, n, alpha, beta, BLOCK: tl.constexpr, HAS_Y: tl.constexpr):
+    """out[i] = alpha * x[i] (+ beta * y[i] with HAS_Y), for i < n."""
+    i_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_n = i_n < n
+    b_out = alpha * tl.load(x_ptr + i_n, mask=m_n).to(tl.float32)
+    if HAS_Y:
+        b_out += beta * tl.load(y_ptr + i_n, mask=m_n).to(tl.float32)
+    tl.store(out_ptr + i_n, b_out, mask=m_n)
+
+
+def _configs():
+    return [triton.Config({"BLOCK": 32}, num_warps=1), triton.Config({"BLOCK": 64}, num_warps=2)]
+
+
+_interpreted = triton.jit(_axpby)  # an InterpretedFunction under TRITON_INTERPRET=1 (tests/conftest.py)
+
+
+def _run_once(kernel_call, quantiles):
+    """The interpreter has no device to time on: each config runs once and all tie (the first one is kept)."""
+    kernel_call()
+    return [0.0, 0.0, 0.0]
+
+
+_interpreted_tuned = triton.autotune(configs=_configs(), key=["n"], do_bench=_run_once)(triton.jit(_axpby))
+_compiled = JITFunction(_axpby)  # compiled for the active driver whatever the interpreter setting
+_compiled_tuned = triton.autotune(configs=_configs(), key=["n"])(JITFunction(_axpby))
+
+
+def _args(n, has_y=True, offset=0):
+    x = torch.randn(n + offset)[offset:]
+    y = torch.randn(n)
+    out = torch.empty(n)
+    return dict(x_ptr=x, y_ptr=y, out_ptr=out, n=n, alpha=0.75, beta=-1.25, HAS_Y=has_y)
+
+
+def _reference(a):
+    ref = a["alpha"] * a["x_ptr"].double()
+    if a["HAS_Y"]:
+        ref += a["beta"] * a["y_ptr"].double()
+    return ref
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["jit", "autotuned"])
+@pytest.mark.parametrize("n", [37, 75])
+def test_plan_launch_matches_normal_launch_on_interpreter(tuned, n):
+    kernel = _interpreted_tuned if tuned else _interpreted
+    extra = {} if tuned else {"BLOCK": 16}
+    grid = lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]),)  # noqa: E731
+    plans = LaunchPlans(kernel, static=("n", "BLOCK", "HAS_Y"))
+    for has_y in (True, False):
+        for _ in range(2):  # the first call records the plan, the second follows it
+            a = _args(n, has_y)
+            kernel[grid](**a, **extra)
+            normal = a["out_ptr"].clone()
+            a["out_ptr"] = torch.empty(n)
+            plans.launch((n, has_y), grid, **a, **extra)
+            assert torch.equal(a["out_ptr"], normal)
+            assert_close(a["out_ptr"], _reference(a), torch.float32)
+    assert plans.direct_launches == 0  # the interpreter has no compiled kernel to launch directly
+
+
+@pytest.fixture
+def launches():
+    with stand_in_driver():
+        before = StandInLauncher.launches
+        yield lambda: StandInLauncher.launches - before
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["jit", "autotuned"])
+def test_stand_in_takes_direct_path(tuned, launches):
+    kernel = _compiled_tuned if tuned else _compiled
+    extra = {} if tuned else {"BLOCK": 32}
+    grid = lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]),)  # noqa: E731
+    plans = LaunchPlans(kernel, static=("n", "BLOCK", "HAS_Y"))
+    for _ in range(3):
+        plans.launch(37, grid, **_args(37), **extra)
+    assert (plans.normal_launches, plans.direct_launches, launches()) == (1, 2, 3)
+    plan = plans.plan_for(37, **_args(37), **extra)
+    block = 32  # the autotuner under the stand-in keeps the first config
+    assert plan.direct and plan.grid == (triton.cdiv(37, block), 1, 1)
+    assert plan.fixed.get("BLOCK", extra.get("BLOCK")) == block
+
+
+def test_stand_in_guard_replans_on_new_specialisation(launches):
+    grid = (2, 1, 1)
+    plans = LaunchPlans(_compiled, static=("n",))
+    plans.launch(37, grid, **_args(37), BLOCK=32)
+    plans.launch(37, grid, **_args(37, offset=1), BLOCK=32)  # x no longer 16-byte aligned
+    plans.launch(37, grid, **_args(37, has_y=False), BLOCK=32)  # a constexpr the key does not name
+    a = _args(37)
+    a["alpha"] = 2.0
+    plans.launch(37, grid, **a, BLOCK=32)  # a float: no new specialisation, so the direct path
+    assert (plans.normal_launches, plans.direct_launches, launches()) == (3, 1, 4)
+
+
+def test_direct_path_off_takes_normal_path(launches):
+    plans = LaunchPlans(_compiled, static=("n",), direct=False)
+    for _ in range(2):
+        plans.launch(37, (2,), **_args(37), BLOCK=32)
+    assert (plans.normal_launches, plans.direct_launches, launches()) == (2, 0, 2)
