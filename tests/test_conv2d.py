@@ -14,7 +14,7 @@ from fastlora.kernels import conv2d as kconv
 from helpers import DTYPE_IDS, assert_close
 
 import fastlora as fl
-from fastlora import functional
+from fastlora.ops import conv2d as conv_op
 from fastlora.reference import conv2d_delta_weight, lora_conv2d_ref
 
 BACKENDS = ["triton", "torch"]
@@ -71,9 +71,9 @@ def run_and_compare(backend, x, weight, bias, lora_A, lora_B, conv, dtype, scali
     mask = None
     if dropout_p > 0:
         torch.manual_seed(1234)
-        seed = int(functional.draw_seed())
+        seed = int(backend.draw_seed())
         if backend == "torch":
-            keep = functional.dropout_keep(seed, x.shape, dropout_p, x.device)
+            keep = backend.dropout_keep(seed, x.shape, dropout_p, x.device)
             mask = keep.float() / (1.0 - dropout_p)
         else:
             mask = kconv.conv2d_dropout_mask(x.shape, dropout_p, seed, x.device)
@@ -144,7 +144,7 @@ def test_both_kernel_paths(case, fused):
     """The kernels' two ways to Y and to dX (one fused GEMM, or torch's convolution plus the LoRA term added in
     place) agree with the reference; the public call picks between them by timing once per shape on the GPU."""
     x, weight, bias, lora_A, lora_B, conv = make_case(case, torch.float32, channels_last=fused)
-    geometry = functional._check_conv2d(
+    geometry = conv_op.check_conv2d(
         x, weight, bias, lora_A, lora_B, 0.5, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], 0.0
     )  # (stride, pads, dilation, groups) normalised
     with torch.no_grad():

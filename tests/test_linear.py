@@ -7,7 +7,7 @@ from fastlora.kernels import linear as klinear
 from helpers import DTYPE_IDS, assert_close
 
 import fastlora as fl
-from fastlora.functional import dropout_keep
+from fastlora.ops.backend import draw_seed, dropout_keep
 from fastlora.reference import lora_linear_ref
 
 BACKENDS = ["triton", "torch"]
@@ -33,7 +33,7 @@ def _kernel_mask(backend, seed, shape, p):
 def _seed_of_next_call():
     """The seed lora_linear will draw next, read off a copy of torch's CPU RNG state."""
     state = torch.get_rng_state()
-    seed = int(fl.functional.draw_seed())
+    seed = int(draw_seed())
     torch.set_rng_state(state)
     return seed
 
@@ -367,7 +367,8 @@ def test_autotuner_hooks_take_keyword_launches(tma):
     if tma:
         a, w, c = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64)
         descs = {
-            k: TensorDescriptor.from_tensor(t, [16, 16]) for k, t in zip(("a_desc", "b_desc", "c_desc"), (a, w, c))
+            k: TensorDescriptor.from_tensor(t, [16, 16])
+            for k, t in zip(("a_desc", "b_desc", "c_desc"), (a, w, c), strict=True)
         }
         for config in tuner.configs:
             config.pre_hook({**descs, "B_NK": True, **config.kwargs})
