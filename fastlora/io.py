@@ -460,7 +460,8 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
             module = root.get_submodule(path)
         except AttributeError:
             raise ValueError(
-                f"{weights_path}: {entry['keys']['lora_A']} names module {path!r}, which {type(root).__name__} does not have"
+                f"{weights_path}: {entry['keys']['lora_A']} names module {path!r}, which {type(root).__name__} "
+                "does not have"
             ) from None
         r = pattern_value(rank_pattern, path, r0)
         alpha = pattern_value(alpha_pattern, path, alpha0)

@@ -216,7 +216,7 @@ class Op:
             result = []
             for k, i in enumerate(op._diff):
                 ref = a[i]
-                if needs[k] and got[k] is not None:
+                if needs[k] and got[k] is not None and ref is not None:
                     result.append(got[k].contiguous(memory_format=grad_layout(ref)))
                 else:
                     result.append(grads[0].new_empty(0))
