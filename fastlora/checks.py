@@ -40,7 +40,7 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_rank(r, name: str = "r"):
+def check_rank(r, name: str = "LoRA rank r"):
     """A LoRA rank: an int >= 1 (ValueError otherwise)."""
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{name} must be an int >= 1, got {r!r}")

@@ -71,9 +71,9 @@ def run_and_compare(backend, x, weight, bias, lora_A, lora_B, conv, dtype, scali
     mask = None
     if dropout_p > 0:
         torch.manual_seed(1234)
-        seed = int(backend.draw_seed())
+        seed = int(draw_seed())
         if backend == "torch":
-            keep = backend.dropout_keep(seed, x.shape, dropout_p, x.device)
+            keep = dropout_keep(seed, x.shape, dropout_p, x.device)
             mask = keep.float() / (1.0 - dropout_p)
         else:
             mask = kconv.conv2d_dropout_mask(x.shape, dropout_p, seed, x.device)

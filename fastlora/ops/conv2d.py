@@ -202,6 +202,7 @@ CONV2D = Op(
     outputs=("y", "s"),
     differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
     saved_outputs=("s",),
+    saved_when_trained=("bias",),
     forward=_forward,
     backward=_backward,
     fake=_fake,

@@ -150,6 +150,7 @@ LINEAR = Op(
     outputs=("y", "s"),
     differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
     saved_outputs=("s",),
+    saved_when_trained=("bias",),
     forward=_forward,
     backward=_backward,
     fake=_fake,
