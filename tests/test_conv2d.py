@@ -15,6 +15,7 @@ from helpers import DTYPE_IDS, assert_close
 
 import fastlora as fl
 from fastlora.ops import conv2d as conv_op
+from fastlora.ops.backend import draw_seed, dropout_keep
 from fastlora.reference import conv2d_delta_weight, lora_conv2d_ref
 
 BACKENDS = ["triton", "torch"]
