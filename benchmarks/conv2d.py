@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from fastlora.benchmarks import providers
+from fastlora.benchmarks.linear import gemm_bytes, gemm_flops
 
-from benchmarks import providers
-from benchmarks.linear import gemm_bytes, gemm_flops
 from fastlora.reference import PeftStyleConv2d
 from fastlora.validate import OPS
 

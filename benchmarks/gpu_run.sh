@@ -42,7 +42,7 @@ if [ $rc -ne 0 ]; then
 fi
 
 log "report: tables and plots from $OUT"
-"$PY" -m benchmarks.report "$OUT" --plots "$OUT/plots" > "$OUT/report.md" 2>&1 || log "report failed (see $OUT/report.md)"
+"$PY" -m fastlora.benchmarks.report "$OUT" --plots "$OUT/plots" > "$OUT/report.md" 2>&1 || log "report failed (see $OUT/report.md)"
 ls -l "$OUT"
 log "done (exit $status)"
 exit $status

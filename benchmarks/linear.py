@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from fastlora.benchmarks import providers
 
-from benchmarks import providers
 from fastlora.reference import PeftStyleLinear
 
 LAYER = "linear"

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from fastlora.benchmarks.harness import Cycle, Settings, peak_memory, ratio, synchronize, time_fn
+from fastlora.benchmarks.providers import ALPHA_PER_RANK
 
 import fastlora
-from benchmarks.harness import Cycle, Settings, peak_memory, ratio, synchronize, time_fn
-from benchmarks.providers import ALPHA_PER_RANK
 from fastlora._tolerance import TOLERANCE, rel_err
 from fastlora.reference import PeftStyleLinear
 from fastlora.validate import dtype_id

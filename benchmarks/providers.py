@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import torch.nn as nn
+from fastlora.benchmarks.harness import Provider
 
 import fastlora
-from benchmarks.harness import Provider
 from fastlora.validate import OPS
 
 # alpha = 2r: scaling 2.0 for every rank, exactly representable.

@@ -1,8 +1,8 @@
 """Markdown tables and PNG plots from benchmark result files, and the README's results section.
 
-    python -m benchmarks.report benchmarks/results/*.json                 # tables to stdout
-    python -m benchmarks.report benchmarks/results/ --plots benchmarks/results/plots
-    python -m benchmarks.report benchmarks/results/ --readme README.md    # regenerate the results block
+    python -m fastlora.benchmarks.report benchmarks/results/*.json                 # tables to stdout
+    python -m fastlora.benchmarks.report benchmarks/results/ --plots benchmarks/results/plots
+    python -m fastlora.benchmarks.report benchmarks/results/ --readme README.md    # regenerate the results block
 
 The README block lies between the two marker comments below and is written only from result files of
 CUDA runs (CPU runs are not the project's speed claims); the newest such file is used.
@@ -242,7 +242,7 @@ def update_readme(readme: Path, docs: list[dict]) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastlora.benchmarks.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="result files or folders of them")
     parser.add_argument("--plots", type=Path, help="folder for the PNG plots (of the newest file)")
     parser.add_argument("--readme", type=Path, help="README to regenerate the results block of")

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from fastlora.benchmarks import conv2d, embedding, linear, llama
+from fastlora.benchmarks.harness import MODES, Case, Progress, Settings, measure_case, measure_ceilings
 
 import fastlora
-from benchmarks import conv2d, embedding, linear, llama
-from benchmarks.harness import MODES, Case, Progress, Settings, measure_case, measure_ceilings
 from fastlora._env import environment
 from fastlora.validate import parse_shape
 

@@ -1,6 +1,5 @@
 """fastlora: fused Triton kernels for LoRA fine-tuning, behind drop-in PyTorch layers."""
 
-from fastlora.functional import active_path, get_backend, lora_conv2d, lora_embedding, lora_linear, use_backend
 from fastlora.io import load_adapter, lora_state_dict, save_adapter
 from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
 from fastlora.model import (
@@ -11,6 +10,7 @@ from fastlora.model import (
     print_trainable_parameters,
     unload,
 )
+from fastlora.ops import active_path, get_backend, lora_conv2d, lora_embedding, lora_linear, use_backend
 from fastlora.reference import lora_scaling
 
 __version__ = "0.1.0"

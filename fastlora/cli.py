@@ -6,8 +6,8 @@
   errors and tolerances; exit status 1 on any failure. Without CUDA it runs the Triton kernels under the
   interpreter at small shapes: TRITON_INTERPRET=1 must be set before the kernels are imported, so when it is
   not, the command re-runs itself in a subprocess with it set.
-- ``fastlora bench``: the benchmark suite in benchmarks/ of a source checkout (``--quick`` for a few minutes);
-  prints the table and writes the JSON result file.
+- ``fastlora bench``: the benchmark suite (installed as fastlora.benchmarks; ``--quick`` for a few minutes);
+  prints the table and writes the JSON result file to ``--out`` or ./fastlora-results/.
 
 Bad arguments (unknown layer, malformed shape, unsupported dtype) print one line and exit with status 2.
 """
@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 import fastlora
-from fastlora import functional
 from fastlora._env import environment
+from fastlora.ops import backend
 from fastlora.validate import (
     LAYERS,
     OPS,
     check_case,
     default_grid,
     dtype_id,
-    functional_available,
     parse_dtype,
     parse_shape,
     supported_dtypes,
@@ -44,6 +43,8 @@ MASK_LEGEND = (
     "mask: the dropout mask the op drew, read back from its dX; rel_err is |keep rate - (1 - p)|, tol a 6-sigma "
     "bound, and a mask value other than 0 or 1/(1-p) fails"
 )
+# Where ``fastlora bench`` writes its result file when --out is not given (relative to the current directory).
+DEFAULT_RESULTS = "fastlora-results"
 
 
 class UsageError(Exception):
@@ -69,15 +70,13 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _layers(names, available_only=True, allowed=LAYERS) -> tuple[str, ...]:
+def _layers(names, allowed=LAYERS) -> tuple[str, ...]:
     out = []
     for name in names or ():
         for part in name.split(","):
             part = part.strip().lower()
             if part not in allowed:
                 raise UsageError(f"unknown layer {part!r}; expected one of {', '.join(allowed)}")
-            if available_only and part in OPS and not functional_available(part):
-                raise UsageError(f"this build of fastlora has no {part} op (fastlora.lora_{part} is missing)")
             out.append(part)
     return tuple(dict.fromkeys(out))
 
@@ -173,15 +172,12 @@ def cmd_info(args) -> int:
     print(f"TRITON_INTERPRET: {os.environ.get('TRITON_INTERPRET', 'unset')}; backend setting: {fastlora.get_backend()}")
     print(f"dtypes: {', '.join(dtype_id(d) for d in supported_dtypes(device))}")
     rows = []
+    try:
+        path = backend.active_path(device)
+    except RuntimeError as exc:
+        path = f"unavailable: {exc}"
     for layer in LAYERS:
-        if functional_available(layer):
-            try:
-                path = functional.active_path(device)
-            except RuntimeError as exc:
-                path = f"unavailable: {exc}"
-            rows.append((layer, f"fastlora.lora_{layer}", path))
-        else:
-            rows.append((layer, f"fastlora.lora_{layer}", "not in this build"))
+        rows.append((layer, f"fastlora.lora_{layer}", path))
     _print_table(("layer", "function", f"path on {device}"), rows)
     return 0
 
@@ -192,7 +188,7 @@ def cmd_info(args) -> int:
 
 
 def _needs_interpreter(device: torch.device) -> bool:
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not functional.INTERPRET
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not backend.INTERPRET
 
 
 def _rerun_with_interpreter(argv) -> int:
@@ -204,7 +200,7 @@ def _rerun_with_interpreter(argv) -> int:
 
 def cmd_validate(args, argv) -> int:
     device = _device(args.device)
-    layers = _layers(args.layer) or tuple(layer for layer in LAYERS if functional_available(layer))
+    layers = _layers(args.layer) or LAYERS
     dtypes = _dtypes(args.dtype, device) or supported_dtypes(device)
     if args.only_shapes and not args.shape:
         raise UsageError("--only-shapes needs --shape: it checks only the shapes given with --shape")
@@ -214,8 +210,6 @@ def cmd_validate(args, argv) -> int:
             raise UsageError(
                 f"shape {s.label} is for {s.layer}, which is not among the layers checked ({', '.join(layers)})"
             )
-        if not functional_available(s.layer):
-            raise UsageError(f"this build of fastlora has no {s.layer} op (fastlora.lora_{s.layer} is missing)")
     dropouts = _floats(args.dropout, "dropout")
     if _needs_interpreter(device) and not args.no_interpreter:
         return _rerun_with_interpreter(argv)
@@ -232,13 +226,10 @@ def cmd_validate(args, argv) -> int:
         no_dropout = [layer for layer in layers if not OPS[layer].has_dropout]
         why = f" ({', '.join(no_dropout)} has no dropout)" if dropouts and no_dropout else ""
         raise UsageError(f"the filters select no case{why}")
-    missing = [layer for layer in LAYERS if not functional_available(layer)]
-    print(f"fastlora validate on {_device_name(device)}; path: {functional.active_path(device)}; "
+    print(f"fastlora validate on {_device_name(device)}; path: {backend.active_path(device)}; "
           f"{len(cases)} cases against a float64 reference", flush=True)  # fmt: skip
-    if missing and not args.layer:
-        print(f"not in this build (skipped): {', '.join(missing)}")
-    if functional.active_path(device) == "torch":
-        print("note: the torch path is checked here, not the Triton kernels (not in this build, or not selected)")
+    if backend.active_path(device) == "torch":
+        print("note: the torch path is checked here, not the Triton kernels (no Triton, or not selected)")
     rows, failed, start = [], 0, time.monotonic()
     for i, (layer, shape, dtype, p) in enumerate(cases):
         t0 = time.monotonic()
@@ -275,13 +266,8 @@ def cmd_validate(args, argv) -> int:
 
 
 def _benchmarks():
-    """The suite lives in benchmarks/ of the source checkout (``pip install -e .``)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "suite.py").is_file():
-        raise UsageError(f"fastlora bench runs the suite in benchmarks/ of a source checkout; none found at {root}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks import harness, report, suite
+    """The benchmark suite, installed with fastlora as fastlora.benchmarks."""
+    from fastlora.benchmarks import harness, report, suite
 
     return harness, report, suite
 
@@ -289,13 +275,13 @@ def _benchmarks():
 def cmd_bench(args) -> int:
     harness, report, suite = _benchmarks()
     if args.host:
-        from benchmarks import host
+        from fastlora.benchmarks import host
 
         return host.main(
             [*(["--device", args.device] if args.device else []), *(["--out", str(args.out)] if args.out else [])]
         )
     device = _device(args.device)
-    layers = _layers(args.layer, available_only=False, allowed=suite.LAYERS)
+    layers = _layers(args.layer, allowed=suite.LAYERS)
     dtypes = _dtypes(args.dtype, device)
     shapes = _shapes(args.shape, [layer for layer in layers if layer in OPS])
     for s in shapes:
@@ -325,8 +311,8 @@ def cmd_bench(args) -> int:
     if not suite.select(suite.suite_cases(device, args.quick), opts):
         raise UsageError("the filters select no benchmark case")
     progress = harness.Progress(quiet=args.quiet)
-    out = args.out or Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    with functional.use_backend("torch" if device.type == "cpu" else functional.get_backend()):
+    out = args.out or Path.cwd() / DEFAULT_RESULTS
+    with backend.use_backend("torch" if device.type == "cpu" else backend.get_backend()):
         doc = suite.run(opts, progress, out)
     out = suite.write(doc, out)
     print(report.markdown_table(doc))
@@ -380,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dropout", action="append", help="dropout probabilities to keep")
     bench.add_argument("--mode", action="append", help="forward, backward, forward+backward")
     bench.add_argument("--provider", action="append", help="base, peft_style, peft, fastlora (base always runs)")
-    bench.add_argument("--out", type=Path, help="result file (.json) or folder (default: benchmarks/results/)")
+    bench.add_argument("--out", type=Path, help=f"result file (.json) or folder (default: ./{DEFAULT_RESULTS}/)")
     bench.add_argument("--budget", type=float, help="seconds after which no new case starts (the rest is skipped)")
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser

@@ -34,14 +34,13 @@ import torch.nn as nn
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from fastlora.layers import LoRALayer, LoRALinear
+from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.kinds import kind_for_module, kind_of_layer, kinds
+from fastlora.layers import LoRALayer
 from fastlora.model import (
-    check_alpha,
-    check_rank,
     freeze_except_lora,
     install_layers,
     lora_layers,
-    module_kind,
     name_matches,
     pattern_value,
     unsupported_reason,
@@ -71,12 +70,6 @@ _UNSUPPORTED_FIELDS = (
 )
 
 
-def _suffixes(layer: LoRALayer) -> tuple[str, str]:
-    if type(layer).__name__ == "LoRAEmbedding":
-        return "lora_embedding_A", "lora_embedding_B"
-    return "lora_A.weight", "lora_B.weight"
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter that may be sharded (a DTensor under FSDP2)."""
     t = t.detach()
@@ -94,9 +87,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = {}
     for name, layer in lora_layers(unwrap_peft(model)):
-        sa, sb = _suffixes(layer)
-        out[f"{PREFIX}{name}.{sa}"] = _full(layer.lora_A)
-        out[f"{PREFIX}{name}.{sb}"] = _full(layer.lora_B)
+        for attr, suffix in kind_of_layer(layer).peft_keys.items():
+            t = getattr(layer, attr, None)
+            if t is not None:
+                out[f"{PREFIX}{name}.{suffix}"] = _full(t)
     return out
 
 
@@ -140,7 +134,7 @@ def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) 
         "lora_alpha": alpha,
         "target_modules": _short_targets(root, names),
         "lora_dropout": _most_common(getattr(layer, "lora_dropout", 0.0) for _, layer in found),
-        "fan_in_fan_out": any(isinstance(layer, LoRALinear) and layer.fan_in_fan_out for _, layer in found),
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in found),
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -238,10 +232,10 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
     if not found:
         raise ValueError(f"save_adapter: {type(model).__name__} has no fastlora LoRA layers to save")
     for name, layer in found:
-        if type(layer).__name__ == "LoRAConv2d" and _dilated_or_grouped(layer):
+        difference = kind_of_layer(layer).peft_difference(layer)
+        if difference is not None:
             warnings.warn(
-                f"fastlora: {name} is a dilated or grouped Conv2d; PEFT computes LoRA on such layers differently, "
-                "so this adapter is exact only when loaded back with fastlora",
+                f"fastlora: {name}: {difference}, so this adapter is exact only when loaded back with fastlora",
                 stacklevel=2,
             )
     config = _adapter_config(root, found, task_type, base_model_name_or_path)
@@ -278,11 +272,9 @@ def _read_config(path: str) -> dict:
         raise ValueError(f"{path} sets bias={config['bias']!r}; fastlora supports only bias='none'")
     if "r" not in config or "lora_alpha" not in config:
         raise ValueError(f"{path} lacks 'r' or 'lora_alpha'")
-    check_rank(f"{path}: r", config["r"])
-    check_alpha(f"{path}: lora_alpha", config["lora_alpha"])
-    dropout = config.get("lora_dropout", 0.0) or 0.0
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    check_rank(config["r"], f"{path}: r")
+    check_alpha(config["lora_alpha"], f"{path}: lora_alpha")
+    check_dropout(config.get("lora_dropout", 0.0) or 0.0, f"{path}: lora_dropout")
     if not isinstance(config.get("use_rslora", False), bool):
         raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
     for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
@@ -291,7 +283,7 @@ def _read_config(path: str) -> dict:
             raise ValueError(f"{path}: {field} must be an object, got {pattern!r}")
         for key, value in pattern.items():
             _check_regex(path, f"{field} key", key)
-            check(f"{path}: {field}[{key!r}]", value)
+            check(value, f"{path}: {field}[{key!r}]")
     for field in ("target_modules", "exclude_modules"):
         spec = config.get(field)
         if isinstance(spec, str):
@@ -363,72 +355,63 @@ def _normalise(fields: dict) -> dict:
     }
 
 
-def _group(tensors: dict[str, torch.Tensor], weights_path: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"A", "B", "kind" ("ab" or "embedding"), optional "base_weight", "base_bias"}}."""
-    suffixes = {
-        ".lora_A.weight": ("A", "ab"),
-        ".lora_B.weight": ("B", "ab"),
-        ".lora_embedding_A": ("A", "embedding"),
-        ".lora_embedding_B": ("B", "embedding"),
-        ".base_layer.weight": ("base_weight", None),
-        ".base_layer.bias": ("base_bias", None),
-    }
+def _suffixes() -> dict[str, str]:
+    """{key suffix: slot}: every adapter tensor suffix of the registered kinds (slot: the layer attribute), and the
+    base tensors PEFT saves with some layers."""
+    table = {f".{suffix}": attr for kind in kinds() for attr, suffix in kind.peft_keys.items()}
+    table.update({".base_layer.weight": "base_weight", ".base_layer.bias": "base_bias"})
+    return table
+
+
+_BASE_SLOTS = ("base_weight", "base_bias")
+
+
+def _group(tensors: dict[str, torch.Tensor], weights_path: str) -> dict[str, dict]:
+    """{module path: {slot: tensor, ..., "keys": {slot: key}, "suffixes": the adapter key suffixes found}}."""
+    suffixes = _suffixes()
     groups: dict[str, dict] = {}
     for key, t in tensors.items():
         path = key.removeprefix(PREFIX)
-        suffix = next((sfx for sfx in suffixes if path.endswith(sfx) and len(path) > len(sfx)), None)
-        if suffix is None:
+        found = [sfx for sfx in suffixes if path.endswith(sfx) and len(path) > len(sfx)]
+        if not found:
             raise ValueError(f"{weights_path}: key {key!r} is not a LoRA tensor fastlora can load")
-        module, (slot, kind) = path[: -len(suffix)], suffixes[suffix]
+        suffix = max(found, key=len)
+        module, slot = path[: -len(suffix)], suffixes[suffix]
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{weights_path}: {key} is {t.dtype}, expected a floating point tensor")
         if not torch.isfinite(t).all():
             raise ValueError(f"{weights_path}: {key} holds NaN or Inf")
-        entry = groups.setdefault(module, {"keys": {}})
-        if kind is not None:
-            if entry.get("kind", kind) != kind:
-                raise ValueError(f"{weights_path}: {module} mixes lora_A/lora_B and lora_embedding_A/B keys")
-            entry["kind"] = kind
+        entry = groups.setdefault(module, {"keys": {}, "suffixes": set()})
+        if slot not in _BASE_SLOTS:
+            entry["suffixes"].add(suffix[1:])
         entry[slot] = t
         entry["keys"][slot] = key
     for module, entry in groups.items():
-        for slot in ("A", "B"):
+        if not entry["suffixes"]:
+            continue
+        for slot in ("lora_A", "lora_B"):
             if slot not in entry:
                 present = ", ".join(sorted(entry["keys"].values()))
-                raise ValueError(f"{weights_path}: module {module} has {present} but no lora_{slot} tensor")
+                raise ValueError(f"{weights_path}: module {module} has {present} but no {slot} tensor")
     return groups
 
 
-def _expected_shapes(kind: str, module: nn.Module, r: int):
-    w = module.weight
-    if kind == "linear":
-        return (r, w.shape[1]), (w.shape[0], r)
-    if kind == "conv1d":
-        return (r, w.shape[0]), (w.shape[1], r)
-    if kind == "embedding":
-        return (r, w.shape[0]), (w.shape[1], r)
-    return (r, module.in_channels, *module.kernel_size), (w.shape[0], r, 1, 1)
+def _adapter_slots(entry: dict) -> list[str]:
+    return [slot for slot in entry["keys"] if slot not in _BASE_SLOTS]
 
 
-def _layer_kind(layer: LoRALayer) -> str:
-    if isinstance(layer, LoRALinear):
-        return "conv1d" if layer.fan_in_fan_out else "linear"
-    return {"LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}.get(type(layer).__name__, "unknown")
-
-
-def _dilated_or_grouped(module: nn.Module) -> bool:
-    return tuple(getattr(module, "dilation", (1, 1))) != (1, 1) or getattr(module, "groups", 1) != 1
-
-
-def _check_kind(weights_path, module_path, file_kind, kind, type_name):
-    wants_embedding = kind == "embedding"
-    if (file_kind == "embedding") != wants_embedding:
-        what = "lora_embedding_A/B" if file_kind == "embedding" else "lora_A/lora_B.weight"
-        raise ValueError(f"{weights_path}: {module_path} has {what} tensors, which do not fit its {type_name}")
+def _check_kind(weights_path, module_path, entry, kind, type_name):
+    foreign = sorted(entry["suffixes"] - set(kind.peft_keys.values()))
+    if foreign:
+        raise ValueError(
+            f"{weights_path}: {module_path} has {', '.join(foreign)} tensors, which do not fit its {type_name}"
+        )
 
 
 def _check_shape(weights_path, entry, slot, expected):
     t = entry[slot]
+    if expected is None:
+        raise ValueError(f"{weights_path}: {entry['keys'][slot]} has no counterpart in the model's layer")
     if tuple(t.shape) != tuple(expected):
         raise ValueError(
             f"{weights_path}: {entry['keys'][slot]} has shape {tuple(t.shape)}, the model needs {tuple(expected)} "
@@ -489,44 +472,48 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     to_wrap, to_fill = [], []
     for path, entry in groups.items():
-        if "kind" not in entry:
+        if not entry["suffixes"]:
             raise ValueError(f"{weights_path}: {path} has base_layer tensors but no LoRA tensors")
         try:
             module = root.get_submodule(path)
         except AttributeError:
             raise ValueError(
-                f"{weights_path}: {entry['keys']['A']} names module {path!r}, which {type(root).__name__} does not have"
+                f"{weights_path}: {entry['keys']['lora_A']} names module {path!r}, which {type(root).__name__} "
+                "does not have"
             ) from None
         r = pattern_value(rank_pattern, path, r0)
         alpha = pattern_value(alpha_pattern, path, alpha0)
-        if entry["A"].dim() == 0 or entry["A"].shape[0] != r:
+        a = entry["lora_A"]
+        if a.dim() == 0 or a.shape[0] != r:
             raise ValueError(
-                f"{weights_path}: {entry['keys']['A']} has shape {tuple(entry['A'].shape)}, but {config_path} gives "
+                f"{weights_path}: {entry['keys']['lora_A']} has shape {tuple(a.shape)}, but {config_path} gives "
                 f"{path} rank r={r}"
             )
         if isinstance(module, LoRALayer):
-            kind = _layer_kind(module)
-            _check_kind(weights_path, path, entry["kind"], kind, type(module).__name__)
+            kind = kind_of_layer(module)
+            _check_kind(weights_path, path, entry, kind, type(module).__name__)
             if module.merged:
                 raise ValueError(f"load_adapter: {path} is merged; unmerge it (or fl.unload the model) before loading")
-            _check_shape(weights_path, entry, "A", module.lora_A.shape)
-            _check_shape(weights_path, entry, "B", module.lora_B.shape)
+            shapes = {
+                slot: tuple(t.shape) for slot in _adapter_slots(entry) if (t := getattr(module, slot, None)) is not None
+            }
             to_fill.append((path, module, entry, alpha))
         else:
             parent = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
             reason = unsupported_reason(path, module, parent)
             if reason is not None:
                 raise ValueError(f"{weights_path}: cannot put LoRA on {path}: {reason}")
-            kind = module_kind(module)
-            _check_kind(weights_path, path, entry["kind"], kind, type(module).__name__)
-            shape_a, shape_b = _expected_shapes(kind, module, r)
-            _check_shape(weights_path, entry, "A", shape_a)
-            _check_shape(weights_path, entry, "B", shape_b)
+            kind = kind_for_module(module)
+            _check_kind(weights_path, path, entry, kind, type(module).__name__)
+            shapes = kind.layer_class.adapter_shapes(module, r)
             to_wrap.append((path, module, entry, r, alpha))
-        if kind == "conv2d" and not made_by_fastlora and _dilated_or_grouped(module):
+        for slot in _adapter_slots(entry):
+            _check_shape(weights_path, entry, slot, shapes.get(slot))
+        difference = kind.peft_difference(module)
+        if difference is not None and not made_by_fastlora:
             raise ValueError(
-                f"{weights_path}: {path} is a dilated or grouped Conv2d and this adapter was not saved by fastlora; "
-                "PEFT computes LoRA on such layers differently, so loading it would change its meaning"
+                f"{weights_path}: {path}: {difference}, and this adapter was not saved by fastlora, so loading it "
+                "would change its meaning"
             )
         for slot in ("base_weight", "base_bias"):
             if slot in entry:
@@ -562,7 +549,7 @@ def _check_coverage(root: nn.Module, config: dict, groups: dict, weights_path: s
         name
         for name, m in root.named_modules()
         if name
-        and (isinstance(m, LoRALayer) or module_kind(m) is not None)
+        and (isinstance(m, LoRALayer) or kind_for_module(m) is not None)
         and name_matches(targets, name)
         and not name_matches(exclude, name)
     }
@@ -575,11 +562,11 @@ def _check_coverage(root: nn.Module, config: dict, groups: dict, weights_path: s
 
 
 def _fill(layer: LoRALayer, entry: dict, alpha, use_rslora: bool, dropout: float):
-    layer.lora_A.copy_(entry["A"])
-    layer.lora_B.copy_(entry["B"])
+    for slot in _adapter_slots(entry):
+        getattr(layer, slot).copy_(entry[slot])
     layer.lora_alpha = alpha
     layer.use_rslora = use_rslora
-    if type(layer).__name__ != "LoRAEmbedding":
+    if layer.uses_dropout:
         layer.lora_dropout = dropout
     if "base_weight" in entry:
         layer.weight.copy_(entry["base_weight"])

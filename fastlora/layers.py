@@ -13,37 +13,100 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlora.functional import _check_linear, check_dropout, lora_conv2d, lora_embedding, lora_linear, merge_delta_
+from fastlora.checks import FLOAT_DTYPES, check_alpha, check_dropout, check_rank
+from fastlora.ops.conv2d import lora_conv2d
+from fastlora.ops.embedding import lora_embedding
+from fastlora.ops.linear import check_linear, lora_linear
+from fastlora.ops.merge import merge_delta_
 from fastlora.reference import lora_scaling
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "is_gpt2_conv1d"]
 
 
-def _check_rank_alpha(r, alpha):
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"LoRA rank r must be an int >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise TypeError(f"LoRA alpha must be a number, got {type(alpha).__name__}")
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _shared(t):
+    """A base tensor as a frozen Parameter (the same object when it already is one)."""
+    p = t if isinstance(t, nn.Parameter) else nn.Parameter(t)
+    return p.requires_grad_(False)
 
 
 class LoRALayer(nn.Module):
-    """What every fastlora layer shares: rank, scaling, dropout, merge state and the adapter switch."""
+    """What every fastlora layer shares: rank, scaling, dropout, merge state and the adapter switch.
+
+    A subclass says which modules it wraps (``base_type_error``, ``unsupported_reason``), takes over their tensors
+    (``_init_base``), names its adapter tensors and their shapes (``adapter_shapes``) and how merging views them
+    (``_merge_views``); ``from_module`` is the same for every kind.
+    """
 
     weight: nn.Parameter
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    # Whether the layer applies dropout on its LoRA branch (PEFT's embeddings do not).
+    uses_dropout = True
 
-    def _init_lora(self, r, alpha, dropout, use_rslora, a_shape, b_shape, factory):
-        _check_rank_alpha(r, alpha)
+    @classmethod
+    def base_type_error(cls, module: nn.Module) -> str | None:
+        """Why ``module`` is not of a type this layer wraps, or None."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight_reason(cls, module: nn.Module) -> str | None:
+        """Why ``module``'s weight cannot serve as a base weight (apply_lora's rule), or None."""
+        weight = module.weight
+        if type(weight) is not nn.Parameter or weight.dtype not in FLOAT_DTYPES:
+            return (
+                f"its weight is a {type(weight).__name__} of {weight.dtype}, not a float16/bfloat16/float32 Parameter"
+            )
+        return None
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why a module of the right type still cannot be wrapped (an option the layer does not implement), or None."""
+        return None
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int, **options) -> dict[str, tuple[int, ...]]:
+        """{attribute: shape} of the adapter tensors a layer of rank r around ``module`` holds."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False, **options
+    ):
+        """Wrap ``module``; its weight and bias are shared (not copied) and frozen. ``options`` are the kind's own."""
+        error = cls.base_type_error(module)
+        if error is not None:
+            raise TypeError(f"{cls.__name__}.from_module expects {error}, got {type(module).__name__}")
+        reason = cls.unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__} does not support this {type(module).__name__}: {reason}")
+        check_rank(r)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_base(module, **options)
+        layer._init_lora(r, alpha, dropout, use_rslora, cls.adapter_shapes(module, r, **options))
+        return layer
+
+    def _init_base(self, module: nn.Module):
+        raise NotImplementedError
+
+    def _init_lora(self, r, alpha, dropout, use_rslora, shapes):
+        check_rank(r)
+        check_alpha(alpha)
         check_dropout(dropout, "dropout")
         self.r = r
         self.lora_alpha = alpha
         self.use_rslora = use_rslora
-        self.lora_dropout = float(dropout)
+        self.lora_dropout = float(dropout) if self.uses_dropout else 0.0
         self.merged = False
         self.disabled = False
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_lora_parameters()
 
     @property
@@ -109,36 +172,35 @@ class LoRALinear(LoRALayer):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         weight = base.weight.t().contiguous() if fan_in_fan_out else base.weight
-        self._init_base(weight, base.bias, fan_in_fan_out)
-        self._init_lora(r, alpha, dropout, use_rslora, (r, in_features), (out_features, r), self._factory())
-
-    def _init_base(self, weight, bias, fan_in_fan_out):
-        self.fan_in_fan_out = fan_in_fan_out
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-        self.weight.requires_grad_(False)
-        if bias is not None:
-            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
-            self.bias.requires_grad_(False)
-        else:
-            self.register_parameter("bias", None)
-        w = self.base_weight
-        self.out_features, self.in_features = w.shape
-
-    def _factory(self):
-        return {"device": self.weight.device, "dtype": self.weight.dtype}
+        self._set_base(weight, base.bias, fan_in_fan_out)
+        self._init_lora(r, alpha, dropout, use_rslora, {"lora_A": (r, in_features), "lora_B": (out_features, r)})
 
     @classmethod
-    def from_module(cls, module: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora=False):
-        """Wrap an ``nn.Linear`` (or a GPT-2 style ``Conv1D`` with weight [in, out]); its tensors are shared."""
-        fan_in_fan_out = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-        if not isinstance(module, nn.Linear) and not fan_in_fan_out:
-            raise TypeError(f"LoRALinear.from_module expects nn.Linear or Conv1D, got {type(module).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._init_base(module.weight, module.bias, fan_in_fan_out)
-        a_shape, b_shape = (r, layer.in_features), (layer.out_features, r)
-        layer._init_lora(r, alpha, dropout, use_rslora, a_shape, b_shape, layer._factory())
-        return layer
+    def base_type_error(cls, module):
+        return None if isinstance(module, nn.Linear) or is_gpt2_conv1d(module) else "nn.Linear or Conv1D"
+
+    @staticmethod
+    def _features(module) -> tuple[int, int]:
+        """(in, out) of an nn.Linear or of a Conv1D (weight [in, out])."""
+        w = module.weight
+        return tuple(w.shape) if is_gpt2_conv1d(module) else (w.shape[1], w.shape[0])
+
+    @classmethod
+    def adapter_shapes(cls, module, r, **options):
+        k, n = cls._features(module)
+        return {"lora_A": (r, k), "lora_B": (n, r)}
+
+    def _init_base(self, module):
+        self._set_base(module.weight, module.bias, is_gpt2_conv1d(module))
+
+    def _set_base(self, weight, bias, fan_in_fan_out):
+        self.fan_in_fan_out = fan_in_fan_out
+        self.weight = _shared(weight)
+        if bias is not None:
+            self.bias = _shared(bias)
+        else:
+            self.register_parameter("bias", None)
+        self.out_features, self.in_features = self.base_weight.shape
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -150,7 +212,7 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._base_only():
-            _check_linear(x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
+            check_linear(x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
             return F.linear(x, self.base_weight, self.bias)
         return lora_linear(
             x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training
@@ -172,7 +234,10 @@ class LoRAEmbedding(LoRALayer):
     ``lora_embedding_A`` / ``lora_embedding_B``), initialised as PEFT does: A zero, B normal, so a fresh
     adapter leaves the model unchanged. The ``padding_idx`` column of A gets no gradient. The base module's
     ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are not supported (``from_module`` refuses them).
+    A dropout given to ``from_module`` is checked and not used, as in PEFT.
     """
+
+    uses_dropout = False
 
     def __init__(
         self,
@@ -187,23 +252,15 @@ class LoRAEmbedding(LoRALayer):
     ):
         super().__init__()
         base = nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
-        self._init_base(base.weight, base.padding_idx)
-        self._init_lora(r, alpha, 0.0, use_rslora, (r, num_embeddings), (embedding_dim, r), self._factory())
-
-    def _init_base(self, weight, padding_idx):
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-        self.weight.requires_grad_(False)
-        self.num_embeddings, self.embedding_dim = self.weight.shape
-        self.padding_idx = padding_idx
-
-    def _factory(self):
-        return {"device": self.weight.device, "dtype": self.weight.dtype}
+        self._init_base(base)
+        self._init_lora(r, alpha, 0.0, use_rslora, self.adapter_shapes(base, r))
 
     @classmethod
-    def from_module(cls, module: nn.Module, r: int = 8, alpha: float = 8, use_rslora: bool = False):
-        """Wrap an ``nn.Embedding``; its weight is shared, not copied, and its padding_idx kept."""
-        if not isinstance(module, nn.Embedding):
-            raise TypeError(f"LoRAEmbedding.from_module expects nn.Embedding, got {type(module).__name__}")
+    def base_type_error(cls, module):
+        return None if isinstance(module, nn.Embedding) else "nn.Embedding"
+
+    @classmethod
+    def unsupported_reason(cls, module):
         unsupported = {
             "max_norm": module.max_norm is not None,
             "scale_grad_by_freq": module.scale_grad_by_freq,
@@ -211,16 +268,21 @@ class LoRAEmbedding(LoRALayer):
         }
         refused = [name for name, on in unsupported.items() if on]
         if refused:
-            raise ValueError(
-                f"LoRAEmbedding does not support an nn.Embedding with {', '.join(refused)} set; "
+            return (
+                f"an nn.Embedding with {', '.join(refused)} set is not supported; "
                 "expected max_norm=None, scale_grad_by_freq=False and sparse=False"
             )
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._init_base(module.weight, module.padding_idx)
-        a_shape, b_shape = (r, layer.num_embeddings), (layer.embedding_dim, r)
-        layer._init_lora(r, alpha, 0.0, use_rslora, a_shape, b_shape, layer._factory())
-        return layer
+        return None
+
+    @classmethod
+    def adapter_shapes(cls, module, r, **options):
+        v, d = module.weight.shape
+        return {"lora_A": (r, v), "lora_B": (d, r)}
+
+    def _init_base(self, module):
+        self.weight = _shared(module.weight)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.padding_idx = module.padding_idx
 
     def reset_lora_parameters(self):
         """PEFT's initialisation for Embedding: A zero, B standard normal (the layer starts as the base)."""
@@ -278,39 +340,32 @@ class LoRAConv2d(LoRALayer):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
         )
         self._init_base(base)
-        self._init_lora(r, alpha, dropout, use_rslora, *self._lora_shapes(r), self._factory())
+        self._init_lora(r, alpha, dropout, use_rslora, self.adapter_shapes(base, r))
+
+    @classmethod
+    def base_type_error(cls, module):
+        return None if isinstance(module, nn.Conv2d) else "nn.Conv2d"
+
+    @classmethod
+    def unsupported_reason(cls, module):
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+        return None
+
+    @classmethod
+    def adapter_shapes(cls, module, r, **options):
+        return {"lora_A": (r, module.in_channels, *module.kernel_size), "lora_B": (module.out_channels, r, 1, 1)}
 
     def _init_base(self, conv: nn.Conv2d):
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"LoRAConv2d supports padding_mode='zeros' only, got padding_mode={conv.padding_mode!r}")
-        self.weight = conv.weight
-        self.weight.requires_grad_(False)
+        self.weight = _shared(conv.weight)
         if conv.bias is not None:
-            self.bias = conv.bias
-            self.bias.requires_grad_(False)
+            self.bias = _shared(conv.bias)
         else:
             self.register_parameter("bias", None)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
         self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         self.groups = conv.groups
-
-    def _lora_shapes(self, r):
-        return (r, self.in_channels, *self.kernel_size), (self.out_channels, r, 1, 1)
-
-    def _factory(self):
-        return {"device": self.weight.device, "dtype": self.weight.dtype}
-
-    @classmethod
-    def from_module(cls, module: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora=False):
-        """Wrap an ``nn.Conv2d`` (padding_mode 'zeros'); its weight and bias are shared, not copied."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"LoRAConv2d.from_module expects nn.Conv2d, got {type(module).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._init_base(module)
-        layer._init_lora(r, alpha, dropout, use_rslora, *layer._lora_shapes(r), layer._factory())
-        return layer
 
     def _merge_views(self):
         """W viewed [O, K], A [r, K], B [O, r], with K = C*kh*kw in W's memory order (NCHW or channels_last)."""

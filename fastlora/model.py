@@ -18,7 +18,6 @@ as it was.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import sys
 import warnings
@@ -28,8 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from fastlora import layers as _layers
-from fastlora.layers import LoRALayer, LoRALinear
+from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.kinds import kind_for_module, kind_for_peft_layer, kind_of_layer, kinds
+from fastlora.layers import LoRALayer
 from fastlora.reference import lora_scaling
 
 __all__ = [
@@ -49,75 +49,33 @@ _BASE_ATTR = "_fastlora_base_module"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Module kinds
+# Module kinds (read from the registry in fastlora.kinds)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def _plain_forward(module: nn.Module, base: type) -> bool:
-    return isinstance(module, base) and type(module).forward is base.forward
-
-
-def module_kind(module: nn.Module) -> str | None:
-    """The kind ("linear", "conv1d", "embedding" or "conv2d") of a module fastlora can wrap as it is; None otherwise.
-
-    Subclasses that override ``forward`` (quantised layers, scaled embeddings, ...) are not wrappable: the
-    fastlora layer would compute something other than what they compute.
-    """
-    if isinstance(module, LoRALayer):
-        return None
-    if _plain_forward(module, nn.Linear):
-        return "linear"
-    if _is_conv1d(module):
-        return "conv1d"
-    if _plain_forward(module, nn.Embedding):
-        return "embedding"
-    if _plain_forward(module, nn.Conv2d):
-        return "conv2d"
-    return None
-
-
-def _layer_class(kind: str):
-    name = {"linear": "LoRALinear", "conv1d": "LoRALinear", "embedding": "LoRAEmbedding", "conv2d": "LoRAConv2d"}[kind]
-    return getattr(_layers, name, None)
 
 
 def unsupported_reason(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
     """Why ``module`` cannot be wrapped by a fastlora layer, or None when it can."""
-    kind = module_kind(module)
     if isinstance(module, LoRALayer):
         return "it already is a fastlora LoRA layer (call fl.unload or fl.merge_and_unload first)"
+    kind = kind_for_module(module)
     if kind is None:
+        names = ", ".join(k.base_names for k in kinds())
         return (
-            f"{type(module).__name__} is not one of nn.Linear, Conv1D, nn.Embedding, nn.Conv2d "
+            f"{type(module).__name__} is not one of {names} "
             "(subclasses that override forward, such as quantised layers, are not supported)"
         )
-    weight = module.weight
-    if type(weight) is not nn.Parameter or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"its weight is a {type(weight).__name__} of {weight.dtype}, not a float16/bfloat16/float32 Parameter"
+    reason = kind.layer_class.weight_reason(module)
+    if reason is not None:
+        return reason
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its projection weights directly, so a wrapped layer would be bypassed"
-    if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
-        return "embeddings with max_norm, scale_grad_by_freq or sparse gradients are not supported"
-    if kind == "conv2d" and module.padding_mode != "zeros":
-        return f"Conv2d with padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
-    if _layer_class(kind) is None:
-        return f"this fastlora build has no LoRA layer for {type(module).__name__}"
-    return None
+    return kind.layer_class.unsupported_reason(module)
 
 
-def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> LoRALayer:
+def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, **options) -> LoRALayer:
     """A fastlora layer around ``module`` (its tensors shared); the module is kept for ``unload``."""
-    kind = module_kind(module)
-    cls = _layer_class(kind)
-    if kind == "embedding":
-        layer = cls.from_module(module, r=r, alpha=alpha, use_rslora=use_rslora)
-    else:
-        layer = cls.from_module(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    kind = kind_for_module(module)
+    layer = kind.layer_class.from_module(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, **options)
     layer.train(module.training)
     object.__setattr__(layer, _BASE_ATTR, module)
     return layer
@@ -210,23 +168,13 @@ def _check_pattern(arg: str, pattern, value_check):
             re.compile(key)
         except re.error as err:
             raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {err}") from None
-        value_check(f"{arg}[{key!r}]", value)
+        value_check(value, f"{arg}[{key!r}]")
     return dict(pattern)
 
 
-def check_rank(arg: str, r):
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"{arg} must be an int >= 1, got {r!r}")
-
-
-def check_alpha(arg: str, alpha):
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise TypeError(f"{arg} must be a finite number, got {alpha!r}")
-
-
-def check_dropout_arg(dropout):
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+def _all_linear_kind(module: nn.Module) -> bool:
+    kind = kind_for_module(module)
+    return kind is not None and kind.all_linear
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -238,7 +186,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
                 return head
     for name in _HEAD_NAMES:
         head = getattr(model, name, None)
-        if isinstance(head, nn.Module) and module_kind(head) in ("linear", "conv1d"):
+        if isinstance(head, nn.Module) and _all_linear_kind(head):
             return head
     return None
 
@@ -255,7 +203,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> li
             continue
         parent = _parent_of(model, name)
         if all_linear:
-            if module is head or module_kind(module) not in ("linear", "conv1d"):
+            if module is head or not _all_linear_kind(module):
                 continue
             if isinstance(parent, nn.MultiheadAttention):
                 continue
@@ -353,9 +301,9 @@ def apply_lora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_rank("r", r)
-    check_alpha("alpha", alpha)
-    check_dropout_arg(dropout)
+    check_rank(r)
+    check_alpha(alpha)
+    check_dropout(dropout, "dropout")
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
     ranks = _check_pattern("rank_pattern", rank_pattern, check_rank)
@@ -383,35 +331,9 @@ def _require_layers(model: nn.Module, fn: str) -> list[tuple[str, LoRALayer]]:
     return found
 
 
-def _meta_module(factory):
-    with torch.device("meta"):
-        return factory()
-
-
 def _rebuild_base(layer: LoRALayer) -> nn.Module:
     """A plain module holding the layer's own weight and bias, for layers that were not built from a module."""
-    if isinstance(layer, LoRALinear):
-        if layer.fan_in_fan_out:
-            from transformers.pytorch_utils import Conv1D
-
-            base = _meta_module(lambda: Conv1D(layer.out_features, layer.in_features))
-        else:
-            base = _meta_module(lambda: nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None))
-    elif type(layer).__name__ == "LoRAEmbedding":
-        v, d = layer.weight.shape
-        base = _meta_module(lambda: nn.Embedding(v, d, padding_idx=getattr(layer, "padding_idx", None)))
-    else:
-        w = layer.weight
-        attrs = {k: getattr(layer, k) for k in ("stride", "padding", "dilation", "groups") if hasattr(layer, k)}
-        base = _meta_module(
-            lambda: nn.Conv2d(
-                w.shape[1] * attrs.get("groups", 1),
-                w.shape[0],
-                tuple(w.shape[2:]),
-                bias=layer.bias is not None,
-                **attrs,
-            )
-        )
+    base = kind_of_layer(layer).rebuild(layer)
     base.weight = layer.weight
     if getattr(layer, "bias", None) is not None:
         base.bias = layer.bias
@@ -538,14 +460,9 @@ def print_trainable_parameters(model: nn.Module, print_fn=print) -> ParameterCou
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _peft_adapter_tensors(module, kind, adapter):
-    if kind == "embedding":
-        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
-    return module.lora_A[adapter].weight, module.lora_B[adapter].weight
-
-
-def _peft_skip_reason(module, adapter: str, plora) -> str | None:
-    if type(module) not in (plora.Linear, plora.Embedding, plora.Conv2d):
+def _peft_skip_reason(module, adapter: str) -> str | None:
+    kind = kind_for_peft_layer(module)
+    if kind is None:
         return f"{type(module).__module__}.{type(module).__name__} has no fastlora equivalent"
     base = module.base_layer
     reason = unsupported_reason("base_layer", base, None)
@@ -559,8 +476,9 @@ def _peft_skip_reason(module, adapter: str, plora) -> str | None:
         return f"it uses the LoRA variant {type(module.lora_variant[adapter]).__name__}"
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return "it has a bias on lora_B (lora_bias=True)"
-    if module_kind(base) == "conv2d" and (base.dilation != (1, 1) or base.groups != 1):
-        return "PEFT's LoRA branch on a dilated or grouped Conv2d differs from fastlora's"
+    difference = kind.peft_difference(base)
+    if difference is not None:
+        return difference
     r, alpha, scaling = module.r[adapter], module.lora_alpha[adapter], module.scaling[adapter]
     if scaling not in (lora_scaling(r, alpha, False), lora_scaling(r, alpha, True)):
         return f"its scaling {scaling} is neither alpha/r nor alpha/sqrt(r) (changed with set_scale?)"
@@ -604,7 +522,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     plan = []
     for name, module in found:
         adapter = module.active_adapters[0]
-        reason = _peft_skip_reason(module, adapter, plora)
+        reason = _peft_skip_reason(module, adapter)
         if reason is not None:
             warnings.warn(f"fastlora.from_peft: {name} stays a PEFT layer: {reason}", stacklevel=2)
             continue
@@ -612,7 +530,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     built = {}
     for name, module, adapter in plan:
         base = module.base_layer
-        kind = module_kind(base)
+        kind = kind_for_peft_layer(module)
         flags = [(p, p.requires_grad) for p in base.parameters()]
         r, alpha = module.r[adapter], module.lora_alpha[adapter]
         use_rslora = module.scaling[adapter] != lora_scaling(r, alpha, False)
@@ -621,15 +539,18 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer = build_layer(base, r, alpha, dropout, use_rslora)
         for p, flag in flags:
             p.requires_grad_(flag)
-        a, b = _peft_adapter_tensors(module, kind, adapter)
-        if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
+        tensors = kind.peft_tensors(module, adapter)
+        theirs = [tuple(t.shape) for t in tensors.values()]
+        ours = [tuple(getattr(layer, attr).shape) for attr in tensors]
+        if theirs != ours:
             warnings.warn(
-                f"fastlora.from_peft: {name} stays a PEFT layer: its adapter shapes {tuple(a.shape)}, {tuple(b.shape)} "
-                f"differ from fastlora's {tuple(layer.lora_A.shape)}, {tuple(layer.lora_B.shape)}",
+                f"fastlora.from_peft: {name} stays a PEFT layer: its adapter shapes {', '.join(map(str, theirs))} "
+                f"differ from fastlora's {', '.join(map(str, ours))}",
                 stacklevel=2,
             )
             continue
-        layer.lora_A, layer.lora_B = a, b
+        for attr, t in tensors.items():
+            setattr(layer, attr, t)
         layer.merged = bool(module.merged_adapters)
         layer.disabled = bool(module.disable_adapters)
         layer.train(module.training)

@@ -28,21 +28,22 @@ import torch.nn.functional as F
 
 from fastlora import reference
 from fastlora._tolerance import DTYPE_IDS, TOLERANCE, rel_err
+from fastlora.kernels.geometry import output_size
 
+# Also LAYERS and OPS, read from the layer-kind registry (see __getattr__ below).
 __all__ = [
-    "LAYERS",
-    "OPS",
+    "Case",
+    "LinearCase",
+    "EmbeddingCase",
+    "Conv2dCase",
     "Shape",
     "parse_shape",
     "parse_dtype",
     "supported_dtypes",
-    "functional_available",
     "functional_runner",
     "check_case",
     "default_grid",
 ]
-
-LAYERS = ("linear", "embedding", "conv2d")
 
 _DTYPE_NAMES = {
     "fp32": torch.float32,
@@ -95,7 +96,7 @@ class Shape:
 
     @property
     def label(self) -> str:
-        spec = OPS[self.layer]
+        spec = _cases()[self.layer]
         parts = [f"{k}{v}" for k, v in self.dims if k in spec.required or spec.optional.get(k) != v]
         return "-".join(parts)
 
@@ -104,7 +105,7 @@ class Shape:
 
 
 def _make_shape(layer: str, values: dict) -> Shape:
-    spec = OPS[layer]
+    spec = _cases()[layer]
     missing = [k for k in spec.required if k not in values]
     unknown = [k for k in values if k not in spec.required and k not in spec.optional]
     if unknown:
@@ -126,17 +127,17 @@ def parse_shape(text: str, layer: str | None = None) -> Shape:
     if ":" in body:
         name, body = body.split(":", 1)
         name = name.strip().lower()
-        if name not in OPS:
-            raise ValueError(f"unknown layer {name!r} in shape {text!r}; expected one of {', '.join(LAYERS)}")
+        if name not in _cases():
+            raise ValueError(f"unknown layer {name!r} in shape {text!r}; expected one of {', '.join(_cases())}")
         if layer is not None and name != layer:
             raise ValueError(f"shape {text!r} is for {name}, not {layer}")
         layer = name
-    if body.strip().lower() in OPS or (layer is not None and not body.strip()):
+    if body.strip().lower() in _cases() or (layer is not None and not body.strip()):
         named = layer if layer is not None and not body.strip() else body.strip().lower()
-        raise ValueError(f"shape {text!r} is missing its dimensions; expected {OPS[named].shape_help}")
+        raise ValueError(f"shape {text!r} is missing its dimensions; expected {_cases()[named].shape_help}")
     if layer is None:
         raise ValueError(f"shape {text!r} does not name its layer; write it as LAYER:DIMS, e.g. linear:37x75x51x5")
-    spec = OPS[layer]
+    spec = _cases()[layer]
     values: dict[str, int] = {}
     if "=" in body:
         for item in body.split(","):
@@ -167,7 +168,7 @@ def _positive(shape, gen, device, scale=1.0):
     return torch.rand(shape, generator=gen, device=device, dtype=torch.float32).add_(0.5).mul_(scale)
 
 
-class _Op:
+class Case:
     """What the checks and the benchmarks need to know about one layer type."""
 
     name: str
@@ -207,7 +208,7 @@ class _Op:
         raise NotImplementedError
 
 
-class _LinearOp(_Op):
+class LinearCase(Case):
     name = "linear"
     required = ("M", "K", "N", "r")
     optional = {"bias": 1}
@@ -257,7 +258,7 @@ class _LinearOp(_Op):
         return fastlora.lora_linear(x, t["weight"], t["bias"], lora_A, lora_B, t["scaling"], dropout_p, True)
 
 
-class _EmbeddingOp(_Op):
+class EmbeddingCase(Case):
     name = "embedding"
     required = ("M", "V", "D", "r")
     optional = {"pad": -1}
@@ -306,7 +307,7 @@ class _EmbeddingOp(_Op):
         return fastlora.lora_embedding(x, t["weight"], lora_A, lora_B, t["scaling"], padding_idx=t["padding_idx"])
 
 
-class _Conv2dOp(_Op):
+class Conv2dCase(Case):
     name = "conv2d"
     required = ("N", "C", "H", "W", "O", "k", "r")
     optional = {"stride": 1, "pad": -1, "dil": 1, "bias": 1, "cl": 0}
@@ -335,9 +336,7 @@ class _Conv2dOp(_Op):
 
     def out_hw(self, shape):
         d, pad = shape.as_dict(), self.padding(shape.as_dict())
-        ho = (d["H"] + 2 * pad - d["dil"] * (d["k"] - 1) - 1) // d["stride"] + 1
-        wo = (d["W"] + 2 * pad - d["dil"] * (d["k"] - 1) - 1) // d["stride"] + 1
-        return ho, wo
+        return output_size(d["H"], d["W"], (d["k"], d["k"]), (d["stride"],) * 2, (pad,) * 4, (d["dil"],) * 2)
 
     def _fmt(self, shape, t):
         return t.contiguous(memory_format=torch.channels_last) if shape["cl"] else t
@@ -396,16 +395,20 @@ class _Conv2dOp(_Op):
         )  # fmt: skip
 
 
-OPS: dict[str, _Op] = {"linear": _LinearOp(), "embedding": _EmbeddingOp(), "conv2d": _Conv2dOp()}
+def _cases() -> dict[str, Case]:
+    """{kind name: its case}, for every registered layer kind that has one (read from fastlora.kinds)."""
+    from fastlora.kinds import kinds
 
-_FUNCTIONAL = {"linear": "lora_linear", "embedding": "lora_embedding", "conv2d": "lora_conv2d"}
+    return {kind.name: kind.validate_case for kind in kinds() if kind.validate_case is not None}
 
 
-def functional_available(layer: str) -> bool:
-    """Whether this build of fastlora has the functional op of a layer."""
-    import fastlora
-
-    return hasattr(fastlora, _FUNCTIONAL[layer])
+def __getattr__(name: str):
+    # OPS ({layer: case}) and LAYERS (their names) come from the layer-kind registry, which imports this module
+    if name == "OPS":
+        return _cases()
+    if name == "LAYERS":
+        return tuple(_cases())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_grid(layer: str, device: torch.device) -> list[Shape]:
@@ -433,7 +436,7 @@ def default_grid(layer: str, device: torch.device) -> list[Shape]:
 Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict]
 
 
-def functional_runner(op: _Op, t: dict, dropout_p: float) -> Runner:
+def functional_runner(op: Case, t: dict, dropout_p: float) -> Runner:
     """A runner over fastlora's functional op for the base tensors in t."""
 
     def run(x, lora_A, lora_B, dy):
@@ -451,7 +454,7 @@ def _float64(t: dict) -> dict:
     return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in t.items()}
 
 
-def _reference(op: _Op, t: dict, mask) -> dict:
+def _reference(op: Case, t: dict, mask) -> dict:
     t64 = _float64(t)
     a = t64["lora_A"].detach().requires_grad_(True)
     b = t64["lora_B"].detach().requires_grad_(True)
@@ -463,7 +466,7 @@ def _reference(op: _Op, t: dict, mask) -> dict:
     return {"y": y.detach(), "dx": x.grad, "dA": a.grad, "dB": b.grad}
 
 
-def _recover_mask(op: _Op, t: dict, shape: Shape, run: Runner, p: float, seed: int):
+def _recover_mask(op: Case, t: dict, shape: Shape, run: Runner, p: float, seed: int):
     """The dropout mask a runner draws for ``seed`` (see the module docstring); returns (mask, rows)."""
     a, b, dy = op.probe(shape, t["x"].dtype, t["x"].device, seed)
     torch.manual_seed(seed)
@@ -494,7 +497,7 @@ def _recover_mask(op: _Op, t: dict, shape: Shape, run: Runner, p: float, seed: i
     return mask, [("mask", err, tol, note)]
 
 
-def check_case(op: _Op, shape: Shape, dtype: torch.dtype, device, dropout_p: float, run: Runner | None = None,
+def check_case(op: Case, shape: Shape, dtype: torch.dtype, device, dropout_p: float, run: Runner | None = None,
                seed: int = 0, t: dict | None = None) -> list[dict]:  # fmt: skip
     """Check one case; returns rows {"tensor", "rel_err", "tol", "ok", "note"}: y, then dx / dA / dB, then the mask.
 

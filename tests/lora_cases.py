@@ -6,6 +6,7 @@ gradients), and only the LoRA factors train.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 
 import pytest
 import torch
@@ -112,3 +113,43 @@ def forward_backward(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None =
         if not n.endswith(("lora_A", "lora_B")):
             assert p.grad is None, f"frozen base parameter {n} received a gradient"
     return out.detach().clone(), grads
+
+
+@contextlib.contextmanager
+def count_kernel_work():
+    """Counts, inside the block, the Triton kernel launches and the atomic operations they execute (interpreter
+    mode): {"launches": {kernel name: count}, "atomics": {kernel name: count}}."""
+    from triton.runtime import interpreter
+
+    counts = {"launches": Counter(), "atomics": Counter()}
+    running = []
+    run, rmw, cas = (
+        interpreter.InterpretedFunction.run,
+        interpreter.InterpreterBuilder.create_atomic_rmw,
+        interpreter.InterpreterBuilder.create_atomic_cas,
+    )
+
+    def counting_run(self, *args, **kwargs):
+        counts["launches"][self.fn.__name__] += 1
+        running.append(self.fn.__name__)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    def counting(original):
+        def atomic(self, *args, **kwargs):
+            counts["atomics"][running[-1] if running else "?"] += 1
+            return original(self, *args, **kwargs)
+
+        return atomic
+
+    interpreter.InterpretedFunction.run = counting_run
+    interpreter.InterpreterBuilder.create_atomic_rmw = counting(rmw)
+    interpreter.InterpreterBuilder.create_atomic_cas = counting(cas)
+    try:
+        yield counts
+    finally:
+        interpreter.InterpretedFunction.run = run
+        interpreter.InterpreterBuilder.create_atomic_rmw = rmw
+        interpreter.InterpreterBuilder.create_atomic_cas = cas

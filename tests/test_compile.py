@@ -181,10 +181,13 @@ def test_opcheck_linear(case, path):
         y, s = torch.ops.fastlora.lora_linear(*args)
         dy = torch.randn_like(y)
         triton_path = fl.active_path(x.device) != "torch"
+        # the backward op: grad of y, the saved inputs and S, the non-tensor inputs, which of (dx, dW, dbias, dA, dB)
+        # autograd asks for, and the path the forward took
         for need_dx, need_dbias in ((True, True), (False, False)):
-            bwd_args = (dy, x.detach(), s.detach(), weight, lora_A.detach(), lora_B.detach(), scaling, dropout_p, seed)
-            flags = (need_dx, need_dbias, triton_path)
-            torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (*bwd_args, *flags))
+            saved = (x.detach(), weight, args[2], lora_A.detach(), lora_B.detach(), seed, s.detach())
+            needs = [need_dx, False, need_dbias, True, True]
+            bwd_args = (dy, *saved, scaling, dropout_p, needs, triton_path)
+            torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, bwd_args)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 from fastlora.kernels import conv2d as kconv
 from helpers import DTYPE_IDS, assert_close
+from lora_cases import PATHS, on_path
 
 import fastlora as fl
-from fastlora import functional
+from fastlora.ops import conv2d as conv_op
+from fastlora.ops.backend import draw_seed, dropout_keep
 from fastlora.reference import conv2d_delta_weight, lora_conv2d_ref
-
-BACKENDS = ["triton", "torch"]
 
 # id: (C, O, kernel, stride, padding, dilation, groups, r). Nb=2, H=9, W=7 throughout.
 CASES = {
@@ -32,10 +32,6 @@ CASES = {
     "C19-O37-k3-s2-r3": (19, 37, (3, 3), 2, 1, 1, 1, 3),
 }
 NB, H, W = 2, 9, 7
-
-
-def _backend_ctx(backend):
-    return fl.use_backend(backend)
 
 
 def make_case(case, dtype, channels_last, bias=True, bias_grad=False):
@@ -67,18 +63,18 @@ def reference(x, weight, bias, lora_A, lora_B, scaling, conv, dy, mask=None):
     return y, grads, (b64.grad if b64 is not None and b64.requires_grad else None)
 
 
-def run_and_compare(backend, x, weight, bias, lora_A, lora_B, conv, dtype, scaling=0.75, dropout_p=0.0):
+def run_and_compare(path, x, weight, bias, lora_A, lora_B, conv, dtype, scaling=0.75, dropout_p=0.0):
     mask = None
     if dropout_p > 0:
         torch.manual_seed(1234)
-        seed = int(functional.draw_seed())
-        if backend == "torch":
-            keep = functional.dropout_keep(seed, x.shape, dropout_p, x.device)
+        seed = int(draw_seed())
+        if path == "torch":
+            keep = dropout_keep(seed, x.shape, dropout_p, x.device)
             mask = keep.float() / (1.0 - dropout_p)
         else:
             mask = kconv.conv2d_dropout_mask(x.shape, dropout_p, seed, x.device)
         torch.manual_seed(1234)
-    with _backend_ctx(backend):
+    with on_path(path):
         y = fl.lora_conv2d(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, **conv)
         dy = torch.randn(y.shape, dtype=dtype)
         y.backward(dy)
@@ -101,39 +97,39 @@ def _case_layouts():
     return out + [(names[0], "channels_last")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case,layout", _case_layouts())
-def test_conv_options_fp32(case, layout, backend):
+def test_conv_options_fp32(case, layout, path):
     idx = list(CASES).index(case)
     bias, bias_grad = idx % 3 != 2, idx % 3 == 1
     args = make_case(case, torch.float32, layout == "channels_last", bias=bias, bias_grad=bias_grad)
-    y, _ = run_and_compare(backend, *args, torch.float32)
+    y, _ = run_and_compare(path, *args, torch.float32)
     expected = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     assert y.is_contiguous(memory_format=expected)
     assert args[0].grad.is_contiguous(memory_format=expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_half_precision(dtype, layout, backend):
+def test_half_precision(dtype, layout, path):
     args = make_case("k3-s2-p1-r8", dtype, layout == "channels_last", bias_grad=True)
-    run_and_compare(backend, *args, dtype)
+    run_and_compare(path, *args, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["k3-s1-p1-r3", "k3-s2-p1-r8"])
-def test_dropout_mask_forward_and_backward(case, backend):
+def test_dropout_mask_forward_and_backward(case, path):
     """The mask drawn for the forward is the one the backward regenerates, whatever the layout and tiling."""
     p = 0.3
     args = make_case(case, torch.float32, channels_last=case.startswith("k3-s2"))
-    y, mask = run_and_compare(backend, *args, torch.float32, dropout_p=p)
+    y, mask = run_and_compare(path, *args, torch.float32, dropout_p=p)
     dropped = (mask == 0).float().mean().item()
     assert 0.15 < dropped < 0.45, f"dropped fraction {dropped} for p={p}"
     assert torch.all((mask == 0) | torch.isclose(mask, torch.tensor(1 / (1 - p))))
     # The mask matters: the same call without dropout differs.
     x, weight, bias, lora_A, lora_B, conv = args
-    with _backend_ctx(backend):
+    with on_path(path):
         y0 = fl.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.75, **conv)
     assert (y0 - y).abs().max() > 1e-3
 
@@ -144,7 +140,7 @@ def test_both_kernel_paths(case, fused):
     """The kernels' two ways to Y and to dX (one fused GEMM, or torch's convolution plus the LoRA term added in
     place) agree with the reference; the public call picks between them by timing once per shape on the GPU."""
     x, weight, bias, lora_A, lora_B, conv = make_case(case, torch.float32, channels_last=fused)
-    geometry = functional._check_conv2d(
+    geometry = conv_op.check_conv2d(
         x, weight, bias, lora_A, lora_B, 0.5, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], 0.0
     )  # (stride, pads, dilation, groups) normalised
     with torch.no_grad():
@@ -169,8 +165,8 @@ def test_dropout_off_in_eval_and_seeds_differ():
         assert not torch.equal(m1, m2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_saved_tensors_are_x_and_S_only(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_saved_tensors_are_x_and_S_only(path):
     """Beyond x (an alias) and the parameters, backward keeps at most M*r elements: S, never a mask or a copy."""
     x, weight, bias, lora_A, lora_B, conv = make_case("k3-s2-p1-r8", torch.float32, True)
     known = {t.untyped_storage().data_ptr() for t in (x, weight, bias, lora_A, lora_B)}
@@ -181,7 +177,7 @@ def test_saved_tensors_are_x_and_S_only(backend):
             extra.append(t.numel())
         return t
 
-    with _backend_ctx(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with on_path(path), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = fl.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.5, dropout_p=0.25, **conv)
     m, r = y.shape[0] * y.shape[2] * y.shape[3], lora_A.shape[0]
     assert sum(extra) <= m * r, f"saved {extra} elements beyond x and the parameters; at most M*r = {m * r}"
@@ -189,11 +185,11 @@ def test_saved_tensors_are_x_and_S_only(backend):
     assert weight.grad is None and x.grad is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_trainable_base_weight_warns_and_gets_its_gradient(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_trainable_base_weight_warns_and_gets_its_gradient(path):
     x, weight, bias, lora_A, lora_B, conv = make_case("k3-s2-p1-r8", torch.float32, False)
     weight.requires_grad_()
-    with _backend_ctx(backend), pytest.warns(UserWarning, match="dW is formed"):
+    with on_path(path), pytest.warns(UserWarning, match="dW is formed"):
         y = fl.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.5, **conv)
         dy = torch.randn_like(y)
         y.backward(dy)

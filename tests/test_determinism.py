@@ -1,12 +1,29 @@
-"""With torch.use_deterministic_algorithms(True), outputs and every gradient are bitwise identical run to run."""
+"""With torch.use_deterministic_algorithms(True), outputs and every gradient are bitwise identical run to run, the
+kernels that ran executed no atomic operation, and the deterministic gradients match the float64 reference.
+
+The interpreter runs a kernel's programs one after another, so atomics add up in the same order every run and
+repeated runs alone could not tell a deterministic kernel from an atomic one: the tests count the atomics.
+"""
 
 import os
 
 import pytest
 import torch
-from lora_cases import DROPOUT_KINDS, LAYER_KINDS, PATHS, build_model, forward_backward, kind_param, make_input, on_path
+from lora_cases import (
+    DROPOUT_KINDS,
+    LAYER_KINDS,
+    PATHS,
+    build_model,
+    count_kernel_work,
+    forward_backward,
+    kind_param,
+    make_input,
+    on_path,
+)
 
 import fastlora
+from fastlora._tolerance import TOLERANCE
+from fastlora.validate import OPS, check_case, parse_shape
 
 # cuBLAS needs a fixed workspace to be deterministic; it reads this when its handle is created.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -84,7 +101,7 @@ def _functional_case(kind, device, dtype):
 def test_functional_bitwise_reproducible(kind, path, device, dtype, deterministic):
     fn, inputs = _functional_case(kind, device, dtype)
     runs = []
-    with on_path(path):
+    with on_path(path), count_kernel_work() as work:
         for _ in range(RUNS):
             leaves = [t.detach().clone().requires_grad_() for t in inputs]
             torch.manual_seed(3)
@@ -93,3 +110,31 @@ def test_functional_bitwise_reproducible(kind, path, device, dtype, deterministi
             out.backward(g)
             runs.append((out.detach(), {f"input{i}": t.grad for i, t in enumerate(leaves)}))
     _assert_runs_identical(runs)
+    if path == "triton" and device == "cpu":
+        assert work["launches"], f"{kind}: no Triton kernel ran on the interpreter path"
+        assert not work["atomics"], f"{kind}: atomics ran in deterministic mode: {dict(work['atomics'])}"
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_default_mode_runs_atomics_the_counter_sees(kind):
+    """Without deterministic mode the linear dB and the embedding dA scatter use atomics: the counter sees them."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    fn, inputs = _functional_case(kind, "cpu", torch.float32)
+    with on_path("triton"), count_kernel_work() as work:
+        fn(*[t.detach().clone().requires_grad_() for t in inputs]).sum().backward()
+    assert sum(work["atomics"].values()) > 0, f"{kind}: the default kernels ran no atomics: {dict(work['launches'])}"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
+@pytest.mark.parametrize("path", PATHS)
+def test_deterministic_linear_matches_float64(path, p, deterministic):
+    """The deterministic linear backward (dB in its own pass over dY) against the float64 reference."""
+    shape = parse_shape("M=301,K=37,N=29,r=6", "linear")
+    with on_path(path), count_kernel_work() as work:
+        rows = check_case(OPS["linear"], shape, torch.float32, "cpu", p, seed=11)
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, failed
+    assert {r["tensor"] for r in rows} >= {"y", "dx", "dA", "dB"}
+    assert all(r["rel_err"] <= TOLERANCE[torch.float32] for r in rows if r["tensor"] != "mask")
+    if path == "triton":
+        assert work["launches"] and not work["atomics"], dict(work["atomics"])

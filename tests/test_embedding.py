@@ -22,16 +22,13 @@ from fastlora.reference import lora_embedding_ref
 
 try:
     from helpers import DTYPE_IDS, TOLERANCE, assert_close
+    from lora_cases import PATHS, on_path
 except ImportError:  # run as a script for the GPU checks, outside pytest
     DTYPE_IDS = TOLERANCE = assert_close = None
+    PATHS, on_path = ("triton", "torch"), fl.use_backend
 
 V, D = 53, 37
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PATHS = ["triton", "torch"]
-
-
-def _backend(path):
-    return fl.use_backend("triton" if path == "triton" else "torch")
 
 
 def _indices(shape, padding_idx=None, run=None):
@@ -106,7 +103,7 @@ def test_matches_reference(kernel_launches, path, case, dtype):
     weight, lora_A, lora_B = _operands(r, dtype)
     idx = _indices(shape, padding_idx)
     scaling = 1.7
-    with _backend(path):
+    with on_path(path):
         y, dy = _run(idx, weight, lora_A, lora_B, scaling, padding_idx)
     expected = 1 if path == "triton" else 0
     assert kernel_launches["_emb_fwd_kernel"].launches == kernel_launches["_emb_bwd_dy_kernel"].launches == expected
@@ -125,7 +122,7 @@ def test_fp32_adapter_on_half_base(path):
     """Adapters kept in float32 over a float16 table: Y in float16, gradients in float32."""
     weight, lora_A, lora_B = _operands(5, torch.float16, adapter_dtype=torch.float32)
     idx = _indices((41,), 3)
-    with _backend(path):
+    with on_path(path):
         y, dy = _run(idx, weight, lora_A, lora_B, 0.5, 3)
     y64, da64, db64 = _reference(idx, weight, lora_A, lora_B, 0.5, 3, dy)
     assert y.dtype == torch.float16 and lora_A.grad.dtype == lora_B.grad.dtype == torch.float32
@@ -182,7 +179,7 @@ def test_deterministic_mode_bitwise(kernel_launches, dtype):
 def test_int32_and_scalar_indices(path):
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((41,), 6).to(torch.int32)
-    with _backend(path):
+    with on_path(path):
         y, dy = _run(idx, weight, lora_A, lora_B, 1.1, 6)
         y0 = fl.lora_embedding(idx[3], weight, lora_A, lora_B, 1.1, 6)
     y64, da64, db64 = _reference(idx.long(), weight, lora_A, lora_B, 1.1, 6, dy)
@@ -198,7 +195,7 @@ def test_saves_idx_and_nothing_of_size_m_by_d(path):
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((41,))
     saved = []
-    with _backend(path), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with on_path(path), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fl.lora_embedding(idx, weight, lora_A, lora_B, 1.0)
     assert any(t is idx for t in saved)
     assert all(t.numel() < idx.numel() * D for t in saved), [tuple(t.shape) for t in saved]
@@ -209,7 +206,7 @@ def test_trainable_base_weight_gets_dense_gradient(path):
     weight, lora_A, lora_B = _operands(5, torch.float32)
     weight.requires_grad_()
     idx = _indices((41,), 4)
-    with _backend(path), pytest.warns(UserWarning, match="requires grad"):
+    with on_path(path), pytest.warns(UserWarning, match="requires grad"):
         y, dy = _run(idx, weight, lora_A, lora_B, 1.0, 4)
     w64 = weight.detach().double().requires_grad_()
     lora_embedding_ref(idx, w64, lora_A.detach().double(), lora_B.detach().double(), 1.0, 4).backward(dy.double())
@@ -220,7 +217,7 @@ def test_trainable_base_weight_gets_dense_gradient(path):
 def test_autocast_returns_autocast_dtype(path):
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((41,))
-    with _backend(path), torch.autocast("cpu", dtype=torch.bfloat16):
+    with on_path(path), torch.autocast("cpu", dtype=torch.bfloat16):
         y, dy = _run(idx, weight, lora_A, lora_B, 2.0)
     y64, da64, db64 = _reference(idx, weight, lora_A, lora_B, 2.0, None, dy)
     assert y.dtype == torch.bfloat16 and lora_A.grad.dtype == torch.float32
@@ -233,7 +230,7 @@ def test_autocast_returns_autocast_dtype(path):
 def test_empty_indices(path):
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = torch.empty(0, 3, dtype=torch.int64)
-    with _backend(path):
+    with on_path(path):
         y = fl.lora_embedding(idx, weight, lora_A, lora_B, 1.0)
         y.sum().backward()
     assert y.shape == (0, 3, D)
@@ -272,7 +269,7 @@ def test_layer_starts_as_base_and_shares_weight(path):
     assert layer.lora_A.shape == (4, V) and layer.lora_B.shape == (D, 4)
     assert torch.count_nonzero(layer.lora_A) == 0 and torch.count_nonzero(layer.lora_B) == layer.lora_B.numel()
     idx = _indices((3, 14), 5)
-    with _backend(path):
+    with on_path(path):
         y = layer(idx)
         y.sum().backward()
     assert torch.equal(y, base(idx))
@@ -289,7 +286,7 @@ def test_layer_merge_and_unmerge(path, dtype):
     with torch.no_grad():
         layer.lora_A.normal_(std=0.05)  # a delta about as large as the weight, as after training
     idx = _indices((41,), 1)
-    with _backend(path), torch.no_grad():
+    with on_path(path), torch.no_grad():
         unmerged = layer(idx)
         layer.merge()
         assert layer.merged
@@ -348,7 +345,7 @@ def test_out_of_range_indices_raise_before_a_result(kernel_launches, monkeypatch
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((3, 14))
     idx[1, 6] = bad
-    with _backend(path), pytest.raises(ValueError, match=rf"indices must be in \[0, {V}\).*{bad}"):
+    with on_path(path), pytest.raises(ValueError, match=rf"indices must be in \[0, {V}\).*{bad}"):
         fl.lora_embedding(idx, weight, lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match=rf"indices must be in \[0, {V}\).*{bad}"):
         kemb.lora_embedding_fwd(idx.view(-1), weight, lora_A.detach(), lora_B.detach(), 1.0)
@@ -373,7 +370,7 @@ def test_launch_budget(monkeypatch):
     unpoisoned_empty(monkeypatch)
     weight, lora_A, lora_B = _operands(5, torch.float32)
     idx = _indices((2048,), 3)
-    with _backend("triton"):
+    with on_path("triton"):
         fl.lora_embedding(idx, weight, lora_A, lora_B, 0.5, 3).sum().backward()  # first call: the index flag
         with count_launches() as forward:
             y = fl.lora_embedding(idx, weight, lora_A, lora_B, 0.5, 3)
@@ -416,7 +413,7 @@ def _bad_inputs():
 @pytest.mark.parametrize("args, error, match", [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()])
 @pytest.mark.parametrize("path", PATHS)
 def test_bad_input_raises(path, args, error, match):
-    with _backend(path), pytest.raises(error, match=match):
+    with on_path(path), pytest.raises(error, match=match):
         fl.lora_embedding(*args)
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 from fastlora.kernels.launch import LaunchPlans
 from triton.runtime.jit import JITFunction
 
-from benchmarks.host import StandInLauncher, stand_in_driver
+from fastlora.benchmarks.host import StandInLauncher, stand_in_driver
 from tests.helpers import assert_close
 
 

@@ -347,7 +347,7 @@ BAD_FILES = [
     (config_dora, ValueError, "use_dora"),
     (config_modules_to_save, ValueError, "modules_to_save"),
     (config_bad_rank, ValueError, "r must be an int"),
-    (config_bad_dropout, ValueError, "lora_dropout must be a number in"),
+    (config_bad_dropout, ValueError, "lora_dropout must be a float in"),
     (config_bad_regex, ValueError, "rank_pattern key '\\(down' is not a valid regular expression"),
     (peft_style_rank_mismatch, ValueError, r"lora_A.weight has shape \(4, 32\), but .* gives .* rank r=3"),
     (peft_style_nan, ValueError, "lora_B.weight holds NaN or Inf"),
@@ -358,7 +358,7 @@ BAD_FILES = [
     (peft_style_integer_tensor, TypeError, "expected a floating point tensor"),
     (peft_style_other_model, ValueError, r"has shape \(4, 48\), the model needs \(4, 32\)"),
     (peft_style_unsupported_module, ValueError, "cannot put LoRA on model.norm"),
-    (peft_style_embedding_keys_on_linear, ValueError, "lora_embedding_A/B tensors, which do not fit"),
+    (peft_style_embedding_keys_on_linear, ValueError, "lora_embedding_A, lora_embedding_B tensors, which do not fit"),
     (weights_missing, FileNotFoundError, "adapter_model.safetensors is missing"),
     (config_missing, FileNotFoundError, "adapter_config.json is missing"),
 ]

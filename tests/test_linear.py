@@ -6,12 +6,12 @@ import torch.nn as nn
 from fastlora.kernels import linear as klinear
 from helpers import DTYPE_IDS, assert_close
 from linear_launches import LaunchCounter
+from lora_cases import PATHS, on_path
 
 import fastlora as fl
-from fastlora.functional import dropout_keep
+from fastlora.ops.backend import draw_seed, dropout_keep
 from fastlora.reference import lora_linear_ref
 
-BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -24,26 +24,26 @@ def _inputs(M, K, N, r, dtype, bias=True, lora_dtype=torch.float32, lead=()):
     return x.requires_grad_(), w, b, a, bb
 
 
-def _kernel_mask(backend, seed, shape, p):
+def _kernel_mask(path, seed, shape, p):
     """The dropout multiplier m (0 or 1/(1-p)) that the given path draws for a seed, as float64."""
     m, k = shape
-    keep = klinear.dropout_mask(seed, m, k, p, "cpu") if backend == "triton" else dropout_keep(seed, (m, k), p, "cpu")
+    keep = klinear.dropout_mask(seed, m, k, p, "cpu") if path == "triton" else dropout_keep(seed, (m, k), p, "cpu")
     return keep.double() / (1.0 - p)
 
 
 def _seed_of_next_call():
     """The seed lora_linear will draw next, read off a copy of torch's CPU RNG state."""
     state = torch.get_rng_state()
-    seed = int(fl.functional.draw_seed())
+    seed = int(draw_seed())
     torch.set_rng_state(state)
     return seed
 
 
-def _run_and_compare(backend, x, w, b, a, bb, scaling, dtype, dropout_p=0.0, bias_trainable=False):
+def _run_and_compare(path, x, w, b, a, bb, scaling, dtype, dropout_p=0.0, bias_trainable=False):
     if bias_trainable:
         b.requires_grad_()
     seed = _seed_of_next_call()
-    with fl.use_backend(backend):
+    with on_path(path):
         y = fl.lora_linear(x, w, b, a, bb, scaling, dropout_p=dropout_p)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -51,7 +51,7 @@ def _run_and_compare(backend, x, w, b, a, bb, scaling, dtype, dropout_p=0.0, bia
     bias64 = b.detach().double().requires_grad_() if b is not None else None
     mask = None
     if dropout_p > 0:
-        mask = _kernel_mask(backend, seed, (x.numel() // x.shape[-1], x.shape[-1]), dropout_p).reshape(x.shape)
+        mask = _kernel_mask(path, seed, (x.numel() // x.shape[-1], x.shape[-1]), dropout_p).reshape(x.shape)
     ref = lora_linear_ref(x64, w.double(), bias64, a64, b64, scaling, mask=mask)
     ref.backward(dy.double())
     assert y.dtype == dtype and y.shape == ref.shape
@@ -64,12 +64,12 @@ def _run_and_compare(backend, x, w, b, a, bb, scaling, dtype, dropout_p=0.0, bia
         assert_close(b.grad, bias64.grad, dtype, "dbias")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("r", [1, 5, 16, 64])
-def test_matches_reference(backend, dtype, r):
+def test_matches_reference(path, dtype, r):
     x, w, b, a, bb = _inputs(37, 75, 51, r, dtype)
-    _run_and_compare(backend, x, w, b, a, bb, 0.75, dtype)
+    _run_and_compare(path, x, w, b, a, bb, 0.75, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
@@ -154,41 +154,41 @@ def test_launch_budget_at_2048_rows(monkeypatch, tma, lora_dtype, p):
     assert_close(db, b64.grad, torch.bfloat16, "dB")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_3d_input_no_bias_trainable_bias(backend, dtype):
+def test_3d_input_no_bias_trainable_bias(path, dtype):
     x, w, _, a, bb = _inputs(13, 40, 70, 5, dtype, lead=(3,))
-    _run_and_compare(backend, x, w, None, a, bb, 2.0, dtype)
+    _run_and_compare(path, x, w, None, a, bb, 2.0, dtype)
     x, w, b, a, bb = _inputs(13, 40, 70, 5, dtype, lead=(3,))
-    _run_and_compare(backend, x, w, b, a, bb, 2.0, dtype, bias_trainable=True)
+    _run_and_compare(path, x, w, b, a, bb, 2.0, dtype, bias_trainable=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input_and_weight(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_input_and_weight(path):
     dtype = torch.float16
     base = torch.randn(75, 37 * 2, dtype=dtype)
     x = base[:, ::2].t().requires_grad_()  # [37, 75], strides (2, 74)
     assert not x.is_contiguous()
     w = (torch.randn(75, 51) / 9).to(dtype).t()  # [51, 75] transposed view, as for GPT-2's Conv1D
     _, _, b, a, bb = _inputs(37, 75, 51, 5, dtype)
-    _run_and_compare(backend, x, w, b, a, bb, 0.5, dtype)
+    _run_and_compare(path, x, w, b, a, bb, 0.5, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
-def test_lora_factors_in_another_dtype(backend, dtype):
+def test_lora_factors_in_another_dtype(path, dtype):
     """Adapters often stay float32 while the base is 16-bit; gradients come back in the adapter's dtype."""
     x, w, b, a, bb = _inputs(37, 75, 51, 8, torch.bfloat16 if dtype == torch.float32 else dtype, lora_dtype=dtype)
-    _run_and_compare(backend, x, w, b, a, bb, 0.5, x.dtype)
+    _run_and_compare(path, x, w, b, a, bb, 0.5, x.dtype)
     assert a.grad.dtype == dtype and bb.grad.dtype == dtype
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_uses_one_mask_in_forward_and_backward(backend, dtype, p):
+def test_dropout_uses_one_mask_in_forward_and_backward(path, dtype, p):
     x, w, b, a, bb = _inputs(37, 75, 51, 5, dtype)
-    _run_and_compare(backend, x, w, b, a, bb, 1.5, dtype, dropout_p=p)
+    _run_and_compare(path, x, w, b, a, bb, 1.5, dtype, dropout_p=p)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -223,10 +223,10 @@ def test_dropout_mask_is_a_function_of_seed_row_and_column():
         assert torch.equal(block, full[rows, cols])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_same_torch_seed_same_output(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_same_torch_seed_same_output(path):
     x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
-    with fl.use_backend(backend):
+    with on_path(path):
         torch.manual_seed(7)
         y1 = fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3)
         torch.manual_seed(7)
@@ -236,19 +236,19 @@ def test_dropout_same_torch_seed_same_output(backend):
     assert not torch.equal(y1, y3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_p_zero_and_eval_take_the_no_dropout_path(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_p_zero_and_eval_take_the_no_dropout_path(path):
     x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
     ref = lora_linear_ref(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0)
-    with fl.use_backend(backend):
+    with on_path(path):
         for y in (fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.0), fl.lora_linear(x, w, b, a, bb, 1.0, 0.5, False)):
             assert_close(y, ref, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_batch(path):
     x, w, b, a, bb = _inputs(0, 75, 51, 5, torch.float32)
-    with fl.use_backend(backend):
+    with on_path(path):
         y = fl.lora_linear(x, w, b, a, bb, 1.0)
         assert y.shape == (0, 51)
         y.sum().backward()
@@ -256,13 +256,13 @@ def test_empty_batch(backend):
     assert x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_in_input_shows_in_output(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_in_input_shows_in_output(path):
     x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
     x = x.detach().clone()
     x[3, 10] = float("nan")
     x[20, 4] = float("inf")
-    with fl.use_backend(backend):
+    with on_path(path):
         y = fl.lora_linear(x, w, b, a, bb, 1.0)
     assert torch.isnan(y[3]).all()
     assert not torch.isfinite(y[20]).any()
@@ -279,10 +279,10 @@ def test_trainable_base_weight_gets_a_correct_gradient_with_a_warning():
     torch.testing.assert_close(w.grad, ref_w.grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_computes_in_the_autocast_dtype(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_autocast_computes_in_the_autocast_dtype(path):
     x, w, b, a, bb = _inputs(37, 75, 51, 5, torch.float32)
-    with fl.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+    with on_path(path), torch.autocast("cpu", dtype=torch.bfloat16):
         y = fl.lora_linear(x, w, b, a, bb, 1.0)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -308,12 +308,12 @@ def _saved_bytes(fn, *params):
     return sum(total)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_saved_for_backward_is_x_and_S_only(backend, p):
+def test_saved_for_backward_is_x_and_S_only(path, p):
     M, K, N, r = 37, 75, 51, 5
     x, w, b, a, bb = _inputs(M, K, N, r, torch.float16)
-    with fl.use_backend(backend):
+    with on_path(path):
         saved = _saved_bytes(lambda: fl.lora_linear(x, w, b, a, bb, 1.0, dropout_p=p), x, w, b, a, bb)
     assert saved <= M * r * x.element_size()
     # the unfused PEFT-style layer saves far more with dropout: the dropped copy of x and the mask
@@ -324,9 +324,9 @@ def test_saved_for_backward_is_x_and_S_only(backend, p):
         assert peft_saved >= M * K * x.element_size() + saved
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_layer_merge_unmerge(backend, dtype):
+def test_layer_merge_unmerge(path, dtype):
     base = nn.Linear(75, 51).to(dtype)
     layer = fl.LoRALinear.from_module(base, r=5, alpha=10)
     assert layer.weight is base.weight and layer.bias is base.bias
@@ -335,7 +335,7 @@ def test_layer_merge_unmerge(backend, dtype):
     nn.init.normal_(layer.lora_B)
     x = torch.randn(4, 37, 75, dtype=dtype)
     w0 = base.weight.detach().clone()
-    with fl.use_backend(backend):
+    with on_path(path):
         unmerged = layer(x)
         layer.merge()
         assert layer.merged
@@ -354,14 +354,14 @@ def test_layer_merge_unmerge(backend, dtype):
     assert ((layer.weight.double() - w0.double()).abs() <= 2 * ulp + torch.finfo(dtype).tiny).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_safe_merge_refuses_non_finite(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_safe_merge_refuses_non_finite(path):
     layer = fl.LoRALinear(20, 12, r=3, alpha=3)
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.lora_B[2, 1] = float("inf")
     w0 = layer.weight.detach().clone()
-    with fl.use_backend(backend):
+    with on_path(path):
         with pytest.raises(ValueError, match="non-finite"):
             layer.merge(safe=True)
     assert torch.equal(layer.weight, w0) and not layer.merged
@@ -372,8 +372,8 @@ def test_fp16_merge_overflow_is_refused_in_safe_mode():
     with torch.no_grad():
         layer.lora_A.fill_(300.0)
         layer.lora_B.fill_(300.0)
-    for backend in BACKENDS:
-        with fl.use_backend(backend), pytest.raises(ValueError, match="non-finite"):
+    for path in ("triton", "torch"):
+        with on_path(path), pytest.raises(ValueError, match="non-finite"):
             layer.merge(safe=True)
 
 

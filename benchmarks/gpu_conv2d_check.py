@@ -1,8 +1,8 @@
 """One short device check of the conv2d kernels on a CUDA GPU: correctness of both kernel paths against the
 float64 reference, then the issue's timing targets. Prints one JSON line per result.
 
-    python tests/gpu_conv2d_check.py            # on a GPU (TRITON_INTERPRET unset)
-    TRITON_INTERPRET=1 python tests/gpu_conv2d_check.py --dry-run   # CPU: tiny shapes, checks the script itself
+    python -m fastlora.benchmarks.gpu_conv2d_check            # on a GPU (TRITON_INTERPRET unset)
+    TRITON_INTERPRET=1 python -m fastlora.benchmarks.gpu_conv2d_check --dry-run   # CPU: tiny shapes
 
 Targets (issue 3; bf16, channels_last, batch 32, C = O = 256, 3x3, stride 1, padding 1, r = 8): forward <= 1.15x
 the bare cuDNN convolution; forward+backward >= 1.25x faster than the PEFT-style reference.
@@ -20,7 +20,6 @@ import triton
 from fastlora.kernels import conv2d as kconv
 
 import fastlora as fl
-from fastlora import functional
 from fastlora.reference import PeftStyleConv2d, lora_conv2d_ref
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -117,7 +116,7 @@ def main():
             ok = all(e <= TOL[dtype] for path in errs.values() for e in path.values())
             print(json.dumps({"check": str(dtype), "channels_last": channels_last, "ok": ok, "errors": errs}))
     shapes = [(2, 16, 9)] if args.dry_run else [(32, 256, 56), (32, 256, 28)]
-    with functional.use_backend("auto"):
+    with fl.use_backend("auto"):
         for nb, c, hw in shapes:
             res = timing(device, torch.bfloat16, nb, c, hw, 8, args.dry_run)
             print(json.dumps({"shape": [nb, c, hw, hw], "r": 8, "dtype": "bf16", **res}), flush=True)

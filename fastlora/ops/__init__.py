@@ -1,0 +1,20 @@
+"""The LoRA ops, one module per layer kind: validation, torch path, autograd Function and compiled custom op,
+each op defined once (see ``fastlora.ops._define``). ``backend`` picks the path; ``merge`` folds an adapter
+into its base weight.
+"""
+
+from fastlora.ops.backend import active_path, get_backend, use_backend
+from fastlora.ops.conv2d import lora_conv2d
+from fastlora.ops.embedding import lora_embedding
+from fastlora.ops.linear import lora_linear
+from fastlora.ops.merge import merge_delta_
+
+__all__ = [
+    "lora_linear",
+    "lora_embedding",
+    "lora_conv2d",
+    "merge_delta_",
+    "use_backend",
+    "get_backend",
+    "active_path",
+]

@@ -1,0 +1,263 @@
+"""One definition per op, two entry points derived from it.
+
+An op is written once as a signature string plus three functions that take the call's arguments as one
+named tuple ``a`` (``a.x``, ``a.weight``, ...):
+
+- ``forward(a, triton) -> tuple of outputs``;
+- ``backward(a, saved_outputs, grads, needs, triton) -> one gradient (or None) per differentiable input``,
+  where ``grads`` holds the gradients of the differentiable outputs and ``needs`` says which input gradients
+  autograd asks for;
+- ``fake(a) -> tuple of outputs`` with the right shapes, dtypes and layouts (for torch.compile's tracing);
+
+and ``path(a) -> bool``: whether the call runs the Triton kernels, decided once in forward and handed to
+backward (the two paths draw different dropout masks).
+
+From that :class:`Op` builds
+
+- eager: a ``torch.autograd.Function`` whose forward and backward call the two functions directly (no
+  dispatcher round trip: this is the host-cost hot path);
+- compiled: the custom ops ``fastlora::<name>`` and ``fastlora::<name>_backward`` with their fakes and
+  ``register_autograd``, which ``torch.compile(fullgraph=True)`` treats as opaque calls.
+
+Adding an argument (a weight scale, a magnitude vector) means adding it to the signature string and reading
+``a.<name>`` where it is used. Types are those of torch's schema language, plus ``Seed``: a dropout seed, a
+Python int on the eager path and an int64 scalar tensor (or None) when compiled, so that the compiled graph
+draws a fresh seed per call; the functions always see an int.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Callable
+
+import torch
+
+from fastlora.kernels.geometry import memory_format
+
+__all__ = ["Op", "grad_layout"]
+
+_TENSOR_TYPES = ("Tensor", "Tensor?")
+
+
+def grad_layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of a gradient for t: t's own for a 4-D tensor (NCHW or channels_last), else contiguous."""
+    return memory_format(t) if t.dim() == 4 else torch.contiguous_format
+
+
+def _parse(signature: str) -> list[tuple[str, str]]:
+    params = []
+    for item in signature.split(","):
+        type_, name = item.split()
+        params.append((name, type_))
+    return params
+
+
+class Op:
+    """An op defined once; ``op(*args)`` runs it eagerly or, inside torch.compile, as its custom op."""
+
+    def __init__(
+        self,
+        name: str,
+        signature: str,
+        *,
+        outputs: tuple[str, ...],
+        differentiable: tuple[str, ...],
+        forward: Callable,
+        backward: Callable,
+        fake: Callable,
+        path: Callable,
+        differentiable_outputs: tuple[str, ...] | None = None,
+        saved_outputs: tuple[str, ...] = (),
+        saved_when_trained: tuple[str, ...] = (),
+    ):
+        params = _parse(signature)
+        names = [n for n, _ in params]
+        types = dict(params)
+        self.name = name
+        self.Args = namedtuple(f"{name}_args", names)
+        self._forward, self._backward, self._fake, self._path = forward, backward, fake, path
+        self._n = len(names)
+        self._diff = tuple(names.index(n) for n in differentiable)
+        self._seeds = tuple(i for i, n in enumerate(names) if types[n] == "Seed")
+        self._lists = tuple(i for i, n in enumerate(names) if types[n].endswith("[]"))
+        self._lazy = frozenset(names.index(n) for n in saved_when_trained)
+        self._outputs = outputs
+        diff_out = outputs[:1] if differentiable_outputs is None else differentiable_outputs
+        self._diff_out = tuple(outputs.index(n) for n in diff_out)
+        self._nondiff_out = tuple(j for j in range(len(outputs)) if j not in self._diff_out)
+        self._saved_out = tuple(outputs.index(n) for n in saved_outputs)
+        # eager: tensors are Tensor/Tensor? parameters (a Seed is an int); compiled: a Seed is a tensor too
+        self._e_tensors = tuple(i for i, n in enumerate(names) if types[n] in _TENSOR_TYPES)
+        self._e_consts = tuple(i for i in range(self._n) if i not in self._e_tensors)
+        self._c_tensors = tuple(i for i, n in enumerate(names) if types[n] in (*_TENSOR_TYPES, "Seed"))
+        self._c_consts = tuple(i for i in range(self._n) if i not in self._c_tensors)
+        self.function = self._eager_function()
+        compiled_sig = ", ".join(f"{'Tensor?' if t == 'Seed' else t} {n}" for n, t in params)
+        self._register(compiled_sig, names, types)
+
+    # ------------------------------------------------------------------------------------------------------
+    # calling
+    # ------------------------------------------------------------------------------------------------------
+
+    def __call__(self, *args):
+        """The op's outputs (a tuple when it has several). A Seed argument is a tensor or None (no dropout)."""
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.fastlora, self.name)(*args)
+        if self._seeds:
+            args = list(args)
+            for i in self._seeds:
+                args[i] = 0 if args[i] is None else int(args[i])
+        return self.function.apply(*args)
+
+    def _args(self, values, *, real: bool):
+        """Args from a custom op's values: lists back to tuples, and (when real) seed tensors to ints."""
+        values = list(values)
+        for i in self._lists:
+            values[i] = tuple(values[i])
+        if real:
+            for i in self._seeds:
+                values[i] = 0 if values[i] is None else int(values[i].item())
+        return self.Args(*values)
+
+    # ------------------------------------------------------------------------------------------------------
+    # eager
+    # ------------------------------------------------------------------------------------------------------
+
+    def _eager_function(self):
+        op = self
+        tensors, consts, lazy, n = op._e_tensors, op._e_consts, op._lazy, op._n
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                a = op.Args(*args)
+                triton = op._path(a)
+                outs = op._forward(a, triton)
+                needs = ctx.needs_input_grad
+                ctx.save_for_backward(
+                    *[None if i in lazy and not needs[i] else args[i] for i in tensors],
+                    *[outs[j] for j in op._saved_out],
+                )
+                ctx.consts = [args[i] for i in consts]
+                ctx.triton = triton
+                if op._nondiff_out:
+                    ctx.mark_non_differentiable(*[outs[j] for j in op._nondiff_out])
+                # a view as output would forbid in-place ops on it, which the plain modules' outputs allow
+                outs = tuple(o.detach() if o._base is not None else o for o in outs)
+                return outs if len(outs) > 1 else outs[0]
+
+            @staticmethod
+            def backward(ctx, *grads):
+                saved = ctx.saved_tensors
+                values = [None] * n
+                for k, i in enumerate(tensors):
+                    values[i] = saved[k]
+                for k, i in enumerate(consts):
+                    values[i] = ctx.consts[k]
+                needs = tuple(ctx.needs_input_grad[i] for i in op._diff)
+                got = op._backward(
+                    op.Args(*values), saved[len(tensors) :], [grads[j] for j in op._diff_out], needs, ctx.triton
+                )
+                result = [None] * n
+                for k, i in enumerate(op._diff):
+                    result[i] = got[k] if needs[k] else None
+                return tuple(result)
+
+        Function.__name__ = Function.__qualname__ = "".join(p.title() for p in self.name.split("_")) + "Function"
+        return Function
+
+    # ------------------------------------------------------------------------------------------------------
+    # compiled
+    # ------------------------------------------------------------------------------------------------------
+
+    def _register(self, signature: str, names: list[str], types: dict):
+        op = self
+        n_out = len(self._outputs)
+        out_schema = "Tensor" if n_out == 1 else "(" + ", ".join(["Tensor"] * n_out) + ")"
+        tensors, consts, lazy = self._c_tensors, self._c_consts, self._lazy
+
+        def forward_impl(*args):
+            a = op._args(args, real=True)
+            outs = op._forward(a, op._path(a))
+            return outs if n_out > 1 else outs[0]
+
+        def forward_fake(*args):
+            outs = op._fake(op._args(args, real=False))
+            return outs if n_out > 1 else outs[0]
+
+        forward_op = torch.library.custom_op(
+            f"fastlora::{self.name}", forward_impl, mutates_args=(), schema=f"({signature}) -> {out_schema}"
+        )
+        forward_op.register_fake(forward_fake)
+
+        grads_sig = [f"Tensor grad_{self._outputs[j]}" for j in self._diff_out]
+        saved_sig = [f"Tensor? {names[i]}" for i in tensors] + [
+            f"Tensor? saved_{self._outputs[j]}" for j in self._saved_out
+        ]
+        consts_sig = [f"{types[names[i]]} {names[i]}" for i in consts]
+        backward_sig = ", ".join([*grads_sig, *saved_sig, *consts_sig, "bool[] needs", "bool triton"])
+        n_grads, n_tensors, n_saved = len(grads_sig), len(tensors), len(self._saved_out)
+
+        def _unpack(args, real):
+            grads = args[:n_grads]
+            saved = args[n_grads : n_grads + n_tensors]
+            outs = args[n_grads + n_tensors : n_grads + n_tensors + n_saved]
+            rest = args[n_grads + n_tensors + n_saved :]
+            values = [None] * op._n
+            for k, i in enumerate(tensors):
+                values[i] = saved[k]
+            for k, i in enumerate(consts):
+                values[i] = rest[k]
+            return grads, op._args(values, real=real), outs, tuple(rest[-2]), rest[-1]
+
+        def backward_impl(*args):
+            grads, a, outs, needs, triton = _unpack(args, real=True)
+            got = op._backward(a, outs, grads, needs, triton)
+            result = []
+            for k, i in enumerate(op._diff):
+                ref = a[i]
+                if needs[k] and got[k] is not None and ref is not None:
+                    result.append(got[k].contiguous(memory_format=grad_layout(ref)))
+                else:
+                    result.append(grads[0].new_empty(0))
+            return result
+
+        def backward_fake(*args):
+            grads, a, _, needs, _ = _unpack(args, real=False)
+            result = []
+            for k, i in enumerate(op._diff):
+                ref = a[i]
+                if needs[k] and ref is not None:
+                    fmt = grad_layout(ref)
+                    result.append(torch.empty(ref.shape, dtype=ref.dtype, device=ref.device, memory_format=fmt))
+                else:
+                    result.append(grads[0].new_empty(0))
+            return result
+
+        backward_op = torch.library.custom_op(
+            f"fastlora::{self.name}_backward", backward_impl, mutates_args=(), schema=f"({backward_sig}) -> Tensor[]"
+        )
+        backward_op.register_fake(backward_fake)
+
+        def setup_context(ctx, inputs, output):
+            a = op._args(inputs, real=False)
+            outs = output if n_out > 1 else (output,)
+            needs = ctx.needs_input_grad
+            ctx.save_for_backward(
+                *[None if i in lazy and not needs[i] else inputs[i] for i in tensors],
+                *[outs[j] for j in op._saved_out],
+            )
+            ctx.consts = [inputs[i] for i in consts]
+            ctx.triton = op._path(a)
+
+        def backward(ctx, *grads):
+            needs = [ctx.needs_input_grad[i] for i in op._diff]
+            got = getattr(torch.ops.fastlora, f"{op.name}_backward")(
+                *[grads[j] for j in op._diff_out], *ctx.saved_tensors, *ctx.consts, needs, ctx.triton
+            )
+            result = [None] * op._n
+            for k, i in enumerate(op._diff):
+                result[i] = got[k] if needs[k] else None
+            return tuple(result)
+
+        forward_op.register_autograd(backward, setup_context=setup_context)

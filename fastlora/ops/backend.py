@@ -1,0 +1,130 @@
+"""Which path a call takes, and the small helpers every op shares (autocast, dropout seeds and masks).
+
+Paths: CUDA tensors run the Triton kernels in ``fastlora.kernels``; CPU tensors run a torch path with the same
+math and the same saved-tensor profile; with ``TRITON_INTERPRET=1`` set before fastlora is imported, CPU tensors
+run the Triton kernels under the interpreter (that is how the test suite reaches them). ``use_backend("torch")``
+forces the torch path for a block of code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+try:
+    from fastlora.kernels.configs import INTERPRET
+
+    HAS_TRITON = True
+except ImportError:  # no Triton on this platform: the torch path serves every call
+    INTERPRET = False
+    HAS_TRITON = False
+
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "use_backend",
+    "active_path",
+    "use_triton",
+    "autocast_enabled",
+    "autocast_inputs",
+    "no_autocast",
+    "draw_seed",
+    "dropout_keep",
+    "as_rows",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("FASTLORA_BACKEND", "auto")
+
+
+def get_backend() -> str:
+    """The backend setting: "auto" (CUDA -> Triton, CPU -> torch), "triton" or "torch"."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend for the calls made inside the block: "auto", "triton" or "torch"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def active_path(device: torch.device | str) -> str:
+    """Which path a call on this device takes now: "triton", "triton-interpreter" or "torch"."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be a torch.device or a string such as 'cuda:0', got {device!r}") from err
+    except TypeError as err:
+        raise TypeError(f"device must be a torch.device or a string, got {type(device).__name__}") from err
+    if device.type == "meta":  # shape inference only: the torch path's ops all have meta kernels
+        return "torch"
+    if _backend == "torch" or not HAS_TRITON:
+        if _backend == "triton":
+            raise RuntimeError("the triton backend was requested but Triton is not installed")
+        return "torch"
+    if device.type == "cuda":
+        return "triton-interpreter" if INTERPRET else "triton"
+    if INTERPRET:
+        return "triton-interpreter"
+    if _backend == "triton":
+        raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before importing fastlora")
+    return "torch"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a call on t's device runs the Triton kernels (natively or under the interpreter)."""
+    return active_path(t.device) != "torch"
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for this device type (never on a device without autocast, such as meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(x, *tensors):
+    """Cast x and the frozen base tensors to the autocast dtype when autocast is on for x's device."""
+    device_type = x.device.type
+    if not autocast_enabled(device_type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+
+
+def no_autocast(device_type: str):
+    """Autocast off around an op that has cast its own inputs; a device without autocast (meta) needs nothing."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def draw_seed() -> torch.Tensor:
+    """A dropout seed from torch's default CPU generator (so torch.manual_seed and checkpointing replay it)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The torch path's dropout keep-mask for a seed: a pure function of (seed, shape, p)."""
+    if torch.device(device).type == "meta":  # no generator exists on meta; the mask's shape is all it needs
+        return torch.empty(shape, dtype=torch.bool, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def dropout_scale(seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The torch path's dropout multiplier for x: the keep-mask as x's dtype, times 1/(1-p)."""
+    return dropout_keep(seed, x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., C] as [prod(...), C]; unlike reshape(-1, C) this also works when C is 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

@@ -1,0 +1,179 @@
+"""LoRA on a linear layer: validation, the torch path, and the op (eager and compiled) over the Triton kernels.
+
+x [..., K] (leading dims flattened to M rows), W [N, K], A [r, K], B [N, r], s the scaling and m [M, K] the dropout
+mask (0 or 1/(1-p)), drawn from a seed and regenerated in backward, never stored:
+
+    S  = (m * x) A^T            [M, r]   saved for backward, with x itself (an alias)
+    Y  = x W^T + s * S B^T + bias
+    dS = s * dY B               [M, r]
+    dB = s * dY^T S             [N, r]
+    dA = dS^T (m * x)           [r, K]
+    dX = dY W + m * (dS A)      [M, K]
+
+No gradient is formed for the frozen W (unless it requires grad, with a warning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlora.checks import (
+    check_dropout,
+    check_lora_factors,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    warn_trainable_base,
+)
+from fastlora.ops._define import Op
+from fastlora.ops.backend import (
+    HAS_TRITON,
+    as_rows,
+    autocast_enabled,
+    autocast_inputs,
+    draw_seed,
+    dropout_scale,
+    no_autocast,
+    use_triton,
+)
+
+if HAS_TRITON:
+    from fastlora.kernels import linear as _klinear
+
+__all__ = ["lora_linear", "check_linear", "LINEAR"]
+
+
+def check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Validate a lora_linear call (ValueError/TypeError naming the argument)."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must be in_features={k}, got x of shape {tuple(x.shape)}")
+    autocasting = autocast_enabled(x.device.type)  # then autocast_inputs brings x, weight and bias to one dtype
+    if not autocasting:
+        check_same_dtype("x", x, weight)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+        if not autocasting:
+            check_same_dtype("bias", bias, weight)
+    check_lora_factors(lora_A, lora_B, k, n, scaling)
+    check_dropout(dropout_p)
+    check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch path (CPU, or when forced): the same math and saved tensors as the kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _torch_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    dt = x2.dtype
+    a, b = lora_A.to(dt), lora_B.to(dt)
+    x_lora = x2 if dropout_p == 0 else x2 * dropout_scale(seed, x2, dropout_p)
+    s = x_lora @ a.t()
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    y.addmm_(s, b.t(), alpha=scaling)
+    return y, s
+
+
+def _torch_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
+    dt = dy.dtype
+    a, b = lora_A.to(dt), lora_B.to(dt)
+    ds = torch.mm(dy, b).mul_(scaling)
+    db = torch.mm(dy.t(), s).mul_(scaling)
+    keep = dropout_scale(seed, x2, dropout_p) if dropout_p > 0 else None
+    da = ds.t() @ (x2 if keep is None else x2 * keep)
+    dx = None
+    if need_dx:
+        dx = torch.addmm(dy @ weight, ds, a) if keep is None else (dy @ weight).add_((ds @ a).mul_(keep))
+    dbias = dy.sum(0, dtype=torch.float32).to(dt) if need_dbias else None
+    return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dbias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _path(a) -> bool:
+    """Triton unless the device takes the torch path; shapes with a zero dimension take the torch path too."""
+    return use_triton(a.x) and a.x.numel() > 0 and a.weight.shape[0] > 0
+
+
+def _forward(a, triton):
+    x2 = as_rows(a.x)
+    args = dict(weight=a.weight, bias=a.bias, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling,
+                dropout_p=a.dropout_p, seed=a.seed)  # fmt: skip
+    y2, s = _klinear.lora_linear_fwd(x=x2, **args) if triton else _torch_fwd(x2, **args)
+    return y2.reshape(*a.x.shape[:-1], a.weight.shape[0]), s
+
+
+def _backward(a, saved, grads, needs, triton):
+    (s,), (dy,) = saved, grads
+    need_dx, need_dw, need_dbias = needs[0], needs[1], needs[2]
+    x2, dy2 = as_rows(a.x), as_rows(dy).contiguous()
+    if x2.shape[0] == 0:
+        dx = x2.new_empty(x2.shape) if need_dx else None
+        dbias = dy2.new_zeros(dy2.shape[1]) if need_dbias else None
+        da, db = torch.zeros_like(a.lora_A), torch.zeros_like(a.lora_B)
+    else:
+        args = dict(weight=a.weight, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling, dropout_p=a.dropout_p,
+                    seed=a.seed, need_dx=need_dx, need_dbias=need_dbias)  # fmt: skip
+        if triton:
+            dx, da, db, dbias = _klinear.lora_linear_bwd(dy=dy2, x=x2, s=s, **args)
+        else:
+            dx, da, db, dbias = _torch_bwd(dy2, x2, s, **args)
+    dw = None
+    if need_dw:
+        warn_trainable_base()
+        dw = (dy2.t() @ x2).to(a.weight.dtype)
+    return (dx.reshape(a.x.shape) if dx is not None else None), dw, dbias, da, db
+
+
+def _fake(a):
+    m = math.prod(a.x.shape[:-1])
+    return a.x.new_empty(*a.x.shape[:-1], a.weight.shape[0]), a.x.new_empty(m, a.lora_A.shape[0])
+
+
+LINEAR = Op(
+    "lora_linear",
+    "Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Seed seed",
+    outputs=("y", "s"),
+    differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
+    saved_outputs=("s",),
+    saved_when_trained=("bias",),
+    forward=_forward,
+    backward=_backward,
+    fake=_fake,
+    path=_path,
+)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
+    """LoRA linear layer: Y = x W^T + bias + s * (dropout(x) A^T) B^T.
+
+    Args:
+        x: input [..., K], float16, bfloat16 or float32.
+        weight: frozen base weight [N, K], same dtype as x. bias: [N] or None.
+        lora_A: [r, K]; lora_B: [N, r]; any float dtype (computed in x's dtype, gradients in their own).
+        scaling: s, usually alpha / r.
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1); applied only when training.
+
+    Returns:
+        Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
+    """
+    check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    p = float(dropout_p) if training else 0.0
+    with no_autocast(x.device.type):
+        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), p, draw_seed() if p > 0 else None)
+    return y
