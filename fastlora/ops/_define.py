@@ -213,11 +213,16 @@ class Op:
         def backward_impl(*args):
             grads, a, outs, needs, triton = _unpack(args, real=True)
             got = op._backward(a, outs, grads, needs, triton)
-            result = []
+            result, seen = [], set()
             for k, i in enumerate(op._diff):
                 ref = a[i]
                 if needs[k] and got[k] is not None and ref is not None:
-                    result.append(got[k].contiguous(memory_format=grad_layout(ref)))
+                    g = got[k].contiguous(memory_format=grad_layout(ref))
+                    # a custom op's outputs may not alias each other and must match their fakes (own storage, offset
+                    # 0), while the kernels may return views of one float32 buffer: those are copied (r-wide tensors)
+                    storage = g.untyped_storage()._cdata
+                    result.append(g.clone() if storage in seen or g.storage_offset() else g)
+                    seen.add(storage)
                 else:
                     result.append(grads[0].new_empty(0))
             return result
