@@ -6,9 +6,11 @@ what bitsandbytes' own dequantization gives, and the layer is then plain LoRA on
     W = dequantize_4bit(packed, quant_state)            (quant_state.dtype), then cast to x's dtype
     Y = x W^T + bias + s * ((m * x) A^T) B^T
 
-bitsandbytes 0.50's CPU kernel for FP4 disagrees with its other backends: it reads the wrong absmax when a row
-(K) is a multiple of 64 but not of the block size, and returns -0.0 where they return +0.0. For FP4 on CPU this
-module calls bitsandbytes' portable implementation (its default backend, which its CUDA kernel agrees with).
+bitsandbytes 0.50's CPU kernel disagrees with its own quantizer and its other backends when a block spans two
+rows (K a multiple of 64 but not of the block size: it reads the wrong absmax). On CPU this module then calls
+bitsandbytes' portable implementation (its default backend, which bitsandbytes itself uses on CPU for odd K).
+One more difference, of sign only: for FP4 code 8 that CPU kernel gives -0.0, the code table (and the portable
+implementation, and fastlora's kernels) +0.0.
 Needs bitsandbytes (``pip install fastlora[qlora]``).
 """
 
@@ -33,10 +35,10 @@ def absmax_ref(quant_state) -> torch.Tensor:
 
 
 def dequantize_4bit_ref(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """W [N, K] in quant_state.dtype, as bitsandbytes dequantizes it (see the module docstring for FP4 on CPU)."""
+    """W [N, K] in quant_state.dtype, as bitsandbytes dequantizes it (see the module docstring for the CPU)."""
     import bitsandbytes.functional as bnbf
 
-    if quant_state.quant_type == "fp4" and packed.device.type == "cpu":
+    if packed.device.type == "cpu" and quant_state.shape[-1] % quant_state.blocksize != 0:
         from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
         portable = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # without torch.compile
