@@ -91,13 +91,16 @@ def _seed_of_next_call():
     return seed
 
 
-def _check_layer(monkeypatch, backend, route, dtype, quant_type, nested, p, shape=(M, K, N, R), bias_trainable=False):
+def _check_layer(
+    monkeypatch, backend, route, dtype, quant_type, nested, p, shape=(M, K, N, R), bias_trainable=False, lead=()
+):
     m, k, n, r = shape
     if route is not None:
         monkeypatch.setattr(nf4, "FUSED_MAX_M", 64 if route == "fused" else 0)
         assert nf4.choose_route(m, r) == route
+        nf4.release_workspace()
     packed, qs = _quantized((n, k), dtype, quant_type, nested)
-    x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+    x = torch.randn(*lead, m, k, dtype=dtype, requires_grad=True)
     bias = torch.randn(n).to(dtype).requires_grad_(bias_trainable)
     a = (torch.randn(r, k) / k**0.5).requires_grad_()
     b = torch.randn(n, r).requires_grad_()
@@ -108,10 +111,12 @@ def _check_layer(monkeypatch, backend, route, dtype, quant_type, nested, p, shap
         y.backward(dy)
     mask = None
     if p > 0:
-        keep = (
-            klinear.dropout_mask(seed, m, k, p, "cpu") if backend == "triton" else dropout_keep(seed, (m, k), p, "cpu")
-        )
-        mask = keep.double() / (1.0 - p)
+        rows = x.numel() // k
+        if backend == "triton":
+            keep = klinear.dropout_mask(seed, rows, k, p, "cpu")
+        else:
+            keep = dropout_keep(seed, (rows, k), p, "cpu")
+        mask = (keep.double() / (1.0 - p)).reshape(x.shape)
     w64 = dequantize_4bit_ref(packed, qs).to(dtype).double()
     x64, a64, b64, bias64 = (t.detach().double().requires_grad_() for t in (x, a, b, bias))
     ref = lora_linear_ref(x64, w64, bias64, a64, b64, 0.75, mask=mask)
@@ -122,6 +127,10 @@ def _check_layer(monkeypatch, backend, route, dtype, quant_type, nested, p, shap
     assert_close(a.grad, a64.grad, dtype, "dA")
     assert_close(b.grad, b64.grad, dtype, "dB")
     assert packed.grad is None and not packed.requires_grad
+    if route == "fused":
+        assert not nf4._WORKSPACE, "the fused route dequantizes inside the GEMM, into no workspace"
+    elif route == "workspace":
+        assert list(nf4._WORKSPACE) == [(torch.device("cpu"), dtype)]
     if bias_trainable:
         assert_close(bias.grad, bias64.grad, dtype, "dbias")
     else:
@@ -149,9 +158,10 @@ def test_kernels(monkeypatch, route, quant_type, nested, dtype, p):
 
 
 @pytest.mark.parametrize("backend,route", PATHS, ids=PATH_IDS)
-def test_trainable_bias_and_rank_above_16(monkeypatch, backend, route):
-    _check_layer(monkeypatch, backend, route, torch.float32, "nf4", True, 0.1, shape=(19, 75, 51, 21),
-                 bias_trainable=True)  # fmt: skip
+def test_trainable_bias_rank_above_16_and_leading_dims(monkeypatch, backend, route):
+    _check_layer(
+        monkeypatch, backend, route, torch.float32, "nf4", True, 0.1, (19, 75, 51, 21), bias_trainable=True, lead=(2,)
+    )
 
 
 def test_default_route_by_rows():
