@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from fastlora.kernels import configs
 from fastlora.kernels import linear as _klinear
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
 from fastlora.kernels.linear import dropout_keep
@@ -406,8 +407,6 @@ def choose_route(M: int, R: int) -> str:
 def _fused_config(device, table):
     if INTERPRET:
         return FUSED_INTERPRET
-    from fastlora.kernels import configs
-
     return table[9 if configs.capability(device) >= 9 else 8]
 
 
