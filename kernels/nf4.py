@@ -200,7 +200,7 @@ def _nf4_lora_fwd_kernel(
     scaling,
     inv_keep,
     seed,
-    p_drop,
+    p_thresh,
     # meta-parameters
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
@@ -239,7 +239,7 @@ def _nf4_lora_fwd_kernel(
         b_w = _to_w_dtype(b_w, W_DTYPE, EMULATE_BF16).to(DOT_DTYPE)
         acc = tl.dot(b_w, b_xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = tl.trans(dropout_keep(seed, i_m, i_k, p_drop).to(tl.int8))  # [BK, BM]
+            keep = tl.trans(dropout_keep(seed, i_m, i_k, p_thresh).to(tl.int8))  # [BK, BM]
             b_xt = tl.where(keep != 0, b_xt, 0.0)
         p_a = a_ptr + i_r[:, None] * stride_ar + i_k64[None, :] * stride_ak
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BR, BK]
@@ -287,7 +287,7 @@ def _nf4_lora_dx_kernel(
     scaling,
     inv_keep,
     seed,
-    p_drop,
+    p_thresh,
     # meta-parameters
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
@@ -332,7 +332,7 @@ def _nf4_lora_dx_kernel(
     b_at = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
     lora = tl.dot(b_at, b_dst, input_precision=PRECISION)  # (dS A)^T [BK, BM]
     if HAS_DROPOUT:
-        keep = tl.trans(dropout_keep(seed, i_m, i_k, p_drop).to(tl.int8))
+        keep = tl.trans(dropout_keep(seed, i_m, i_k, p_thresh).to(tl.int8))
         lora = tl.where(keep != 0, lora * inv_keep, 0.0)
     acc += lora
     p_dx = dx_ptr + i_k64[:, None] * stride_dxk + i_m64[None, :] * stride_dxm
@@ -461,7 +461,7 @@ def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout
         scaling=float(scaling),
         inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
         seed=int(seed),
-        p_drop=float(dropout_p),
+        p_thresh=_klinear.dropout_threshold(dropout_p),
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(x.dtype),
@@ -504,7 +504,7 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
         scaling=float(scaling),
         inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
         seed=int(seed),
-        p_drop=float(dropout_p),
+        p_thresh=_klinear.dropout_threshold(dropout_p),
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(dy.dtype),
         PRECISION=input_precision(dy.dtype),

@@ -64,8 +64,8 @@ def aot_cases():
             meta = {**_quant_meta(True, 64, dtype), "HAS_DROPOUT": True, "DOT_DTYPE": TL_DTYPES[dtype],
                     "PRECISION": precision, "BLOCK_M": bm, "BLOCK_R": 16}  # fmt: skip
             bn, bk, warps, stages = nf4.FUSED_FWD[major]
-            sig = _sig({f"*{t}": "x_ptr a_ptr b_ptr bias_ptr y_ptr s_ptr", "fp32": "scaling inv_keep p_drop",
-                        "i32": "M N K R stride_xm stride_ar stride_bn stride_ym stride_sm seed"})  # fmt: skip
+            sig = _sig({f"*{t}": "x_ptr a_ptr b_ptr bias_ptr y_ptr s_ptr", "fp32": "scaling inv_keep",
+                        "i32": "M N K R stride_xm stride_ar stride_bn stride_ym stride_sm seed p_thresh"})  # fmt: skip
             cases.append({
                 "id": f"fused_fwd-{t}-{precision}-{bm}x{bn}x{bk}-w{warps}s{stages}", "major": major,
                 "kernel": nf4._nf4_lora_fwd_kernel, "signature": {**sig, **_quant_sig(True)},
@@ -76,8 +76,8 @@ def aot_cases():
                 "num_warps": warps, "num_stages": stages, "expects_mma": True,
             })  # fmt: skip
             bk, bn, warps, stages = nf4.FUSED_DX[major]
-            sig = _sig({f"*{t}": "dy_ptr a_ptr b_ptr dx_ptr", "fp32": "scaling inv_keep p_drop",
-                        "i32": "M N K R stride_dym stride_ar stride_bn stride_dxm seed"})  # fmt: skip
+            sig = _sig({f"*{t}": "dy_ptr a_ptr b_ptr dx_ptr", "fp32": "scaling inv_keep",
+                        "i32": "M N K R stride_dym stride_ar stride_bn stride_dxm seed p_thresh"})  # fmt: skip
             cases.append({
                 "id": f"fused_dx-{t}-{precision}-{bm}x{bn}x{bk}-w{warps}s{stages}", "major": major,
                 "kernel": nf4._nf4_lora_dx_kernel, "signature": {**sig, **_quant_sig(True)},

@@ -10,7 +10,7 @@ from fastlora.kernels import nf4
 from helpers import DTYPE_IDS, assert_close
 
 import fastlora as fl
-from fastlora.functional import dropout_keep
+from fastlora.ops.backend import draw_seed, dropout_keep
 from fastlora.ops.linear4bit import lora_linear_4bit, quant_tensors
 from fastlora.reference import lora_linear_ref
 from fastlora.reference_4bit import dequantize_4bit_ref
@@ -86,7 +86,7 @@ PATH_IDS = ["fused", "workspace", "torch"]
 
 def _seed_of_next_call():
     state = torch.get_rng_state()
-    seed = int(fl.functional.draw_seed())
+    seed = int(draw_seed())
     torch.set_rng_state(state)
     return seed
 

@@ -1,5 +1,5 @@
-"""LoRA over a 4-bit (bitsandbytes NF4/FP4) frozen base weight: validation, torch path, autograd function,
-custom ops for torch.compile and the functional entry point.
+"""LoRA over a 4-bit (bitsandbytes NF4/FP4) frozen base weight: validation, the torch path, and the op (eager and
+compiled, defined once: see ``fastlora.ops._define``) over the kernels of ``fastlora.kernels.nf4``.
 
 W [N, K] stays packed (bitsandbytes' ``Params4bit`` data and ``QuantState``); with x [M, K], A [r, K], B [N, r],
 s the scaling and m the dropout mask (drawn from a seed, regenerated in backward, never stored):
@@ -18,29 +18,20 @@ dense layer's torch path. Needs bitsandbytes (``pip install fastlora[qlora]``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fastlora.functional import (
-    _as_rows,
-    _check_same_device,
-    _check_tensor,
-    _dtype_name,
-    _torch_linear_bwd,
-    _torch_linear_fwd,
-    _use_triton,
-    autocast_enabled,
-    check_dropout,
-    check_lora_factors,
-    draw_seed,
-    no_autocast,
-)
+from fastlora.checks import check_dropout, check_lora_factors, check_same_device, check_tensor, dtype_name
+from fastlora.ops import linear as _linear
+from fastlora.ops._define import Op
+from fastlora.ops.backend import HAS_TRITON, as_rows, autocast_enabled, draw_seed, no_autocast, use_triton
 from fastlora.reference_4bit import dequantize_4bit_ref
 
-try:
+if HAS_TRITON:
     from fastlora.kernels import nf4 as _knf4
     from fastlora.kernels.nf4 import Quant4bit
-except ImportError:  # no Triton on this platform: the torch path serves every call
-    _knf4 = None
+else:  # no Triton on this platform: the torch path serves every call
     from typing import NamedTuple
 
     class Quant4bit(NamedTuple):  # the same fields as fastlora.kernels.nf4.Quant4bit
@@ -56,8 +47,12 @@ except ImportError:  # no Triton on this platform: the torch path serves every c
         blocksize2: int = 256
         quant_type: str = "nf4"
 
+        @property
+        def nested(self) -> bool:
+            return self.absmax2 is not None
 
-__all__ = ["lora_linear_4bit", "quant_tensors"]
+
+__all__ = ["lora_linear_4bit", "quant_tensors", "check_quant_state", "check_linear4bit", "LINEAR_4BIT"]
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)
@@ -104,7 +99,7 @@ def check_quant_state(weight_packed, quant_state) -> tuple[int, int]:
     ):
         raise ValueError(
             f"weight_packed must be bitsandbytes' packed 4-bit data of the [{n}, {k}] weight: a contiguous uint8 "
-            f"(or 16/32-bit storage) tensor of {nbytes} bytes, got {_dtype_name(weight_packed.dtype)} of shape "
+            f"(or 16/32-bit storage) tensor of {nbytes} bytes, got {dtype_name(weight_packed.dtype)} of shape "
             f"{tuple(weight_packed.shape)} (for a dense weight use fastlora.lora_linear)"
         )
     code = quant_state.code
@@ -125,26 +120,26 @@ def check_quant_state(weight_packed, quant_state) -> tuple[int, int]:
         raise ValueError(f"quant_state.absmax must be float32 (or uint8 with a nested state), got {absmax.dtype}")
     if absmax.numel() != blocks:
         raise ValueError(f"quant_state.absmax has {absmax.numel()} blocks, expected {blocks} for {n * k} elements")
-    _check_same_device(weight_packed=weight_packed, absmax=absmax, code=code)
+    check_same_device(weight_packed=weight_packed, absmax=absmax, code=code)
     return n, k
 
 
-def _check_linear4bit(x, weight_packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p):
-    _check_tensor("x", x)
-    _check_tensor("lora_A", lora_A, ndim=2)
-    _check_tensor("lora_B", lora_B, ndim=2)
+def check_linear4bit(x, weight_packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p):
+    check_tensor("x", x)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
     n, k = check_quant_state(weight_packed, quant_state)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (its last is in_features)")
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be in_features={k}, got x of shape {tuple(x.shape)}")
     if bias is not None:
-        _check_tensor("bias", bias, ndim=1)
+        check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != n:
             raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
     check_lora_factors(lora_A, lora_B, k, n, scaling)
     check_dropout(dropout_p)
-    _check_same_device(x=x, weight_packed=weight_packed, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_same_device(x=x, weight_packed=weight_packed, bias=bias, lora_A=lora_A, lora_B=lora_B)
 
 
 def quant_tensors(weight_packed, quant_state) -> Quant4bit:
@@ -185,7 +180,7 @@ def _bnb_state(q: Quant4bit):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Paths: the Triton kernels, or torch with bitsandbytes' dequantization (a temporary, never saved)
+# Torch path: bitsandbytes' dequantization into a temporary (never saved), then the dense layer's torch path
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -193,169 +188,82 @@ def _dequantize(q: Quant4bit, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit_ref(q.packed, _bnb_state(q)).to(dtype)
 
 
-def _on_triton(x2, q: Quant4bit) -> bool:
-    """Whether this call runs the kernels; shapes with a zero dimension take the torch path."""
-    return _knf4 is not None and _use_triton(x2) and x2.shape[0] > 0 and x2.shape[1] > 0 and q.shape[0] > 0
+# ----------------------------------------------------------------------------------------------------------
+# The op: the quant_state goes in as its tensors and plain values
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _fwd(x2, q, bias, lora_A, lora_B, scaling, dropout_p, seed, triton_path):
-    if triton_path:
-        return _knf4.lora_linear_4bit_fwd(x2, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return _torch_linear_fwd(x2, _dequantize(q, x2.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
+def _quant(a) -> Quant4bit:
+    nested = a.absmax2 is not None
+    return Quant4bit(
+        packed=a.packed,
+        absmax=a.absmax,
+        code=a.code,
+        blocksize=a.blocksize,
+        shape=(a.out_features, a.x.shape[-1]),
+        dtype=a.w_dtype,
+        absmax2=a.absmax2,
+        code2=a.code2,
+        offset=a.offset,
+        blocksize2=a.blocksize2 if nested else 256,
+        quant_type=a.quant_type,
+    )
 
 
-def _bwd(dy, x2, s, q, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias, triton_path):
-    """The backward on the path (and, on Triton, the route) the forward took."""
+def _path(a) -> bool:
+    """The kernels unless the device takes the torch path; shapes with a zero dimension take the torch path too."""
+    return HAS_TRITON and use_triton(a.x) and a.x.numel() > 0 and a.out_features > 0
+
+
+def _forward(a, triton):
+    x2, q = as_rows(a.x), _quant(a)
+    args = (a.bias, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed)
+    if triton:
+        y2, s = _knf4.lora_linear_4bit_fwd(x2, q, *args)
+    else:
+        y2, s = _linear._torch_fwd(x2, _dequantize(q, x2.dtype), *args)
+    return y2.reshape(*a.x.shape[:-1], a.out_features), s
+
+
+def _backward(a, saved, grads, needs, triton):
+    (s,), (dy,) = saved, grads
+    need_dx, need_dbias = needs[0], needs[1]
+    x2, dy2, q = as_rows(a.x), as_rows(dy).contiguous(), _quant(a)
     if x2.shape[0] == 0:
         dx = x2.new_zeros(x2.shape) if need_dx else None
-        dbias = dy.new_zeros(dy.shape[1]) if need_dbias else None
-        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), dbias
-    if triton_path:
-        return _knf4.lora_linear_4bit_bwd(
-            dy, x2, s, q, lora_A, lora_B, scaling, dropout_p, seed, need_dx=need_dx, need_dbias=need_dbias
+        dbias = dy2.new_zeros(dy2.shape[1]) if need_dbias else None
+        da, db = torch.zeros_like(a.lora_A), torch.zeros_like(a.lora_B)
+    elif triton:
+        dx, da, db, dbias = _knf4.lora_linear_4bit_bwd(
+            dy2, x2, s, q, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed, need_dx=need_dx, need_dbias=need_dbias
         )
-    weight = _dequantize(q, dy.dtype) if need_dx else None
-    return _torch_linear_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Eager autograd function
-# ----------------------------------------------------------------------------------------------------------
-
-
-class LoRALinear4bitFunction(torch.autograd.Function):
-    """Y = x deq(W)^T + bias + s * ((m * x) A^T) B^T; backward gives dX, dA, dB (and dbias if bias is trainable).
-    The packed W gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight_packed, bias, lora_A, lora_B, q, scaling, dropout_p, seed):
-        x2 = _as_rows(x)
-        ctx.triton_path = _on_triton(x2, q)
-        y2, s = _fwd(x2, q, bias, lora_A, lora_B, scaling, dropout_p, seed, ctx.triton_path)
-        ctx.save_for_backward(x, s, weight_packed, lora_A, lora_B)
-        ctx.q = q._replace(packed=None)  # the quant_state tensors; the packed weight goes through save_for_backward
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        ctx.mark_non_differentiable(s)
-        return y2.reshape(*x.shape[:-1], q.shape[0]).detach(), s
-
-    @staticmethod
-    def backward(ctx, dy, _ds_unused):
-        x, s, weight_packed, lora_A, lora_B = ctx.saved_tensors
-        q = ctx.q._replace(packed=weight_packed.view(torch.uint8).reshape(-1))
-        x2 = _as_rows(x)
-        dy2 = _as_rows(dy).contiguous()
-        need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dx, da, db, dbias = _bwd(
-            dy2, x2, s, q, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_dbias, ctx.triton_path
+    else:
+        weight = _dequantize(q, dy2.dtype) if need_dx else None
+        dx, da, db, dbias = _linear._torch_bwd(
+            dy2, x2, s, weight, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed, need_dx, need_dbias
         )
-        dx = dx.reshape(x.shape) if dx is not None else None
-        return dx, None, dbias, da, db, None, None, None, None
+    return (dx.reshape(a.x.shape) if dx is not None else None), dbias, da, db
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Custom ops for torch.compile: the quant_state goes in as its tensors and plain values
-# ----------------------------------------------------------------------------------------------------------
+def _fake(a):
+    m = math.prod(a.x.shape[:-1])
+    return a.x.new_empty(*a.x.shape[:-1], a.out_features), a.x.new_empty(m, a.lora_A.shape[0])
 
 
-@torch.library.custom_op("fastlora::lora_linear_4bit", mutates_args=())
-def _lora_linear_4bit_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-    quant_type: str,
-    out_features: int,
-    w_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    q = Quant4bit(packed, absmax, code, blocksize, (out_features, x.shape[1]), w_dtype, absmax2, code2, offset,
-                  blocksize2, quant_type)  # fmt: skip
-    seed_int = int(seed.item()) if seed is not None else 0
-    return _fwd(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed_int, _on_triton(x, q))
-
-
-@_lora_linear_4bit_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, bias, lora_A, lora_B, scaling, dropout_p, seed, blocksize,
-      blocksize2, quant_type, out_features, w_dtype):  # fmt: skip
-    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
-
-
-@torch.library.custom_op("fastlora::lora_linear_4bit_backward", mutates_args=())
-def _lora_linear_4bit_bwd_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    s: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-    quant_type: str,
-    w_dtype: torch.dtype,
-    need_dx: bool,
-    need_dbias: bool,
-    triton_path: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q = Quant4bit(packed, absmax, code, blocksize, (dy.shape[1], x.shape[1]), w_dtype, absmax2, code2, offset,
-                  blocksize2, quant_type)  # fmt: skip
-    seed_int = int(seed.item()) if seed is not None else 0
-    dx, da, db, dbias = _bwd(
-        dy.contiguous(), x, s, q, lora_A, lora_B, scaling, dropout_p, seed_int, need_dx, need_dbias, triton_path
-    )
-    dx = dx.contiguous() if dx is not None else x.new_empty(0)
-    dbias = dbias if dbias is not None else dy.new_empty(0)
-    return dx, da, db, dbias
-
-
-@_lora_linear_4bit_bwd_op.register_fake
-def _(dy, x, s, packed, absmax, code, absmax2, code2, offset, lora_A, lora_B, scaling, dropout_p, seed, blocksize,
-      blocksize2, quant_type, w_dtype, need_dx, need_dbias, triton_path):  # fmt: skip
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    dbias = dy.new_empty(dy.shape[1]) if need_dbias else dy.new_empty(0)
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dbias
-
-
-def _lora_linear_4bit_setup(ctx, inputs, output):
-    x, packed, absmax, code, absmax2, code2, offset, bias, lora_A, lora_B = inputs[:10]
-    scaling, dropout_p, seed, blocksize, blocksize2, quant_type, out_features, w_dtype = inputs[10:]
-    ctx.save_for_backward(x, output[1], packed, absmax, code, absmax2, code2, offset, lora_A, lora_B, seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.blocksize, ctx.blocksize2, ctx.quant_type, ctx.w_dtype = blocksize, blocksize2, quant_type, w_dtype
-    q = Quant4bit(packed, absmax, code, blocksize, (out_features, x.shape[1]), w_dtype)
-    ctx.triton_path = _on_triton(x, q)
-
-
-def _lora_linear_4bit_op_backward(ctx, dy, _ds_unused):
-    x, s, packed, absmax, code, absmax2, code2, offset, lora_A, lora_B, seed = ctx.saved_tensors
-    need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[7]
-    dx, da, db, dbias = torch.ops.fastlora.lora_linear_4bit_backward(
-        dy, x, s, packed, absmax, code, absmax2, code2, offset, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed,
-        ctx.blocksize, ctx.blocksize2, ctx.quant_type, ctx.w_dtype, need_dx, need_dbias, ctx.triton_path,
-    )  # fmt: skip
-    grads = [None] * 18
-    grads[0], grads[7], grads[8], grads[9] = (dx if need_dx else None), (dbias if need_dbias else None), da, db
-    return tuple(grads)
-
-
-_lora_linear_4bit_op.register_autograd(_lora_linear_4bit_op_backward, setup_context=_lora_linear_4bit_setup)
+LINEAR_4BIT = Op(
+    "lora_linear_4bit",
+    "Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+    "Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Seed seed, int blocksize, "
+    "int blocksize2, str quant_type, int out_features, ScalarType w_dtype",
+    outputs=("y", "s"),
+    differentiable=("x", "bias", "lora_A", "lora_B"),
+    saved_outputs=("s",),
+    saved_when_trained=("bias",),
+    forward=_forward,
+    backward=_backward,
+    fake=_fake,
+    path=_path,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,22 +286,16 @@ def lora_linear_4bit(x, weight_packed, quant_state, bias, lora_A, lora_B, scalin
     Returns:
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    _check_linear4bit(x, weight_packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p)
+    check_linear4bit(x, weight_packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p)
     if autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     q = quant_tensors(weight_packed, quant_state)
     p = float(dropout_p) if training else 0.0
-    scaling = float(scaling)
     with no_autocast(x.device.type):
-        if torch.compiler.is_compiling():
-            seed = draw_seed() if p > 0 else None
-            y2, _ = torch.ops.fastlora.lora_linear_4bit(
-                _as_rows(x), q.packed, q.absmax, q.code, q.absmax2, q.code2, q.offset, bias, lora_A, lora_B,
-                scaling, p, seed, q.blocksize, q.blocksize2, q.quant_type, q.shape[0], q.dtype,
-            )  # fmt: skip
-            return y2.reshape(*x.shape[:-1], q.shape[0])
-        seed = int(draw_seed()) if p > 0 else 0
-        y, _ = LoRALinear4bitFunction.apply(x, weight_packed, bias, lora_A, lora_B, q, scaling, p, seed)
-        return y
+        y, _ = LINEAR_4BIT(
+            x, q.packed, q.absmax, q.code, q.absmax2, q.code2, q.offset, bias, lora_A, lora_B, float(scaling), p,
+            draw_seed() if p > 0 else None, q.blocksize, q.blocksize2, q.quant_type, q.shape[0], q.dtype,
+        )  # fmt: skip
+    return y
