@@ -32,8 +32,19 @@ import triton
 import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels import linear as _klinear
-from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
-from fastlora.kernels.linear import dropout_keep
+from fastlora.kernels.configs import (
+    INTERPRET,
+    NF4_DEQUANT_BLOCK,
+    NF4_DEQUANT_WARPS,
+    NF4_FUSED_DX,
+    NF4_FUSED_FWD,
+    NF4_FUSED_INTERPRET,
+    TL_DTYPES,
+    dot_dtype,
+    input_precision,
+    rank_block,
+)
+from fastlora.kernels.linear import _mix32
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs
@@ -42,13 +53,6 @@ from fastlora.kernels.linear import dropout_keep
 FUSED_MAX_M = 64  # at most this many rows: dequantize inside the GEMM (no workspace); above, workspace + fused GEMM
 FUSED_MAX_RANK = 64  # the fused kernels hold S (or dS) for all r in one rank tile
 BLOCKSIZES = (64, 128, 256)
-DEQUANT_BLOCK, DEQUANT_WARPS = 1024, 4
-# (BLOCK_N or BLOCK_K: the MMA's M side, BLOCK of the reduced dim, num_warps, num_stages) per GPU generation
-# one stage: the W tile is built in registers from per-element gathers, which the pipeliner would stage in shared
-# memory (over the limit at 3 stages)
-FUSED_FWD = {9: (128, 64, 8, 1), 8: (64, 64, 4, 1)}
-FUSED_DX = {9: (128, 64, 8, 1), 8: (64, 64, 4, 1)}
-FUSED_INTERPRET = (32, 32, 4, 1)
 KERNEL_OPTIONS = {"enable_fp_fusion": False}
 
 
@@ -166,6 +170,19 @@ def _nf4_dequant_kernel(
 
 
 @triton.jit
+def _dropout_keep_t(seed, rows, cols, threshold):
+    """kernels.linear.dropout_keep's mask, transposed: [len(cols), len(rows)], drawn in that orientation (the same
+    hash of (row, col)) rather than transposed in registers."""
+    seed64 = tl.zeros((1,), dtype=tl.int64) + seed
+    seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    key = _mix32(_mix32(rows.to(tl.uint32) ^ seed_lo) + seed_hi)  # [BM]
+    h = (key[None, :] ^ (cols.to(tl.uint32) * 0x9E3779B9)[:, None]) * 0x7FEB352D
+    h = (h ^ (h >> 15)) * 0x846CA68B
+    return (h >> 16) >= threshold.to(tl.uint32)
+
+
+@triton.jit
 def _nf4_lora_fwd_kernel(
     # pointers
     x_ptr,
@@ -239,8 +256,7 @@ def _nf4_lora_fwd_kernel(
         b_w = _to_w_dtype(b_w, W_DTYPE, EMULATE_BF16).to(DOT_DTYPE)
         acc = tl.dot(b_w, b_xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = tl.trans(dropout_keep(seed, i_m, i_k, p_thresh).to(tl.int8))  # [BK, BM]
-            b_xt = tl.where(keep != 0, b_xt, 0.0)
+            b_xt = tl.where(_dropout_keep_t(seed, i_m, i_k, p_thresh), b_xt, 0.0)  # [BK, BM]
         p_a = a_ptr + i_r[:, None] * stride_ar + i_k64[None, :] * stride_ak
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BR, BK]
         acc_s = tl.dot(b_a.to(DOT_DTYPE), b_xt.to(DOT_DTYPE), acc_s, input_precision=PRECISION)
@@ -332,8 +348,7 @@ def _nf4_lora_dx_kernel(
     b_at = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
     lora = tl.dot(b_at, b_dst, input_precision=PRECISION)  # (dS A)^T [BK, BM]
     if HAS_DROPOUT:
-        keep = tl.trans(dropout_keep(seed, i_m, i_k, p_thresh).to(tl.int8))
-        lora = tl.where(keep != 0, lora * inv_keep, 0.0)
+        lora = tl.where(_dropout_keep_t(seed, i_m, i_k, p_thresh), lora * inv_keep, 0.0)
     acc += lora
     p_dx = dx_ptr + i_k64[:, None] * stride_dxk + i_m64[None, :] * stride_dxm
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_k[:, None] & m_m[None, :])
@@ -371,8 +386,13 @@ def dequantize_4bit(q: Quant4bit, out_dtype: torch.dtype | None = None, out: tor
         raise ValueError(f"out must be a contiguous tensor of {n * k} elements, got shape {tuple(out.shape)}")
     if n * k == 0:
         return out.view(n, k)
-    _nf4_dequant_kernel[(triton.cdiv(n * k, DEQUANT_BLOCK),)](
-        **_quant_args(q), out_ptr=out, numel=n * k, BLOCK=DEQUANT_BLOCK, num_warps=DEQUANT_WARPS, **KERNEL_OPTIONS
+    _nf4_dequant_kernel[(triton.cdiv(n * k, NF4_DEQUANT_BLOCK),)](
+        **_quant_args(q),
+        out_ptr=out,
+        numel=n * k,
+        BLOCK=NF4_DEQUANT_BLOCK,
+        num_warps=NF4_DEQUANT_WARPS,
+        **KERNEL_OPTIONS,
     )
     return out.view(n, k)
 
@@ -406,7 +426,7 @@ def choose_route(M: int, R: int) -> str:
 
 def _fused_config(device, table):
     if INTERPRET:
-        return FUSED_INTERPRET
+        return NF4_FUSED_INTERPRET
     return table[9 if configs.capability(device) >= 9 else 8]
 
 
@@ -434,7 +454,7 @@ def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout
         return _klinear.lora_linear_fwd(x, _dequantized(q, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    bn, bk, warps, stages = _fused_config(x.device, FUSED_FWD)
+    bn, bk, warps, stages = _fused_config(x.device, NF4_FUSED_FWD)
     bm = fused_m_block(M)
     _nf4_lora_fwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
         x_ptr=x,
@@ -481,7 +501,7 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
     M, N = dy.shape
     K, R = q.shape[1], lora_A.shape[0]
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-    bk, bn, warps, stages = _fused_config(dy.device, FUSED_DX)
+    bk, bn, warps, stages = _fused_config(dy.device, NF4_FUSED_DX)
     bm = fused_m_block(M)
     _nf4_lora_dx_kernel[(triton.cdiv(K, bk), triton.cdiv(M, bm))](
         dy_ptr=dy,

@@ -19,7 +19,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aot import _resource_usage  # noqa: E402
-from fastlora.kernels import nf4  # noqa: E402
+from fastlora.kernels import configs, nf4  # noqa: E402
 from fastlora.kernels.configs import TL_DTYPES  # noqa: E402
 
 _T = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -53,8 +53,8 @@ def aot_cases():
                         "id": f"dequant-{_T[dtype]}-{'nested' if nested else 'plain'}-b{blocksize}", "major": major,
                         "kernel": nf4._nf4_dequant_kernel,
                         "signature": {**_quant_sig(nested), "out_ptr": f"*{_T[dtype]}", "numel": "i32"},
-                        "constexprs": {**_quant_meta(nested, blocksize, dtype), "BLOCK": nf4.DEQUANT_BLOCK},
-                        "divisible": f"{quant_ptrs} out_ptr numel".split(), "num_warps": nf4.DEQUANT_WARPS,
+                        "constexprs": {**_quant_meta(nested, blocksize, dtype), "BLOCK": configs.NF4_DEQUANT_BLOCK},
+                        "divisible": f"{quant_ptrs} out_ptr numel".split(), "num_warps": configs.NF4_DEQUANT_WARPS,
                         "num_stages": 1, "expects_mma": False, "dequant": True,
                     })  # fmt: skip
         gemms = ((torch.bfloat16, "ieee", 16), (torch.bfloat16, "ieee", 64), (torch.float16, "ieee", 64),
@@ -63,7 +63,7 @@ def aot_cases():
             t = _T[dtype]
             meta = {**_quant_meta(True, 64, dtype), "HAS_DROPOUT": True, "DOT_DTYPE": TL_DTYPES[dtype],
                     "PRECISION": precision, "BLOCK_M": bm, "BLOCK_R": 16}  # fmt: skip
-            bn, bk, warps, stages = nf4.FUSED_FWD[major]
+            bn, bk, warps, stages = configs.NF4_FUSED_FWD[major]
             sig = _sig({f"*{t}": "x_ptr a_ptr b_ptr bias_ptr y_ptr s_ptr", "fp32": "scaling inv_keep",
                         "i32": "M N K R stride_xm stride_ar stride_bn stride_ym stride_sm seed p_thresh"})  # fmt: skip
             cases.append({
@@ -75,7 +75,7 @@ def aot_cases():
                 "stride_sm".split(),
                 "num_warps": warps, "num_stages": stages, "expects_mma": True,
             })  # fmt: skip
-            bk, bn, warps, stages = nf4.FUSED_DX[major]
+            bk, bn, warps, stages = configs.NF4_FUSED_DX[major]
             sig = _sig({f"*{t}": "dy_ptr a_ptr b_ptr dx_ptr", "fp32": "scaling inv_keep",
                         "i32": "M N K R stride_dym stride_ar stride_bn stride_dxm seed p_thresh"})  # fmt: skip
             cases.append({
