@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
 from fastlora.kinds import kind_for_module, kind_for_peft_layer, kind_of_layer, kinds
-from fastlora.layers import LoRALayer
+from fastlora.layers import BASE_MODULE_ATTR, LoRALayer
 from fastlora.reference import lora_scaling
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
 
 ALL_LINEAR = "all-linear"
 _HEAD_NAMES = ("lm_head", "score", "classifier", "head")
-_BASE_ATTR = "_fastlora_base_module"
+_BASE_ATTR = BASE_MODULE_ATTR
 
 
 # ----------------------------------------------------------------------------------------------------------
