@@ -182,3 +182,16 @@ def test_refuses_an_unquantized_linear4bit():
     lin = bnb.nn.Linear4bit(64, 32)  # not moved to a device: bitsandbytes has not quantized it
     with pytest.raises(ValueError, match="not quantized yet"):
         fl.apply_lora(nn.Sequential(lin), ["0"])
+
+
+def test_example_trains_saves_reloads_in_peft_and_merges():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "qlora.py"
+    spec = importlib.util.spec_from_file_location("qlora_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.run(steps=12)
+    assert result["last_loss"] < 0.5 * result["first_loss"]
+    assert result["peft_vs_trained"] < 1e-5 and result["merged_vs_peft_merged"] < 1e-5
