@@ -323,9 +323,8 @@ PROVIDERS = ("base", "peft", "fastlora_torch", "fastlora")
 
 
 def _layer(case: Case, provider: str, device) -> nn.Module:
-    from fastlora.benchmarks.providers import peft_layer
-
     import fastlora
+    from fastlora.benchmarks.providers import peft_layer
 
     torch.manual_seed(0)
     base = case.make_base(device).requires_grad_(False)
