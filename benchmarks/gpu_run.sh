@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU run (H100/H200): install fastlora in place, time the TMA GEMM against torch.mm (gemm_check.json),
-# validate every op, then the benchmark suite at the target shapes, writing the JSON result file (and logs, tables, plots) to the folder given as argument.
+# validate every op, then the benchmark suite at the target shapes (QLoRA as a stage of its own), writing the JSON result file (and logs, tables, plots) to the folder given as argument.
 # Installs nothing else. Finishes in under 8 minutes: each stage has a time limit, the suite has a budget
 # after which it starts no new case, and the result file is rewritten after every case.
 #
@@ -33,11 +33,21 @@ if [ $rc -ne 0 ]; then
     status=1
 fi
 
-log "fastlora bench (target shapes; progress below)"
-timeout 290 $FASTLORA bench --out "$OUT" --budget 220 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
+log "fastlora bench (target shapes but QLoRA's; progress below)"
+LAYERS_BUT_QLORA=$("$PY" -c "from fastlora.benchmarks.suite import LAYERS; print(','.join(l for l in LAYERS if l != 'linear4bit'))")
+timeout 230 $FASTLORA bench --layer "$LAYERS_BUT_QLORA" --out "$OUT" --budget 170 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
 rc=${PIPESTATUS[0]}
 if [ $rc -ne 0 ]; then
     log "bench exited $rc (124: cut at its time limit; the result file keeps every finished case)"
+    status=1
+fi
+
+log "fastlora bench --layer linear4bit (QLoRA: M 16..16384, K=N=4096 and 4096x14336; fastlora vs PEFT's bnb layer vs dequantize + cuBLAS)"
+mkdir -p "$OUT/qlora"
+timeout 60 $FASTLORA bench --layer linear4bit --out "$OUT/qlora" --budget 45 2> >(tee "$OUT/qlora_progress.log" >&2) | tee "$OUT/qlora_table.md"
+rc=${PIPESTATUS[0]}
+if [ $rc -ne 0 ]; then
+    log "QLoRA bench exited $rc (124: cut at its time limit; the result file keeps every finished case)"
     status=1
 fi
 

@@ -3,11 +3,13 @@
 GPU (the issues' targets, bf16 mainly): Linear M in {512, 2048, 8192} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096)} x r in {8, 16, 64} x dropout {0, 0.1}, plus fp16 and fp32 at one shape;
 Embedding V=128256, D=4096, 8192 tokens, r=16; Conv2d batch 32, C=O=256, 56x56 and 28x28, 3x3, r=8,
-channels_last; the Llama-style step. CPU: the same layers at small shapes on the torch path.
+channels_last; QLoRA (NF4 Linear4bit, r=16) at M in {16, 512, 4096, 16384} x (K, N) in {(4096, 4096),
+(4096, 14336)}; the Llama-style step. CPU: the same layers at small shapes on the torch path.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -16,14 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from fastlora.benchmarks import conv2d, embedding, linear, llama
+from fastlora.benchmarks import llama
 from fastlora.benchmarks.harness import MODES, Case, Progress, Settings, measure_case, measure_ceilings
 
 import fastlora
 from fastlora._env import environment
+from fastlora.kinds import kinds
 from fastlora.validate import parse_shape
 
-SETUPS = {"linear": linear, "embedding": embedding, "conv2d": conv2d}
+# {layer kind: its benchmark setup module}, from the layer-kind registry (a kind whose extra is missing has none)
+SETUPS = {kind.name: importlib.import_module(kind.bench_setup) for kind in kinds() if kind.bench_setup}
 LAYERS = (*SETUPS, "llama")
 PROVIDERS = ("base", "peft_style", "peft", "fastlora")
 
@@ -79,6 +83,12 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
             for p in (0.0,) if quick else (0.0, 0.1):
                 shape = parse_shape(f"N=32,C=256,H={hw},W={hw},O=256,k=3,r=8,cl=1", "conv2d")
                 cases.append(Case("conv2d", shape, bf16, p))
+        if "linear4bit" in SETUPS:  # QLoRA at r=16: the fused-dequant route (M=16) and the workspace route
+            for m in (16, 4096) if quick else (16, 512, 4096, 16384):
+                for k, n in ((4096, 4096),) if quick else ((4096, 4096), (4096, 14336)):
+                    cases.append(Case("linear4bit", parse_shape(f"{m}x{k}x{n}x16", "linear4bit"), bf16, 0.0))
+            if not quick:
+                cases.append(Case("linear4bit", parse_shape("4096x4096x4096x16", "linear4bit"), bf16, 0.1))
         cases += [Case("llama", None, bf16, p) for p in ((0.0,) if quick else (0.0, 0.05))]
     else:
         lin = ("256x512x512x16",) if quick else ("256x512x512x16", "512x1024x1024x16", "512x1024x1024x64")
@@ -90,6 +100,10 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
         conv = "N=2,C=32,H=16,W=16,O=32,k=3,r=8" if quick else "N=4,C=64,H=28,W=28,O=64,k=3,r=8"
         for p in (0.0, 0.1):
             cases.append(Case("conv2d", parse_shape(conv, "conv2d"), fp32, p))
+        if "linear4bit" in SETUPS:
+            for s in _shapes("linear4bit", ("256x512x512x16",) if quick else ("256x512x512x16", "512x1024x1024x16")):
+                for p in (0.0, 0.1):
+                    cases.append(Case("linear4bit", s, fp32, p))
         cases.append(Case("llama", None, fp32, 0.0))
     return cases
 

@@ -1,7 +1,7 @@
 """fastlora: fused Triton kernels for LoRA fine-tuning, behind drop-in PyTorch layers."""
 
 from fastlora.io import load_adapter, lora_state_dict, save_adapter
-from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRALinear4bit
 from fastlora.model import (
     apply_lora,
     disable_adapter,
@@ -11,6 +11,7 @@ from fastlora.model import (
     unload,
 )
 from fastlora.ops import active_path, get_backend, lora_conv2d, lora_embedding, lora_linear, use_backend
+from fastlora.ops.linear4bit import lora_linear_4bit
 from fastlora.reference import lora_scaling
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __all__ = [
     "lora_embedding",
     "LoRALayer",
     "LoRALinear",
+    "lora_linear_4bit",
+    "LoRALinear4bit",
     "LoRAEmbedding",
     "lora_conv2d",
     "LoRAConv2d",

@@ -9,6 +9,7 @@ merges); the record adds what the rest of the library needs to know about the ki
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -16,7 +17,15 @@ import torch
 import torch.nn as nn
 
 from fastlora import validate
-from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, is_gpt2_conv1d
+from fastlora.layers import (
+    LoRAConv2d,
+    LoRAEmbedding,
+    LoRALayer,
+    LoRALinear,
+    LoRALinear4bit,
+    is_gpt2_conv1d,
+    is_linear4bit,
+)
 
 __all__ = ["LayerKind", "register_kind", "unregister_kind", "kinds", "get_kind", "kind_for_module", "kind_of_layer",
            "kind_for_peft_layer"]  # fmt: skip
@@ -149,6 +158,18 @@ def _rebuild_conv2d(layer: LoRAConv2d) -> nn.Module:
     )  # fmt: skip
 
 
+def _rebuild_linear4bit(layer: LoRALinear4bit) -> nn.Module:
+    import bitsandbytes as bnb
+
+    w = layer.weight
+    return _on_meta(
+        lambda: bnb.nn.Linear4bit(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, compute_dtype=layer.compute_dtype,
+            compress_statistics=w.compress_statistics, quant_type=w.quant_type, quant_storage=w.quant_storage,
+        )
+    )  # fmt: skip
+
+
 def _peft_ab(module, adapter):
     return {"lora_A": module.lora_A[adapter].weight, "lora_B": module.lora_B[adapter].weight}
 
@@ -207,5 +228,23 @@ register_kind(
         peft_difference=_conv2d_peft_difference,
         validate_case=validate.Conv2dCase(),
         bench_setup="fastlora.benchmarks.conv2d",
+    )
+)
+# bitsandbytes is optional: the kind is always known (a module can only be a Linear4bit once bitsandbytes is
+# imported, and is_linear4bit never imports it), its accuracy check and benchmark only where it is installed
+_HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+register_kind(
+    LayerKind(
+        name="linear4bit",
+        wraps=is_linear4bit,
+        layer_class=LoRALinear4bit,
+        base_names="bitsandbytes Linear4bit",
+        peft_keys=_AB_KEYS,
+        rebuild=_rebuild_linear4bit,
+        all_linear=True,
+        peft_types=("Linear4bit",),
+        peft_tensors=_peft_ab,
+        validate_case=validate.Linear4bitCase() if _HAS_BNB else None,
+        bench_setup="fastlora.benchmarks.linear4bit" if _HAS_BNB else None,
     )
 )

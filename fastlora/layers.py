@@ -8,6 +8,8 @@ subtracts the delta again. While ``disabled`` it computes the base op alone.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -17,10 +19,16 @@ from fastlora.checks import FLOAT_DTYPES, check_alpha, check_dropout, check_rank
 from fastlora.ops.conv2d import lora_conv2d
 from fastlora.ops.embedding import lora_embedding
 from fastlora.ops.linear import check_linear, lora_linear
+from fastlora.ops.linear4bit import check_linear4bit, lora_linear_4bit
 from fastlora.ops.merge import merge_delta_
 from fastlora.reference import lora_scaling
+from fastlora.reference_4bit import dequantize_4bit_ref
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "is_gpt2_conv1d"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRALinear4bit", "LoRAEmbedding", "LoRAConv2d", "is_gpt2_conv1d",
+           "is_linear4bit", "BASE_MODULE_ATTR"]  # fmt: skip
+
+# The attribute (outside the module tree) under which a layer keeps the module it was built from, for unload.
+BASE_MODULE_ATTR = "_fastlora_base_module"
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -104,10 +112,14 @@ class LoRALayer(nn.Module):
         self.lora_dropout = float(dropout) if self.uses_dropout else 0.0
         self.merged = False
         self.disabled = False
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": self._adapter_dtype()}
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_lora_parameters()
+
+    def _adapter_dtype(self) -> torch.dtype:
+        """The dtype of new adapter tensors: the base weight's."""
+        return self.weight.dtype
 
     @property
     def scaling(self) -> float:
@@ -220,6 +232,143 @@ class LoRALinear(LoRALayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear over a bitsandbytes 4-bit weight (QLoRA)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """bitsandbytes' ``Linear4bit`` (or a subclass that keeps its forward, such as ``LinearNF4``). False without
+    importing bitsandbytes when nothing has imported it (then no module can be one)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
+    base = bnb.nn.Linear4bit
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+class LoRALinear4bit(LoRALayer):
+    """LoRA on a bitsandbytes ``Linear4bit`` (QLoRA): Y = x deq(W)^T + bias + s * (dropout(x) A^T) B^T.
+
+    ``weight`` is the base module's ``Params4bit`` itself (the packed NF4/FP4 codes; its ``quant_state`` holds the
+    block scales), shared and never dequantized into a lasting tensor; ``bias`` is the base's. ``lora_A`` [r, in]
+    and ``lora_B`` [out, r] are float32, as PEFT makes them. As ``Linear4bit`` does, the input is cast to the base's
+    ``compute_dtype`` (when set) and the output back to the input's dtype; the LoRA branch runs in the compute dtype.
+
+    Merging follows PEFT: dequantize W, add s * B A in float32, quantize again with the same quant type, block size
+    and double quantization. The merged weight carries a second 4-bit rounding (a warning says so), and unmerging
+    (or ``unload`` after a merge) gives W back only up to that rounding.
+    """
+
+    @classmethod
+    def base_type_error(cls, module):
+        return None if is_linear4bit(module) else "bitsandbytes.nn.Linear4bit"
+
+    @classmethod
+    def weight_reason(cls, module):
+        if getattr(module.weight, "quant_state", None) is None:
+            return (
+                "its Params4bit weight is not quantized yet (bitsandbytes quantizes it when the module moves to a "
+                "device: call .to(device) first, or load the model with a BitsAndBytesConfig)"
+            )
+        return None
+
+    @classmethod
+    def adapter_shapes(cls, module, r, **options):
+        return {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
+
+    def _init_base(self, module):
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the codes for its CPU inference kernel on an eval-mode call; its own state_dict
+            # takes them back to the standard layout the same way
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        self.weight = _shared(weight)
+        if module.bias is not None:
+            self.bias = _shared(module.bias)
+        else:
+            self.register_parameter("bias", None)
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.compute_dtype = module.compute_dtype
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def quant_state(self):
+        """The bitsandbytes QuantState of the packed base weight."""
+        return self.weight.quant_state
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        if self._base_only():
+            check_linear4bit(x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling, 0.0)
+            y = self._base_forward(x)
+        else:
+            y = lora_linear_4bit(
+                x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling,
+                self.lora_dropout, self.training,
+            )  # fmt: skip
+        return y.to(inp_dtype)
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False):
+        """W = quantize(deq(W) + s * B A) (see the class docstring); with safe=True a non-finite sum raises."""
+        if self.merged:
+            return
+        self._requantize(1.0, safe)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W = quantize(deq(W) - s * B A): the base weight up to a second 4-bit rounding."""
+        if not self.merged:
+            return
+        self._requantize(-1.0, False)
+        self.merged = False
+
+    def _requantize(self, sign: float, safe: bool):
+        import bitsandbytes as bnb
+
+        old = self.weight
+        state = old.quant_state
+        w = dequantize_4bit_ref(old.data, state).float()
+        w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=sign * self.scaling)
+        if safe and not torch.isfinite(w).all():
+            raise ValueError("merging gives a non-finite weight")
+        warnings.warn(
+            "fastlora: merging a LoRA adapter into a 4-bit weight quantizes W + s * B A again, so the merged layer "
+            "differs from the unmerged one by that rounding (as with PEFT)",
+            stacklevel=3,
+        )
+        new = bnb.nn.Params4bit(
+            w.to(state.dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+        ).to(old.device)  # fmt: skip
+        base = self.__dict__.get(BASE_MODULE_ATTR)
+        if base is not None and base.weight is old:
+            base.weight = new
+            new.module = base
+        self.weight = new
+
+    def extra_repr(self) -> str:
+        q = self.quant_state
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, quant_type={q.quant_type}, "
+            f"{super().extra_repr()}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

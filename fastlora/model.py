@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
 from fastlora.kinds import kind_for_module, kind_for_peft_layer, kind_of_layer, kinds
-from fastlora.layers import LoRALayer
+from fastlora.layers import BASE_MODULE_ATTR, LoRALayer
 from fastlora.reference import lora_scaling
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
 
 ALL_LINEAR = "all-linear"
 _HEAD_NAMES = ("lm_head", "score", "classifier", "head")
-_BASE_ATTR = "_fastlora_base_module"
+_BASE_ATTR = BASE_MODULE_ATTR
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,10 +53,23 @@ _BASE_ATTR = "_fastlora_base_module"
 # ----------------------------------------------------------------------------------------------------------
 
 
+_EIGHT_BIT = (
+    "bitsandbytes' 8-bit Linear8bitLt is not supported; fastlora wraps 4-bit bitsandbytes layers (Linear4bit): "
+    "quantize the model in 4 bits (BitsAndBytesConfig(load_in_4bit=True))"
+)
+
+
+def is_linear8bit(module: nn.Module) -> bool:
+    """bitsandbytes' ``Linear8bitLt`` (or PEFT's LoRA layer of that name), told by class name (no import)."""
+    return type(module).__name__ == "Linear8bitLt"
+
+
 def unsupported_reason(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
     """Why ``module`` cannot be wrapped by a fastlora layer, or None when it can."""
     if isinstance(module, LoRALayer):
         return "it already is a fastlora LoRA layer (call fl.unload or fl.merge_and_unload first)"
+    if is_linear8bit(module):
+        return _EIGHT_BIT
     kind = kind_for_module(module)
     if kind is None:
         names = ", ".join(k.base_names for k in kinds())
@@ -203,7 +216,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> li
             continue
         parent = _parent_of(model, name)
         if all_linear:
-            if module is head or not _all_linear_kind(module):
+            if module is head or not (_all_linear_kind(module) or is_linear8bit(module)):
                 continue
             if isinstance(parent, nn.MultiheadAttention):
                 continue
@@ -287,8 +300,9 @@ def apply_lora(
     Args:
         model: any ``nn.Module`` (a Hugging Face model, a PEFT-free training model, a plain conv net).
         target_modules: a list of names (exact or dotted suffix), a regex string (full match) or "all-linear".
-            Matching ``nn.Linear``, GPT-2 ``Conv1D`` (weight [in, out]), ``nn.Embedding`` and ``nn.Conv2d`` become
-            ``LoRALinear`` / ``LoRAEmbedding`` / ``LoRAConv2d`` sharing the original weight and bias.
+            Matching ``nn.Linear``, GPT-2 ``Conv1D`` (weight [in, out]), ``nn.Embedding``, ``nn.Conv2d`` and
+            bitsandbytes' 4-bit ``Linear4bit`` become ``LoRALinear`` / ``LoRAEmbedding`` / ``LoRAConv2d`` /
+            ``LoRALinear4bit`` sharing the original weight and bias (8-bit ``Linear8bitLt`` is refused).
         r, alpha: rank and alpha; scaling s = alpha / r (alpha / sqrt(r) with ``use_rslora``).
         dropout: dropout probability on the LoRA branch's input (not used by embeddings, as in PEFT).
         exclude_modules: names never to adapt (same rules as target_modules).
@@ -462,6 +476,8 @@ def print_trainable_parameters(model: nn.Module, print_fn=print) -> ParameterCou
 
 def _peft_skip_reason(module, adapter: str) -> str | None:
     kind = kind_for_peft_layer(module)
+    if is_linear8bit(module):
+        return f"{type(module).__module__}.{type(module).__name__}: {_EIGHT_BIT}"
     if kind is None:
         return f"{type(module).__module__}.{type(module).__name__} has no fastlora equivalent"
     base = module.base_layer
@@ -489,10 +505,11 @@ def _peft_skip_reason(module, adapter: str) -> str | None:
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Swaps PEFT's LoRA layers for fastlora layers in place, keeping the very same Parameter objects.
 
-    Converts ``peft.tuners.lora.Linear`` (over ``nn.Linear`` or ``Conv1D``), ``Embedding`` and ``Conv2d``: the
-    fastlora layer's ``weight``/``bias`` are the base layer's, its ``lora_A``/``lora_B`` are PEFT's parameters
-    (so an optimizer built before the call keeps working). A layer that cannot be converted exactly (DoRA or another
-    variant, lora_bias, quantised or other base layers, a changed scaling) stays PEFT's, with a warning naming it.
+    Converts ``peft.tuners.lora.Linear`` (over ``nn.Linear`` or ``Conv1D``), ``Embedding``, ``Conv2d`` and
+    ``bnb.Linear4bit`` (over bitsandbytes' ``Linear4bit``): the fastlora layer's ``weight``/``bias`` are the base
+    layer's, its ``lora_A``/``lora_B`` are PEFT's parameters (so an optimizer built before the call keeps working).
+    A layer that cannot be converted exactly (DoRA or another variant, lora_bias, 8-bit or other base layers, a
+    changed scaling) stays PEFT's, with a warning naming it.
     A model with more than one adapter, or more than one active adapter, is refused with ValueError.
 
     Returns ``peft_model``. Afterwards use fastlora's functions (``fl.disable_adapter``, ``fl.save_adapter``,

@@ -34,6 +34,7 @@ from fastlora.kernels.geometry import output_size
 __all__ = [
     "Case",
     "LinearCase",
+    "Linear4bitCase",
     "EmbeddingCase",
     "Conv2dCase",
     "Shape",
@@ -258,6 +259,41 @@ class LinearCase(Case):
         return fastlora.lora_linear(x, t["weight"], t["bias"], lora_A, lora_B, t["scaling"], dropout_p, True)
 
 
+class Linear4bitCase(LinearCase):
+    """LinearCase over a bitsandbytes 4-bit W: the weight is quantized (NF4, or FP4 with fp4=1; double quantized
+    with nested=1; blocks of ``block``), and the reference uses bitsandbytes' own dequantization of it."""
+
+    name = "linear4bit"
+    optional = {"bias": 1, "fp4": 0, "nested": 1, "block": 64}
+    shape_help = "linear4bit:MxKxNxr or linear4bit:M=..,K=..,N=..,r=..[,bias=0|1,fp4=0|1,nested=0|1,block=64|128|256]"
+
+    def check_dims(self, d):
+        super().check_dims(d)
+        for k in ("bias", "fp4", "nested"):
+            if d[k] not in (0, 1):
+                raise ValueError(f"linear4bit option {k} must be 0 or 1, got {d[k]}")
+        if d["block"] not in (64, 128, 256):
+            raise ValueError(f"linear4bit block must be 64, 128 or 256, got {d['block']}")
+
+    def make(self, shape, dtype, device, seed):
+        import bitsandbytes.functional as bnbf
+
+        from fastlora.reference_4bit import dequantize_4bit_ref
+
+        t = super().make(shape, dtype, device, seed)
+        t["packed"], t["quant_state"] = bnbf.quantize_4bit(
+            t["weight"], blocksize=shape["block"], quant_type="fp4" if shape["fp4"] else "nf4",
+            compress_statistics=bool(shape["nested"]),
+        )  # fmt: skip
+        t["weight"] = dequantize_4bit_ref(t["packed"], t["quant_state"])  # what the reference multiplies by
+        return t
+
+    def call(self, t, x, lora_A, lora_B, dropout_p):
+        from fastlora.ops.linear4bit import lora_linear_4bit
+
+        return lora_linear_4bit(x, t["packed"], t["quant_state"], t["bias"], lora_A, lora_B, t["scaling"], dropout_p)
+
+
 class EmbeddingCase(Case):
     name = "embedding"
     required = ("M", "V", "D", "r")
@@ -416,12 +452,14 @@ def default_grid(layer: str, device: torch.device) -> list[Shape]:
     if device.type == "cuda":
         grid = {
             "linear": ["777x1000x3000x5", "M=2048,K=4096,N=4096,r=16"],
+            "linear4bit": ["M=16,K=4096,N=4096,r=16", "M=777,K=1000,N=3000,r=5,fp4=1,nested=0"],
             "embedding": ["M=4099,V=32000,D=1024,r=16,pad=0"],
             "conv2d": ["N=8,C=64,H=28,W=28,O=64,k=3,r=8,cl=1", "N=4,C=96,H=17,W=15,O=80,k=3,r=5,stride=2,bias=0"],
         }[layer]
     else:
         grid = {
             "linear": ["37x75x51x5", "M=20,K=33,N=70,r=16,bias=0"],
+            "linear4bit": ["37x75x51x5", "M=20,K=64,N=70,r=16,bias=0,fp4=1,nested=0,block=128"],
             "embedding": ["M=45,V=61,D=37,r=5,pad=3"],
             "conv2d": ["2x5x9x7x6x3x3", "N=2,C=4,H=8,W=8,O=5,k=3,r=4,stride=2,pad=1,bias=0,cl=1"],
         }[layer]

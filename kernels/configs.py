@@ -359,3 +359,18 @@ def conv_skinny_config(major: int, kind: str, dtype: torch.dtype):
         return CONV_SKINNY_INTERPRET[kind]
     table = _CONV_SKINNY_32BIT if dtype == torch.float32 else _CONV_SKINNY_16BIT
     return table[9 if major >= 9 else 8][kind]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4-bit base weights (kernels/nf4.py): the dequantization pass and the GEMMs that dequantize in their main loop
+# ----------------------------------------------------------------------------------------------------------
+
+# Dequantization into the workspace: elements per program, warps.
+NF4_DEQUANT_BLOCK, NF4_DEQUANT_WARPS = 1024, 4
+# The fused (small-M) GEMMs, per generation: (BLOCK_N or BLOCK_K: the MMA's M side, BLOCK of the reduced dim, warps,
+# stages). One stage: the W tile is built in registers from per-element gathers, which the pipeliner would stage in
+# shared memory (over the limit at 3 stages). Hopper's forward takes BLOCK_K=32: at 64 the dropout hash beside the
+# [128, 64] accumulator spills 8 bytes.
+NF4_FUSED_FWD = {9: (128, 32, 8, 1), 8: (64, 64, 4, 1)}
+NF4_FUSED_DX = {9: (128, 64, 8, 1), 8: (64, 64, 4, 1)}
+NF4_FUSED_INTERPRET = (32, 32, 4, 1)

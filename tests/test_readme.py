@@ -73,6 +73,14 @@ def _merge_block(ns, tmp_path):
     assert not lora_layers(ns["merged"]) and type(ns["merged"].model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
+def _qlora_block(ns, tmp_path):
+    import bitsandbytes as bnb
+
+    model = ns["merged_4bit"]
+    assert not lora_layers(model) and all(type(model[i]) is bnb.nn.Linear4bit for i in (0, 2))
+    assert model[0].weight.quant_state.quant_type == "nf4" and model[0].weight.dtype == torch.uint8
+
+
 # What each block must leave behind, found by a line only that block has (each must match exactly one block).
 CHECKS = {
     "c = fl.lora_conv2d(": _layers_block,
@@ -80,6 +88,7 @@ CHECKS = {
     'fl.load_adapter(fresh, "my-adapter")': _save_load_block,
     "fl.from_peft(peft_model)": _from_peft_block,
     "merged = fl.merge_and_unload(model)": _merge_block,
+    "merged_4bit = fl.merge_and_unload(model)": _qlora_block,
     "compiled(torch.randn(32, 64))": _grads_reach_only_the_adapters,
     "checkpoint(model, x, use_reentrant=False)": _grads_reach_only_the_adapters,
 }
@@ -90,7 +99,7 @@ def test_every_block_is_run_and_checked():
     run by test_block_runs_as_pasted or is the fsdp example run under torchrun; every check finds its block."""
     fences = re.findall(r"^```(\S*)\n.*?^```", README, flags=re.S | re.M)  # the opening fence's language
     assert set(fences) <= {"bash", "python"}, fences
-    assert len(BLOCKS) == fences.count("python") == 8
+    assert len(BLOCKS) == fences.count("python") == 9
     assert len(RUNNABLE) == len(BLOCKS) - 1
     for needle in CHECKS:
         assert sum(needle in code for _, code in RUNNABLE) == 1, needle

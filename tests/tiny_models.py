@@ -28,6 +28,47 @@ def llama(vocab: int = VOCAB) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+def llama_4bit(quant_type: str = "nf4", nested: bool = True, vocab: int = VOCAB) -> nn.Module:
+    """A tiny Llama whose linear layers (all but lm_head) are bitsandbytes Linear4bit, quantized on the CPU. Every
+    dimension is a multiple of 64 (bitsandbytes' CPU kernels want whole blocks per row)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return quantize_4bit(LlamaForCausalLM(cfg), quant_type, nested)
+
+
+def quantize_4bit(model: nn.Module, quant_type: str = "nf4", nested: bool = True, skip=("lm_head",)) -> nn.Module:
+    """Replaces each nn.Linear of ``model`` (but those named in ``skip``) by a bitsandbytes Linear4bit holding its
+    weight quantized (compute dtype float32), in place; returns the model, marked as loaded in 4 bits."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.rpartition(".")[2] in skip:
+            continue
+        q = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=torch.float32,
+            compress_statistics=nested, quant_type=quant_type,
+        )  # fmt: skip
+        q.weight = bnb.nn.Params4bit(
+            module.weight.data.clone(), requires_grad=False, compress_statistics=nested, quant_type=quant_type
+        )
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        # no bf16 CPU inference kernel: in eval mode it would repack the weight and compute in bf16
+        q.support_avx512bf16_for_cpu = False
+        model.set_submodule(name, q.to(module.weight.device))  # the move quantizes
+    model.is_loaded_in_4bit = True  # as transformers marks a model it loads in 4 bits (PEFT reads it)
+    return model
+
+
 def gpt2(vocab: int = VOCAB) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

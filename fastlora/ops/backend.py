@@ -121,8 +121,15 @@ def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
 
 
 def dropout_scale(seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
-    """The torch path's dropout multiplier for x: the keep-mask as x's dtype, times 1/(1-p)."""
-    return dropout_keep(seed, x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+    """The torch path's dropout multiplier for x: the keep-mask as x's dtype, times 1/(1-p).
+
+    The same values as ``dropout_keep(...).to(x.dtype) / (1 - p)``, formed in place in the one float32 buffer the
+    uniform draw fills (no bool mask, no cast copy): the mask is drawn twice per step (forward and backward)."""
+    if torch.device(x.device).type == "meta":
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    scale = torch.rand(x.shape, generator=gen, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
+    return scale if x.dtype == torch.float32 else scale.to(x.dtype)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
