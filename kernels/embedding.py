@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .configs import capability, dot_dtype, embedding_config, input_precision, num_programs_target, rank_block
-from .launch import LaunchPlans
+from .launch import plans_for
 
 __all__ = ["SYNC_CHECKS", "check_indices", "lora_embedding_fwd", "lora_embedding_bwd"]
 
@@ -429,13 +429,6 @@ def _check_operands(idx, lora_A, lora_B, num_embeddings, dim):
         raise ValueError(f"idx, lora_A and lora_B must be on one device, got {sorted(map(str, devices))}")
 
 
-# Launch plans (kernels/launch.py): each kernel's sizes, strides and flags key its plan; the pad index varies per
-# layer without changing what is compiled, so it is guarded like a pointer.
-_FWD = LaunchPlans(_emb_fwd_kernel, dynamic=())
-_BWD_DY = LaunchPlans(_emb_bwd_dy_kernel, dynamic=("padding_idx",))
-_FINISH = LaunchPlans(_emb_bwd_finish_kernel, dynamic=())
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
@@ -501,7 +494,7 @@ def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
         m, dim, r, out_dtype, capability(device), num_programs_target(device)
     )
     flag = _index_flag(device, checked=True)
-    _FWD.launch(
+    plans_for(_emb_fwd_kernel).launch(
         None,
         grid,
         idx_ptr=idx,
@@ -576,7 +569,7 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
         ws = torch.zeros(r * num_embeddings + dim * r, dtype=torch.float32, device=device)
         ds_out, db_out = ws[: r * num_embeddings], ws[r * num_embeddings :]
     flag = _index_flag(device, checked=check)
-    _BWD_DY.launch(
+    plans_for(_emb_bwd_dy_kernel, dynamic=("padding_idx",)).launch(  # the pad index: guarded, not keyed
         None,
         grid,
         dy_ptr=dy,
@@ -612,7 +605,9 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
     db = torch.empty((dim, r), dtype=lora_B.dtype, device=device)
     if not deterministic:
         cfg, grid = _finish_geometry(r * num_embeddings + dim * r, lora_A.dtype, major, r_block)
-        _FINISH.launch(None, grid, ws_ptr=ws, da_ptr=da, db_ptr=db, N_A=r * num_embeddings, N_B=dim * r, **cfg)
+        plans_for(_emb_bwd_finish_kernel).launch(
+            None, grid, ws_ptr=ws, da_ptr=da, db_ptr=db, N_A=r * num_embeddings, N_B=dim * r, **cfg
+        )
         return da, db
 
     # dB: the row-strip partials summed in order, scaled, rounded once

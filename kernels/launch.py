@@ -39,7 +39,7 @@ try:
 except ImportError:  # Triton before 3.4: no launch hooks to respect
     _knobs = None
 
-__all__ = ["LaunchPlans", "LaunchPlan"]
+__all__ = ["LaunchPlans", "LaunchPlan", "plans_for"]
 
 _I32 = range(-(2**31), 2**31)
 
@@ -103,6 +103,7 @@ class LaunchPlans:
         self._dynamic = None if dynamic is None else frozenset(dynamic)
         self._constexprs = frozenset(p.name for p in fn.params if p.is_constexpr) if self._jit else frozenset()
         self._plans: dict[Hashable, LaunchPlan] = {}
+        self._guards: dict[tuple, Callable[[dict], tuple]] = {}
         self.direct_launches = 0
         self.normal_launches = 0
 
@@ -110,12 +111,24 @@ class LaunchPlans:
         constexprs = self._constexprs
         dynamic = self._dynamic
         if dynamic is not None:  # the key is every argument: integers by value unless dynamic, the rest guarded
-            return tuple(
-                v if name in constexprs or (type(v) is int and name not in dynamic) else _guard_value(v)
-                for name, v in kwargs.items()
-            )
+            names = tuple(kwargs)
+            guard = self._guards.get(names)
+            if guard is None:
+                guard = self._guards[names] = self._make_guard(kwargs)
+            return guard(kwargs)
         static = self._static
         return tuple((v if name in constexprs else _guard_value(v)) for name, v in kwargs.items() if name not in static)
+
+    def _make_guard(self, kwargs: dict) -> Callable[[dict], tuple]:
+        """The guard of one argument list (names in call order), generated once: integers that are not dynamic
+        and constexprs by value, everything else through _guard_value. A name whose value is an integer on the
+        first call is keyed by value on every call."""
+        constexprs, dynamic = self._constexprs, self._dynamic
+        items = []
+        for name, v in kwargs.items():
+            by_value = name in constexprs or (type(v) is int and name not in dynamic)
+            items.append(f"kw[{name!r}]" if by_value else f"g(kw[{name!r}])")
+        return eval(f"lambda kw, g=g: ({', '.join(items)},)", {"g": _guard_value})  # noqa: S307
 
     def launch(self, key: Hashable, grid, **kwargs: Any):
         if self._jit is None:
@@ -179,3 +192,16 @@ class LaunchPlans:
 
 def _one(name: str) -> Callable[[dict], tuple]:
     return lambda d: (d[name],)
+
+
+_BY_KERNEL: dict[int, tuple[object, LaunchPlans]] = {}
+
+
+def plans_for(kernel, dynamic: tuple[str, ...] = ()) -> LaunchPlans:
+    """The launch plans of ``kernel`` keyed by every argument (``LaunchPlans(kernel, dynamic=dynamic)``), one per
+    kernel object. Launchers look their kernel up by its module name on each call, so a kernel replaced by a
+    wrapper (a launch counter in the tests, a profiler's) gets plans of its own, or the normal path."""
+    entry = _BY_KERNEL.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        entry = _BY_KERNEL[id(kernel)] = (kernel, LaunchPlans(kernel, dynamic=dynamic))
+    return entry[1]
