@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU run (H100/H200): install fastlora in place, time the TMA GEMM against torch.mm (gemm_check.json),
-# validate every op, then the benchmark suite at the target shapes, writing the JSON result file (and logs, tables, plots) to the folder given as argument.
+# validate every op, check CUDA graphs and torch.compile (graphs_check.json), then the benchmark suite at the target shapes, writing the JSON result file (and logs, tables, plots) to the folder given as argument.
 # Installs nothing else. Finishes in under 8 minutes: each stage has a time limit, the suite has a budget
 # after which it starts no new case, and the result file is rewritten after every case.
 #
@@ -33,8 +33,11 @@ if [ $rc -ne 0 ]; then
     status=1
 fi
 
+log "graphs check: host-bound M=512 vs PEFT, CUDA graph capture and torch.compile(reduce-overhead) vs eager, dropout masks across replays"
+timeout 60 "$PY" -m benchmarks.graphs_check "$OUT" 2>&1 | tee "$OUT/graphs_check.txt" || { log "graphs check failed or was cut (see graphs_check.json)"; status=1; }
+
 log "fastlora bench (target shapes; progress below)"
-timeout 290 $FASTLORA bench --out "$OUT" --budget 220 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
+timeout 230 $FASTLORA bench --out "$OUT" --budget 160 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
 rc=${PIPESTATUS[0]}
 if [ $rc -ne 0 ]; then
     log "bench exited $rc (124: cut at its time limit; the result file keeps every finished case)"

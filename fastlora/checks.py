@@ -27,6 +27,7 @@ __all__ = [
     "check_indices",
     "check_embedding_indices",
     "host_memory",
+    "cached_check",
     "warn_trainable_base",
 ]
 
@@ -34,6 +35,34 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # The debug switch of the embedding range checks (kernels/embedding.py reads the same variable).
 SYNC_CHECKS = os.environ.get("FASTLORA_SYNC_CHECKS", "0") == "1"
+
+
+_MISS = object()
+
+
+def cached_check(check):
+    """``check`` (a validation of an op's arguments that returns normalised values) remembered per call signature:
+    tensors by shape, dtype and device, everything else by type and value. A known signature costs a dictionary
+    lookup; a call whose arguments cannot be hashed (a list) is checked in full every time. Only checks whose
+    outcome depends on nothing else may be wrapped."""
+    memo: dict = {}
+
+    def checked(*args):
+        try:
+            key = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+            known = memo.get(key, _MISS)
+        except TypeError:
+            return check(*args)
+        if known is not _MISS:
+            return known
+        result = check(*args)
+        if len(memo) < 4096:
+            memo[key] = result
+        return result
+
+    checked.__wrapped__ = check
+    checked.__doc__ = check.__doc__
+    return checked
 
 
 def _is_number(value) -> bool:
