@@ -213,11 +213,16 @@ class Op:
         def backward_impl(*args):
             grads, a, outs, needs, triton = _unpack(args, real=True)
             got = op._backward(a, outs, grads, needs, triton)
-            result = []
+            result, storages = [], set()
             for k, i in enumerate(op._diff):
                 ref = a[i]
                 if needs[k] and got[k] is not None and ref is not None:
-                    result.append(got[k].contiguous(memory_format=grad_layout(ref)))
+                    g = got[k].contiguous(memory_format=grad_layout(ref))
+                    storage = g.untyped_storage().data_ptr()
+                    if storage in storages or g.storage_offset():  # carved from one buffer: a custom op's outputs
+                        g = g.clone()  # may not alias, and have the layout of their fakes (offset 0)
+                    storages.add(storage)
+                    result.append(g)
                 else:
                     result.append(grads[0].new_empty(0))
             return result
