@@ -6,6 +6,7 @@ value is accepted or refused the same way everywhere.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -25,11 +26,43 @@ __all__ = [
     "check_padding_idx",
     "check_indices",
     "check_embedding_indices",
+    "host_memory",
+    "cached_check",
     "warn_trainable_base",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The debug switch of the embedding range checks (kernels/embedding.py reads the same variable).
+SYNC_CHECKS = os.environ.get("FASTLORA_SYNC_CHECKS", "0") == "1"
+
+
+_MISS = object()
+
+
+def cached_check(check):
+    """``check`` (a validation of an op's arguments that returns normalised values) remembered per call signature:
+    tensors by shape, dtype and device, everything else by type and value. A known signature costs a dictionary
+    lookup; a call whose arguments cannot be hashed (a list) is checked in full every time. Only checks whose
+    outcome depends on nothing else may be wrapped."""
+    memo: dict = {}
+
+    def checked(*args):
+        try:
+            key = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+            known = memo.get(key, _MISS)
+        except TypeError:
+            return check(*args)
+        if known is not _MISS:
+            return known
+        result = check(*args)
+        if len(memo) < 4096:
+            memo[key] = result
+        return result
+
+    checked.__wrapped__ = check
+    checked.__doc__ = check.__doc__
+    return checked
 
 
 def _is_number(value) -> bool:
@@ -123,9 +156,25 @@ def check_indices(idx):
         raise TypeError(f"idx must be an int32 or int64 tensor of indices, got {dtype_name(idx.dtype)}")
 
 
+def host_memory(t: torch.Tensor) -> bool:
+    """Whether t lives in host memory, where reading its values waits for no device (a CPU tensor)."""
+    return t.device.type == "cpu"
+
+
 def check_embedding_indices(idx: torch.Tensor, num_embeddings: int) -> None:
-    """Raise ValueError unless every index is in [0, num_embeddings) (min and max taken on idx's device)."""
+    """Every index must be in [0, num_embeddings), checked without a device-to-host sync.
+
+    CPU indices are host memory: min and max are read and a bad index raises ValueError here, before any output
+    exists. Indices on a device are checked by a device-side assert queued after the comparison
+    (``torch._assert_async``), as torch's own embedding does: the error surfaces as a RuntimeError ("device-side
+    assert triggered") at the next call that waits for the device. With the debug switch
+    ``FASTLORA_SYNC_CHECKS=1`` (read at import; the attribute SYNC_CHECKS) device indices are read back too and
+    raise the ValueError here, at the cost of one sync per call."""
     if idx.numel() == 0:
+        return
+    if not host_memory(idx) and not SYNC_CHECKS:
+        in_range = ((idx >= 0) & (idx < num_embeddings)).all()
+        torch._assert_async(in_range, f"idx: embedding indices must be in [0, {num_embeddings})")
         return
     lo, hi = torch.stack(torch.aminmax(idx.reshape(-1))).tolist()
     if lo < 0 or hi >= num_embeddings:

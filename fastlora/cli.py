@@ -179,7 +179,24 @@ def cmd_info(args) -> int:
     for layer in LAYERS:
         rows.append((layer, f"fastlora.lora_{layer}", path))
     _print_table(("layer", "function", f"path on {device}"), rows)
+    _print_decisions()
     return 0
+
+
+def _print_decisions() -> None:
+    """The measured dispatch decisions (kernels/dispatch.py): this process's and those cached on disk."""
+    if not backend.HAS_TRITON:
+        return
+    from fastlora.kernels import dispatch
+
+    found = dispatch.decisions()
+    print(f"dispatch decisions ({dispatch.decisions_file()}): {len(found) or 'none yet'}")
+    if found:
+        rows = []
+        for d in found:
+            ms = ", ".join(f"{name} {t:.3f}" for name, t in sorted(d["ms"].items()))
+            rows.append((d["device"], d["key"], d["choice"], ms or "-"))
+        _print_table(("device", "key", "choice", "ms per candidate"), rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

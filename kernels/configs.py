@@ -76,7 +76,8 @@ def capability(device: torch.device) -> int:
     """Major compute capability (0 under the interpreter or off CUDA)."""
     if INTERPRET or device.type != "cuda":
         return 0
-    return torch.cuda.get_device_capability(device)[0]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_props(index).major
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from .configs import (
     rank_block,
 )
 from .geometry import input_grad, memory_format, output_size
+from .launch import plans_for
 from .tiles import grouped_tile
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
@@ -800,6 +801,14 @@ def _conv_mask_kernel(out_ptr, numel, C, H, W, seed, p, drop_scale, BLOCK: tl.co
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Launch plans (kernels/launch.py): every integer argument keys a kernel's plan, except the dropout seed.
+_DYNAMIC = ("seed",)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
 def _geometry(kernel_size, stride, pads, dilation):
     return {
         "KH": kernel_size[0],
@@ -833,16 +842,16 @@ def _tuned_fwd_kernel(major: int, dtype: torch.dtype):
     return triton.autotune(configs=conv_gemm_configs(major, dtype), key=_FWD_TUNE_KEY)(_conv_fwd_kernel)
 
 
-def _launch_gemm(kernel, tuned, grid, args, x):
+def _launch_gemm(kernel, tuned, grid, args, x, groups):
     """Launch one of the conv GEMMs: autotuned per (generation, dtype) on a GPU, the small fixed tiles under the
-    interpreter. grid maps the meta-parameters to the launch grid."""
+    interpreter. grid maps the meta-parameters to the launch grid; groups keys the plan with the arguments."""
     major = capability(x.device)
     if major == 0:
         bm, bn, bk, gm, warps, stages = CONV_GEMM_INTERPRET
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
-        kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
+        plans_for(kernel).launch(groups, grid(meta), **args, **meta, num_warps=warps, num_stages=stages)
     else:
-        tuned(major, x.dtype)[grid](**args)
+        plans_for(tuned(major, x.dtype)).launch(groups, grid, **args)
 
 
 def _precision(dtype):
@@ -874,7 +883,8 @@ def lora_conv2d_fwd(
 
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     meta, launch = _skinny(x.device, "down", x.dtype)
-    _conv_down_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
+    plans_for(_conv_down_kernel, _DYNAMIC).launch(
+        None, (_cdiv(m, meta["BLOCK_M"]), 1, 1),
         x_ptr=x, a_ptr=a_cl, s_ptr=s,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
@@ -907,8 +917,8 @@ def _y_fused(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
         scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=rank_block(r, max_block=None), **geometry,
         **precision,
     )  # fmt: skip
-    grid = lambda meta: (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(og, meta["BLOCK_N"]),)
-    _launch_gemm(_conv_fwd_kernel, _tuned_fwd_kernel, grid, args, x)
+    grid = lambda meta: (groups * _cdiv(m, meta["BLOCK_M"]) * _cdiv(og, meta["BLOCK_N"]),)
+    _launch_gemm(_conv_fwd_kernel, _tuned_fwd_kernel, grid, args, x, groups)
     return y
 
 
@@ -921,7 +931,8 @@ def _y_split(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     m, r = s.shape
     o = y.shape[1]
     meta, launch = _skinny(x.device, "up", x.dtype)
-    _conv_up_kernel[(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_K"]))](
+    plans_for(_conv_up_kernel, _DYNAMIC).launch(
+        None, (_cdiv(m, meta["BLOCK_M"]), _cdiv(o, meta["BLOCK_K"]), 1),
         y_ptr=y, s_ptr=s, b_ptr=b2,
         M=m, O=o, Ho=y.shape[2], Wo=y.shape[3], R=r,
         stride_yn=y.stride(0), stride_yc=y.stride(1), stride_yh=y.stride(2), stride_yw=y.stride(3),
@@ -957,8 +968,9 @@ def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     dx = input_grad(dy, x, weight, stride, pads, dilation, groups)
     a_cl = lora_A.contiguous(memory_format=torch.channels_last)
     meta, launch = _skinny(x.device, "dx", x.dtype)
-    grid = (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_K"]))
-    _conv_dx_kernel[grid](
+    grid = (_cdiv(nb * h * w, meta["BLOCK_M"]), _cdiv(c, meta["BLOCK_K"]), 1)
+    plans_for(_conv_dx_kernel, _DYNAMIC).launch(
+        None, grid,
         dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
         P=nb * h * w, C=c, H=h, W=w, Ho=dy.shape[2], Wo=dy.shape[3], R=r,
         stride_xn=dx.stride(0), stride_xc=dx.stride(1), stride_xh=dx.stride(2), stride_xw=dx.stride(3),
@@ -994,8 +1006,8 @@ def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
         stride_xn=dx.stride(0), stride_xc=dx.stride(1), stride_xh=dx.stride(2), stride_xw=dx.stride(3),
         BLOCK_R=block_r, **geometry, **precision,
     )  # fmt: skip
-    grid = lambda meta: (groups * triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),)
-    _launch_gemm(_conv_dgrad_kernel, _tuned_dgrad_kernel, grid, args, x)
+    grid = lambda meta: (groups * _cdiv(p, meta["BLOCK_M"]) * _cdiv(cg, meta["BLOCK_N"]),)
+    _launch_gemm(_conv_dgrad_kernel, _tuned_dgrad_kernel, grid, args, x, groups)
     return dx
 
 
@@ -1037,10 +1049,11 @@ def lora_conv2d_bwd(
     b2 = lora_B.reshape(o, r)
 
     meta, launch = _skinny(x.device, "ds_db", x.dtype)
-    num_tiles = triton.cdiv(m, meta["BLOCK_M"])
+    num_tiles = _cdiv(m, meta["BLOCK_M"])
     ds = torch.empty((m, r), device=x.device, dtype=torch.float32)
     dbp = torch.empty((num_tiles, o, r), device=x.device, dtype=torch.float32)
-    _conv_ds_db_kernel[(num_tiles,)](
+    plans_for(_conv_ds_db_kernel, _DYNAMIC).launch(
+        None, (num_tiles, 1, 1),
         dy_ptr=dy, s_ptr=s, b_ptr=b2, ds_ptr=ds, db_part_ptr=dbp,
         M=m, O=o, Ho=ho, Wo=wo, R=r,
         stride_dyn=dy.stride(0), stride_dyc=dy.stride(1), stride_dyh=dy.stride(2), stride_dyw=dy.stride(3),
@@ -1050,10 +1063,11 @@ def lora_conv2d_bwd(
     db = dbp.sum(0).mul_(scaling).to(lora_B.dtype).reshape(lora_B.shape)
 
     meta, launch = _skinny(x.device, "da", x.dtype)
-    k_blocks = kh * kw * triton.cdiv(c, meta["BLOCK_K"])
-    splits = max(1, min(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(num_programs_target(x.device), k_blocks)))
+    k_blocks = kh * kw * _cdiv(c, meta["BLOCK_K"])
+    splits = max(1, min(_cdiv(m, meta["BLOCK_M"]), _cdiv(num_programs_target(x.device), k_blocks)))
     dap = torch.empty((splits, r, c, kh, kw), device=x.device, dtype=torch.float32)
-    _conv_da_kernel[(k_blocks, splits)](
+    plans_for(_conv_da_kernel, _DYNAMIC).launch(
+        None, (k_blocks, splits, 1),
         x_ptr=x, ds_ptr=ds, da_part_ptr=dap,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),

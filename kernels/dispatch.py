@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["shape_key", "choose", "decisions", "Dispatcher", "cache_path"]
+__all__ = ["shape_key", "choose", "decisions", "decisions_file", "Dispatcher", "cache_path"]
 
 REPEATS = 5
 
@@ -138,3 +138,8 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], device) -> str
 def decisions() -> list[dict]:
     """The process-wide dispatcher's decisions, for `fastlora info`."""
     return _default.decisions()
+
+
+def decisions_file() -> str:
+    """The file the process-wide dispatcher reads and writes its decisions in."""
+    return _default._file()

@@ -40,6 +40,7 @@ Offsets that scale with V, D or M are computed in int64 (V * D passes 2^31 for l
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .configs import capability, dot_dtype, embedding_config, input_precision, num_programs_target, rank_block
+from .launch import plans_for
 
 __all__ = ["SYNC_CHECKS", "check_indices", "lora_embedding_fwd", "lora_embedding_bwd"]
 
@@ -393,10 +395,15 @@ def _index_flag(device: torch.device, checked: bool) -> torch.Tensor:
     return _FLAGS[key]
 
 
+def _host_memory(t: torch.Tensor) -> bool:
+    """Whether t lives in host memory, where reading it waits for no device (CPU tensors: the interpreter)."""
+    return t.device.type == "cpu"
+
+
 def _raise_if_flagged(flag: torch.Tensor, idx: torch.Tensor, num_embeddings: int) -> None:
     """Report an out-of-range index the kernel flagged, without a device-to-host sync (see the module docstring):
-    a device-side assert queued on CUDA; on CPU the flag is host memory, read directly."""
-    if flag.device.type == "cuda":
+    a device-side assert queued on a device; on CPU the flag is host memory, read directly."""
+    if not _host_memory(flag):
         torch._assert_async(flag, f"idx: embedding indices must be in [0, {num_embeddings})")
     elif flag.numpy()[0] == 0:
         flag.fill_(1)
@@ -420,6 +427,41 @@ def _check_operands(idx, lora_A, lora_B, num_embeddings, dim):
     devices = {t.device for t in (idx, lora_A, lora_B)}
     if len(devices) > 1:
         raise ValueError(f"idx, lora_A and lora_B must be on one device, got {sorted(map(str, devices))}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_geometry(m: int, dim: int, r: int, out_dtype: torch.dtype, major: int, programs: int):
+    """(config, grid, COLS_PER_PROGRAM, BLOCK_R, RANK_CHUNKS) of the forward: as few column splits as fill the
+    device, since each split gathers the rank-r rows again."""
+    r_block = rank_block(r)
+    cfg = embedding_config("fwd", major, out_dtype, r_block)
+    m_blocks, d_tiles = _cdiv(m, cfg["BLOCK_M"]), _cdiv(dim, cfg["BLOCK_D"])
+    d_splits = max(1, min(d_tiles, _cdiv(programs, m_blocks)))
+    cols_per_program = _cdiv(d_tiles, d_splits) * cfg["BLOCK_D"]
+    return cfg, (m_blocks, _cdiv(dim, cols_per_program), 1), cols_per_program, r_block, _cdiv(r, r_block)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_geometry(m: int, dim: int, r: int, dtype: torch.dtype, major: int, programs: int):
+    """(config, grid, ROWS_PER_PROGRAM, m_splits, d_splits, BLOCK_R, rank chunks) of the pass over dY."""
+    r_block = rank_block(r)
+    r_chunks = _cdiv(r, r_block)
+    cfg = embedding_config("bwd_dy", major, dtype, r_block)
+    m_blocks, d_splits = _cdiv(m, cfg["BLOCK_M"]), _cdiv(dim, cfg["BLOCK_D"])
+    m_splits = max(1, min(m_blocks, _cdiv(programs, d_splits * r_chunks)))
+    rows_per_program = _cdiv(m_blocks, m_splits) * cfg["BLOCK_M"]
+    m_splits = _cdiv(m, rows_per_program)
+    return cfg, (m_splits, d_splits, r_chunks), rows_per_program, m_splits, d_splits, r_block, r_chunks
+
+
+@functools.lru_cache(maxsize=1024)
+def _finish_geometry(n: int, dtype: torch.dtype, major: int, r_block: int):
+    cfg = embedding_config("bwd_finish", major, dtype, r_block)
+    return cfg, (_cdiv(n, cfg["BLOCK_M"]), 1, 1)
 
 
 def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
@@ -447,14 +489,14 @@ def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
     y = torch.empty((m, dim), dtype=out_dtype, device=idx.device)
     if m == 0:
         return y
-    r_block = rank_block(r)
-    cfg = embedding_config("fwd", capability(idx.device), out_dtype, r_block)
-    # as few column splits as fill the device: each split gathers the rank-r rows again
-    m_blocks, d_tiles = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_D"])
-    d_splits = max(1, min(d_tiles, triton.cdiv(num_programs_target(idx.device), m_blocks)))
-    cols_per_program = triton.cdiv(d_tiles, d_splits) * cfg["BLOCK_D"]
-    flag = _index_flag(idx.device, checked=True)
-    _emb_fwd_kernel[(m_blocks, triton.cdiv(dim, cols_per_program))](
+    device = idx.device
+    cfg, grid, cols_per_program, r_block, r_chunks = _fwd_geometry(
+        m, dim, r, out_dtype, capability(device), num_programs_target(device)
+    )
+    flag = _index_flag(device, checked=True)
+    plans_for(_emb_fwd_kernel).launch(
+        None,
+        grid,
         idx_ptr=idx,
         w_ptr=weight,
         a_ptr=lora_A,
@@ -476,7 +518,7 @@ def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
         stride_yd=y.stride(1),
         scaling=float(scaling),
         BLOCK_R=r_block,
-        RANK_CHUNKS=triton.cdiv(r, r_block),
+        RANK_CHUNKS=r_chunks,
         DOT_DTYPE=dot_dtype(out_dtype),
         INPUT_PRECISION=input_precision(out_dtype),
         **cfg,
@@ -512,17 +554,14 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
     if m == 0:
         return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     idx = idx.contiguous()
-    major, r_block = capability(device), rank_block(r)
-    r_chunks = triton.cdiv(r, r_block)
+    major = capability(device)
     pad = -1 if padding_idx is None else int(padding_idx)
     scaling = float(scaling)
 
     # the pass over dY: a grid of row strips x column strips x rank chunks, sized to fill the device
-    cfg = embedding_config("bwd_dy", major, dy.dtype, r_block)
-    m_blocks, d_splits = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_D"])
-    m_splits = max(1, min(m_blocks, triton.cdiv(num_programs_target(device), d_splits * r_chunks)))
-    rows_per_program = triton.cdiv(m_blocks, m_splits) * cfg["BLOCK_M"]
-    m_splits = triton.cdiv(m, rows_per_program)
+    cfg, grid, rows_per_program, m_splits, d_splits, r_block, r_chunks = _bwd_geometry(
+        m, dim, r, dy.dtype, major, num_programs_target(device)
+    )
     if deterministic:
         ds_out = torch.empty((d_splits, m, r), dtype=torch.float32, device=device)
         db_out = torch.empty((m_splits, dim, r), dtype=torch.float32, device=device)
@@ -530,7 +569,9 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
         ws = torch.zeros(r * num_embeddings + dim * r, dtype=torch.float32, device=device)
         ds_out, db_out = ws[: r * num_embeddings], ws[r * num_embeddings :]
     flag = _index_flag(device, checked=check)
-    _emb_bwd_dy_kernel[(m_splits, d_splits, r_chunks)](
+    plans_for(_emb_bwd_dy_kernel, dynamic=("padding_idx",)).launch(  # the pad index: guarded, not keyed
+        None,
+        grid,
         dy_ptr=dy,
         idx_ptr=idx,
         a_ptr=lora_A,
@@ -563,9 +604,9 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
     da = torch.empty((r, num_embeddings), dtype=lora_A.dtype, device=device)
     db = torch.empty((dim, r), dtype=lora_B.dtype, device=device)
     if not deterministic:
-        cfg = embedding_config("bwd_finish", major, lora_A.dtype, r_block)
-        _emb_bwd_finish_kernel[(triton.cdiv(ws.numel(), cfg["BLOCK_M"]),)](
-            ws_ptr=ws, da_ptr=da, db_ptr=db, N_A=r * num_embeddings, N_B=dim * r, **cfg
+        cfg, grid = _finish_geometry(r * num_embeddings + dim * r, lora_A.dtype, major, r_block)
+        plans_for(_emb_bwd_finish_kernel).launch(
+            None, grid, ws_ptr=ws, da_ptr=da, db_ptr=db, N_A=r * num_embeddings, N_B=dim * r, **cfg
         )
         return da, db
 

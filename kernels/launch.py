@@ -4,7 +4,13 @@
 cache key), the autotuner's key and dictionaries, the grid function and the launch-metadata hooks. A
 ``LaunchPlans`` object does that work on the first call for a key and records the outcome (the autotuned config,
 the grid, the compiled kernel and its launcher); later calls with the same key pass the arguments to the
-compiled kernel's launcher directly, as torch inductor's generated launchers do.
+compiled kernel's launcher directly, as torch inductor's generated launchers do. The current device is part of
+every key (a compiled kernel is loaded per device).
+
+Two ways to key: ``static=(names)`` with a caller's key that determines those arguments and the grid, or
+``dynamic=(names)`` with ``key=None``: then every integer argument not named dynamic (sizes, strides, flags) is
+part of the key by value, and the grid must be a function of those; the dynamic ones (a seed) and every pointer,
+float and descriptor are guarded as below.
 
 The caller's key must determine the grid and every argument it lists in ``static`` (shapes, strides, dtypes,
 device, flags). Everything else (pointers, seeds, scalars and compile-time flags not listed as static) is
@@ -33,7 +39,7 @@ try:
 except ImportError:  # Triton before 3.4: no launch hooks to respect
     _knobs = None
 
-__all__ = ["LaunchPlans", "LaunchPlan"]
+__all__ = ["LaunchPlans", "LaunchPlan", "plans_for"]
 
 _I32 = range(-(2**31), 2**31)
 
@@ -87,25 +93,48 @@ class LaunchPlans:
     that the per-call guard can skip them. ``direct=False`` keeps every call on ``kernel[grid](...)``.
     """
 
-    def __init__(self, kernel, static: tuple[str, ...] = (), direct: bool = True):
+    def __init__(
+        self, kernel, static: tuple[str, ...] = (), direct: bool = True, dynamic: tuple[str, ...] | None = None
+    ):
         self.kernel = kernel
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         self._jit = fn if isinstance(fn, JITFunction) and direct else None
         self._static = frozenset(static)
+        self._dynamic = None if dynamic is None else frozenset(dynamic)
         self._constexprs = frozenset(p.name for p in fn.params if p.is_constexpr) if self._jit else frozenset()
         self._plans: dict[Hashable, LaunchPlan] = {}
+        self._guards: dict[tuple, Callable[[dict], tuple]] = {}
         self.direct_launches = 0
         self.normal_launches = 0
 
     def _guard(self, kwargs: dict) -> tuple:
-        static, constexprs = self._static, self._constexprs
+        constexprs = self._constexprs
+        dynamic = self._dynamic
+        if dynamic is not None:  # the key is every argument: integers by value unless dynamic, the rest guarded
+            names = tuple(kwargs)
+            guard = self._guards.get(names)
+            if guard is None:
+                guard = self._guards[names] = self._make_guard(kwargs)
+            return guard(kwargs)
+        static = self._static
         return tuple((v if name in constexprs else _guard_value(v)) for name, v in kwargs.items() if name not in static)
+
+    def _make_guard(self, kwargs: dict) -> Callable[[dict], tuple]:
+        """The guard of one argument list (names in call order), generated once: integers that are not dynamic
+        and constexprs by value, everything else through _guard_value. A name whose value is an integer on the
+        first call is keyed by value on every call."""
+        constexprs, dynamic = self._constexprs, self._dynamic
+        items = []
+        for name, v in kwargs.items():
+            by_value = name in constexprs or (type(v) is int and name not in dynamic)
+            items.append(f"kw[{name!r}]" if by_value else f"g(kw[{name!r}])")
+        return eval(f"lambda kw, g=g: ({', '.join(items)},)", {"g": _guard_value})  # noqa: S307
 
     def launch(self, key: Hashable, grid, **kwargs: Any):
         if self._jit is None:
             self.normal_launches += 1
             return self.kernel[grid](**kwargs)
-        full_key = (key, self._guard(kwargs))
+        full_key = (key, driver.active.get_current_device(), self._guard(kwargs))
         plan = self._plans.get(full_key)
         if plan is None:
             self.normal_launches += 1
@@ -158,8 +187,21 @@ class LaunchPlans:
 
     def plan_for(self, key: Hashable, **kwargs) -> LaunchPlan | None:
         """The recorded plan for a call (None before its first launch): for tests and diagnostics."""
-        return self._plans.get((key, self._guard(kwargs)))
+        return self._plans.get((key, driver.active.get_current_device(), self._guard(kwargs)))
 
 
 def _one(name: str) -> Callable[[dict], tuple]:
     return lambda d: (d[name],)
+
+
+_BY_KERNEL: dict[int, tuple[object, LaunchPlans]] = {}
+
+
+def plans_for(kernel, dynamic: tuple[str, ...] = ()) -> LaunchPlans:
+    """The launch plans of ``kernel`` keyed by every argument (``LaunchPlans(kernel, dynamic=dynamic)``), one per
+    kernel object. Launchers look their kernel up by its module name on each call, so a kernel replaced by a
+    wrapper (a launch counter in the tests, a profiler's) gets plans of its own, or the normal path."""
+    entry = _BY_KERNEL.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        entry = _BY_KERNEL[id(kernel)] = (kernel, LaunchPlans(kernel, dynamic=dynamic))
+    return entry[1]

@@ -42,6 +42,7 @@ import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels import dispatch as _dispatch
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
+from fastlora.kernels.launch import plans_for
 from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -625,6 +626,14 @@ def _gemm_tma_kernel_for(major: int, dtype: torch.dtype, direction: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Launch plans (kernels/launch.py): every integer argument keys a kernel's plan, except the dropout seed.
+_DYNAMIC = ("seed",)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
 def _skinny_config(device, side=False):
     if INTERPRET:
         return configs.SKINNY_INTERPRET
@@ -673,7 +682,13 @@ def _tma_views(a, b, p, q, c, bias=None, col_scale=None, x=None):
 
 
 def _desc(t, block_shape):
-    return None if t is None else TensorDescriptor.from_tensor(t, block_shape)
+    """TensorDescriptor.from_tensor(t, block_shape) without its per-call re-validation: _tma_views checked the
+    base and strides already (and every size is positive on this path)."""
+    if t is None:
+        return None
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = t, t.shape, t.stride(), block_shape, "zero"
+    return desc
 
 
 def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None, x=None, da=None, direction="fwd"):
@@ -688,7 +703,7 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
         N=N,
         K=K,
         R=R,
-        M_BUCKET=triton.next_power_of_2(M),
+        M_BUCKET=1 << max(M - 1, 0).bit_length(),
         stride_dar=da.stride(0) if has_da else 0,
         stride_dan=da.stride(1) if has_da else 0,
         lora_scale=float(lora_scale),
@@ -719,20 +734,20 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
             **common,
             B_NK=views["B_NK"],
             Q_NR=views["Q_NR"],
-            BLOCK_R=max(16, triton.next_power_of_2(R)),
+            BLOCK_R=max(16, 1 << (R - 1).bit_length()),
             NUM_SMS=configs.num_sms(a.device),
         )
         if INTERPRET:
             bm, bn, bk, g, _, _, sub = configs.GEMM_TMA_INTERPRET
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, EPILOGUE_SUBTILE=sub)
             _set_tma_block_shapes({**args, **meta})
-            grid = (min(args["NUM_SMS"], triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-            _lora_gemm_tma_kernel[grid](**args, **meta)
+            grid = (min(args["NUM_SMS"], _cdiv(M, bm) * _cdiv(N, bn)),)
+            plans_for(_lora_gemm_tma_kernel, _DYNAMIC).launch(None, grid, **args, **meta)
             return c
         kernel = _gemm_tma_kernel_for(configs.capability(a.device), a.dtype, direction)
         num_sms = args["NUM_SMS"]
-        grid = lambda meta: (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        kernel[grid](**args)
+        grid = lambda meta: (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
+        plans_for(kernel, _DYNAMIC).launch(None, grid, **args)
         return c
     x_view = x if x is not None else a
     args = dict(
@@ -762,12 +777,12 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
     )
     if INTERPRET:
         bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _lora_gemm_kernel[grid](**args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
+        grid = (_cdiv(M, bm) * _cdiv(N, bn),)
+        plans_for(_lora_gemm_kernel, _DYNAMIC).launch(None, grid, **args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
         return c
     kernel = _gemm_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0, direction)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](**args)
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+    plans_for(kernel, _DYNAMIC).launch(None, grid, **args)
     return c
 
 
@@ -777,7 +792,9 @@ def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, 
     M, N = y.shape
     R = p.shape[1]
     bm, bn, warps, stages = configs.LORA_UPDATE_INTERPRET if INTERPRET else configs.LORA_UPDATE
-    _lora_update_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+    plans_for(_lora_update_kernel, _DYNAMIC).launch(
+        None,
+        (_cdiv(M, bm) * _cdiv(N, bn), 1, 1),
         y_ptr=y,
         p_ptr=p,
         q_ptr=q,
@@ -817,16 +834,18 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
     R = bt.shape[1]
     bm, bk, warps, stages = _skinny_config(x.device, side=side is not None)
     br = rank_block(R)
-    grid_m, grid_r = triton.cdiv(M, bm), triton.cdiv(R, br)
-    k_blocks = triton.cdiv(K, bk)
-    k_per_split = triton.cdiv(k_blocks, _splits(M, k_blocks, grid_m * grid_r, x.device)) * bk
-    split = triton.cdiv(K, k_per_split)
+    grid_m, grid_r = _cdiv(M, bm), _cdiv(R, br)
+    k_blocks = _cdiv(K, bk)
+    k_per_split = _cdiv(k_blocks, _splits(M, k_blocks, grid_m * grid_r, x.device)) * bk
+    split = _cdiv(K, k_per_split)
     if split > 1:
         out = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((M, R), device=x.device, dtype=out_dtype)[None]
     t, acc, side_scale = side if side is not None else (x, out[0], 0.0)
-    _lora_down_kernel[(grid_m, grid_r, split)](
+    plans_for(_lora_down_kernel, _DYNAMIC).launch(
+        None,
+        (grid_m, grid_r, split),
         x_ptr=x,
         bt_ptr=bt,
         t_ptr=t,
@@ -870,14 +889,16 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
     R = t.shape[1]
     bm, bk, warps, stages = _skinny_config(x.device)
     br = rank_block(R)
-    grid_k, grid_r = triton.cdiv(K, bk), triton.cdiv(R, br)
-    m_blocks = triton.cdiv(M, bm)
-    m_per_split = triton.cdiv(m_blocks, _splits(M, m_blocks, grid_k * grid_r, x.device)) * bm
-    split = triton.cdiv(M, m_per_split)
+    grid_k, grid_r = _cdiv(K, bk), _cdiv(R, br)
+    m_blocks = _cdiv(M, bm)
+    m_per_split = _cdiv(m_blocks, _splits(M, m_blocks, grid_k * grid_r, x.device)) * bm
+    split = _cdiv(M, m_per_split)
     if out is None:
         out = torch.empty((R, K), device=x.device, dtype=torch.float32)
     part = torch.empty((split, R, K), device=x.device, dtype=torch.float32) if split > 1 else out[None]
-    _lora_up_t_kernel[(grid_k, grid_r, split)](
+    plans_for(_lora_up_t_kernel, _DYNAMIC).launch(
+        None,
+        (grid_k, grid_r, split),
         t_ptr=t,
         x_ptr=x,
         out_ptr=part,

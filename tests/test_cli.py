@@ -160,6 +160,22 @@ def test_info_lists_device_versions_and_paths(capsys):
         assert rows[layer] == [f"fastlora.lora_{layer}", fastlora.active_path("cpu")]
 
 
+def test_info_lists_dispatch_decisions(monkeypatch, tmp_path, capsys):
+    from fastlora.kernels import dispatch
+
+    measured = dispatch.Dispatcher(path=str(tmp_path / "dispatch.json"), timer=lambda fn: fn(), name_of=str)
+    key = dispatch.shape_key("fwd", M=37, N=51, K=75, R=5, dtype=torch.float32, dropout=False)
+    assert measured.choose(key, {"fused": lambda: 2.5, "cublas_update": lambda: 1.25}, torch.device("cpu")) == (
+        "cublas_update"
+    )
+    monkeypatch.setattr(dispatch, "_default", measured)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"dispatch decisions ({tmp_path / 'dispatch.json'}): 1" in out
+    row = next(line.split() for line in out.splitlines() if key in line)
+    assert row[:3] == ["cpu", key, "cublas_update"] and " ".join(row[3:]) == "cublas_update 1.250, fused 2.500"
+
+
 def _env_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""

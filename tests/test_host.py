@@ -12,10 +12,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from fastlora.benchmarks.host import StandInLauncher, stand_in_driver
 from fastlora.kernels.launch import LaunchPlans
 from triton.runtime.jit import JITFunction
 
-from fastlora.benchmarks.host import StandInLauncher, stand_in_driver
 from tests.helpers import assert_close
 
 
@@ -119,3 +119,63 @@ def test_direct_path_off_takes_normal_path(launches):
     for _ in range(2):
         plans.launch(37, (2,), **_args(37), BLOCK=32)
     assert (plans.normal_launches, plans.direct_launches, launches()) == (2, 0, 2)
+
+
+def _op_calls():
+    import fastlora as fl
+
+    def linear(m, k, n, r):
+        x = torch.randn(m, k, requires_grad=True)
+        w, b = torch.randn(n, k), torch.randn(n)
+        a, bb = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+        return lambda: fl.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.25, training=True), (x, a, bb)
+
+    def embedding(m, v, d, r):
+        idx = torch.randint(0, v, (m,))
+        w = torch.randn(v, d)
+        a, b = torch.randn(r, v, requires_grad=True), torch.randn(d, r, requires_grad=True)
+        return lambda: fl.lora_embedding(idx, w, a, b, 0.5, padding_idx=1), (a, b)
+
+    def conv2d(nb, c, o, r):
+        x = torch.randn(nb, c, 7, 6, requires_grad=True)
+        w, b = torch.randn(o, c, 3, 3), torch.randn(o)
+        a, bb = torch.randn(r, c, 3, 3, requires_grad=True), torch.randn(o, r, 1, 1, requires_grad=True)
+        return lambda: fl.lora_conv2d(x, w, b, a, bb, 0.5, padding=1, dropout_p=0.25, training=True), (x, a, bb)
+
+    return {
+        "linear": (linear, [(37, 75, 51, 5), (9, 33, 20, 3)]),
+        "embedding": (embedding, [(37, 51, 75, 5), (9, 20, 33, 3)]),
+        "conv2d": (conv2d, [(2, 5, 7, 5), (1, 3, 4, 3)]),
+    }
+
+
+@pytest.mark.parametrize("op", ["linear", "embedding", "conv2d"])
+def test_op_launchers_with_plans_match_plain_launches(op, monkeypatch):
+    """Each op's launchers go through kernels/launch.py's plans; calls alternating between two signatures (cached
+    grids and configs per signature) give bitwise the results of plain ``kernel[grid]`` launches."""
+    from fastlora.kernels import launch
+
+    import fastlora as fl
+
+    make, shapes = _op_calls()[op]
+
+    def run_all():
+        results = []
+        for shape in [*shapes, *shapes]:
+            torch.manual_seed(sum(shape))
+            call, params = make(*shape)
+            y = call()
+            y.backward(torch.randn(y.shape))
+            results.append([y.detach(), *(p.grad for p in params)])
+        return results
+
+    with fl.use_backend("triton"):
+        planned = run_all()
+        with monkeypatch.context() as m:
+            m.setattr(launch, "plans_for", lambda kernel, dynamic=(): LaunchPlans(kernel, direct=False))
+            for module in ("linear", "embedding", "conv2d"):
+                m.setattr(f"fastlora.kernels.{module}.plans_for", launch.plans_for)
+            plain = run_all()
+    for got, want in zip(planned, plain, strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)

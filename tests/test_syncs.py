@@ -185,18 +185,25 @@ def _conv2d(p):
     return lambda: fl.lora_conv2d(x, w, b, a, bb, 0.5, padding=1, dropout_p=p, training=True)
 
 
-EMBEDDING_RANGE_CHECK = {
-    "triton": pytest.mark.xfail(
-        strict=True,
-        reason="the embedding range check (kernels/embedding.py check_indices) reads min and max back to the host "
-        "(aminmax().tolist()) on every forward",
-    ),
-    "torch": pytest.mark.xfail(
-        strict=True,
-        reason="the torch path's embedding range check (check_indices in the op module) reads min and max back "
-        "to the host on every forward",
-    ),
-}
+@contextlib.contextmanager
+def indices_on_device(monkeypatch):
+    """The embedding range checks as they run on a GPU. CPU indices are host memory: the torch path reads their
+    min and max and the interpreter reads its flag directly, neither of which waits for a device, so both raise
+    a ValueError before returning. On a device they queue a device-side assert instead; here CPU tensors are
+    declared device memory so that the counter sees that code path."""
+    from fastlora.kernels import embedding as kembedding
+
+    from fastlora import checks
+
+    with monkeypatch.context() as m:
+        m.setattr(checks, "host_memory", lambda t: False)
+        m.setattr(kembedding, "_host_memory", lambda t: False)
+        try:
+            yield
+        finally:  # a flagged index leaves its flag cleared (on a GPU the assert ends the context): set it again
+            for flag in kembedding._FLAGS.values():
+                flag.fill_(1)
+
 
 CASES = [
     pytest.param(_linear, 0.0, id="linear-p0"),
@@ -212,11 +219,9 @@ BACKENDS = ["triton", "torch"]  # "triton" is the interpreter here (TRITON_INTER
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make, p", CASES)
-def test_forward_has_no_syncs(make, p, backend, monkeypatch, request):
-    if make is _embedding:
-        request.applymarker(EMBEDDING_RANGE_CHECK[backend])
+def test_forward_has_no_syncs(make, p, backend, monkeypatch):
     call = make(p)
-    with fl.use_backend(backend), counting_syncs(monkeypatch) as counter:
+    with indices_on_device(monkeypatch), fl.use_backend(backend), counting_syncs(monkeypatch) as counter:
         y = call()
         path = fl.active_path(y.device)
     assert path == ("triton-interpreter" if backend == "triton" else "torch") and y.grad_fn is not None
@@ -228,9 +233,20 @@ def test_forward_has_no_syncs(make, p, backend, monkeypatch, request):
 def test_backward_has_no_syncs(make, p, backend, monkeypatch):
     call = make(p)
     dy = None
-    with fl.use_backend(backend), counting_syncs(monkeypatch) as counter:
+    with indices_on_device(monkeypatch), fl.use_backend(backend), counting_syncs(monkeypatch) as counter:
         y = call()  # counted too, so that the seed the forward drew is known as a host value in backward
         dy = torch.randn(y.shape)
         counter.syncs.clear()
         y.backward(dy)
     assert counter.syncs == [], f"backward synchronises with the device: {counter.syncs}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_bad_index_on_device_path_asserts(backend, monkeypatch):
+    """The device code path of the range check raises (here at once: an assert on a CPU tensor is evaluated when
+    queued), never a silent wrong answer; the host path's ValueError is tested in tests/test_embedding.py."""
+    idx = torch.tensor([0, 3, 17, 5])
+    w, a, b = torch.randn(17, 10), torch.randn(3, 17, requires_grad=True), torch.randn(10, 3, requires_grad=True)
+    with indices_on_device(monkeypatch), fl.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"embedding indices must be in \[0, 17\)"):
+            fl.lora_embedding(idx, w, a, b, 0.5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastlora.checks import (
+    cached_check,
     check_dropout,
     check_lora_factors,
     check_same_device,
@@ -28,7 +29,15 @@ from fastlora.checks import (
 from fastlora.kernels.geometry import conv2d_pads, input_grad, int_pair, memory_format, output_size
 from fastlora.ops import backend
 from fastlora.ops._define import Op
-from fastlora.ops.backend import HAS_TRITON, INTERPRET, autocast_inputs, draw_seed, dropout_scale, no_autocast
+from fastlora.ops.backend import (
+    HAS_TRITON,
+    INTERPRET,
+    autocast_enabled,
+    autocast_inputs,
+    draw_seed,
+    dropout_scale,
+    no_autocast,
+)
 
 if HAS_TRITON:
     from fastlora.kernels import conv2d as _kconv
@@ -39,6 +48,7 @@ __all__ = ["lora_conv2d", "check_conv2d", "CONV2D", "CONV_MAX_TRITON_RANK"]
 CONV_MAX_TRITON_RANK = 64
 
 
+@cached_check
 def check_conv2d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, dropout_p):
     """Validate a lora_conv2d call; returns (stride, pads, dilation, groups) normalised."""
     check_tensor("x", x, ndim=4)
@@ -233,11 +243,12 @@ def lora_conv2d(
     stride, pads, dilation, groups = check_conv2d(
         x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, dropout_p
     )
-    x, weight, bias = autocast_inputs(x, weight, bias)
     p = float(dropout_p) if training else 0.0
-    with no_autocast(x.device.type):
-        y, _ = CONV2D(
-            x, weight, bias, lora_A, lora_B, float(scaling), stride, pads, dilation, groups, p,
-            draw_seed() if p > 0 else None,
-        )  # fmt: skip
+    seed = draw_seed() if p > 0 else None
+    device_type = x.device.type
+    if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
+        return CONV2D(x, weight, bias, lora_A, lora_B, float(scaling), stride, pads, dilation, groups, p, seed)[0]
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with no_autocast(device_type):
+        y, _ = CONV2D(x, weight, bias, lora_A, lora_B, float(scaling), stride, pads, dilation, groups, p, seed)
     return y

@@ -129,6 +129,9 @@ def lora_embedding(idx, weight, lora_A, lora_B, scaling, padding_idx=None):
     """
     padding_idx = check_embedding(idx, weight, lora_A, lora_B, scaling, padding_idx)
     device_type = idx.device.type
-    out_dtype = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else weight.dtype
+    if not autocast_enabled(device_type):  # the common case: no autocast context to enter
+        return EMBEDDING(idx, weight, lora_A, lora_B, float(scaling), padding_idx, weight.dtype)
     with no_autocast(device_type):
-        return EMBEDDING(idx, weight, lora_A, lora_B, float(scaling), padding_idx, out_dtype)
+        return EMBEDDING(
+            idx, weight, lora_A, lora_B, float(scaling), padding_idx, torch.get_autocast_dtype(device_type)
+        )

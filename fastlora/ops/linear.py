@@ -172,8 +172,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
     check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    x, weight, bias = autocast_inputs(x, weight, bias)
     p = float(dropout_p) if training else 0.0
-    with no_autocast(x.device.type):
-        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), p, draw_seed() if p > 0 else None)
+    seed = draw_seed() if p > 0 else None
+    device_type = x.device.type
+    if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
+        return LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)[0]
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with no_autocast(device_type):
+        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y
