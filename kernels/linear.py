@@ -1085,7 +1085,7 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """The bool keep-mask [M, K] the kernels draw for (seed, p); m = keep / (1 - p). P(keep) is exactly
     1 - dropout_threshold(p) / 65536."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)
-    bm, bk = 16, 32
+    bm, bk = 32, 128
     _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         out_ptr=out,
         M=M,
