@@ -8,27 +8,30 @@ whatever the tiling:
                Y = c * (x W^T + s S B^T) + bias     the LoRA term and bias in the GEMM's epilogue (c: an optional
                                             per-column scale, DoRA's g / ||W + s B A||)    (_lora_gemm_*kernel)
     backward:  dS = s dY B, dB = s dY^T S   one pass over dY, dB by float32 atomics   (_lora_down_kernel, side)
-               dX = dY W + m (dS A)         the LoRA term in the dX GEMM's epilogue, which also adds its tile's
-               dA = dS^T (m x)              share of dA (float32 atomics): no pass of its own over x
+               dX = dY W + m (dS A)         the LoRA term in the dX GEMM's epilogue
+               dA = dS^T (m x)              without dropout: each dX tile's share in its epilogue (float32 atomics);
+                                            with dropout (or without dX): the dS/dB pass, once a row block's dS is
+                                            final, reads the block's rows of x (float32 atomics)
 
 Every product accumulates in float32 and every output is rounded once. From configs.SPLIT_FREE_M rows on,
 the rank-r passes fill the GPU with row blocks alone: forward is two launches (S pass, GEMM), backward four
-(one memset of the float32 dA/dB buffer, the dS/dB pass, the dX GEMM, one cast to the adapters' dtype; three
-with float32 adapters). Below it the skinny passes split their reduction across programs into float32
-partials summed in a fixed order. With deterministic algorithms requested no atomics run: dB and dA take
-their own passes over dY and x.
+with or without dropout (one memset of the float32 dA/dB buffer, the dS/dB(/dA) pass, the dX GEMM, one cast to
+the adapters' dtype; three with float32 adapters). Below it the skinny passes split their reduction across
+programs into float32 partials summed in a fixed order, and with dropout dA takes a pass over x. With
+deterministic algorithms requested no atomics run: dB and dA take their own passes over dY and x.
 
-Dropout's generator is a counter-based hash, not philox: each row gets a key from the seed (two full 32-bit
-mixes per row, amortised over the tile), and each element a multiply-xorshift-multiply hash of
-(key ^ col * golden ratio), whose top 16 bits are its uniform u; the element is kept where u >= t,
-t = round(p * 65536). The exact keep probability is therefore 1 - t / 65536 (within 2^-17 of 1 - p), and kept
-values are scaled by 1 / (1 - p). About 7 instructions per element where a quarter of a 10-round philox call
-plus a float conversion took about 35 (5x cheaper); the hash is purely elementwise, so the compiler draws the
-mask in the accumulator's own layout. With dropout on, dX leaves dA to the pass over x, so each element's
-mask is drawn once per pass that needs it (S pass, dX epilogue, dA pass).
+Dropout's generator is a counter-based hash, not philox (dropout_words): the seed is mixed into one word, each
+row gets a key (one 32-bit mix, amortised over the tile's columns), and each pair of columns one add, one
+xor-shift and two multiplies, whose products' top halves are the two elements' 16-bit uniforms u; the element
+is kept where u >= t, t = min(round(p * 65536), 65535). The exact keep probability is therefore 1 - t / 65536
+(within 2^-17 of 1 - p), and kept values are scaled by 1 / (1 - p). About 2.5 instructions per element where a
+quarter of a 10-round philox call plus a float conversion took about 35. The hash is elementwise, so it is drawn
+in the accumulator's own layout; the TMA epilogue applies it as a 0/1 float factor (dropout_keep_factor: no
+predicates to keep alive across the LoRA MMA). Each element's mask is drawn once per pass that reads it: the S
+pass, the dS/dB pass (for dA), the dX epilogue (for the LoRA term).
 
 On Hopper with 16-bit inputs the GEMMs are persistent TMA kernels in the form of Triton's persistent-matmul
-tutorial: one flattened, software-pipelined loop over (tile, k), the epilogue (LoRA term, mask, dA share,
+tutorial: one flattened, software-pipelined loop over (tile, k), the epilogue (LoRA term, mask or dA share,
 column scale, bias, store in column halves) keyed to its own tile counter. Which of the fused GEMM and
 "cuBLAS for the frozen product plus an r-wide in-place update" runs is measured per shape on the first
 CUDA call and cached (kernels/dispatch.py).
@@ -541,7 +544,7 @@ def _lora_gemm_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    tl.assume(k_tiles > 0)
+    tl.assume(k_tiles > 0)  # K >= 1: without it the compiler keeps extra copies of the epilogue for k_tiles = 0
     num_tiles = num_pid_m * num_pid_n
     tile_id_c = start_pid - NUM_SMS
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
@@ -751,7 +754,7 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
     )
     # TMA for 16-bit tiles on Hopper; float32 (an FMA or TF32 product, not a speed target) keeps the pointer kernel
     views = None
-    if a.dtype != torch.float32 and _tma_capable(a.device) and R <= configs.GEMM_TMA_MAX_RANK:
+    if a.dtype != torch.float32 and _tma_capable(a.device) and R <= configs.GEMM_TMA_MAX_RANK and K > 0:
         views = _tma_views(a, b, p, q, c, bias, col_scale, x)
     if views is not None:
         args = dict(

@@ -142,6 +142,7 @@ def _skinny_cases(major, dtype):
             continue
         sig = _sig((f"*{t}", "t_ptr x_ptr"), ("*fp32", "out_ptr"), ("fp32", "scale"),
                    ("i32", "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or seed p_thresh"))  # fmt: skip
+        meta = {k: v for k, v in meta.items() if k not in ("HAS_DA", "DA_DROPOUT")}
         cases.append(_case(
             f"up_t-{t}-{bm}x{bk}-w{w}s{st}", major, klinear._lora_up_t_kernel, sig,
             {**meta, "stride_tr": 1, "stride_xk": 1, "stride_ok": 1},
