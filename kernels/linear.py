@@ -70,11 +70,11 @@ def dropout_words(seed, rows, cols):
     """Dropout's random words [len(rows), len(cols)]: the top half of each is the element's 16-bit uniform u.
     cols: an even number of consecutive columns from an even one (every tile's columns are).
 
-    The seed is mixed into one 32-bit word k0 = mix32(seed_lo ^ mix32(seed_hi)); each row gets a key
-    key(row) = mix32(mix32(row ^ k0)) (a vector per tile, amortised over its columns); each pair of columns
-    (2j, 2j + 1) one word t = key * C1 + j * (G * C1), t ^= t >> 15 (G the golden ratio), and the pair's two
-    uniforms are the top halves of t * C2 (column 2j) and t * C2 * 0x10001 (column 2j + 1). Per pair: one add,
-    one xor-shift, two multiplies, two compares."""
+    The seed is mixed into one 32-bit word k0 = mix32(seed_lo + seed_hi * G) (G the golden ratio) before it meets
+    a row, so neighbouring seeds share no rows; each row gets a key key(row) = mix32(row ^ k0) (a vector per tile,
+    amortised over its columns); each pair of columns (2j, 2j + 1) one word t = key * C1 + j * (G * C1),
+    t ^= t >> 15, and the pair's two uniforms are the top halves of t * C2 (column 2j) and t * C2 * 0x10001
+    (column 2j + 1). Per pair: one multiply-add, one xor-shift, two multiplies."""
     BLOCK: tl.constexpr = cols.shape[0]
     seed64 = tl.zeros((1,), dtype=tl.int64) + seed  # a tensor even where the JIT specialised seed to a constant
     seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
