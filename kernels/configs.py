@@ -92,14 +92,19 @@ _GEMM_32BIT = {
     9: [(64, 64, 32, 8, 4, 3)],
     8: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3)],
 }
-# With the dropout mask on the LoRA term (backward dX), the philox state lives beside the accumulator:
-# tiles keep at most this many accumulator elements per thread, or registers spill.
+# With the dropout mask on the LoRA term (backward dX), the mask's hash words and the LoRA term live beside the
+# accumulator: the pointer kernel's tiles keep at most this many accumulator elements per thread, or registers spill.
 MASKED_ACC_PER_THREAD = 64
+# float32 with the mask: the FMA product (and TF32's) holds its operand tiles in registers beside it, so one small
+# tile with half-depth K steps (64x64x32 spills 8 bytes on sm_80).
+_GEMM_32BIT_MASKED = [(64, 64, 16, 8, 4, 3)]
 # Under the interpreter: small tiles so that odd test shapes cross several tiles and every mask is exercised.
 GEMM_INTERPRET = (32, 32, 16, 2, 4, 1)
 
 
 def gemm_config_tuples(major: int, dtype: torch.dtype, masked: bool = False):
+    if masked and dtype == torch.float32:
+        return _GEMM_32BIT_MASKED
     table = _GEMM_32BIT if dtype == torch.float32 else _GEMM_16BIT
     tuples = table[9 if major >= 9 else 8]
     if masked:
@@ -120,9 +125,10 @@ def gemm_configs(major: int, dtype: torch.dtype, masked: bool = False):
 
 
 # Hopper persistent TMA GEMM (16-bit inputs): BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, EPILOGUE_SUBTILE.
-# The forward (Y) and the backward dX GEMM are tuned apart, each under its own autotune key. The dropout mask and the
-# dA side product live in dX's epilogue, one column half at a time with EPILOGUE_SUBTILE, so dX keeps the large
-# tiles with dropout on. Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes plus the epilogue's tiles.
+# The forward (Y) and the backward dX GEMM are tuned apart, each under its own autotune key. The dropout mask (with
+# dropout) or the dA side product (without) lives in dX's epilogue, one column half at a time with EPILOGUE_SUBTILE,
+# so dX keeps the large tiles with dropout on. Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes plus
+# the epilogue's tiles.
 _GEMM_TMA_FWD = [
     (128, 256, 64, 8, 8, 3, True),
     (128, 128, 64, 8, 8, 4, True),

@@ -8,27 +8,30 @@ whatever the tiling:
                Y = c * (x W^T + s S B^T) + bias     the LoRA term and bias in the GEMM's epilogue (c: an optional
                                             per-column scale, DoRA's g / ||W + s B A||)    (_lora_gemm_*kernel)
     backward:  dS = s dY B, dB = s dY^T S   one pass over dY, dB by float32 atomics   (_lora_down_kernel, side)
-               dX = dY W + m (dS A)         the LoRA term in the dX GEMM's epilogue, which also adds its tile's
-               dA = dS^T (m x)              share of dA (float32 atomics): no pass of its own over x
+               dX = dY W + m (dS A)         the LoRA term in the dX GEMM's epilogue
+               dA = dS^T (m x)              without dropout: each dX tile's share in its epilogue (float32 atomics);
+                                            with dropout (or without dX): the dS/dB pass, once a row block's dS is
+                                            final, reads the block's rows of x (float32 atomics)
 
 Every product accumulates in float32 and every output is rounded once. From configs.SPLIT_FREE_M rows on,
 the rank-r passes fill the GPU with row blocks alone: forward is two launches (S pass, GEMM), backward four
-(one memset of the float32 dA/dB buffer, the dS/dB pass, the dX GEMM, one cast to the adapters' dtype; three
-with float32 adapters). Below it the skinny passes split their reduction across programs into float32
-partials summed in a fixed order. With deterministic algorithms requested no atomics run: dB and dA take
-their own passes over dY and x.
+with or without dropout (one memset of the float32 dA/dB buffer, the dS/dB(/dA) pass, the dX GEMM, one cast to
+the adapters' dtype; three with float32 adapters). Below it the skinny passes split their reduction across
+programs into float32 partials summed in a fixed order, and with dropout dA takes a pass over x. With
+deterministic algorithms requested no atomics run: dB and dA take their own passes over dY and x.
 
-Dropout's generator is a counter-based hash, not philox: each row gets a key from the seed (two full 32-bit
-mixes per row, amortised over the tile), and each element a multiply-xorshift-multiply hash of
-(key ^ col * golden ratio), whose top 16 bits are its uniform u; the element is kept where u >= t,
-t = round(p * 65536). The exact keep probability is therefore 1 - t / 65536 (within 2^-17 of 1 - p), and kept
-values are scaled by 1 / (1 - p). About 7 instructions per element where a quarter of a 10-round philox call
-plus a float conversion took about 35 (5x cheaper); the hash is purely elementwise, so the compiler draws the
-mask in the accumulator's own layout. With dropout on, dX leaves dA to the pass over x, so each element's
-mask is drawn once per pass that needs it (S pass, dX epilogue, dA pass).
+Dropout's generator is a counter-based hash, not philox (dropout_words): the seed is mixed into one word, each
+row gets a key (one 32-bit mix, amortised over the tile's columns), and each pair of columns one add, one
+xor-shift and two multiplies, whose products' top halves are the two elements' 16-bit uniforms u; the element
+is kept where u >= t, t = min(round(p * 65536), 65535). The exact keep probability is therefore 1 - t / 65536
+(within 2^-17 of 1 - p), and kept values are scaled by 1 / (1 - p). About 2.5 instructions per element where a
+quarter of a 10-round philox call plus a float conversion took about 35. The hash is elementwise, so it is drawn
+in the accumulator's own layout; the TMA epilogue applies it as a 0/1 float factor (dropout_keep_factor: no
+predicates to keep alive across the LoRA MMA). Each element's mask is drawn once per pass that reads it: the S
+pass, the dS/dB pass (for dA), the dX epilogue (for the LoRA term).
 
 On Hopper with 16-bit inputs the GEMMs are persistent TMA kernels in the form of Triton's persistent-matmul
-tutorial: one flattened, software-pipelined loop over (tile, k), the epilogue (LoRA term, mask, dA share,
+tutorial: one flattened, software-pipelined loop over (tile, k), the epilogue (LoRA term, mask or dA share,
 column scale, bias, store in column halves) keyed to its own tile counter. Which of the fused GEMM and
 "cuBLAS for the frozen product plus an r-wide in-place update" runs is measured per shape on the first
 CUDA call and cached (kernels/dispatch.py).
@@ -64,24 +67,47 @@ def _mix32(h):
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, threshold):
-    """Keep-mask [len(rows), len(cols)]: a 16-bit uniform u per element, kept where u >= threshold.
+def dropout_words(seed, rows, cols):
+    """Dropout's random words [len(rows), len(cols)]: the top half of each is the element's 16-bit uniform u.
+    cols: an even number of consecutive columns from an even one (every tile's columns are).
 
-    Each row gets a key, key(row) = mix32(mix32(row ^ seed_lo) + seed_hi) (one vector per tile); each element's
-    u is the top 16 bits of h = ((key ^ col * 0x9E3779B9) * C1 ^ >> 15) * C2, a multiply-xorshift-multiply hash:
-    two multiplies, one xor-shift, one compare per element."""
+    The seed is mixed into one 32-bit word k0 = mix32(seed_lo + seed_hi * G) (G the golden ratio) before it meets
+    a row, so neighbouring seeds share no rows; each row gets a key key(row) = mix32(row ^ k0) (a vector per tile,
+    amortised over its columns); each pair of columns (2j, 2j + 1) one word t = key * C1 + j * (G * C1),
+    t ^= t >> 15, and the pair's two uniforms are the top halves of t * C2 (column 2j) and t * C2 * 0x10001
+    (column 2j + 1). Per pair: one multiply-add, one xor-shift, two multiplies."""
+    BLOCK: tl.constexpr = cols.shape[0]
     seed64 = tl.zeros((1,), dtype=tl.int64) + seed  # a tensor even where the JIT specialised seed to a constant
     seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    key = _mix32(_mix32(rows.to(tl.uint32) ^ seed_lo) + seed_hi)  # [BM]
-    h = (key[:, None] ^ (cols.to(tl.uint32) * 0x9E3779B9)[None, :]) * 0x7FEB352D
-    h = (h ^ (h >> 15)) * 0x846CA68B
-    return (h >> 16) >= threshold.to(tl.uint32)
+    k0 = _mix32(seed_lo + seed_hi * 0x9E3779B9)
+    key = _mix32(rows.to(tl.uint32) ^ k0) * 0x7FEB352D  # [BM], times C1
+    pair, _ = tl.split(tl.reshape(cols, (BLOCK // 2, 2)))  # the even column of each pair
+    t = key[:, None] + ((pair >> 1).to(tl.uint32) * 0xCFC6B285)[None, :]  # 0xCFC6B285 = G * C1 mod 2^32
+    t ^= t >> 15
+    # interleaved: column 2j's word, then column 2j + 1's (0x2AF7A68B = C2 * 0x10001 mod 2^32)
+    return tl.reshape(tl.join(t * 0x846CA68B, t * 0x2AF7A68B), (rows.shape[0], BLOCK))
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, threshold):
+    """Keep-mask [len(rows), len(cols)]: kept where the element's 16-bit uniform u >= threshold (dropout_words)."""
+    return dropout_words(seed, rows, cols) >= (threshold.to(tl.uint32) << 16)  # top half >= t, for t < 65536
+
+
+@triton.jit
+def dropout_keep_factor(seed, rows, cols, threshold):
+    """The keep-mask as float32 1.0 / 0.0, with no comparison: f = 2^23 + u exactly (u as the low mantissa bits of
+    2^23), so f - (2^23 + t - 1) = u - t + 1 is an integer, >= 1 where kept and <= 0 where dropped; clamped to
+    [0, 1]."""
+    f = ((dropout_words(seed, rows, cols) >> 16) | 0x4B000000).to(tl.float32, bitcast=True)
+    return tl.clamp(f - (8388607.0 + threshold.to(tl.float32)), 0.0, 1.0)
 
 
 def dropout_threshold(p: float) -> int:
-    """The 16-bit threshold t for dropout probability p: keep where u >= t, so P(keep) = 1 - t / 65536."""
-    return int(round(float(p) * 65536))
+    """The 16-bit threshold t for dropout probability p: keep where u >= t, so P(keep) = 1 - t / 65536 (t at most
+    65535: p within 2^-17 of 1 keeps 1 / 65536)."""
+    return min(int(round(float(p) * 65536)), 65535)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,11 +123,14 @@ def _lora_down_kernel(
     t_ptr,
     out_ptr,
     side_ptr,
+    x2_ptr,
+    da_ptr,
     # sizes
     M,
     K,
     R,
     K_PER_SPLIT,
+    K2,
     # strides
     stride_xm,
     stride_xk,
@@ -114,14 +143,21 @@ def _lora_down_kernel(
     stride_or,
     stride_sk,
     stride_sr,
+    stride_x2m,
+    stride_x2k,
+    stride_dar,
+    stride_dak,
     # scalars
     scale,
     side_scale,
+    da_scale,
     seed,
     p_thresh,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr,
     HAS_SIDE: tl.constexpr,
+    HAS_DA: tl.constexpr,
+    DA_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -129,7 +165,9 @@ def _lora_down_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """out[split, M, R] = scale * (m x)[M, Ks] @ Bt[Ks, R] over this split's K range Ks.
-    With HAS_SIDE also side[K, R] += side_scale * x^T @ T[M, R] (float32 atomics)."""
+    With HAS_SIDE also side[K, R] += side_scale * x^T @ T[M, R] (float32 atomics). With HAS_DA (one split: the
+    block's out rows are final) also dA[R, K2] += da_scale * out^T @ (m x2)[M, K2] (float32 atomics), the mask on
+    x2 with DA_DROPOUT: the backward's dS pass takes its rows' share of dA from x while dS is in registers."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -158,7 +196,21 @@ def _lora_down_kernel(
             p_side = side_ptr + i_k[:, None].to(tl.int64) * stride_sk + i_r[None, :] * stride_sr
             tl.atomic_add(p_side, b_side * side_scale, mask=m_k[:, None] & m_r[None, :], sem="relaxed")
     p_o = out_ptr + pid_s.to(tl.int64) * stride_os + i_m64[:, None] * stride_om + i_r[None, :] * stride_or
-    tl.store(p_o, (acc * scale).to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+    b_out = (acc * scale).to(out_ptr.dtype.element_ty)
+    tl.store(p_o, b_out, mask=m_m[:, None] & m_r[None, :])
+    if HAS_DA:
+        b_ds = b_out.to(DOT_DTYPE)  # [BM, BR], as stored
+        for k0 in range(0, K2, BLOCK_K):
+            i_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = i_k < K2
+            i_k64 = i_k.to(tl.int64)
+            p_x2 = x2_ptr + i_m64[:, None] * stride_x2m + i_k64[None, :] * stride_x2k
+            b_x2 = tl.load(p_x2, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+            if DA_DROPOUT:
+                b_x2 = tl.where(dropout_keep(seed, i_m, i_k, p_thresh), b_x2, 0.0)
+            b_da = tl.dot(tl.trans(b_x2.to(DOT_DTYPE)), b_ds, input_precision=PRECISION)  # [BK, BR]
+            p_da = da_ptr + i_r[None, :] * stride_dar + i_k64[:, None] * stride_dak
+            tl.atomic_add(p_da, b_da * da_scale, mask=m_k[:, None] & m_r[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -335,8 +387,10 @@ def _lora_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = c * (a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N])) + bias[N]; with HAS_DA also
-    dA[R, N] += lora_scale * P^T @ (m x)[M, N]. Pointer loads: any strides, any GPU, the interpreter."""
+    """C[M, N] = c * (a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N])) + bias[N]; with HAS_DA (and no
+    dropout: with it the dS pass computes dA) also dA[R, N] += lora_scale * P^T @ x[M, N]. Pointer loads: any
+    strides, any GPU, the interpreter."""
+    tl.static_assert(not (HAS_DA and HAS_DROPOUT), "with dropout the dS pass computes dA")
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     i_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -362,8 +416,6 @@ def _lora_gemm_kernel(
     if HAS_DA:
         p_x = x_ptr + i_m64[:, None] * stride_xm + i_n64[None, :] * stride_xn
         b_x = tl.load(p_x, mask=m_m[:, None] & m_n[None, :], other=0.0)
-        if HAS_DROPOUT:
-            b_x = tl.where(keep, b_x, 0.0)
         b_xt = tl.trans(b_x.to(DOT_DTYPE))  # [BN, BM]
     for r0 in range(0, R, BLOCK_R):
         i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -418,17 +470,17 @@ def _tma_epilogue(
     PRECISION: tl.constexpr,
 ):
     """One column block [BM, BNP] of the TMA GEMM's epilogue at (off_m, off_n): the masked LoRA term (with
-    dropout; without it the term is already in acc), the dA share, column scale, bias, and the store."""
+    dropout; without it the term is already in acc) or the dA share (without dropout: with it the dS pass takes
+    dA), column scale, bias, and the store. b_ps: the S tile times lora_scale."""
+    tl.static_assert(not (HAS_DA and HAS_DROPOUT), "with dropout the dS pass computes dA")
     BM: tl.constexpr = acc.shape[0]
     BNP: tl.constexpr = acc.shape[1]
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, off_m + tl.arange(0, BM), off_n + tl.arange(0, BNP), p_thresh)
-        lora = tl.dot(b_ps, b_q, input_precision=PRECISION)  # [BM, BNP]
-        acc = tl.where(keep, acc + lora * lora_scale, acc)
+        # the mask as a 0/1 factor (no predicates to keep alive across the MMA): one multiply-add per element
+        keep = dropout_keep_factor(seed, off_m + tl.arange(0, BM), off_n + tl.arange(0, BNP), p_thresh)
+        acc += tl.dot(b_ps, b_q, input_precision=PRECISION) * keep
     if HAS_DA:
         b_x = x_desc.load([off_m, off_n])  # [BM, BNP], zero beyond M and N
-        if HAS_DROPOUT:
-            b_x = tl.where(keep, b_x, 0.0)
         b_da = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_p, input_precision=PRECISION)  # [BNP, BR]
         i_n = off_n + tl.arange(0, BNP)
         i_r = tl.arange(0, b_p.shape[1])
@@ -493,6 +545,7 @@ def _lora_gemm_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    tl.assume(k_tiles > 0)  # K >= 1: without it the compiler keeps extra copies of the epilogue for k_tiles = 0
     num_tiles = num_pid_m * num_pid_n
     tile_id_c = start_pid - NUM_SMS
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
@@ -517,10 +570,8 @@ def _lora_gemm_tma_kernel(
             b_q = q_desc.load([off_cn, 0]).to(DOT_DTYPE).T  # [BR, BN]
         else:
             b_q = q_desc.load([0, off_cn]).to(DOT_DTYPE)
-        if HAS_DROPOUT:
-            b_ps = b_p
-        else:  # the LoRA term as one more MMA into the accumulator, s folded into the S tile
-            b_ps = (b_p.to(tl.float32) * lora_scale).to(DOT_DTYPE)
+        b_ps = (b_p.to(tl.float32) * lora_scale).to(DOT_DTYPE)  # s folded into the S tile
+        if not HAS_DROPOUT:  # the LoRA term as one more MMA into the accumulator
             acc = tl.dot(b_ps, b_q, acc, input_precision=PRECISION)
         if EPILOGUE_SUBTILE:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -718,7 +769,7 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
     )
     # TMA for 16-bit tiles on Hopper; float32 (an FMA or TF32 product, not a speed target) keeps the pointer kernel
     views = None
-    if a.dtype != torch.float32 and _tma_capable(a.device) and R <= configs.GEMM_TMA_MAX_RANK:
+    if a.dtype != torch.float32 and _tma_capable(a.device) and R <= configs.GEMM_TMA_MAX_RANK and K > 0:
         views = _tma_views(a, b, p, q, c, bias, col_scale, x)
     if views is not None:
         args = dict(
@@ -826,10 +877,12 @@ def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, 
     return y
 
 
-def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
+def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None):
     """scale * (m x)[M, K] @ bt[K, R] -> [M, R] in out_dtype.
 
-    side = (t [M, R], acc [K, R] float32, side_scale): also acc += side_scale * x^T t, with atomics."""
+    side = (t [M, R], acc [K, R] float32, side_scale): also acc += side_scale * x^T t, with atomics.
+    da = (x2 [M, K2], dA [R, K2] float32, da_scale, dropout_p, seed): also dA += da_scale * out^T (m x2), with
+    atomics, the mask on x2 (x itself carries none then); needs one split (M >= configs.SPLIT_FREE_M)."""
     M, K = x.shape
     R = bt.shape[1]
     bm, bk, warps, stages = _skinny_config(x.device, side=side is not None)
@@ -839,10 +892,18 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
     k_per_split = _cdiv(k_blocks, _splits(M, k_blocks, grid_m * grid_r, x.device)) * bk
     split = _cdiv(K, k_per_split)
     if split > 1:
+        if da is not None:
+            raise ValueError(f"the dA share needs the dS pass in one split, got {split} for {M} rows")
         out = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((M, R), device=x.device, dtype=out_dtype)[None]
     t, acc, side_scale = side if side is not None else (x, out[0], 0.0)
+    if da is not None:
+        x2, da_acc, da_scale, da_p, seed = da
+        if dropout_p > 0:
+            raise ValueError("one mask per pass: dropout applies to x2 when the dA share is taken")
+    else:
+        x2, da_acc, da_scale, da_p = x, out[0], 0.0, 0.0
     plans_for(_lora_down_kernel, _DYNAMIC).launch(
         None,
         (grid_m, grid_r, split),
@@ -851,10 +912,13 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
         t_ptr=t,
         out_ptr=out,
         side_ptr=acc,
+        x2_ptr=x2,
+        da_ptr=da_acc,
         M=M,
         K=K,
         R=R,
         K_PER_SPLIT=k_per_split,
+        K2=x2.shape[1],
         stride_xm=x.stride(0),
         stride_xk=x.stride(1),
         stride_bk=bt.stride(0),
@@ -866,12 +930,19 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None):
         stride_or=out.stride(2),
         stride_sk=acc.stride(0),
         stride_sr=acc.stride(1),
+        stride_x2m=x2.stride(0),
+        stride_x2k=x2.stride(1),
+        stride_dar=da_acc.stride(0),
+        stride_dak=da_acc.stride(1),
         scale=float(scale),
         side_scale=float(side_scale),
+        da_scale=float(da_scale),
         seed=int(seed),
-        p_thresh=dropout_threshold(dropout_p),
+        p_thresh=dropout_threshold(max(dropout_p, da_p)),
         HAS_DROPOUT=dropout_p > 0,
         HAS_SIDE=side is not None,
+        HAS_DA=da is not None,
+        DA_DROPOUT=da_p > 0,
         DOT_DTYPE=dot_dtype(x.dtype),
         PRECISION=input_precision(x.dtype),
         BLOCK_M=bm,
@@ -998,19 +1069,24 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
         # one float32 buffer, one memset: dB [N, r] then dA [r, K], both accumulated with atomics
         grads = torch.zeros(N * R + R * K, device=dy.device, dtype=torch.float32)
         db32, da32 = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
-        ds = _down(dy, lora_B, dy.dtype, scaling, side=(s, db32, scaling))
+        # From SPLIT_FREE_M rows the dS/dB pass finishes each row block's dS in registers and, with dropout or
+        # without dX, also takes the block's share of dA from x (drawing the mask once): no pass of its own. Else
+        # the dX GEMM's epilogue takes it (no dropout), or a pass over x does.
+        da_in_ds = M >= configs.SPLIT_FREE_M and (dropout_p > 0 or not need_dx)
+        da_side = (x, da32, inv_keep, dropout_p, seed) if da_in_ds else None
+        ds = _down(dy, lora_B, dy.dtype, scaling, side=(s, db32, scaling), da=da_side)
         if need_dx:
 
             def fused(out=dx, da=da32):
-                if dropout_p == 0:  # dA's share in the epilogue; with dropout the x pass draws each mask once
+                if dropout_p == 0:
                     return _gemm(dy, weight, ds, lora_A, None, out, 1.0, x=x, da=da, direction="dx")
                 _gemm(dy, weight, ds, lora_A, None, out, inv_keep, dropout_p, seed, direction="dx")
-                return _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
+                return out if da_in_ds else _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
 
             def cublas_update(out=dx, da=da32):
                 torch.mm(dy, weight, out=out)
                 lora_update_(out, ds, lora_A, inv_keep, dropout_p=dropout_p, seed=seed)
-                return _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
+                return out if da_in_ds else _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
 
             def timed(fn):  # timing runs write scratch outputs: the real dA must see one run only
                 return lambda: fn(torch.empty_like(dx), torch.zeros_like(da32))
@@ -1018,7 +1094,7 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
             shape = dict(M=M, N=K, K=N, R=R, dtype=x.dtype, dropout=dropout_p > 0)
             candidates = {"fused": timed(fused), "cublas+update": timed(cublas_update)}
             _measured("dx", x.device, shape, candidates, {"fused": fused, "cublas+update": cublas_update})
-        else:
+        elif not da_in_ds:
             _up_t(ds, x, inv_keep, dropout_p, seed, out=da32)
         if lora_A.dtype == lora_B.dtype:
             grads = _grads_in(grads, lora_A.dtype)  # one cast for both (none for float32 adapters)
@@ -1033,7 +1109,7 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """The bool keep-mask [M, K] the kernels draw for (seed, p); m = keep / (1 - p). P(keep) is exactly
     1 - dropout_threshold(p) / 65536."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)
-    bm, bk = 16, 32
+    bm, bk = 32, 128
     _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         out_ptr=out,
         M=M,

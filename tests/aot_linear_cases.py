@@ -2,11 +2,12 @@
 contiguous, 16-byte aligned tensors and r = 16 (tests/aot.py builds them; tests/test_aot_linear.py checks the
 persistent GEMM's loop structure and dropout's instruction cost).
 
-- the pointer GEMM, every tile for each dtype and precision, sm_80 and sm_90, forward (bias) and dX (dropout,
-  dA share);
+- the pointer GEMM, every tile for each dtype and precision, sm_80 and sm_90, forward (bias) and dX (dropout);
 - the persistent TMA GEMM on sm_90 for 16-bit dtypes: every forward tile (bias, and with DoRA's column scale)
-  and every dX tile with and without dropout (both with the dA share);
-- the rank-r passes with dropout and the atomic dB side output, and the r-wide update.
+  and every dX tile as the backward runs it: without dropout with the dA share, with dropout without it (the
+  dS/dB pass takes dA then);
+- the rank-r passes: S with dropout, dS with the atomic dB side output, without and with the dA share under
+  dropout; and the r-wide update.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ RANK = 16
 SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _sig(types: dict) -> dict:
-    """{"*fp16": "a_ptr b_ptr", "i32": "M N"} -> {"a_ptr": "*fp16", "b_ptr": "*fp16", "M": "i32", "N": "i32"}."""
-    return {name: ty for ty, names in types.items() for name in names.split()}
+def _sig(*types) -> dict:
+    """("*fp16", "a_ptr b_ptr"), ("i32", "M N") -> {"a_ptr": "*fp16", "b_ptr": "*fp16", "M": "i32", "N": "i32"} (pairs,
+    not a dict: one type may come twice, e.g. the float32 build's operands and its float32 buffers)."""
+    return {name: ty for ty, names in types for name in names.split()}
 
 
 def _case(case_id, major, kernel, signature, constexprs, divisible, warps, stages, expects_mma=True, **extra):
@@ -46,14 +48,12 @@ def _pointer_gemm_cases(major, dtype, precision):
         for bm, bn, bk, g, w, st in configs.gemm_config_tuples(major, dtype, masked=not fwd):
             name = f"{'fwd' if fwd else 'dx'}-{t}{tag}-{bm}x{bn}x{bk}-w{w}s{st}"
             sig = _sig(
-                {
-                    f"*{t}": "a_ptr b_ptr p_ptr q_ptr bias_ptr x_ptr c_ptr",
-                    "*fp32": "cs_ptr da_ptr",
-                    "fp32": "lora_scale",
-                    "i32": f"M N K R M_BUCKET stride_am stride_pm stride_qn stride_xm stride_dar stride_cm seed "
-                    f"p_thresh {b_strided}",
-                }
-            )
+                (f"*{t}", "a_ptr b_ptr p_ptr q_ptr bias_ptr x_ptr c_ptr"),
+                ("*fp32", "cs_ptr da_ptr"),
+                ("fp32", "lora_scale"),
+                ("i32", f"M N K R M_BUCKET stride_am stride_pm stride_qn stride_xm stride_dar stride_cm seed p_thresh "
+                 f"{b_strided}"),
+            )  # fmt: skip
             cases.append(_case(
                 f"gemm-{name}", major, klinear._lora_gemm_kernel, sig,
                 {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "stride_ak": 1, b_unit: 1,
@@ -84,8 +84,8 @@ def tma_gemm_cases(dtypes=(torch.float16, torch.bfloat16)):
                         + ("-dropout" if dropout else "")
                     )
                     name = f"gemm_tma-{direction}-{t}-{bm}x{bn}x{bk}-w{w}s{st}{'-sub' if sub else ''}{tag}"
-                    sig = _sig({"*fp32": "da_ptr", "fp32": "lora_scale",
-                                "i32": "M N K R M_BUCKET stride_dar seed p_thresh"})  # fmt: skip
+                    sig = _sig(("*fp32", "da_ptr"), ("fp32", "lora_scale"),
+                               ("i32", "M N K R M_BUCKET stride_dar seed p_thresh"))  # fmt: skip
                     sig["a_desc"] = f"tensordesc<{t}[{bm}, {bk}]>"
                     sig["b_desc"] = f"tensordesc<{t}[{bn}, {bk}]>" if fwd else f"tensordesc<{t}[{bk}, {bn}]>"
                     sig["p_desc"] = f"tensordesc<{t}[{bm}, {RANK}]>"
@@ -117,37 +117,40 @@ def tma_gemm_cases(dtypes=(torch.float16, torch.bfloat16)):
 def _skinny_cases(major, dtype):
     t = SHORT[dtype]
     cases = []
-    tuples = [(c, False) for c in configs.skinny_config_tuples(major)] + [(configs.skinny_side_config(major), True)]
-    for (bm, bk, w, st), side in tuples:
-        meta = {"DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "ieee", "HAS_DROPOUT": not side, "BLOCK_M": bm,
-                "BLOCK_K": bk, "BLOCK_R": RANK}  # fmt: skip
+    # the S pass (dropout on x); the dS/dB pass, without and with the dA share from x under dropout
+    tuples = [(c, False, False) for c in configs.skinny_config_tuples(major)]
+    tuples += [(configs.skinny_side_config(major), True, False), (configs.skinny_side_config(major), True, True)]
+    for (bm, bk, w, st), side, da in tuples:
+        meta = {"DOT_DTYPE": TL_DTYPES[dtype], "PRECISION": "ieee", "HAS_DROPOUT": not side, "HAS_DA": da,
+                "DA_DROPOUT": da, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": RANK}  # fmt: skip
         sig = _sig(
-            {
-                f"*{t}": "x_ptr bt_ptr t_ptr out_ptr",
-                "*fp32": "side_ptr",
-                "fp32": "scale side_scale",
-                "i32": "M K R K_PER_SPLIT stride_xm stride_bk stride_tm stride_os stride_om stride_sk seed p_thresh",
-            }
-        )
+            (f"*{t}", "x_ptr bt_ptr t_ptr out_ptr x2_ptr"),
+            ("*fp32", "side_ptr da_ptr"),
+            ("fp32", "scale side_scale da_scale"),
+            ("i32", "M K R K_PER_SPLIT K2 stride_xm stride_bk stride_tm stride_os stride_om stride_sk stride_x2m "
+             "stride_dar seed p_thresh"),
+        )  # fmt: skip
         cases.append(_case(
-            f"down{'-side' if side else ''}-{t}-{bm}x{bk}-w{w}s{st}", major, klinear._lora_down_kernel, sig,
+            f"down{'-side' if side else ''}{'-da' if da else ''}-{t}-{bm}x{bk}-w{w}s{st}", major,
+            klinear._lora_down_kernel, sig,
             {**meta, "HAS_SIDE": side, "stride_xk": 1, "stride_br": 1, "stride_tr": 1, "stride_or": 1,
-             "stride_sr": 1},
-            "x_ptr bt_ptr t_ptr out_ptr side_ptr K K_PER_SPLIT stride_xm stride_bk stride_tm stride_os "
-            "stride_om stride_sk", w, st,
+             "stride_sr": 1, "stride_x2k": 1, "stride_dak": 1},
+            "x_ptr bt_ptr t_ptr out_ptr side_ptr x2_ptr da_ptr K K_PER_SPLIT K2 stride_xm stride_bk stride_tm "
+            "stride_os stride_om stride_sk stride_x2m stride_dar", w, st,
         ))  # fmt: skip
         if side:
             continue
-        sig = _sig({f"*{t}": "t_ptr x_ptr", "*fp32": "out_ptr", "fp32": "scale",
-                    "i32": "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or seed p_thresh"})  # fmt: skip
+        sig = _sig((f"*{t}", "t_ptr x_ptr"), ("*fp32", "out_ptr"), ("fp32", "scale"),
+                   ("i32", "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or seed p_thresh"))  # fmt: skip
+        meta = {k: v for k, v in meta.items() if k not in ("HAS_DA", "DA_DROPOUT")}
         cases.append(_case(
             f"up_t-{t}-{bm}x{bk}-w{w}s{st}", major, klinear._lora_up_t_kernel, sig,
             {**meta, "stride_tr": 1, "stride_xk": 1, "stride_ok": 1},
             "t_ptr x_ptr out_ptr K M_PER_SPLIT stride_tm stride_xm stride_os stride_or", w, st,
         ))  # fmt: skip
     bm, bn, w, st = configs.LORA_UPDATE
-    sig = _sig({f"*{t}": "y_ptr p_ptr q_ptr bias_ptr", "*fp32": "cs_ptr", "fp32": "lora_scale",
-                "i32": "M N R stride_ym stride_pm stride_qr seed p_thresh"})  # fmt: skip
+    sig = _sig((f"*{t}", "y_ptr p_ptr q_ptr bias_ptr"), ("*fp32", "cs_ptr"), ("fp32", "lora_scale"),
+               ("i32", "M N R stride_ym stride_pm stride_qr seed p_thresh"))  # fmt: skip
     cases.append(_case(
         f"update-{t}-{bm}x{bn}-w{w}s{st}", major, klinear._lora_update_kernel, sig,
         {"HAS_BIAS": True, "HAS_COL_SCALE": True, "HAS_DROPOUT": True, "DOT_DTYPE": TL_DTYPES[dtype],
