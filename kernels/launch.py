@@ -39,7 +39,7 @@ try:
 except ImportError:  # Triton before 3.4: no launch hooks to respect
     _knobs = None
 
-__all__ = ["LaunchPlans", "LaunchPlan", "plans_for"]
+__all__ = ["LaunchPlans", "LaunchPlan", "plans_for", "launch_hooks", "recording", "not_replayable", "Replay"]
 
 _I32 = range(-(2**31), 2**31)
 
@@ -61,7 +61,7 @@ def _guard_value(v) -> Hashable:
     return v
 
 
-def _launch_hooks() -> bool:
+def launch_hooks() -> bool:
     """Whether a profiler has installed launch hooks (a plain function, or in 3.6 a non-empty HookChain): then
     every call takes the normal path, so the hooks see each launch with its metadata."""
     if _knobs is None:
@@ -73,7 +73,7 @@ def _launch_hooks() -> bool:
 class LaunchPlan:
     """One resolved launch: the compiled kernel's launcher and handles, the grid, the arguments in order."""
 
-    __slots__ = ("run", "function", "metadata", "grid", "names", "fixed", "pre_hook", "device", "direct")
+    __slots__ = ("run", "function", "metadata", "grid", "names", "fixed", "pre_hook", "device", "compiled", "direct")
 
     def __init__(self, direct: bool, **fields):
         self.direct = direct
@@ -136,12 +136,16 @@ class LaunchPlans:
             return self.kernel[grid](**kwargs)
         full_key = (key, driver.active.get_current_device(), self._guard(kwargs))
         plan = self._plans.get(full_key)
+        if _recording is not None:
+            _recording.add(self, plan, kwargs)
         if plan is None:
             self.normal_launches += 1
             compiled = self.kernel[grid](**kwargs)
-            self._plans[full_key] = self._resolve(compiled, grid, kwargs)
+            plan = self._plans[full_key] = self._resolve(compiled, grid, kwargs)
+            if _recording is not None:
+                _recording.resolved(plan)
             return compiled
-        if not plan.direct or _launch_hooks():
+        if not plan.direct or launch_hooks():
             self.normal_launches += 1
             return self.kernel[grid](**kwargs)
         self.direct_launches += 1
@@ -183,6 +187,7 @@ class LaunchPlans:
             fixed=fixed,
             pre_hook=pre_hook,
             device=driver.active.get_current_device(),
+            compiled=compiled,
         )
 
     def plan_for(self, key: Hashable, **kwargs) -> LaunchPlan | None:
@@ -205,3 +210,214 @@ def plans_for(kernel, dynamic: tuple[str, ...] = ()) -> LaunchPlans:
     if entry is None or entry[0] is not kernel:
         entry = _BY_KERNEL[id(kernel)] = (kernel, LaunchPlans(kernel, dynamic=dynamic))
     return entry[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recorded launch sequences: a whole op call replayed with new tensors
+# ----------------------------------------------------------------------------------------------------------
+#
+# A launcher (lora_linear_fwd, ...) makes several launches per call, each costing its own argument dictionary,
+# guard and descriptor construction even through a plan. For a call signature it has seen, ``recording()`` collects
+# the launches of one call; ``Replay`` turns them into a function of the call's tensors (matched by data pointer)
+# and its seed that makes the same launches straight into the compiled kernels, with the TMA descriptors of
+# operands whose pointer it has seen before (the frozen W, the adapters) built once instead of per call. A launcher
+# that does anything between its launches other than allocate the tensors it hands in (a torch op, a reduction of
+# split partials) calls ``not_replayable()`` while recording, and no replay is made.
+
+
+class _Recording:
+    def __init__(self):
+        self.launches: list[tuple[LaunchPlan | None, dict]] = []
+        self.replayable = True
+
+    def add(self, plans: LaunchPlans, plan, kwargs: dict):
+        self.launches.append([plan, dict(kwargs)])
+        if plans._jit is None:
+            self.replayable = False
+
+    def resolved(self, plan):
+        self.launches[-1][0] = plan
+
+
+_recording: _Recording | None = None
+
+
+class recording:
+    """``with recording() as rec:`` collects the launches made inside the block (``rec.launches``)."""
+
+    def __enter__(self) -> _Recording:
+        global _recording
+        if _recording is not None:
+            raise RuntimeError("launch recordings do not nest")
+        _recording = _Recording()
+        return _recording
+
+    def __exit__(self, *exc):
+        global _recording
+        _recording = None
+
+
+def not_replayable():
+    """Called by a launcher whose call does host or torch work between its launches: the recording is void."""
+    if _recording is not None:
+        _recording.replayable = False
+
+
+def _raw_launcher(launcher):
+    """The driver's launch function under Triton's tensor-descriptor expansion (which the replay does itself, with
+    a cache), or None where this Triton's launcher has another form."""
+    launch = getattr(launcher, "launch", None)
+    if launch is None or launch.__closure__ is None or launch.__name__ != "inner":
+        return None
+    cells = dict(zip(launch.__code__.co_freevars, launch.__closure__, strict=True))
+    if not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= cells.keys():
+        return None
+    return cells["launcher"].cell_contents
+
+
+def _expander(desc, meta):
+    """A function of a tensor: the launch arguments of ``desc`` with that tensor as its base, remembered per data
+    pointer (a few entries: the frozen operands hit every call, fresh outputs when the allocator reuses memory)."""
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+
+    shape, strides, block_shape, padding = desc.shape, desc.strides, list(desc.block_shape), desc.padding
+    cache: dict[int, list] = {}
+    cls = type(desc)
+
+    def expand(t):
+        ptr = t.data_ptr()
+        args = cache.get(ptr)
+        if args is None:
+            d = object.__new__(cls)
+            d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block_shape, padding
+            args = make_tensordesc_arg(d, meta)
+            if meta is None:  # the base tensor itself is an argument: never kept past the call
+                return args
+            if len(cache) >= 8:
+                cache.clear()
+            cache[ptr] = args
+        return args
+
+    return expand
+
+
+def _descriptor_maker(desc):
+    """A function of a tensor: a host TensorDescriptor like ``desc`` with that tensor as its base."""
+    shape, strides, block_shape, padding = desc.shape, desc.strides, list(desc.block_shape), desc.padding
+    cls = type(desc)
+
+    def make(t):
+        d = object.__new__(cls)
+        d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block_shape, padding
+        return d
+
+    return make
+
+
+class Replay:
+    """The launches of one recorded call as a function ``replay(operands, seed)``.
+
+    ``operands`` is a tuple of the call's tensors (None allowed) in a fixed order; every tensor a recorded launch
+    took must share its data pointer with exactly one operand (a view such as ``w.t()`` is passed as ``w``, whose
+    pointer it has: the launcher only reads the pointer; its strides are in the recorded integers). ``Replay.build``
+    returns None when the recording cannot be replayed (a normal-path launch, a tensor that is no operand, two
+    operands on one pointer, scratch memory, or an autotuning pre-hook not marked ``replay_safe``: one whose only
+    effect is on the descriptor arguments, which were recorded after it ran)."""
+
+    def __init__(self, steps):
+        self._steps = steps
+
+    @staticmethod
+    def build(
+        rec: _Recording, operands: tuple, seed: int | None, dynamic: tuple[str, ...] = ("seed",)
+    ) -> Replay | None:
+        """``seed``: the recorded call's seed (nonzero), or None when the call had none; a ``dynamic`` argument
+        equal to it is the replayed call's seed, any other value (0 for a launch without dropout) stays."""
+        if not rec.replayable or not rec.launches or seed == 0:
+            return None
+        by_ptr: dict[int, int] = {}
+        for i, t in enumerate(operands):
+            if t is None:
+                continue
+            ptr = t.data_ptr()
+            if ptr in by_ptr:
+                return None
+            by_ptr[ptr] = i
+        steps = []
+        for plan, kwargs in rec.launches:
+            if plan is None or not plan.direct or plan.compiled is None:
+                return None
+            step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr, dynamic, seed)
+            if step is None:
+                return None
+            steps.append(step)
+        return Replay(tuple(steps))
+
+    def __call__(self, operands: tuple, seed: int = 0):
+        stream = driver.active.get_current_stream(self._steps[0][0])
+        for _, fn in self._steps:
+            fn(operands, seed, stream)
+
+
+def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict, dynamic: tuple[str, ...], seed: int | None):
+    """(device, fn(operands, seed, stream)) for one recorded launch, or None."""
+    compiled = plan.compiled
+    meta = compiled.metadata
+    launcher = compiled.run
+    raw = _raw_launcher(launcher)
+    descs = getattr(meta, "tensordesc_meta", None) or None
+    scratch = getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
+    if scratch or (plan.pre_hook is not None and not getattr(plan.pre_hook, "replay_safe", False)):
+        return None
+    names = plan.names(full)
+    if not isinstance(names, tuple):
+        names = tuple(names)
+    arg_names = plan.compiled.src.fn.arg_names
+    consts: list = []
+    items: list[str] = []
+    n_desc = 0
+    for name, v in zip(arg_names, names, strict=True):
+        if name in dynamic and seed is not None and v == seed:
+            items.append("seed")
+            continue
+        base = getattr(v, "base", None) if hasattr(v, "block_shape") else None
+        if base is not None:  # a host tensor descriptor
+            i = by_ptr.get(base.data_ptr())
+            if i is None:
+                return None
+            if raw is not None:
+                consts.append(_expander(v, descs[n_desc] if descs else None))
+                items.append(f"*c[{len(consts) - 1}](o[{i}])")
+            else:
+                consts.append(_descriptor_maker(v))
+                items.append(f"c[{len(consts) - 1}](o[{i}])")
+            n_desc += 1
+            continue
+        if hasattr(v, "data_ptr") and hasattr(v, "dtype"):
+            i = by_ptr.get(v.data_ptr())
+            if i is None:
+                return None
+            items.append(f"o[{i}]")
+            continue
+        consts.append(v)
+        items.append(f"c[{len(consts) - 1}]")
+    g0, g1, g2 = plan.grid
+    function, packed = plan.function, plan.metadata
+    if raw is not None:  # the driver's own argument order: grid, stream, function, flags, scratch, metadata, hooks
+        call = "raw(g0, g1, g2, stream, function, coop, pdl, None, None, packed, None, None, None, {})"
+    else:
+        call = "run(g0, g1, g2, stream, function, packed, None, None, None, {})"
+    src = f"lambda o, seed, stream: {call.format(', '.join(items))}"
+    env = dict(
+        raw=raw,
+        run=launcher,
+        g0=g0,
+        g1=g1,
+        g2=g2,
+        function=function,
+        packed=packed,
+        coop=getattr(meta, "launch_cooperative_grid", False),
+        pdl=getattr(meta, "launch_pdl", False),
+        c=tuple(consts),
+    )
+    return plan.device, eval(src, env)  # noqa: S307

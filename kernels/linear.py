@@ -45,7 +45,7 @@ import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels import dispatch as _dispatch
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
-from fastlora.kernels.launch import plans_for
+from fastlora.kernels.launch import Replay, launch_hooks, not_replayable, plans_for, recording
 from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -626,6 +626,9 @@ def _set_tma_block_shapes(nargs):
             nargs[name].block_shape = shape
 
 
+_set_tma_block_shapes.replay_safe = True  # launch.Replay records the descriptors after it ran
+
+
 def _prune_gemm_configs(configs_list, named_args, **kwargs):
     """Drop tiles much larger than the problem (small M or N): they only waste the autotuner's time.
 
@@ -877,8 +880,8 @@ def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, 
     return y
 
 
-def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None):
-    """scale * (m x)[M, K] @ bt[K, R] -> [M, R] in out_dtype.
+def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None, out=None):
+    """scale * (m x)[M, K] @ bt[K, R] -> [M, R] in out_dtype (written into ``out`` [M, R] when given).
 
     side = (t [M, R], acc [K, R] float32, side_scale): also acc += side_scale * x^T t, with atomics.
     da = (x2 [M, K2], dA [R, K2] float32, da_scale, dropout_p, seed): also dA += da_scale * out^T (m x2), with
@@ -894,9 +897,12 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None):
     if split > 1:
         if da is not None:
             raise ValueError(f"the dA share needs the dS pass in one split, got {split} for {M} rows")
+        not_replayable()  # the partials' sum is a torch op between launches
+        result = out
         out = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty((M, R), device=x.device, dtype=out_dtype)[None]
+        result = out if out is not None else torch.empty((M, R), device=x.device, dtype=out_dtype)
+        out = result[None]
     t, acc, side_scale = side if side is not None else (x, out[0], 0.0)
     if da is not None:
         x2, da_acc, da_scale, da_p, seed = da
@@ -951,7 +957,9 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None):
         num_warps=warps,
         num_stages=stages,
     )
-    return out.sum(0).to(out_dtype) if split > 1 else out[0]
+    if split == 1:
+        return result
+    return out.sum(0).to(out_dtype) if result is None else result.copy_(out.sum(0))
 
 
 def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
@@ -997,6 +1005,7 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
         num_stages=stages,
     )
     if split > 1:
+        not_replayable()
         torch.sum(part, 0, out=out)
     return out
 
@@ -1014,10 +1023,68 @@ def _measured(kind, device, shape, candidates, run):
     return run[_dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device)]()
 
 
+# Replays (kernels/launch.py) of whole launcher calls, per call signature: None -> seen once (the first call
+# compiles, tunes and measures), _RECORD -> the next call records, a Replay -> later calls replay, False -> never.
+_RECORD = object()
+_REPLAYS: dict = {}
+_MAX_REPLAYS = 1024
+
+
+def _sig(t):
+    """What a tensor operand's launches depend on: shape, strides, dtype and 16-byte alignment."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _replayed(key, operands, seed, call):
+    """Run ``call()`` (the launcher's normal path, writing into the operands), or replay its recorded launches.
+    ``seed``: the dropout seed, or None without dropout; a call with seed 0 is not recorded (the replay finds the
+    seed's places by its value)."""
+    entry = _REPLAYS.get(key)
+    if entry is None or entry is False:
+        if entry is None:
+            if len(_REPLAYS) >= _MAX_REPLAYS:
+                _REPLAYS.clear()
+            _REPLAYS[key] = _RECORD
+        return call()
+    if entry is _RECORD and seed != 0:
+        with recording() as rec:
+            result = call()
+        _REPLAYS[key] = Replay.build(rec, operands, seed) or False
+        return result
+    if entry is _RECORD:
+        return call()
+    entry(operands, seed)
+    return None
+
+
+def _replay_key(kind, x, *tensors_and_values):
+    return (kind, x.device, driver_device(), *(_sig(t) if isinstance(t, torch.Tensor) or t is None else t
+                                                  for t in (x, *tensors_and_values)))  # fmt: skip
+
+
+def driver_device():
+    return triton.runtime.driver.active.get_current_device()
+
+
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
     """Y [M, N] = c * (x W^T + s * S B^T) + bias and S [M, r] = (m x) A^T, for x [M, K] (any strides).
 
     col_scale: c [N] float32 (DoRA's g / ||W + s B A||), or None for c = 1."""
+    M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
+    if INTERPRET or M == 0 or launch_hooks():
+        return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    key = _replay_key("fwd", x, weight, bias, lora_A, lora_B, col_scale, float(scaling), float(dropout_p))
+    operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s)
+    _replayed(
+        key, operands, int(seed) if dropout_p > 0 else None,
+        lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s),
+    )  # fmt: skip
+    return y, s
+
+
+def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, y=None, s=None):
     _check_dtype(x)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -1029,16 +1096,18 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
             )
         if col_scale.device != x.device:
             raise ValueError(f"col_scale is on {col_scale.device}, x on {x.device}: pass tensors on one device")
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if y is None:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, x.new_zeros((0, R))
     inv_keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    s = _down(x, lora_A.t(), x.dtype, inv_keep, dropout_p, seed)
+    s = _down(x, lora_A.t(), x.dtype, inv_keep, dropout_p, seed, out=s)
 
     def fused(out=y):
         return _gemm(x, weight.t(), s, lora_B.t(), bias, out, scaling, col_scale=col_scale, direction="fwd")
 
     def cublas_update(out=y):
+        not_replayable()
         torch.mm(x, weight.t(), out=out)
         return lora_update_(out, s, lora_B.t(), scaling, bias=bias, col_scale=col_scale)
 
@@ -1069,33 +1138,16 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
         # one float32 buffer, one memset: dB [N, r] then dA [r, K], both accumulated with atomics
         grads = torch.zeros(N * R + R * K, device=dy.device, dtype=torch.float32)
         db32, da32 = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
-        # From SPLIT_FREE_M rows the dS/dB pass finishes each row block's dS in registers and, with dropout or
-        # without dX, also takes the block's share of dA from x (drawing the mask once): no pass of its own. Else
-        # the dX GEMM's epilogue takes it (no dropout), or a pass over x does.
-        da_in_ds = M >= configs.SPLIT_FREE_M and (dropout_p > 0 or not need_dx)
-        da_side = (x, da32, inv_keep, dropout_p, seed) if da_in_ds else None
-        ds = _down(dy, lora_B, dy.dtype, scaling, side=(s, db32, scaling), da=da_side)
-        if need_dx:
-
-            def fused(out=dx, da=da32):
-                if dropout_p == 0:
-                    return _gemm(dy, weight, ds, lora_A, None, out, 1.0, x=x, da=da, direction="dx")
-                _gemm(dy, weight, ds, lora_A, None, out, inv_keep, dropout_p, seed, direction="dx")
-                return out if da_in_ds else _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
-
-            def cublas_update(out=dx, da=da32):
-                torch.mm(dy, weight, out=out)
-                lora_update_(out, ds, lora_A, inv_keep, dropout_p=dropout_p, seed=seed)
-                return out if da_in_ds else _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
-
-            def timed(fn):  # timing runs write scratch outputs: the real dA must see one run only
-                return lambda: fn(torch.empty_like(dx), torch.zeros_like(da32))
-
-            shape = dict(M=M, N=K, K=N, R=R, dtype=x.dtype, dropout=dropout_p > 0)
-            candidates = {"fused": timed(fused), "cublas+update": timed(cublas_update)}
-            _measured("dx", x.device, shape, candidates, {"fused": fused, "cublas+update": cublas_update})
-        elif not da_in_ds:
-            _up_t(ds, x, inv_keep, dropout_p, seed, out=da32)
+        ds = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
+        if INTERPRET or launch_hooks():
+            _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds, db32, da32)
+        else:
+            key = _replay_key("bwd", dy, x, s, weight, lora_A, lora_B, float(scaling), float(dropout_p), need_dx)
+            _replayed(
+                key, (dy, x, s, weight, lora_A, lora_B, dx, ds, db32, da32), int(seed) if dropout_p > 0 else None,
+                lambda: _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds,
+                                      db32, da32),
+            )  # fmt: skip
         if lora_A.dtype == lora_B.dtype:
             grads = _grads_in(grads, lora_A.dtype)  # one cast for both (none for float32 adapters)
             db, da = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
@@ -1103,6 +1155,41 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
             db, da = _grads_in(db32, lora_B.dtype), _grads_in(da32, lora_A.dtype)
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
     return dx, da, db, dbias
+
+
+def _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds, db32, da32):
+    """The atomic backward's launches: dS into ds, dB into db32, dA into da32 (both zeroed), dX into dx."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    inv_keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    # From SPLIT_FREE_M rows the dS/dB pass finishes each row block's dS in registers and, with dropout or
+    # without dX, also takes the block's share of dA from x (drawing the mask once): no pass of its own. Else
+    # the dX GEMM's epilogue takes it (no dropout), or a pass over x does.
+    da_in_ds = M >= configs.SPLIT_FREE_M and (dropout_p > 0 or not need_dx)
+    da_side = (x, da32, inv_keep, dropout_p, seed) if da_in_ds else None
+    _down(dy, lora_B, dy.dtype, scaling, side=(s, db32, scaling), da=da_side, out=ds)
+    if need_dx:
+
+        def fused(out=dx, da=da32):
+            if dropout_p == 0:
+                return _gemm(dy, weight, ds, lora_A, None, out, 1.0, x=x, da=da, direction="dx")
+            _gemm(dy, weight, ds, lora_A, None, out, inv_keep, dropout_p, seed, direction="dx")
+            return out if da_in_ds else _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
+
+        def cublas_update(out=dx, da=da32):
+            not_replayable()
+            torch.mm(dy, weight, out=out)
+            lora_update_(out, ds, lora_A, inv_keep, dropout_p=dropout_p, seed=seed)
+            return out if da_in_ds else _up_t(ds, x, inv_keep, dropout_p, seed, out=da)
+
+        def timed(fn):  # timing runs write scratch outputs: the real dA must see one run only
+            return lambda: fn(torch.empty_like(dx), torch.zeros_like(da32))
+
+        shape = dict(M=M, N=K, K=N, R=R, dtype=x.dtype, dropout=dropout_p > 0)
+        candidates = {"fused": timed(fused), "cublas+update": timed(cublas_update)}
+        _measured("dx", x.device, shape, candidates, {"fused": fused, "cublas+update": cublas_update})
+    elif not da_in_ds:
+        _up_t(ds, x, inv_keep, dropout_p, seed, out=da32)
 
 
 def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:

@@ -179,3 +179,75 @@ def test_op_launchers_with_plans_match_plain_launches(op, monkeypatch):
     for got, want in zip(planned, plain, strict=True):
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
+
+
+_REPLAY_SCRIPT = r"""
+import json, sys, torch
+from fastlora.benchmarks import host
+from fastlora.kernels import linear as kl
+import fastlora as fl
+
+calls = []
+host.StandInLauncher._driver_launch = staticmethod(lambda *args: calls[-1].append(args))
+# descriptors carry their global address, so the comparison below sees which tensor each one points at
+host._StandInUtils.fill_tma_descriptor = lambda self, ptr, *rest: ("desc", ptr, repr(rest))
+m, k, n, r, p = (int(v) if i < 4 else float(v) for i, v in enumerate(sys.argv[1:]))
+dtype = torch.bfloat16
+w, bias = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+a = torch.randn(r, k, dtype=dtype, requires_grad=True)
+b = torch.randn(n, r, dtype=dtype, requires_grad=True)
+x0 = torch.randn(m, k, dtype=dtype, requires_grad=True)
+dy = torch.randn(m, n, dtype=dtype)
+out = []
+with host.stand_in_gpu():
+    for x in (x0, x0, x0, torch.randn(m, k, dtype=dtype, requires_grad=True)):
+        names = {x.data_ptr(): "x", w.data_ptr(): "w", bias.data_ptr(): "bias", a.data_ptr(): "A",
+                 b.data_ptr(): "B", dy.data_ptr(): "dy"}
+        calls.append([])
+        torch.manual_seed(5)
+        fl.lora_linear(x, w, bias, a, b, 0.5, dropout_p=p, training=True).backward(dy)
+        fresh = {}
+
+        def canon(v):
+            if isinstance(v, torch.Tensor):
+                v = v.data_ptr()
+                return names.get(v) or "fresh%d" % fresh.setdefault(v, len(fresh))
+            if isinstance(v, tuple) and v[:1] == ("desc",):
+                return ["desc", canon_ptr(v[1]), v[2]]
+            return v if isinstance(v, (int, float, str, type(None))) else repr(type(v))
+
+        def canon_ptr(ptr):
+            return names.get(ptr) or "fresh%d" % fresh.setdefault(ptr, len(fresh))
+
+        out.append([[canon(v) for i, v in enumerate(args) if i not in (4, 9)] for args in calls[-1]])
+replays = sorted(k[0] for k, v in kl._REPLAYS.items() if isinstance(v, kl.Replay))
+print(json.dumps({"calls": out, "replays": replays}))
+"""
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("shape", [(37, 72, 56, 8), (37, 75, 51, 5)], ids=["M37-K72-N56-r8-tma", "M37-K75-N51-r5"])
+def test_linear_replay_launches_what_the_normal_path_launches(shape, p):
+    """Under the stand-in sm_90 driver (a subprocess: the kernels compile for real there), the third call of a
+    signature replays the launches the second recorded (kernels/launch.py Replay) and a fourth with a new x replays
+    with x's pointer: each driver launch gets the same arguments as on the normal path (integers, floats, seeds,
+    which tensor each pointer and TMA descriptor addresses), for the forward and the backward."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _REPLAY_SCRIPT, *map(str, shape), str(p)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["replays"] == ["bwd", "fwd"]
+    first, recorded, replayed, new_x = result["calls"]
+    assert len(recorded) == len(first) >= 3
+    assert replayed == recorded
+    assert new_x == recorded
+    tma = any(isinstance(v, list) and v[0] == "desc" for args in recorded for v in args)
+    assert tma == (shape[3] == 8)  # r = 5 makes S's rows 10 bytes apart: no TMA, the pointer kernels
