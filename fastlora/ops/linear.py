@@ -20,6 +20,7 @@ import math
 import torch
 
 from fastlora.checks import (
+    cached_check,
     check_dropout,
     check_lora_factors,
     check_same_device,
@@ -46,7 +47,14 @@ __all__ = ["lora_linear", "check_linear", "LINEAR"]
 
 
 def check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """Validate a lora_linear call (ValueError/TypeError naming the argument)."""
+    """Validate a lora_linear call (ValueError/TypeError naming the argument); a call signature seen before (shapes,
+    dtypes, devices, values, and whether autocast is on for x's device) costs a dictionary lookup."""
+    autocasting = isinstance(x, torch.Tensor) and autocast_enabled(x.device.type)
+    _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting)
+
+
+@cached_check
+def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting):
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_A", lora_A, ndim=2)
@@ -56,8 +64,7 @@ def check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be in_features={k}, got x of shape {tuple(x.shape)}")
-    autocasting = autocast_enabled(x.device.type)  # then autocast_inputs brings x, weight and bias to one dtype
-    if not autocasting:
+    if not autocasting:  # else autocast_inputs brings x, weight and bias to one dtype
         check_same_dtype("x", x, weight)
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
