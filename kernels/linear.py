@@ -96,6 +96,23 @@ def dropout_keep(seed, rows, cols, threshold):
 
 
 @triton.jit
+def dropout_keep_t(seed, rows, cols, threshold):
+    """dropout_keep's mask transposed, [len(cols), len(rows)], drawn in that orientation (the same words as
+    dropout_words, written per element: column c's word is t * C2 for even c, t * C2 * 0x10001 for odd c, with
+    t the word of its pair) rather than transposed in registers; any columns."""
+    seed64 = tl.zeros((1,), dtype=tl.int64) + seed
+    seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0 = _mix32(seed_lo + seed_hi * 0x9E3779B9)
+    key = _mix32(rows.to(tl.uint32) ^ k0) * 0x7FEB352D  # [BM], times C1
+    c = cols.to(tl.uint32)
+    t = key[None, :] + ((c >> 1) * 0xCFC6B285)[:, None]  # [BK, BM]
+    t ^= t >> 15
+    mult = tl.where((c & 1) == 0, 0x846CA68B, 0x2AF7A68B).to(tl.uint32)
+    return t * mult[:, None] >= (threshold.to(tl.uint32) << 16)
+
+
+@triton.jit
 def dropout_keep_factor(seed, rows, cols, threshold):
     """The keep-mask as float32 1.0 / 0.0, with no comparison: f = 2^23 + u exactly (u as the low mantissa bits of
     2^23), so f - (2^23 + t - 1) = u - t + 1 is an integer, >= 1 where kept and <= 0 where dropped; clamped to

@@ -44,7 +44,7 @@ from fastlora.kernels.configs import (
     input_precision,
     rank_block,
 )
-from fastlora.kernels.linear import _mix32
+from fastlora.kernels.linear import dropout_keep_t
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs
@@ -170,19 +170,6 @@ def _nf4_dequant_kernel(
 
 
 @triton.jit
-def _dropout_keep_t(seed, rows, cols, threshold):
-    """kernels.linear.dropout_keep's mask, transposed: [len(cols), len(rows)], drawn in that orientation (the same
-    hash of (row, col)) rather than transposed in registers."""
-    seed64 = tl.zeros((1,), dtype=tl.int64) + seed
-    seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    key = _mix32(_mix32(rows.to(tl.uint32) ^ seed_lo) + seed_hi)  # [BM]
-    h = (key[None, :] ^ (cols.to(tl.uint32) * 0x9E3779B9)[:, None]) * 0x7FEB352D
-    h = (h ^ (h >> 15)) * 0x846CA68B
-    return (h >> 16) >= threshold.to(tl.uint32)
-
-
-@triton.jit
 def _nf4_lora_fwd_kernel(
     # pointers
     x_ptr,
@@ -256,7 +243,7 @@ def _nf4_lora_fwd_kernel(
         b_w = _to_w_dtype(b_w, W_DTYPE, EMULATE_BF16).to(DOT_DTYPE)
         acc = tl.dot(b_w, b_xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_DROPOUT:
-            b_xt = tl.where(_dropout_keep_t(seed, i_m, i_k, p_thresh), b_xt, 0.0)  # [BK, BM]
+            b_xt = tl.where(dropout_keep_t(seed, i_m, i_k, p_thresh), b_xt, 0.0)  # [BK, BM]
         p_a = a_ptr + i_r[:, None] * stride_ar + i_k64[None, :] * stride_ak
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BR, BK]
         acc_s = tl.dot(b_a.to(DOT_DTYPE), b_xt.to(DOT_DTYPE), acc_s, input_precision=PRECISION)
@@ -348,7 +335,7 @@ def _nf4_lora_dx_kernel(
     b_at = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
     lora = tl.dot(b_at, b_dst, input_precision=PRECISION)  # (dS A)^T [BK, BM]
     if HAS_DROPOUT:
-        lora = tl.where(_dropout_keep_t(seed, i_m, i_k, p_thresh), lora * inv_keep, 0.0)
+        lora = tl.where(dropout_keep_t(seed, i_m, i_k, p_thresh), lora * inv_keep, 0.0)
     acc += lora
     p_dx = dx_ptr + i_k64[:, None] * stride_dxk + i_m64[None, :] * stride_dxm
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_k[:, None] & m_m[None, :])
