@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -136,14 +137,15 @@ class LaunchPlans:
             return self.kernel[grid](**kwargs)
         full_key = (key, driver.active.get_current_device(), self._guard(kwargs))
         plan = self._plans.get(full_key)
-        if _recording is not None:
-            _recording.add(self, plan, kwargs)
+        rec = _local.recording
+        if rec is not None:
+            rec.add(self, plan, kwargs)
         if plan is None:
             self.normal_launches += 1
             compiled = self.kernel[grid](**kwargs)
             plan = self._plans[full_key] = self._resolve(compiled, grid, kwargs)
-            if _recording is not None:
-                _recording.resolved(plan)
+            if rec is not None:
+                rec.resolved(plan)
             return compiled
         if not plan.direct or launch_hooks():
             self.normal_launches += 1
@@ -239,28 +241,30 @@ class _Recording:
         self.launches[-1][0] = plan
 
 
-_recording: _Recording | None = None
+class _Local(threading.local):
+    recording: _Recording | None = None  # per thread: another thread's launches (DataParallel) are not this call's
+
+
+_local = _Local()
 
 
 class recording:
-    """``with recording() as rec:`` collects the launches made inside the block (``rec.launches``)."""
+    """``with recording() as rec:`` collects the launches this thread makes inside the block (``rec.launches``)."""
 
     def __enter__(self) -> _Recording:
-        global _recording
-        if _recording is not None:
+        if _local.recording is not None:
             raise RuntimeError("launch recordings do not nest")
-        _recording = _Recording()
-        return _recording
+        _local.recording = _Recording()
+        return _local.recording
 
     def __exit__(self, *exc):
-        global _recording
-        _recording = None
+        _local.recording = None
 
 
 def not_replayable():
     """Called by a launcher whose call does host or torch work between its launches: the recording is void."""
-    if _recording is not None:
-        _recording.replayable = False
+    if _local.recording is not None:
+        _local.recording.replayable = False
 
 
 def _raw_launcher(launcher):
