@@ -1054,8 +1054,9 @@ def _sig(t):
 
 def _replayed(key, operands, seed, call):
     """Run ``call()`` (the launcher's normal path, writing into the operands), or replay its recorded launches.
-    ``seed``: the dropout seed, or None without dropout; a call with seed 0 is not recorded (the replay finds the
-    seed's places by its value)."""
+    ``seed``: the dropout seed, or None without dropout. The replay finds the seed's places by its value and reuses
+    kernels compiled for that seed, so only a seed Triton compiles no assumption into is recorded (not 0 or 1, not
+    divisible by 16, 32-bit), and a seed outside 32 bits takes the normal path."""
     entry = _REPLAYS.get(key)
     if entry is None or entry is False:
         if entry is None:
@@ -1063,12 +1064,12 @@ def _replayed(key, operands, seed, call):
                 _REPLAYS.clear()
             _REPLAYS[key] = _RECORD
         return call()
-    if entry is _RECORD and seed != 0:
+    if entry is _RECORD and (seed is None or (seed % 16 and 1 < seed < 2**31)):
         with recording() as rec:
             result = call()
         _REPLAYS[key] = Replay.build(rec, operands, seed) or False
         return result
-    if entry is _RECORD:
+    if entry is _RECORD or (seed is not None and not 0 <= seed < 2**31):
         return call()
     entry(operands, seed)
     return None
