@@ -31,7 +31,7 @@ from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_prec
 # backward's pass over dY and the epilogue.
 NORM_CONFIG = (64, 64, 4, 3)
 NORM_INTERPRET = (16, 32, 4, 1)
-ROWWISE_CONFIG = (64, 64, 32, 4)
+ROWWISE_CONFIG = (32, 64, 32, 4)
 ROWWISE_INTERPRET = (16, 16, 16, 4)
 
 
@@ -198,9 +198,14 @@ def _dora_bwd_kernel(
         b_dg += tl.sum(b_dy * b_src, axis=0)
         if NEED_DBIAS:
             b_db += tl.sum(b_dy, axis=0)
-        if RECOVER:
-            if any_zero > 0:
-                # Yp tile [BLOCK_M, BLOCK_N] = x W^T + s S B^T, recomputed: Y holds only the bias in these columns
+    if RECOVER:
+        if any_zero > 0:  # a second pass over this column tile: Yp = x W^T + s S B^T, since Y holds only the bias
+            for m0 in range(m_start, tl.minimum(m_start + M_PER_SPLIT, M), BLOCK_M):
+                i_m = m0 + tl.arange(0, BLOCK_M)
+                m_m = i_m < M
+                i_m64 = i_m.to(tl.int64)
+                p_dy = dy_ptr + i_m64[:, None] * stride_dym + i_n.to(tl.int64)[None, :] * stride_dyn
+                b_dy = tl.load(p_dy, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
                 b_yp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     i_k = k0 + tl.arange(0, BLOCK_K)
@@ -220,7 +225,6 @@ def _dora_bwd_kernel(
                     b_lora = tl.dot(b_s.to(DOT_DTYPE), tl.trans(b_b.to(DOT_DTYPE)), input_precision=PRECISION)
                     b_yp += scaling * b_lora
                 b_rec += tl.sum(b_dy * b_yp, axis=0)
-    if RECOVER:
         b_dg = tl.where(m_zero, b_rec / b_nrm, b_dg / tl.where(m_zero, 1.0, b_g))
     else:
         b_dg = b_dg / b_nrm
