@@ -439,3 +439,25 @@ def test_bad_input():
         lora_linear_dora(x, w, b, a, bb, g, 1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="in_features"):
         lora_linear_dora(x[:, :-1], w, b, a, bb, g, 1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_uses_the_launchers_col_scale_when_it_has_one(monkeypatch, p):
+    """With LAUNCHER_HAS_COL_SCALE the DoRA forward hands c and the bias to kernels.linear's forward launcher
+    (col_scale multiplies x W^T + s S B^T before the bias); stood in for here by the launcher plus the epilogue."""
+    klinear = fdora._klinear
+    plain = klinear.lora_linear_fwd
+    calls = []
+
+    def launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
+        calls.append(col_scale is not None)
+        if col_scale is None:
+            return plain(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, s = plain(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
+        return kdora.dora_col_scale_(y, col_scale, bias), s
+
+    monkeypatch.setattr(klinear, "lora_linear_fwd", launcher)
+    monkeypatch.setattr(fdora, "LAUNCHER_HAS_COL_SCALE", True)
+    x, w, b, a, bb, g = _inputs(torch.float32)
+    _run_dora("triton", x, w, b, a, bb, g, 1.1, torch.float32, p)
+    assert calls == [p == 0]
