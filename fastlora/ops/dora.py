@@ -207,7 +207,7 @@ def _dora_fwd(x2, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, s
                 y.add_(bias)
         return y, s, norm, x2.new_empty(0)
     keep, inv_keep = _keep(seed, x2.shape, dropout_p, x2.device, triton_path)
-    x_d = x2 * keep.to(dt) * inv_keep
+    x_d = x2.mul(keep).mul_(inv_keep)
     if triton_path:  # Y = x W^T + bias + s S B^T with the mask drawn in-kernel; S = x_d A^T
         y, s = _klinear.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     else:
