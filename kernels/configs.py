@@ -359,3 +359,27 @@ def conv_skinny_config(major: int, kind: str, dtype: torch.dtype):
         return CONV_SKINNY_INTERPRET[kind]
     table = _CONV_SKINNY_32BIT if dtype == torch.float32 else _CONV_SKINNY_16BIT
     return table[9 if major >= 9 else 8][kind]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DoRA (kernels/dora.py): the norm's pass over W and the backward's pass over dY
+# ----------------------------------------------------------------------------------------------------------
+
+# Norm, W A^T and ||W||^2_rows from one pass over W: BLOCK_N, BLOCK_K, warps, stages.
+DORA_NORM = (64, 64, 4, 3)
+DORA_NORM_INTERPRET = (16, 32, 4, 1)
+# Backward, dY' = c dY with dg (and dbias) in one pass over dY: BLOCK_M, BLOCK_N, BLOCK_K, warps. BLOCK_K and the
+# accumulator of the zero-magnitude recompute (BLOCK_M x BLOCK_N float32) set the register use: 8 warps keep it
+# under the 255-register limit on sm_80 and sm_90 without spilling.
+DORA_BWD = (32, 64, 32, 8)
+DORA_BWD_INTERPRET = (16, 16, 16, 4)
+
+
+def dora_norm_config():
+    """(BLOCK_N, BLOCK_K, warps, stages) for DoRA's norm pass over W."""
+    return DORA_NORM_INTERPRET if INTERPRET else DORA_NORM
+
+
+def dora_bwd_config():
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) for DoRA's backward pass over dY."""
+    return DORA_BWD_INTERPRET if INTERPRET else DORA_BWD

@@ -6,7 +6,7 @@ output row (a constant in backward), c = g / n:
     norm:      n^2 = ||W||^2_rows + 2 s rowsum((W A^T) * B) + s^2 rowsum((B (A A^T)) * B)
                one pass over W gives W A^T [N, r] and ||W||^2_rows together     (_dora_norm_kernel)
                the rest is r-wide work on [N, r] and [r, r] tensors (torch ops in dora_weight_norm)
-    epilogue:  Y = c * Yp + bias in place, Yp = x W^T + s S B^T from the LoRA GEMM   (_dora_col_scale_kernel)
+    forward:   Y = c * (x W^T + s S B^T) + bias is the LoRA GEMM of fastlora.kernels.linear with its column scale
     backward:  dY' = (c + shift) * dY  and  dg = rowsum_M(dY * Yp) / n  in one pass over dY   (_dora_bwd_kernel)
 
 Where dg's Yp comes from:
@@ -25,14 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from fastlora.kernels import configs
-from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
-
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for the norm's pass over W; (BLOCK_M, BLOCK_N, BLOCK_K, warps) for the
-# backward's pass over dY and the epilogue.
-NORM_CONFIG = (64, 64, 4, 3)
-NORM_INTERPRET = (16, 32, 4, 1)
-ROWWISE_CONFIG = (32, 64, 32, 4)
-ROWWISE_INTERPRET = (16, 16, 16, 4)
+from fastlora.kernels.configs import TL_DTYPES, dot_dtype, dora_bwd_config, dora_norm_config, input_precision, rank_block
 
 
 @triton.jit
@@ -84,33 +77,6 @@ def _dora_norm_kernel(
     tl.store(p_wa, b_wa, mask=m_n[:, None] & m_r[None, :])
     if NEED_WSQ:
         tl.store(wsq_ptr + i_n, b_sq, mask=m_n & (tl.program_id(1) == 0))
-
-
-@triton.jit
-def _dora_col_scale_kernel(
-    y_ptr,
-    c_ptr,
-    bias_ptr,
-    M,
-    N,
-    stride_ym,
-    stride_yn,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """y[M, N] = c[N] * y + bias[N], in place, computed in float32 and rounded once."""
-    i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    i_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = i_n < N
-    m_y = (i_m < M)[:, None] & m_n[None, :]
-    p_y = y_ptr + i_m.to(tl.int64)[:, None] * stride_ym + i_n.to(tl.int64)[None, :] * stride_yn
-    b_y = tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
-    b_c = tl.load(c_ptr + i_n, mask=m_n, other=0.0)
-    b_y = b_y * b_c[None, :]
-    if HAS_BIAS:
-        b_y += tl.load(bias_ptr + i_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
 @triton.jit
@@ -255,7 +221,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, wsq=None):
     need_wsq = wsq is None
     if need_wsq:
         wsq = torch.empty((N,), device=weight.device, dtype=torch.float32)
-    bn, bk, warps, stages = NORM_INTERPRET if INTERPRET else NORM_CONFIG
+    bn, bk, warps, stages = dora_norm_config()
     br = rank_block(R)
     _dora_norm_kernel[(triton.cdiv(N, bn), triton.cdiv(R, br))](
         w_ptr=weight,
@@ -288,27 +254,6 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, wsq=None):
     return n2.clamp_(min=0.0).sqrt_(), wsq
 
 
-def dora_col_scale_(y, col_scale, bias):
-    """y [M, N] = col_scale [N] * y + bias [N] (or no bias), in place; returns y."""
-    _check_dtype(y)
-    M, N = y.shape
-    bm, bn, _, warps = ROWWISE_INTERPRET if INTERPRET else ROWWISE_CONFIG
-    _dora_col_scale_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        y_ptr=y,
-        c_ptr=col_scale,
-        bias_ptr=bias if bias is not None else y,
-        M=M,
-        N=N,
-        stride_ym=y.stride(0),
-        stride_yn=y.stride(1),
-        HAS_BIAS=bias is not None,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        num_warps=warps,
-    )
-    return y
-
-
 def dora_bwd_scale(dy, src, bias, magnitude, norm, shift, need_dbias, recompute=None):
     """One pass over dY [M, N]: (dY' = (c + shift) dY in dY's dtype, dg [N] float32, dbias [N] float32 or None).
 
@@ -317,7 +262,7 @@ def dora_bwd_scale(dy, src, bias, magnitude, norm, shift, need_dbias, recompute=
     c = magnitude / norm."""
     _check_dtype(dy)
     M, N = dy.shape
-    bm, bn, bk, warps = ROWWISE_INTERPRET if INTERPRET else ROWWISE_CONFIG
+    bm, bn, bk, warps = dora_bwd_config()
     grid_n = triton.cdiv(N, bn)
     m_blocks = triton.cdiv(M, bm)
     split = max(1, min(m_blocks, configs.num_programs_target(dy.device) // grid_n))

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora as fl
 from fastlora.ops import dora as fdora
+from fastlora.ops.backend import draw_seed
 from fastlora.ops.dora import lora_linear_dora
 from fastlora.reference import dora_linear_ref, dora_weight_norm_ref, lora_linear_bias_ref
 
@@ -47,15 +48,15 @@ def _inputs(dtype, zero_magnitude=True, lead=(), lora_dtype=torch.float32):
 def _seed_of_next_call():
     """The dropout seed the op will draw next, read off a copy of torch's CPU RNG state."""
     state = torch.get_rng_state()
-    seed = int(fl.functional.draw_seed())
+    seed = int(draw_seed())
     torch.set_rng_state(state)
     return seed
 
 
 def _op_mask(backend, seed, shape, p):
     """The dropout multiplier m (0 or 1/(1-p)) the path draws for a seed, as float64."""
-    keep, inv_keep = fdora._keep(seed, shape, p, "cpu", backend == "triton")
-    return keep.double() * inv_keep
+    _, m = fdora._dropped(torch.ones(shape), p, seed, backend == "triton")
+    return m.double()
 
 
 def _leaves64(*tensors):
@@ -219,7 +220,7 @@ def test_lora_bias_matches_reference(backend, dtype, p):
         x.grad = a.grad = bb.grad = lb.grad = None
         seed = _seed_of_next_call()
         with fl.use_backend(backend):
-            y = lora_linear_dora(x, w, bias, a, bb, None, 0.8, dropout_p=p, lora_bias=lb)
+            y = fl.lora_linear(x, w, bias, a, bb, 0.8, dropout_p=p, lora_bias=lb)
         dy = torch.randn_like(y)
         y.backward(dy)
         mask = _op_mask(backend, seed, (M, K), p) if p > 0 else None
@@ -272,15 +273,8 @@ def test_lora_bias_matches_peft(backend):
     prm = _peft_params(layer)
     x = torch.randn(M, K, requires_grad=True)
     with fl.use_backend(backend):
-        y = lora_linear_dora(
-            x,
-            prm["weight"],
-            prm["bias"],
-            prm["lora_A"],
-            prm["lora_B"],
-            None,
-            prm["scaling"],
-            lora_bias=prm["lora_bias"],
+        y = fl.lora_linear(
+            x, prm["weight"], prm["bias"], prm["lora_A"], prm["lora_B"], prm["scaling"], lora_bias=prm["lora_bias"]
         )
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -429,10 +423,10 @@ def test_bad_input():
         lora_linear_dora(x, w, b, a, bb, torch.ones(N, dtype=torch.int64), 1.0)
     with pytest.raises(TypeError, match="magnitude must be a torch.Tensor"):
         lora_linear_dora(x, w, b, a, bb, [1.0] * N, 1.0)
-    with pytest.raises(ValueError, match="lora_bias cannot be combined with DoRA"):
-        lora_linear_dora(x, w, b, a, bb, g, 1.0, lora_bias=torch.zeros(N))
     with pytest.raises(ValueError, match="lora_bias must have shape"):
-        lora_linear_dora(x, w, b, a, bb, None, 1.0, lora_bias=torch.zeros(N + 1))
+        fl.lora_linear(x, w, b, a, bb, 1.0, lora_bias=torch.zeros(N + 1))
+    with pytest.raises(TypeError, match="lora_bias must be"):
+        fl.lora_linear(x, w, b, a, bb, 1.0, lora_bias=[0.0] * N)
     with pytest.raises(ValueError, match="magnitude must be 1-D"):
         lora_linear_dora(x, w, b, a, bb, g[None], 1.0)
     with pytest.raises(ValueError, match="dropout"):
@@ -442,22 +436,18 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_forward_uses_the_launchers_col_scale_when_it_has_one(monkeypatch, p):
-    """With LAUNCHER_HAS_COL_SCALE the DoRA forward hands c and the bias to kernels.linear's forward launcher
-    (col_scale multiplies x W^T + s S B^T before the bias); stood in for here by the launcher plus the epilogue."""
+def test_forward_is_one_gemm_launch_with_the_column_scale(monkeypatch, p):
+    """Without dropout the DoRA forward hands c = g / n to kernels.linear's forward launcher (its epilogue scales
+    x W^T + s S B^T before the bias); with dropout the launcher runs unscaled and Yq carries c."""
     klinear = fdora._klinear
     plain = klinear.lora_linear_fwd
     calls = []
 
-    def launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
+    def spy(*args, col_scale=None):
         calls.append(col_scale is not None)
-        if col_scale is None:
-            return plain(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        y, s = plain(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
-        return kdora.dora_col_scale_(y, col_scale, bias), s
+        return plain(*args, col_scale=col_scale)
 
-    monkeypatch.setattr(klinear, "lora_linear_fwd", launcher)
-    monkeypatch.setattr(fdora, "LAUNCHER_HAS_COL_SCALE", True)
+    monkeypatch.setattr(klinear, "lora_linear_fwd", spy)
     x, w, b, a, bb, g = _inputs(torch.float32)
     _run_dora("triton", x, w, b, a, bb, g, 1.1, torch.float32, p)
     assert calls == [p == 0]
