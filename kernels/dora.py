@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 from fastlora.kernels import configs
-from fastlora.kernels.configs import TL_DTYPES, dot_dtype, dora_bwd_config, dora_norm_config, input_precision, rank_block
+from fastlora.kernels.configs import (
+    TL_DTYPES,
+    dora_bwd_config,
+    dora_norm_config,
+    dot_dtype,
+    input_precision,
+    rank_block,
+)
 
 
 @triton.jit

@@ -157,8 +157,10 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, triton_path=None):
 
 def _dropped(x2, p, seed, triton):
     """x_d = m * x [M, K] with the mask the path draws for this seed, and the multiplier m itself."""
-    keep = _klinear.dropout_mask(seed, x2.shape[0], x2.shape[1], p, x2.device) if triton else dropout_keep(
-        seed, x2.shape, p, x2.device
+    keep = (
+        _klinear.dropout_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
+        if triton
+        else dropout_keep(seed, x2.shape, p, x2.device)
     )
     m = keep.to(x2.dtype).mul_(1.0 / (1.0 - p))
     return x2 * m, m

@@ -70,7 +70,9 @@ def check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias=
     if lora_bias is not None:
         check_tensor("lora_bias", lora_bias, ndim=1)
         if lora_bias.shape[0] != n:
-            raise ValueError(f"lora_bias must have shape [{n}] (one entry per output feature), got {tuple(lora_bias.shape)}")
+            raise ValueError(
+                f"lora_bias must have shape [{n}] (one entry per output feature), got {tuple(lora_bias.shape)}"
+            )
     check_dropout(dropout_p)
     check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_bias=lora_bias)
 
@@ -115,7 +117,7 @@ def _path(a) -> bool:
 
 
 def effective_bias(bias, lora_bias, scaling, dtype):
-    """bias + s * lora_bias in ``dtype`` (the layer bias with PEFT's lora_bias folded in); bias when lora_bias is None."""
+    """bias + s * lora_bias in ``dtype`` (the layer bias with PEFT's lora_bias folded in); bias without lora_bias."""
     if lora_bias is None:
         return bias
     scaled = lora_bias.to(dtype) * scaling
