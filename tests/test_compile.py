@@ -13,7 +13,17 @@ import pytest
 import torch
 import torch._dynamo
 from helpers import assert_close
-from lora_cases import DROPOUT_KINDS, PATHS, build_model, forward_backward, kind_params, make_input, on_path
+from lora_cases import (
+    DROPOUT_KINDS,
+    LAYER_KINDS,
+    OPTION_KINDS,
+    PATHS,
+    build_model,
+    forward_backward,
+    kind_params,
+    make_input,
+    on_path,
+)
 
 import fastlora as fl
 
@@ -38,9 +48,9 @@ def _assert_same(out, grads, ref_out, ref_grads, what):
         assert_close(grads[name], ref_grads[name], torch.float32, f"{what}: grad {name}")
 
 
-@pytest.mark.parametrize("kind", kind_params())
+@pytest.mark.parametrize("kind", kind_params(LAYER_KINDS + OPTION_KINDS))
 def test_no_graph_breaks(kind):
-    dropout = 0.25 if kind in DROPOUT_KINDS else 0.0
+    dropout = 0.25 if kind in DROPOUT_KINDS + OPTION_KINDS else 0.0
     model = build_model(kind, dropout=dropout)
     explanation = torch._dynamo.explain(model)(make_input(kind))
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -48,7 +58,7 @@ def test_no_graph_breaks(kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", kind_params())
+@pytest.mark.parametrize("kind", kind_params(LAYER_KINDS + OPTION_KINDS))
 def test_compiled_matches_eager(kind, path):
     model = build_model(kind)
     compiled = torch.compile(model, backend=BACKEND, fullgraph=True, dynamic=True)
@@ -89,7 +99,7 @@ def test_inductor_dropout_is_seeded():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", kind_params(DROPOUT_KINDS))
+@pytest.mark.parametrize("kind", kind_params(DROPOUT_KINDS + OPTION_KINDS))
 def test_compiled_dropout_is_seeded(kind, path):
     """With dropout, the compiled model draws its masks from torch's RNG: the same seed gives the same output
     and gradients, another seed gives another mask, and (the graph runs torch's own RNG ops) eager agrees."""
