@@ -213,11 +213,16 @@ class Op:
         def backward_impl(*args):
             grads, a, outs, needs, triton = _unpack(args, real=True)
             got = op._backward(a, outs, grads, needs, triton)
-            result = []
+            result, storages = [], set()
             for k, i in enumerate(op._diff):
                 ref = a[i]
                 if needs[k] and got[k] is not None and ref is not None:
-                    result.append(got[k].contiguous(memory_format=grad_layout(ref)))
+                    g = got[k].contiguous(memory_format=grad_layout(ref))
+                    ptr = g.untyped_storage().data_ptr()
+                    if ptr in storages or g.storage_offset() != 0:
+                        g = g.clone()  # carved from one buffer: a custom op's returns neither alias nor sit at offsets
+                    storages.add(ptr)
+                    result.append(g)
                 else:
                     result.append(grads[0].new_empty(0))
             return result
