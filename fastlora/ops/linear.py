@@ -135,8 +135,8 @@ def _forward(a, triton):
 
 def bias_grads(dbias_sum, bias, lora_bias, scaling, need_dbias, need_dlb):
     """(dbias, d lora_bias) from rowsum_M(dY) (float32 or dY's dtype): dbias = rowsum, d lora_bias = s * rowsum."""
-    dbias = dbias_sum.to(bias.dtype) if need_dbias else None
-    dlb = (dbias_sum.float() * scaling).to(lora_bias.dtype) if need_dlb else None
+    dbias = dbias_sum.to(bias.dtype) if need_dbias and bias is not None else None
+    dlb = (dbias_sum.float() * scaling).to(lora_bias.dtype) if need_dlb and lora_bias is not None else None
     return dbias, dlb
 
 
