@@ -405,7 +405,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     found = _require_layers(model, "merge_and_unload")
     for name, layer in found:
-        for pname in ("lora_A", "lora_B"):
+        for pname in layer.adapter_names:
             if not torch.isfinite(getattr(layer, pname)).all():
                 raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
     _untie(model, found)
