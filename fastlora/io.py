@@ -505,6 +505,12 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
             _check_kind(weights_path, path, entry, kind, type(module).__name__)
             if module.merged:
                 raise ValueError(f"load_adapter: {path} is merged; unmerge it (or fl.unload the model) before loading")
+            options = _file_options(weights_path, config_path, config, path, entry, kind)
+            have = {key: module.extra_options()[key] for key in options}
+            if options != have:
+                raise ValueError(
+                    f"load_adapter: the adapter in {weights_path} has {options} for {path}, whose layer has {have}"
+                )
             shapes = {
                 slot: tuple(t.shape) for slot in _adapter_slots(entry) if (t := getattr(module, slot, None)) is not None
             }
