@@ -88,6 +88,10 @@ class LoRALayer(nn.Module):
         if reason is not None:
             raise ValueError(f"{cls.__name__} does not support this {type(module).__name__}: {reason}")
         check_rank(r)
+        for name in options:
+            if name not in cls.options:
+                known = ", ".join(cls.options) or "none"
+                raise TypeError(f"{cls.__name__}.from_module takes no option {name!r}; its options: {known}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_base(module, **options)

@@ -451,3 +451,64 @@ def test_forward_is_one_gemm_launch_with_the_column_scale(monkeypatch, p):
     x, w, b, a, bb, g = _inputs(torch.float32)
     _run_dora("triton", x, w, b, a, bb, g, 1.1, torch.float32, p)
     assert calls == [p == 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer: PEFT's initialisation, merge / unmerge, the norm cache across them
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d-layout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_layer_init_merge_unmerge(dtype, fan_in_fan_out):
+    layer = fl.LoRALinear(K, N, r=R, alpha=7, dtype=dtype, fan_in_fan_out=fan_in_fan_out, use_dora=True)
+    w0 = layer.base_weight.detach().double()
+    assert_close(layer.lora_magnitude_vector, torch.linalg.vector_norm(w0, dim=1), dtype, "g = ||W|| at init")
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(N, R) / 4)
+        layer.lora_magnitude_vector.mul_(torch.rand(N, dtype=dtype) + 0.5)
+    x = torch.randn(M, K, dtype=dtype)
+    with fl.use_backend("torch"), torch.no_grad():
+        y = layer(x)
+        weight_before = layer.weight.detach().clone()
+        assert fdora._cached_wsq(layer.base_weight) is not None
+        layer.merge(safe=True)
+        assert layer.merged and fdora._cached_wsq(layer.base_weight) is None  # merged W has a new version
+        ref = dora_linear_ref(x.double(), w0, layer.bias.double(), layer.lora_A.double(), layer.lora_B.double(),
+                              layer.lora_magnitude_vector.double(), layer.scaling)  # fmt: skip
+        assert_close(layer(x), ref, dtype, "merged output")
+        layer.unmerge()
+        assert not layer.merged
+        assert_close(layer.weight, weight_before.double(), dtype, "W after unmerge")
+        assert_close(layer(x), y, dtype, "output after unmerge")
+        unmerged = layer.weight.detach().clone()
+        layer.lora_B[0, 0] = float("inf")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            layer.merge(safe=True)
+        assert torch.equal(layer.weight, unmerged) and not layer.merged
+
+
+def test_layer_options_refused():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        fl.LoRALinear.from_module(nn.Linear(4, 3), r=2, use_dora=True, lora_bias=True)
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        fl.LoRALinear.from_module(nn.Linear(4, 3), r=2, use_dora="yes")
+    with pytest.raises(TypeError, match="LoRAEmbedding.from_module takes no option 'use_dora'"):
+        fl.LoRAEmbedding.from_module(nn.Embedding(5, 3), r=2, use_dora=True)
+
+
+def test_lora_bias_merge_creates_and_removes_a_bias():
+    layer = fl.LoRALinear.from_module(nn.Linear(K, N, bias=False), r=R, lora_bias=True)
+    assert torch.equal(layer.lora_bias, torch.zeros(N))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_bias.normal_()
+    x = torch.randn(M, K)
+    with fl.use_backend("torch"), torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        assert layer.bias is not None
+        assert_close(layer(x), y.double(), torch.float32, "merged")
+        layer.unmerge()
+        assert layer.bias is None
+        assert_close(layer(x), y.double(), torch.float32, "unmerged")

@@ -63,7 +63,9 @@ def peft_lora_grads(model) -> dict[str, torch.Tensor]:
 def fastlora_grads(model) -> dict[str, torch.Tensor]:
     """fastlora's adapter gradients (lora_A, lora_B and a magnitude or lora_bias where the layer has one)."""
     root = model.base_model.model if isinstance(model, PeftModel) else model
-    return {f"{name}.{attr}": getattr(layer, attr).grad for name, layer in lora_layers(root) for attr in layer.adapter_names}
+    return {
+        f"{name}.{attr}": getattr(layer, attr).grad for name, layer in lora_layers(root) for attr in layer.adapter_names
+    }
 
 
 @pytest.mark.parametrize(
@@ -282,6 +284,8 @@ def test_from_peft_dora_trains_step_for_step_as_under_peft(p):
             assert_close(mine, theirs[f"{name}.{peft_names[attr]}"], F32, f"{name}.{attr} after 3 steps")
             compared += 1
     assert compared == 3 * 6
+
+
 def test_from_peft_skips_a_quantised_like_base_and_converts_the_rest():
     pm = peft_model(TwoLayers(), ["quant", "plain"])
     x = torch.randn(3, 12)

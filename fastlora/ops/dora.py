@@ -82,24 +82,29 @@ _WSQ_CHUNK_ROWS = 256
 
 
 def _weight_key(weight):
-    """(version, storage pointer) identifying the weight's current values, or None where it has no version counter
-    (inference tensors, fake tensors)."""
+    """(version, storage pointer, layout) identifying the weight's current values, or None where it has no version
+    counter (inference tensors, fake tensors)."""
     try:
-        return weight._version, weight.untyped_storage().data_ptr(), weight.data_ptr()
+        return weight._version, weight.untyped_storage().data_ptr(), weight.data_ptr(), weight.shape, weight.stride()
     except (RuntimeError, NotImplementedError):
         return None
 
 
+def _owner(weight):
+    """The tensor the cache entry hangs on: a view's base (a transposed Conv1D weight is a new view every call)."""
+    return weight._base if weight._base is not None else weight
+
+
 def _cached_wsq(weight):
     key = _weight_key(weight)
-    hit = _WSQ_CACHE.get(weight) if key is not None else None
+    hit = _WSQ_CACHE.get(_owner(weight)) if key is not None else None
     return hit[1] if hit is not None and hit[0] == key else None
 
 
 def _store_wsq(weight, wsq):
     key = _weight_key(weight)
     if key is not None:
-        _WSQ_CACHE[weight] = (key, wsq)
+        _WSQ_CACHE[_owner(weight)] = (key, wsq)
 
 
 def weight_row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
