@@ -323,8 +323,9 @@ PROVIDERS = ("base", "peft", "fastlora_torch", "fastlora")
 
 
 def _layer(case: Case, provider: str, device) -> nn.Module:
-    import fastlora
     from fastlora.benchmarks.providers import peft_layer
+
+    import fastlora
 
     torch.manual_seed(0)
     base = case.make_base(device).requires_grad_(False)
