@@ -2,6 +2,9 @@
 # One GPU run (H100/H200): install fastlora in place, time the TMA GEMM against torch.mm (gemm_check.json),
 # validate every op, check CUDA graphs and torch.compile (graphs_check.json), then the benchmark suite at the target
 # shapes (QLoRA as a stage of its own), writing the JSON result file (and logs, tables, plots) to the folder given as argument.
+# DoRA rows (issue 15): validate's linear grid has a dora=1 and an lbias=1 shape, and the suite's quick set (run first,
+# so the bench budget keeps it) has DoRA at 8192x4096x4096, r=16, bf16, dropout 0 and 0.1, beside the plain LoRA
+# cases of the same shape.
 # Installs nothing else. Finishes in under 8 minutes: each stage has a time limit, the suite has a budget
 # after which it starts no new case, and the result file is rewritten after every case.
 #

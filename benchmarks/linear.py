@@ -1,4 +1,7 @@
-"""Linear: Y = x W^T + bias + s * (dropout(x) A^T) B^T with x [M, K], W [N, K], A [r, K], B [N, r]."""
+"""Linear: Y = x W^T + bias + s * (dropout(x) A^T) B^T with x [M, K], W [N, K], A [r, K], B [N, r].
+
+Shapes with ``dora=1`` compare DoRA layers (PEFT's against fastlora's, magnitude g [N] from the case), shapes
+with ``lbias=1`` layers with PEFT's lora_bias; the plain LoRA case at the same shape is their baseline."""
 
 from __future__ import annotations
 
@@ -21,11 +24,24 @@ def providers_for(case, t, device):
     base.weight = nn.Parameter(t["weight"], requires_grad=False)
     if t["bias"] is not None:
         base.bias = nn.Parameter(t["bias"], requires_grad=False)
-    provs = providers.build(base, s["r"], case.dropout, PeftStyleLinear, "LoRALinear", device)
+    options = {"use_dora": bool(s["dora"]), "lora_bias": bool(s["lbias"])}
+    provs = providers.build(base, s["r"], case.dropout, PeftStyleLinear, "LoRALinear", device, options=options)
     for p in provs:
         if p.is_lora:
             p.set_lora(t["lora_A"], t["lora_B"])
+            _set_extra(p.module, t)
     return provs
+
+
+@torch.no_grad()
+def _set_extra(module, t):
+    """The case's DoRA magnitude or lora_bias into a PEFT or fastlora layer (PEFT keeps them per adapter)."""
+    if t["magnitude"] is not None:
+        g = module.lora_magnitude_vector
+        (g if isinstance(g, nn.Parameter) else g["default"].weight).copy_(t["magnitude"])
+    if t["lora_bias"] is not None:
+        lb = module.lora_bias if isinstance(module.lora_bias, nn.Parameter) else module.lora_B["default"].bias
+        lb.copy_(t["lora_bias"])
 
 
 def gemm_flops(M, K, N, r, mode, lora):

@@ -1,7 +1,8 @@
 """The suite behind ``fastlora bench``: which cases run on a GPU and on CPU, filters, and the result file.
 
 GPU (the issues' targets, bf16 mainly): Linear M in {512, 2048, 8192} x (K, N) in {(4096, 4096),
-(4096, 14336), (14336, 4096)} x r in {8, 16, 64} x dropout {0, 0.1}, plus fp16 and fp32 at one shape;
+(4096, 14336), (14336, 4096)} x r in {8, 16, 64} x dropout {0, 0.1}, plus fp16 and fp32 at one shape, and DoRA
+at 8192x4096x4096, r=16 (dropout 0 and 0.1; in the quick set, so a time budget keeps it);
 Embedding V=128256, D=4096, 8192 tokens, r=16; Conv2d batch 32, C=O=256, 56x56 and 28x28, 3x3, r=8,
 channels_last; QLoRA (NF4 Linear4bit, r=16) at M in {16, 512, 4096, 16384} x (K, N) in {(4096, 4096),
 (4096, 14336)}; the Llama-style step. CPU: the same layers at small shapes on the torch path.
@@ -75,6 +76,8 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
                 for r in ranks:
                     for p in (0.0, 0.1):
                         cases.append(Case("linear", parse_shape(f"{m}x{k}x{n}x{r}", "linear"), bf16, p))
+        for p in (0.0, 0.1):  # DoRA against PEFT's DoRA and against the plain LoRA case of the same shape
+            cases.append(Case("linear", parse_shape("M=8192,K=4096,N=4096,r=16,dora=1", "linear"), bf16, p))
         if not quick:
             for dt in (fp16, fp32):
                 cases.append(Case("linear", parse_shape("8192x4096x4096x16", "linear"), dt, 0.0))
@@ -92,6 +95,8 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
         cases += [Case("llama", None, bf16, p) for p in ((0.0,) if quick else (0.0, 0.05))]
     else:
         lin = ("256x512x512x16",) if quick else ("256x512x512x16", "512x1024x1024x16", "512x1024x1024x64")
+        if not quick:  # DoRA and its plain LoRA baseline at the shape of the DoRA targets
+            lin += ("2048x1024x1024x16", "M=2048,K=1024,N=1024,r=16,dora=1")
         for s in _shapes("linear", lin):
             for p in (0.0, 0.1):
                 cases.append(Case("linear", s, fp32, p))

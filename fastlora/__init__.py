@@ -10,7 +10,15 @@ from fastlora.model import (
     print_trainable_parameters,
     unload,
 )
-from fastlora.ops import active_path, get_backend, lora_conv2d, lora_embedding, lora_linear, use_backend
+from fastlora.ops import (
+    active_path,
+    get_backend,
+    lora_conv2d,
+    lora_embedding,
+    lora_linear,
+    lora_linear_dora,
+    use_backend,
+)
 from fastlora.ops.linear4bit import lora_linear_4bit
 from fastlora.reference import lora_scaling
 
@@ -18,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "lora_linear",
+    "lora_linear_dora",
     "lora_embedding",
     "LoRALayer",
     "LoRALinear",

@@ -57,8 +57,6 @@ _LORA_KEY = "fastlora.lora"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Config fields that change what an adapter computes and that fastlora does not implement: each must be falsy.
 _UNSUPPORTED_FIELDS = (
-    "use_dora",
-    "lora_bias",
     "modules_to_save",
     "layer_replication",
     "target_parameters",
@@ -68,6 +66,11 @@ _UNSUPPORTED_FIELDS = (
     "use_bdlora",
     "enable_lora",
 )
+
+
+# Config fields that are layer options (from_module's keyword arguments), with the key suffix of the tensor that a
+# layer built with the option holds.
+_OPTION_FIELDS = {"use_dora": "lora_magnitude_vector", "lora_bias": "lora_B.bias"}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -146,6 +149,14 @@ def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) 
     alpha_pattern = {_escape(n): v for n, v in alphas.items() if v != alpha}
     if rslora == {True}:
         config["use_rslora"] = True
+    for key in _OPTION_FIELDS:
+        values = {layer.extra_options().get(key, False) for _, layer in found}
+        if values == {True}:
+            config[key] = True
+        elif True in values:
+            raise ValueError(
+                f"PEFT's adapter format has one {key} for all layers; this model has {key}=True on some layers only"
+            )
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
     if alpha_pattern:
@@ -494,6 +505,12 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
             _check_kind(weights_path, path, entry, kind, type(module).__name__)
             if module.merged:
                 raise ValueError(f"load_adapter: {path} is merged; unmerge it (or fl.unload the model) before loading")
+            options = _file_options(weights_path, config_path, config, path, entry, kind)
+            have = {key: module.extra_options()[key] for key in options}
+            if options != have:
+                raise ValueError(
+                    f"load_adapter: the adapter in {weights_path} has {options} for {path}, whose layer has {have}"
+                )
             shapes = {
                 slot: tuple(t.shape) for slot in _adapter_slots(entry) if (t := getattr(module, slot, None)) is not None
             }
@@ -505,8 +522,9 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
                 raise ValueError(f"{weights_path}: cannot put LoRA on {path}: {reason}")
             kind = kind_for_module(module)
             _check_kind(weights_path, path, entry, kind, type(module).__name__)
-            shapes = kind.layer_class.adapter_shapes(module, r)
-            to_wrap.append((path, module, entry, r, alpha))
+            options = _file_options(weights_path, config_path, config, path, entry, kind)
+            shapes = kind.layer_class.adapter_shapes(module, r, **options)
+            to_wrap.append((path, module, entry, r, alpha, options))
         for slot in _adapter_slots(entry):
             _check_shape(weights_path, entry, slot, shapes.get(slot))
         difference = kind.peft_difference(module)
@@ -528,14 +546,29 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     _check_coverage(root, config, groups, weights_path, config_path)
 
     with torch.no_grad():
-        new = install_layers(root, [(p, m, r, a) for p, m, _, r, a in to_wrap], dropout, use_rslora)
-        for path, _, entry, _, alpha in to_wrap:
+        new = install_layers(root, [(p, m, r, a, o) for p, m, _, r, a, o in to_wrap], dropout, use_rslora)
+        for path, _, entry, _, alpha, _ in to_wrap:
             _fill(new[path], entry, alpha, use_rslora, dropout)
         for _, layer, entry, alpha in to_fill:
             _fill(layer, entry, alpha, use_rslora, dropout)
     if to_wrap:
         freeze_except_lora(root)
     return model
+
+
+def _file_options(weights_path, config_path, config, path, entry, kind) -> dict:
+    """The layer options of one module, from the config (use_dora, lora_bias) and checked against the file's keys."""
+    options = {}
+    for key, suffix in _OPTION_FIELDS.items():
+        if key not in kind.layer_class.options:
+            continue  # a tensor for it would not fit the kind (_check_kind)
+        on, present = bool(config.get(key)), suffix in entry["suffixes"]
+        if on != present:
+            raise ValueError(
+                f"{config_path} has {key}={on}, but {weights_path} {'has' if present else 'lacks'} {path}.{suffix}"
+            )
+        options[key] = on
+    return options
 
 
 def _check_coverage(root: nn.Module, config: dict, groups: dict, weights_path: str, config_path: str):

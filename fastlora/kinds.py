@@ -174,6 +174,15 @@ def _peft_ab(module, adapter):
     return {"lora_A": module.lora_A[adapter].weight, "lora_B": module.lora_B[adapter].weight}
 
 
+def _peft_linear_tensors(module, adapter):
+    tensors = _peft_ab(module, adapter)
+    if module.use_dora.get(adapter, False):
+        tensors["lora_magnitude_vector"] = module.lora_magnitude_vector[adapter].weight
+    if module.lora_bias.get(adapter, False):
+        tensors["lora_bias"] = module.lora_B[adapter].bias
+    return tensors
+
+
 def _peft_embedding_ab(module, adapter):
     return {"lora_A": module.lora_embedding_A[adapter], "lora_B": module.lora_embedding_B[adapter]}
 
@@ -185,6 +194,8 @@ def _conv2d_peft_difference(module) -> str | None:
 
 
 _AB_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+# PEFT saves a DoRA magnitude as ``<module>.lora_magnitude_vector`` (no ".weight") and lora_bias as lora_B's bias.
+_LINEAR_KEYS = {**_AB_KEYS, "lora_magnitude_vector": "lora_magnitude_vector", "lora_bias": "lora_B.bias"}
 
 register_kind(
     LayerKind(
@@ -192,11 +203,11 @@ register_kind(
         wraps=lambda m: _plain(nn.Linear)(m) or is_gpt2_conv1d(m),
         layer_class=LoRALinear,
         base_names="nn.Linear, Conv1D",
-        peft_keys=_AB_KEYS,
+        peft_keys=_LINEAR_KEYS,
         rebuild=_rebuild_linear,
         all_linear=True,
         peft_types=("Linear",),
-        peft_tensors=_peft_ab,
+        peft_tensors=_peft_linear_tensors,
         validate_case=validate.LinearCase(),
         bench_setup="fastlora.benchmarks.linear",
     )

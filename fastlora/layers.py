@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from fastlora.checks import FLOAT_DTYPES, check_alpha, check_dropout, check_rank
 from fastlora.ops.conv2d import lora_conv2d
+from fastlora.ops.dora import dora_weight_norm, lora_linear_dora
 from fastlora.ops.embedding import lora_embedding
 from fastlora.ops.linear import check_linear, lora_linear
 from fastlora.ops.linear4bit import check_linear4bit, lora_linear_4bit
-from fastlora.ops.merge import merge_delta_
+from fastlora.ops.merge import merge_delta_, merge_dora_
 from fastlora.reference import lora_scaling
 from fastlora.reference_4bit import dequantize_4bit_ref
 
@@ -55,6 +56,8 @@ class LoRALayer(nn.Module):
     lora_B: nn.Parameter
     # Whether the layer applies dropout on its LoRA branch (PEFT's embeddings do not).
     uses_dropout = True
+    # The options (PEFT config flags) from_module takes besides r, alpha, dropout and use_rslora.
+    options: tuple[str, ...] = ()
 
     @classmethod
     def base_type_error(cls, module: nn.Module) -> str | None:
@@ -93,6 +96,10 @@ class LoRALayer(nn.Module):
         if reason is not None:
             raise ValueError(f"{cls.__name__} does not support this {type(module).__name__}: {reason}")
         check_rank(r)
+        for name in options:
+            if name not in cls.options:
+                known = ", ".join(cls.options) or "none"
+                raise TypeError(f"{cls.__name__}.from_module takes no option {name!r}; its options: {known}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_base(module, **options)
@@ -115,11 +122,16 @@ class LoRALayer(nn.Module):
         factory = {"device": self.weight.device, "dtype": self._adapter_dtype()}
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self.adapter_names = tuple(shapes)
         self.reset_lora_parameters()
 
     def _adapter_dtype(self) -> torch.dtype:
         """The dtype of new adapter tensors: the base weight's."""
         return self.weight.dtype
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trained tensors: lora_A, lora_B and the kind's extra ones (a DoRA magnitude, a lora_B bias)."""
+        return [getattr(self, name) for name in self.adapter_names]
 
     @property
     def scaling(self) -> float:
@@ -139,8 +151,7 @@ class LoRALayer(nn.Module):
         """W += s * B A, in float32, rounded once. With safe=True a non-finite result raises and W is untouched."""
         if self.merged:
             return
-        w, a, b = self._merge_views()
-        merge_delta_(w, a, b, self.scaling, sign=1.0, safe=safe)
+        self._apply_delta(1.0, safe)
         self.merged = True
 
     @torch.no_grad()
@@ -148,9 +159,17 @@ class LoRALayer(nn.Module):
         """W -= s * B A: restores the base weight up to the rounding of its dtype."""
         if not self.merged:
             return
-        w, a, b = self._merge_views()
-        merge_delta_(w, a, b, self.scaling, sign=-1.0)
+        self._apply_delta(-1.0)
         self.merged = False
+
+    def _apply_delta(self, sign: float, safe: bool = False):
+        """Fold the adapter into the base tensors (sign +1) or take it out again (sign -1)."""
+        w, a, b = self._merge_views()
+        merge_delta_(w, a, b, self.scaling, sign=sign, safe=safe)
+
+    def extra_options(self) -> dict:
+        """The options this layer was built with (from_module's keyword arguments beyond the common ones)."""
+        return {}
 
     def _base_only(self) -> bool:
         if self.disabled and self.merged:
@@ -165,8 +184,19 @@ class LoRALinear(LoRALayer):
     """LoRA on a Linear: Y = x W^T + bias + s * (dropout(x) A^T) B^T.
 
     ``weight`` [out, in] (or [in, out] with ``fan_in_fan_out``, as in GPT-2's Conv1D) and ``bias`` are
-    frozen; ``lora_A`` [r, in] and ``lora_B`` [out, r] are trained.
+    frozen; ``lora_A`` [r, in] and ``lora_B`` [out, r] are trained. PEFT's options, with PEFT's semantics:
+
+    - ``use_dora=True``: DoRA, Y = c * (x W^T + s (x A^T) B^T) + bias with c = g / ||W + s B A|| per output row
+      (the norm detached; with dropout PEFT's form, see fastlora.ops.dora). ``lora_magnitude_vector`` g [out] is
+      trained, initialised to the row norms of W.
+    - ``lora_bias=True``: a bias on lora_B, ``lora_bias`` [out] (PEFT's ``lora_B.bias``), initialised to zero and
+      scaled by s: Y = x W^T + bias + s * ((dropout(x) A^T) B^T + lora_bias). PEFT refuses it together with DoRA.
+
+    Merging computes W <- W + s B A (DoRA: W <- c * (W + s B A), with c kept for ``unmerge``) and
+    bias <- bias + s * lora_bias.
     """
+
+    options = ("use_dora", "lora_bias")
 
     def __init__(
         self,
@@ -180,12 +210,16 @@ class LoRALinear(LoRALayer):
         device=None,
         dtype=None,
         fan_in_fan_out: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
     ):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        shapes = self.adapter_shapes(base, r, use_dora=use_dora, lora_bias=lora_bias)
         weight = base.weight.t().contiguous() if fan_in_fan_out else base.weight
         self._set_base(weight, base.bias, fan_in_fan_out)
-        self._init_lora(r, alpha, dropout, use_rslora, {"lora_A": (r, in_features), "lora_B": (out_features, r)})
+        self._init_options()
+        self._init_lora(r, alpha, dropout, use_rslora, shapes)
 
     @classmethod
     def base_type_error(cls, module):
@@ -198,12 +232,44 @@ class LoRALinear(LoRALayer):
         return tuple(w.shape) if is_gpt2_conv1d(module) else (w.shape[1], w.shape[0])
 
     @classmethod
-    def adapter_shapes(cls, module, r, **options):
+    def adapter_shapes(cls, module, r, use_dora: bool = False, lora_bias: bool = False):
+        for name, value in (("use_dora", use_dora), ("lora_bias", lora_bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if use_dora and lora_bias:
+            raise ValueError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses the pair too)")
         k, n = cls._features(module)
-        return {"lora_A": (r, k), "lora_B": (n, r)}
+        shapes = {"lora_A": (r, k), "lora_B": (n, r)}
+        if use_dora:
+            shapes["lora_magnitude_vector"] = (n,)
+        if lora_bias:
+            shapes["lora_bias"] = (n,)
+        return shapes
 
-    def _init_base(self, module):
+    def _init_base(self, module, use_dora: bool = False, lora_bias: bool = False):
         self._set_base(module.weight, module.bias, is_gpt2_conv1d(module))
+        self._init_options()
+
+    def _init_options(self):
+        """No magnitude and no lora_bias until _init_lora creates those the options ask for."""
+        self.register_parameter("lora_magnitude_vector", None)
+        self.register_parameter("lora_bias", None)
+        self._dora_scale = None  # c [out] float32 while a DoRA layer is merged
+        self._merged_bias = False  # whether merging lora_bias created the bias (the base layer had none)
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def reset_lora_parameters(self):
+        """PEFT's initialisation: A kaiming-uniform, B zero, lora_bias zero, g = ||W + s B A|| per row (= ||W||)."""
+        super().reset_lora_parameters()
+        if getattr(self, "lora_bias", None) is not None:
+            nn.init.zeros_(self.lora_bias)
+        if getattr(self, "lora_magnitude_vector", None) is not None:
+            with torch.no_grad():
+                norm = dora_weight_norm(self.base_weight, self.lora_A, self.lora_B, self.scaling)
+                self.lora_magnitude_vector.copy_(norm)
 
     def _set_base(self, weight, bias, fan_in_fan_out):
         self.fan_in_fan_out = fan_in_fan_out
@@ -222,16 +288,54 @@ class LoRALinear(LoRALayer):
     def _merge_views(self):
         return self.base_weight, self.lora_A, self.lora_B
 
+    def _apply_delta(self, sign, safe=False):
+        w, a, b = self._merge_views()
+        if self.use_dora:
+            if sign > 0:
+                c = self.lora_magnitude_vector.float() / dora_weight_norm(w, a, b, self.scaling)
+                merge_dora_(w, a, b, self.scaling, c, sign=1.0, safe=safe)
+                self._dora_scale = c
+            else:
+                merge_dora_(w, a, b, self.scaling, self._dora_scale, sign=-1.0)
+                self._dora_scale = None
+        else:
+            merge_delta_(w, a, b, self.scaling, sign=sign, safe=safe)
+        if self.lora_bias is not None:
+            self._apply_lora_bias(sign)
+
+    def _apply_lora_bias(self, sign):
+        """bias += sign * s * lora_bias, in float32, rounded once; a base layer without a bias gets one while merged."""
+        delta = self.lora_bias.float() * (sign * self.scaling)
+        if self.bias is None:
+            self.bias = _shared(delta.to(self.weight.dtype))
+            self._merged_bias = True
+        elif sign < 0 and self._merged_bias:
+            self.register_parameter("bias", None)
+            self._merged_bias = False
+        else:
+            self.bias.copy_(self.bias.float() + delta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._base_only():
             check_linear(x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
             return F.linear(x, self.base_weight, self.bias)
+        if self.use_dora:
+            return lora_linear_dora(
+                x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
+                self.lora_dropout, self.training,
+            )  # fmt: skip
         return lora_linear(
-            x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training
-        )
+            x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training,
+            lora_bias=self.lora_bias,
+        )  # fmt: skip
+
+    def extra_options(self) -> dict:
+        """The options this layer was built with (from_module's keyword arguments)."""
+        return {"use_dora": self.use_dora, "lora_bias": self.lora_bias is not None}
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
+        flags = "".join(f", {name}=True" for name, on in self.extra_options().items() if on)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}{flags}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -259,15 +259,18 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> li
 # ----------------------------------------------------------------------------------------------------------
 
 
-def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float]], dropout, use_rslora):
-    """Builds a fastlora layer for each (name, module, r, alpha) and swaps them all in; all or nothing.
+def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float, dict]], dropout, use_rslora):
+    """Builds a fastlora layer for each (name, module, r, alpha, options) and swaps them all in; all or nothing.
 
     Building sets the base tensors' ``requires_grad`` to False; if a build fails the flags are put back.
     Returns {name: layer}.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        built = {name: build_layer(module, r, alpha, dropout, use_rslora) for name, module, r, alpha in plan}
+        built = {
+            name: build_layer(module, r, alpha, dropout, use_rslora, **options)
+            for name, module, r, alpha, options in plan
+        }
     except Exception:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -277,9 +280,22 @@ def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float
     return built
 
 
+def _options_for(module: nn.Module, name: str, options: dict) -> dict:
+    """The options ``module``'s layer class takes; ValueError for a true one it does not take."""
+    accepted = kind_for_module(module).layer_class.options
+    refused = [key for key, value in options.items() if value and key not in accepted]
+    if refused:
+        raise ValueError(
+            f"{name} ({type(module).__name__}) does not support {', '.join(f'{k}=True' for k in refused)}; "
+            "fastlora implements these options for linear layers (exclude the module or target linear layers only)"
+        )
+    return {key: value for key, value in options.items() if key in accepted}
+
+
 def freeze_except_lora(model: nn.Module):
-    """requires_grad=True on every lora_A / lora_B of a fastlora layer, False on every other parameter."""
-    lora = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    """requires_grad=True on every adapter tensor of a fastlora layer (lora_A, lora_B, a DoRA magnitude, a lora_B
+    bias), False on every other parameter."""
+    lora = {id(p) for _, layer in lora_layers(model) for p in layer.adapter_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in lora)
 
@@ -294,6 +310,8 @@ def apply_lora(
     exclude_modules=None,
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
+    use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> nn.Module:
     """Replaces the matching modules of ``model`` by fastlora layers in place and freezes everything else.
 
@@ -307,6 +325,8 @@ def apply_lora(
         dropout: dropout probability on the LoRA branch's input (not used by embeddings, as in PEFT).
         exclude_modules: names never to adapt (same rules as target_modules).
         rank_pattern, alpha_pattern: {regex: r} and {regex: alpha} overriding r and alpha per module.
+        use_dora: DoRA on the linear layers (PEFT's ``use_dora``; a trained magnitude per output feature).
+        lora_bias: a trained bias on lora_B of the linear layers (PEFT's ``lora_bias``); not with use_dora.
 
     Returns:
         ``model`` itself. Only the new lora_A / lora_B parameters (and those of fastlora layers already in the
@@ -318,8 +338,11 @@ def apply_lora(
     check_rank(r)
     check_alpha(alpha)
     check_dropout(dropout, "dropout")
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
+    for arg, value in (("use_rslora", use_rslora), ("use_dora", use_dora), ("lora_bias", lora_bias)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{arg} must be a bool, got {value!r}")
+    if use_dora and lora_bias:
+        raise ValueError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses the pair too)")
     ranks = _check_pattern("rank_pattern", rank_pattern, check_rank)
     alphas = _check_pattern("alpha_pattern", alpha_pattern, check_alpha)
     targets = select_targets(model, target_modules, exclude_modules)
@@ -328,9 +351,12 @@ def apply_lora(
         for key in pattern:
             if not any(re.match(rf"(.*\.)?({key})$", name) for name in names):
                 raise ValueError(f"{arg} key {key!r} matches none of the adapted modules {names[:6]}")
+    options = {"use_dora": use_dora, "lora_bias": lora_bias}
     plan = [
-        (name, module, pattern_value(ranks, name, r), pattern_value(alphas, name, alpha)) for name, module in targets
-    ]
+        (name, module, pattern_value(ranks, name, r), pattern_value(alphas, name, alpha),
+         _options_for(module, name, options))
+        for name, module in targets
+    ]  # fmt: skip
     install_layers(model, plan, dropout, use_rslora)
     freeze_except_lora(model)
     return model
@@ -393,7 +419,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     found = _require_layers(model, "merge_and_unload")
     for name, layer in found:
-        for pname in ("lora_A", "lora_B"):
+        for pname in layer.adapter_names:
             if not torch.isfinite(getattr(layer, pname)).all():
                 raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
     _untie(model, found)
@@ -486,12 +512,16 @@ def _peft_skip_reason(module, adapter: str) -> str | None:
         return f"its base layer cannot be wrapped: {reason}"
     if set(module.r) != {adapter}:
         return f"it holds the adapters {sorted(module.r)}, fastlora converts a layer with exactly {adapter!r}"
-    if getattr(module, "use_dora", {}).get(adapter, False):
-        return "it uses DoRA"
-    if adapter in getattr(module, "lora_variant", {}):
-        return f"it uses the LoRA variant {type(module.lora_variant[adapter]).__name__}"
-    if getattr(module, "lora_bias", {}).get(adapter, False):
-        return "it has a bias on lora_B (lora_bias=True)"
+    options = _peft_options(module, adapter)
+    refused = [key for key, on in options.items() if on and key not in kind.layer_class.options]
+    if refused:
+        flags = ", ".join(f"{key}=True" for key in refused)
+        return f"it uses {flags}, which fastlora implements for Linear layers only, not for {type(base).__name__}"
+    if options["use_dora"] and module.merged_adapters:
+        return "its DoRA adapter is merged (unmerge it first: the merged weight hides the norm fastlora needs)"
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None and not options["use_dora"]:
+        return f"it uses the LoRA variant {type(variant).__name__}"
     difference = kind.peft_difference(base)
     if difference is not None:
         return difference
@@ -501,15 +531,24 @@ def _peft_skip_reason(module, adapter: str) -> str | None:
     return None
 
 
+def _peft_options(module, adapter: str) -> dict:
+    """PEFT's per-layer option flags of one adapter, under fastlora's option names."""
+    return {
+        "use_dora": bool(getattr(module, "use_dora", {}).get(adapter, False)),
+        "lora_bias": bool(getattr(module, "lora_bias", {}).get(adapter, False)),
+    }
+
+
 @torch.no_grad()
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Swaps PEFT's LoRA layers for fastlora layers in place, keeping the very same Parameter objects.
 
     Converts ``peft.tuners.lora.Linear`` (over ``nn.Linear`` or ``Conv1D``), ``Embedding``, ``Conv2d`` and
     ``bnb.Linear4bit`` (over bitsandbytes' ``Linear4bit``): the fastlora layer's ``weight``/``bias`` are the base
-    layer's, its ``lora_A``/``lora_B`` are PEFT's parameters (so an optimizer built before the call keeps working).
-    A layer that cannot be converted exactly (DoRA or another variant, lora_bias, 8-bit or other base layers, a
-    changed scaling) stays PEFT's, with a warning naming it.
+    layer's, its ``lora_A``/``lora_B`` are PEFT's parameters (so an optimizer built before the call keeps working),
+    and so are a DoRA layer's magnitude (``lora_magnitude_vector``) and a ``lora_bias`` layer's lora_B bias. A layer
+    that cannot be converted exactly (DoRA on an Embedding, a Conv2d or a 4-bit base, a merged DoRA layer, another
+    variant, 8-bit or other base layers, a changed scaling) stays PEFT's, with a warning naming it.
     A model with more than one adapter, or more than one active adapter, is refused with ValueError.
 
     Returns ``peft_model``. Afterwards use fastlora's functions (``fl.disable_adapter``, ``fl.save_adapter``,
@@ -553,7 +592,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         use_rslora = module.scaling[adapter] != lora_scaling(r, alpha, False)
         dropout_mod = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
         dropout = float(dropout_mod.p) if isinstance(dropout_mod, nn.Dropout) else 0.0
-        layer = build_layer(base, r, alpha, dropout, use_rslora)
+        options = {key: on for key, on in _peft_options(module, adapter).items() if on}
+        layer = build_layer(base, r, alpha, dropout, use_rslora, **options)
         for p, flag in flags:
             p.requires_grad_(flag)
         tensors = kind.peft_tensors(module, adapter)

@@ -144,3 +144,46 @@ class PeftStyleConv2d(nn.Module):
         b = self.base
         down = F.conv2d(self.dropout(x), self.lora_A, None, b.stride, b.padding, b.dilation)
         return b(x) + F.conv2d(down, self.lora_B) * self.scaling
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DoRA and lora_bias on a Linear (PEFT's ``use_dora=True`` and ``lora_bias=True``)
+# ----------------------------------------------------------------------------------------------------------
+
+__all__ += ["dora_weight_norm_ref", "dora_linear_ref", "lora_linear_bias_ref"]
+
+
+def dora_weight_norm_ref(weight, lora_A, lora_B, scaling):
+    """n [N] = ||W + s B A|| per output row, formed the plain way (an N x K matrix), detached as PEFT does."""
+    return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+
+
+def dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scaling, mask=None):
+    """DoRA on a Linear, exactly as PEFT's ``DoraLinearLayer`` computes it; c = g / n with n detached.
+
+    x [..., K], weight [N, K], bias [N] or None, lora_A [r, K], lora_B [N, r], magnitude g [N], mask like x or None.
+
+    - mask None (no dropout, or eval):  Y = c * (x W^T + s (x A^T) B^T) + bias
+    - with a dropout mask, x_d = mask * x (PEFT applies dropout to the whole DoRA change W' - W):
+      Y = x W^T + bias + (c - 1) * (x_d W^T) + c * s (x_d A^T) B^T
+    """
+    c = magnitude / dora_weight_norm_ref(weight, lora_A, lora_B, scaling)
+    if mask is None:
+        return c * (F.linear(x, weight) + scaling * F.linear(F.linear(x, lora_A), lora_B)) + (
+            0.0 if bias is None else bias
+        )
+    x_d = x * mask
+    return (
+        F.linear(x, weight, bias)
+        + (c - 1) * F.linear(x_d, weight)
+        + c * scaling * F.linear(F.linear(x_d, lora_A), lora_B)
+    )
+
+
+def lora_linear_bias_ref(x, weight, bias, lora_A, lora_B, lora_bias, scaling, mask=None):
+    """LoRA with PEFT's ``lora_bias=True``: lora_B is a Linear with a bias, scaled by s like the rest of the branch.
+
+    Y = x W^T + bias + s * (((mask * x) A^T) B^T + lora_bias); lora_bias [N] (PEFT key ``lora_B.<adapter>.bias``).
+    """
+    x_lora = x if mask is None else x * mask
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B, lora_bias)

@@ -210,12 +210,19 @@ class Case:
 
 
 class LinearCase(Case):
+    """The linear op; with ``dora=1`` DoRA (a random magnitude g), with ``lbias=1`` PEFT's lora_bias."""
+
     name = "linear"
     required = ("M", "K", "N", "r")
-    optional = {"bias": 1}
-    shape_help = "linear:MxKxNxr or linear:M=..,K=..,N=..,r=..[,bias=0|1]"
+    optional = {"bias": 1, "dora": 0, "lbias": 0}
+    shape_help = "linear:MxKxNxr or linear:M=..,K=..,N=..,r=..[,bias=0|1][,dora=0|1 or lbias=0|1]"
     has_dropout = True
     grads = ("dx", "dA", "dB")
+
+    def check_dims(self, d):
+        super().check_dims(d)
+        if d["dora"] and d["lbias"]:
+            raise ValueError("linear shapes take dora=1 or lbias=1, not both (PEFT refuses the pair)")
 
     def make(self, shape, dtype, device, seed):
         M, K, N, r = (shape[k] for k in self.required)
@@ -226,6 +233,8 @@ class LinearCase(Case):
             "lora_A": _randn((r, K), gen, device, 1 / math.sqrt(K)),
             "lora_B": _randn((N, r), gen, device, 1 / math.sqrt(r)),
         }
+        t["magnitude"] = _positive((N,), gen, device) if shape["dora"] else None
+        t["lora_bias"] = _randn((N,), gen, device) if shape["lbias"] else None
         t = {k: (v.to(dtype) if v is not None else None) for k, v in t.items()}
         t["x"], t["dy"] = self.activations(shape, dtype, device, seed + 2)
         t["scaling"] = CHECK_SCALING
@@ -248,15 +257,32 @@ class LinearCase(Case):
         return F.linear(x, t["weight"], t["bias"])
 
     def lora(self, t, x_lora):
-        return t["scaling"] * F.linear(F.linear(x_lora, t["lora_A"]), t["lora_B"])
+        """The part of Y that sees the dropped input (DoRA with dropout: (c - 1) x_d W^T + c s S B^T)."""
+        lora = t["scaling"] * F.linear(F.linear(x_lora, t["lora_A"]), t["lora_B"])
+        if t["magnitude"] is None:
+            return lora
+        c = t["magnitude"] / reference.dora_weight_norm_ref(t["weight"], t["lora_A"], t["lora_B"], t["scaling"])
+        return (c - 1) * F.linear(x_lora, t["weight"]) + c * lora
 
     def reference(self, t, x, mask=None):
-        return reference.lora_linear_ref(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scaling"], mask)
+        w, b, a, bb, s = t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scaling"]
+        if t["magnitude"] is not None:
+            return reference.dora_linear_ref(x, w, b, a, bb, t["magnitude"], s, mask)
+        if t["lora_bias"] is not None:
+            return reference.lora_linear_bias_ref(x, w, b, a, bb, t["lora_bias"], s, mask)
+        return reference.lora_linear_ref(x, w, b, a, bb, s, mask)
 
     def call(self, t, x, lora_A, lora_B, dropout_p):
         import fastlora
+        from fastlora.ops.dora import lora_linear_dora
 
-        return fastlora.lora_linear(x, t["weight"], t["bias"], lora_A, lora_B, t["scaling"], dropout_p, True)
+        if t["magnitude"] is not None:
+            return lora_linear_dora(
+                x, t["weight"], t["bias"], lora_A, lora_B, t["magnitude"], t["scaling"], dropout_p, True
+            )
+        return fastlora.lora_linear(
+            x, t["weight"], t["bias"], lora_A, lora_B, t["scaling"], dropout_p, True, lora_bias=t["lora_bias"]
+        )
 
 
 class Linear4bitCase(LinearCase):
@@ -451,14 +477,24 @@ def default_grid(layer: str, device: torch.device) -> list[Shape]:
     """The shapes ``fastlora validate`` checks: small odd ones under the interpreter, real ones on a GPU."""
     if device.type == "cuda":
         grid = {
-            "linear": ["777x1000x3000x5", "M=2048,K=4096,N=4096,r=16"],
+            "linear": [
+                "777x1000x3000x5",
+                "M=2048,K=4096,N=4096,r=16",
+                "M=2048,K=4096,N=4096,r=16,dora=1",
+                "M=777,K=1000,N=3000,r=5,lbias=1",
+            ],
             "linear4bit": ["M=16,K=4096,N=4096,r=16", "M=777,K=1000,N=3000,r=5,fp4=1,nested=0"],
             "embedding": ["M=4099,V=32000,D=1024,r=16,pad=0"],
             "conv2d": ["N=8,C=64,H=28,W=28,O=64,k=3,r=8,cl=1", "N=4,C=96,H=17,W=15,O=80,k=3,r=5,stride=2,bias=0"],
         }[layer]
     else:
         grid = {
-            "linear": ["37x75x51x5", "M=20,K=33,N=70,r=16,bias=0"],
+            "linear": [
+                "37x75x51x5",
+                "M=20,K=33,N=70,r=16,bias=0",
+                "M=37,K=75,N=51,r=5,dora=1",
+                "M=20,K=33,N=70,r=16,bias=0,lbias=1",
+            ],
             "linear4bit": ["37x75x51x5", "M=20,K=64,N=70,r=16,bias=0,fp4=1,nested=0,block=128"],
             "embedding": ["M=45,V=61,D=37,r=5,pad=3"],
             "conv2d": ["2x5x9x7x6x3x3", "N=2,C=4,H=8,W=8,O=5,k=3,r=4,stride=2,pad=1,bias=0,cl=1"],

@@ -381,3 +381,27 @@ NF4_DEQUANT_BLOCK, NF4_DEQUANT_WARPS = 1024, 4
 NF4_FUSED_FWD = {9: (128, 32, 8, 1), 8: (64, 64, 4, 1)}
 NF4_FUSED_DX = {9: (128, 64, 8, 1), 8: (64, 64, 4, 1)}
 NF4_FUSED_INTERPRET = (32, 32, 4, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DoRA (kernels/dora.py): the norm's pass over W and the backward's pass over dY
+# ----------------------------------------------------------------------------------------------------------
+
+# Norm, W A^T and ||W||^2_rows from one pass over W: BLOCK_N, BLOCK_K, warps, stages.
+DORA_NORM = (64, 64, 4, 3)
+DORA_NORM_INTERPRET = (16, 32, 4, 1)
+# Backward, dY' = c dY with dg (and dbias) in one pass over dY: BLOCK_M, BLOCK_N, BLOCK_K, warps. BLOCK_K and the
+# accumulator of the zero-magnitude recompute (BLOCK_M x BLOCK_N float32) set the register use: 8 warps keep it
+# under the 255-register limit on sm_80 and sm_90 without spilling.
+DORA_BWD = (32, 64, 32, 8)
+DORA_BWD_INTERPRET = (16, 16, 16, 4)
+
+
+def dora_norm_config():
+    """(BLOCK_N, BLOCK_K, warps, stages) for DoRA's norm pass over W."""
+    return DORA_NORM_INTERPRET if INTERPRET else DORA_NORM
+
+
+def dora_bwd_config():
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) for DoRA's backward pass over dY."""
+    return DORA_BWD_INTERPRET if INTERPRET else DORA_BWD

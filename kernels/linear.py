@@ -1140,7 +1140,7 @@ def _grads_in(buf, dtype):
 
 
 def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False):
-    """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] (or None) for dY [M, N]."""
+    """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] float32 (rowsum_M(dY), or None) for dY [M, N]."""
     _check_dtype(dy)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -1171,7 +1171,7 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
             db, da = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
         else:
             db, da = _grads_in(db32, lora_B.dtype), _grads_in(da32, lora_A.dtype)
-    dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
+    dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
     return dx, da, db, dbias
 
 

@@ -8,6 +8,7 @@ strides and sizes marked so). A case is {"id", "major", "kernel", "signature", "
 
 from __future__ import annotations
 
+import aot_dora_cases
 import aot_linear_cases
 import torch
 import triton.language as tl
@@ -250,4 +251,5 @@ TABLES = {
     "merge": merge_cases,
     "embedding": embedding_cases,
     "conv2d": conv2d_cases,
+    "dora": aot_dora_cases.dora_cases,
 }

@@ -19,6 +19,12 @@ LAYER_KINDS = ("linear", "embedding", "conv2d")
 # Kinds whose layer takes a dropout on the LoRA branch.
 DROPOUT_KINDS = ("linear", "conv2d")
 
+# The linear layer with PEFT's options: DoRA (use_dora=True) and a bias on lora_B (lora_bias=True).
+OPTION_KINDS = ("linear-dora", "linear-bias")
+_OPTIONS = {"linear": {}, "linear-dora": {"use_dora": True}, "linear-bias": {"lora_bias": True}}
+# The adapter tensors every case trains.
+ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_bias")
+
 
 def kind_param(kind: str):
     """A pytest param for a layer kind."""
@@ -42,18 +48,19 @@ def on_path(path: str):
 def _randomise(model: nn.Module, gen: torch.Generator):
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("lora_A", "lora_B")):
+            if name.endswith(ADAPTER_SUFFIXES):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
 
 
 def build_model(kind: str, dropout: float = 0.0, seed: int = 0, dtype=torch.float32) -> nn.Module:
     """A two-layer model around ``kind``; base weights and LoRA factors all drawn from ``seed``."""
     torch.manual_seed(seed)
-    if kind == "linear":
+    if kind in _OPTIONS:
+        opts = _OPTIONS[kind]
         model = nn.Sequential(
-            fastlora.LoRALinear.from_module(nn.Linear(13, 11), r=5, alpha=10, dropout=dropout),
+            fastlora.LoRALinear.from_module(nn.Linear(13, 11), r=5, alpha=10, dropout=dropout, **opts),
             nn.GELU(),
-            fastlora.LoRALinear.from_module(nn.Linear(11, 7, bias=False), r=3, alpha=6, dropout=dropout),
+            fastlora.LoRALinear.from_module(nn.Linear(11, 7, bias=False), r=3, alpha=6, dropout=dropout, **opts),
         )
     elif kind == "embedding":
         model = nn.Sequential(
@@ -77,7 +84,7 @@ def build_model(kind: str, dropout: float = 0.0, seed: int = 0, dtype=torch.floa
 def make_input(kind: str, seed: int = 0, batch: int = 3, dtype=torch.float32) -> torch.Tensor:
     """A fresh random input for ``build_model(kind)`` (float inputs require grad; token ids do not)."""
     gen = torch.Generator().manual_seed(seed)
-    if kind == "linear":
+    if kind in _OPTIONS:
         return torch.randn(batch, 5, 13, generator=gen, dtype=dtype).requires_grad_()
     if kind == "embedding":
         return torch.randint(0, 29, (batch, 5), generator=gen)
@@ -92,7 +99,7 @@ def loss_weights(out: torch.Tensor, seed: int = 1) -> torch.Tensor:
 
 
 def lora_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    return {n: p for n, p in model.named_parameters() if n.endswith(ADAPTER_SUFFIXES)}
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None, step=None):
@@ -110,7 +117,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None =
     if x.is_floating_point():
         grads["x"] = x.grad.clone()
     for n, p in model.named_parameters():
-        if not n.endswith(("lora_A", "lora_B")):
+        if not n.endswith(ADAPTER_SUFFIXES):
             assert p.grad is None, f"frozen base parameter {n} received a gradient"
     return out.detach().clone(), grads
 

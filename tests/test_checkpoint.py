@@ -12,6 +12,7 @@ from helpers import assert_close
 from lora_cases import (
     DROPOUT_KINDS,
     LAYER_KINDS,
+    OPTION_KINDS,
     PATHS,
     build_model,
     forward_backward,
@@ -25,8 +26,8 @@ import fastlora
 
 CASES = [
     pytest.param(kind, dropout, id=f"{kind}-p{dropout}", marks=kind_param(kind).marks)
-    for kind in LAYER_KINDS
-    for dropout in ((0.0, 0.3) if kind in DROPOUT_KINDS else (0.0,))
+    for kind in LAYER_KINDS + OPTION_KINDS
+    for dropout in ((0.0, 0.3) if kind in DROPOUT_KINDS + OPTION_KINDS else (0.0,))
 ]
 
 

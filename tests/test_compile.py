@@ -13,7 +13,17 @@ import pytest
 import torch
 import torch._dynamo
 from helpers import assert_close
-from lora_cases import DROPOUT_KINDS, PATHS, build_model, forward_backward, kind_params, make_input, on_path
+from lora_cases import (
+    DROPOUT_KINDS,
+    LAYER_KINDS,
+    OPTION_KINDS,
+    PATHS,
+    build_model,
+    forward_backward,
+    kind_params,
+    make_input,
+    on_path,
+)
 
 import fastlora as fl
 
@@ -38,9 +48,9 @@ def _assert_same(out, grads, ref_out, ref_grads, what):
         assert_close(grads[name], ref_grads[name], torch.float32, f"{what}: grad {name}")
 
 
-@pytest.mark.parametrize("kind", kind_params())
+@pytest.mark.parametrize("kind", kind_params(LAYER_KINDS + OPTION_KINDS))
 def test_no_graph_breaks(kind):
-    dropout = 0.25 if kind in DROPOUT_KINDS else 0.0
+    dropout = 0.25 if kind in DROPOUT_KINDS + OPTION_KINDS else 0.0
     model = build_model(kind, dropout=dropout)
     explanation = torch._dynamo.explain(model)(make_input(kind))
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -48,7 +58,7 @@ def test_no_graph_breaks(kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", kind_params())
+@pytest.mark.parametrize("kind", kind_params(LAYER_KINDS + OPTION_KINDS))
 def test_compiled_matches_eager(kind, path):
     model = build_model(kind)
     compiled = torch.compile(model, backend=BACKEND, fullgraph=True, dynamic=True)
@@ -89,7 +99,7 @@ def test_inductor_dropout_is_seeded():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", kind_params(DROPOUT_KINDS))
+@pytest.mark.parametrize("kind", kind_params(DROPOUT_KINDS + OPTION_KINDS))
 def test_compiled_dropout_is_seeded(kind, path):
     """With dropout, the compiled model draws its masks from torch's RNG: the same seed gives the same output
     and gradients, another seed gives another mask, and (the graph runs torch's own RNG ops) eager agrees."""
@@ -151,14 +161,17 @@ def test_opcheck_layer_ops(kind, dropout):
             torch.library.opcheck(op, args, kwargs)
 
 
-def _linear_args(m=6, k=5, n=4, r=3, dtype=torch.float32, bias=True, dropout_p=0.0, x_transposed=False):
+def _linear_args(
+    m=6, k=5, n=4, r=3, dtype=torch.float32, bias=True, dropout_p=0.0, x_transposed=False, lora_bias=False
+):
     x = torch.randn(k, m, dtype=dtype).t() if x_transposed else torch.randn(m, k, dtype=dtype)
     weight = torch.randn(n, k, dtype=dtype)
     b = torch.randn(n, dtype=dtype) if bias else None
     lora_A = torch.randn(r, k, dtype=dtype, requires_grad=True)
     lora_B = torch.randn(n, r, dtype=dtype, requires_grad=True)
+    lb = torch.randn(n, dtype=dtype, requires_grad=True) if lora_bias else None
     seed = torch.tensor(1234) if dropout_p > 0 else None
-    return x.requires_grad_(), weight, b, lora_A, lora_B, 0.75, dropout_p, seed
+    return x.requires_grad_(), weight, b, lora_A, lora_B, lb, 0.75, dropout_p, seed
 
 
 LINEAR_CASES = {
@@ -168,6 +181,7 @@ LINEAR_CASES = {
     "fp16": {"dtype": torch.float16},
     "x-transposed": {"x_transposed": True},
     "M0": {"m": 0},
+    "lora-bias": {"lora_bias": True, "dropout_p": 0.3},
 }
 
 
@@ -177,15 +191,16 @@ def test_opcheck_linear(case, path):
     args = _linear_args(**LINEAR_CASES[case])
     with on_path(path):
         torch.library.opcheck(torch.ops.fastlora.lora_linear.default, args)
-        x, weight, _, lora_A, lora_B, scaling, dropout_p, seed = args
+        x, weight, _, lora_A, lora_B, lora_bias, scaling, dropout_p, seed = args
         y, s = torch.ops.fastlora.lora_linear(*args)
         dy = torch.randn_like(y)
         triton_path = fl.active_path(x.device) != "torch"
-        # the backward op: grad of y, the saved inputs and S, the non-tensor inputs, which of (dx, dW, dbias, dA, dB)
-        # autograd asks for, and the path the forward took
+        # the backward op: grad of y, the saved inputs and S, the non-tensor inputs, which of (dx, dW, dbias, dA, dB,
+        # d lora_bias) autograd asks for, and the path the forward took
+        lb = lora_bias.detach() if lora_bias is not None else None
         for need_dx, need_dbias in ((True, True), (False, False)):
-            saved = (x.detach(), weight, args[2], lora_A.detach(), lora_B.detach(), seed, s.detach())
-            needs = [need_dx, False, need_dbias, True, True]
+            saved = (x.detach(), weight, args[2], lora_A.detach(), lora_B.detach(), lb, seed, s.detach())
+            needs = [need_dx, False, need_dbias, True, True, lb is not None]
             bwd_args = (dy, *saved, scaling, dropout_p, needs, triton_path)
             torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, bwd_args)
 

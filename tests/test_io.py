@@ -105,6 +105,34 @@ def test_rslora_round_trip(tmp_path):
     assert torch.equal(logits(fresh, ids), logits(model, ids))
 
 
+@pytest.mark.parametrize(
+    "option, suffix", [("use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_B.bias")], ids=["dora", "lora-bias"]
+)
+def test_option_round_trip_in_peft_format(tmp_path, option, suffix):
+    base = llama()
+    model = fl.apply_lora(copy_model(base), ["k_proj", "up_proj"], r=4, alpha=3, **{option: True})
+    randomise_lora(model)
+    fl.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[option] is True
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert tensors.keys() == fl.lora_state_dict(model).keys()
+    for name, layer in lora_layers(model):
+        extra = layer.lora_magnitude_vector if option == "use_dora" else layer.lora_bias
+        assert torch.equal(tensors[f"base_model.model.{name}.{suffix}"], extra), name
+    fresh = fl.load_adapter(copy_model(base), tmp_path)
+    assert all(layer.extra_options()[option] for _, layer in lora_layers(fresh))
+    ids = token_ids()
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
+    into_plain = fl.apply_lora(copy_model(base), ["k_proj", "up_proj"], r=4, alpha=3)
+    with pytest.raises(ValueError, match=f"{option!r}: True.*whose layer has"):  # a plain layer lacks the option
+        fl.load_adapter(into_plain, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config[option] = False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{option}=False"):
+        fl.load_adapter(copy_model(base), tmp_path)
+
+
 def test_save_refuses_a_model_without_lora(tmp_path):
     with pytest.raises(ValueError, match="no fastlora LoRA layers"):
         fl.save_adapter(llama(), tmp_path)

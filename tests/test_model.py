@@ -131,17 +131,24 @@ def test_rank_and_alpha_patterns():
         assert layer.scaling == alpha / r
 
 
-@pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha-over-r", "rslora"])
-def test_lora_model_matches_float64_reference(use_rslora):
+OPTIONS = [{}, {"use_rslora": True}, {"use_dora": True}, {"lora_bias": True}]
+OPTION_IDS = ["alpha-over-r", "rslora", "dora", "lora-bias"]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_lora_model_matches_float64_reference(options):
     base = llama()
-    model = fl.apply_lora(copy_model(base), ["q_proj", "k_proj", "down_proj"], r=4, alpha=6, use_rslora=use_rslora)
+    model = fl.apply_lora(copy_model(base), ["q_proj", "k_proj", "down_proj"], r=4, alpha=6, **options)
     randomise_lora(model)
     ids = token_ids()
     assert_close(logits(model, ids), logits(float64_reference(base, model), ids), F32, "llama logits")
 
 
-def test_gradients_reach_only_the_adapters():
-    model = fl.apply_lora(llama(), ["q_proj", "up_proj"], r=4)
+@pytest.mark.parametrize("options", OPTIONS[::2] + OPTIONS[3:], ids=OPTION_IDS[::2] + OPTION_IDS[3:])
+def test_gradients_reach_only_the_adapters(options):
+    model = fl.apply_lora(llama(), ["q_proj", "up_proj"], r=4, **options)
+    extra = {"use_dora": "lora_magnitude_vector", "lora_bias": "lora_bias"}
+    assert all(any(n.endswith(extra[k]) and p.requires_grad for n, p in model.named_parameters()) for k in options)
     randomise_lora(model)
     ids = token_ids()
     model(ids, labels=ids).loss.backward()
@@ -157,11 +164,12 @@ def test_gradients_reach_only_the_adapters():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_merge_and_unload_equals_unmerged_output():
+@pytest.mark.parametrize("options", OPTIONS[::2] + OPTIONS[3:], ids=OPTION_IDS[::2] + OPTION_IDS[3:])
+def test_merge_and_unload_equals_unmerged_output(options):
     base = llama()
     model = copy_model(base)
     originals = {n: model.get_submodule(n) for n in llama_names(range(2), LLAMA_PROJ)}
-    fl.apply_lora(model, "all-linear", r=4, alpha=8)
+    fl.apply_lora(model, "all-linear", r=4, alpha=8, **options)
     randomise_lora(model)
     ids = token_ids()
     unmerged = logits(model, ids)
@@ -169,7 +177,11 @@ def test_merge_and_unload_equals_unmerged_output():
     assert fl.merge_and_unload(model) is model
     assert not lora_layers(model)
     for name, module in originals.items():
-        assert model.get_submodule(name) is module, f"{name} is not the original module"
+        got = model.get_submodule(name)
+        if options.get("lora_bias"):  # llama's projections have no bias: a plain Linear with one takes their place
+            assert type(got) is nn.Linear and got.weight is module.weight and got.bias is not None, name
+        else:
+            assert got is module, f"{name} is not the original module"
     merged = logits(model, ids)
     assert_close(merged, unmerged, F32, "merged vs unmerged logits")
     assert_close(merged, ref, F32, "merged vs float64 reference")
@@ -280,6 +292,9 @@ BAD_APPLY = [
     ({"target_modules": ["v_proj"], "alpha": "8"}, TypeError, "alpha must be a finite number"),
     ({"target_modules": ["v_proj"], "dropout": 1.0}, ValueError, "dropout must be"),
     ({"target_modules": ["v_proj"], "use_rslora": "yes"}, TypeError, "use_rslora must be a bool"),
+    ({"target_modules": ["v_proj"], "use_dora": 1}, TypeError, "use_dora must be a bool"),
+    ({"target_modules": ["v_proj"], "use_dora": True, "lora_bias": True}, ValueError, "cannot be combined"),
+    ({"target_modules": ["embed_tokens", "v_proj"], "use_dora": True}, ValueError, "does not support use_dora=True"),
     ({"target_modules": ["v_proj"], "rank_pattern": {"nomatch": 2}}, ValueError, "matches none of the adapted"),
     ({"target_modules": ["v_proj"], "rank_pattern": {"v_proj": 0}}, ValueError, "must be an int"),
     ({"target_modules": ["v_proj"], "alpha_pattern": {"v_proj": "x"}}, TypeError, "finite number"),

@@ -69,6 +69,18 @@ def _from_peft_block(ns, tmp_path):
     assert len(lora_layers(ns["peft_model"])) == 2 * 7
 
 
+def _dora_block(ns, tmp_path):
+    dora, base = ns["dora"], ns["base"]
+    assert ns["y"].shape == (4, 10, 48) and dora.use_dora and not dora.merged
+    assert torch.equal(dora.lora_magnitude_vector, torch.linalg.vector_norm(base.weight, dim=1).detach())
+    assert torch.allclose(ns["y"], base(ns["x"]), atol=1e-5)  # lora_B is zero: the layer starts as the base
+    for layer in (ns["model"][0], ns["model"][2]):
+        assert layer.lora_bias.grad is not None and layer.lora_B.grad is not None and layer.weight.grad is None
+    assert load_file(tmp_path / "bias-adapter" / "adapter_model.safetensors").keys() == {
+        f"base_model.model.{i}.lora_{key}" for i in (0, 2) for key in ("A.weight", "B.weight", "B.bias")
+    }
+
+
 def _merge_block(ns, tmp_path):
     assert not lora_layers(ns["merged"]) and type(ns["merged"].model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
@@ -89,6 +101,7 @@ CHECKS = {
     "fl.from_peft(peft_model)": _from_peft_block,
     "merged = fl.merge_and_unload(model)": _merge_block,
     "merged_4bit = fl.merge_and_unload(model)": _qlora_block,
+    "dora = fl.LoRALinear.from_module(": _dora_block,
     "compiled(torch.randn(32, 64))": _grads_reach_only_the_adapters,
     "checkpoint(model, x, use_reentrant=False)": _grads_reach_only_the_adapters,
 }
@@ -99,7 +112,7 @@ def test_every_block_is_run_and_checked():
     run by test_block_runs_as_pasted or is the fsdp example run under torchrun; every check finds its block."""
     fences = re.findall(r"^```(\S*)\n.*?^```", README, flags=re.S | re.M)  # the opening fence's language
     assert set(fences) <= {"bash", "python"}, fences
-    assert len(BLOCKS) == fences.count("python") == 9
+    assert len(BLOCKS) == fences.count("python") == 10
     assert len(RUNNABLE) == len(BLOCKS) - 1
     for needle in CHECKS:
         assert sum(needle in code for _, code in RUNNABLE) == 1, needle

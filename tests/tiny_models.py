@@ -143,7 +143,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def float64_reference(base: nn.Module, lora_model: nn.Module) -> nn.Module:
-    """A float64 copy of ``base`` with each adapted module's weight replaced by W + s * delta, computed in float64."""
+    """A float64 copy of ``base`` with each adapted module's weight replaced by W + s * delta, computed in float64
+    (DoRA: c * (W + s * delta) with c = g / ||W + s * delta|| per output row; lora_bias: bias + s * lora_bias)."""
     from fastlora.reference import conv2d_delta_weight, embedding_delta_weight, linear_delta_weight
 
     ref = copy.deepcopy(base).double()
@@ -158,8 +159,15 @@ def float64_reference(base: nn.Module, lora_model: nn.Module) -> nn.Module:
                 target.weight += embedding_delta_weight(a, b, s)
             elif kind == "LoRAConv2d":
                 target.weight += conv2d_delta_weight(a, b, s)
-            elif layer.fan_in_fan_out:
-                target.weight += linear_delta_weight(a, b, s).t()
             else:
-                target.weight += linear_delta_weight(a, b, s)
+                w = target.weight.t() if layer.fan_in_fan_out else target.weight
+                w += linear_delta_weight(a, b, s)
+                if layer.lora_magnitude_vector is not None:
+                    w *= (layer.lora_magnitude_vector.double() / torch.linalg.vector_norm(w, dim=1))[:, None]
+                if layer.lora_bias is not None:
+                    lb = layer.lora_bias.double() * s
+                    if target.bias is None:
+                        target.bias = nn.Parameter(lb)
+                    else:
+                        target.bias += lb
     return ref

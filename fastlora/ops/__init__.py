@@ -5,12 +5,14 @@ into its base weight.
 
 from fastlora.ops.backend import active_path, get_backend, use_backend
 from fastlora.ops.conv2d import lora_conv2d
+from fastlora.ops.dora import lora_linear_dora
 from fastlora.ops.embedding import lora_embedding
 from fastlora.ops.linear import lora_linear
 from fastlora.ops.merge import merge_delta_
 
 __all__ = [
     "lora_linear",
+    "lora_linear_dora",
     "lora_embedding",
     "lora_conv2d",
     "merge_delta_",

@@ -4,11 +4,12 @@ x [..., K] (leading dims flattened to M rows), W [N, K], A [r, K], B [N, r], s t
 mask (0 or 1/(1-p)), drawn from a seed and regenerated in backward, never stored:
 
     S  = (m * x) A^T            [M, r]   saved for backward, with x itself (an alias)
-    Y  = x W^T + s * S B^T + bias
+    Y  = x W^T + s * S B^T + bias'     bias' = bias + s * lora_bias (PEFT's ``lora_bias``: a bias on lora_B)
     dS = s * dY B               [M, r]
     dB = s * dY^T S             [N, r]
     dA = dS^T (m * x)           [r, K]
     dX = dY W + m * (dS A)      [M, K]
+    dbias = rowsum_M(dY),  d lora_bias = s * rowsum_M(dY)   (one pass over dY serves both)
 
 No gradient is formed for the frozen W (unless it requires grad, with a warning).
 """
@@ -46,15 +47,15 @@ if HAS_TRITON:
 __all__ = ["lora_linear", "check_linear", "LINEAR"]
 
 
-def check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+def check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias=None):
     """Validate a lora_linear call (ValueError/TypeError naming the argument); a call signature seen before (shapes,
     dtypes, devices, values, and whether autocast is on for x's device) costs a dictionary lookup."""
     autocasting = isinstance(x, torch.Tensor) and autocast_enabled(x.device.type)
-    _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting)
+    _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocasting)
 
 
 @cached_check
-def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting):
+def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocasting):
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_A", lora_A, ndim=2)
@@ -73,8 +74,14 @@ def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasti
         if not autocasting:
             check_same_dtype("bias", bias, weight)
     check_lora_factors(lora_A, lora_B, k, n, scaling)
+    if lora_bias is not None:
+        check_tensor("lora_bias", lora_bias, ndim=1)
+        if lora_bias.shape[0] != n:
+            raise ValueError(
+                f"lora_bias must have shape [{n}] (one entry per output feature), got {tuple(lora_bias.shape)}"
+            )
     check_dropout(dropout_p)
-    check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_bias=lora_bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +109,7 @@ def _torch_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need
     dx = None
     if need_dx:
         dx = torch.addmm(dy @ weight, ds, a) if keep is None else (dy @ weight).add_((ds @ a).mul_(keep))
-    dbias = dy.sum(0, dtype=torch.float32).to(dt) if need_dbias else None
+    dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
     return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dbias
 
 
@@ -116,34 +123,55 @@ def _path(a) -> bool:
     return use_triton(a.x) and a.x.numel() > 0 and a.weight.shape[0] > 0
 
 
+def effective_bias(bias, lora_bias, scaling, dtype):
+    """bias + s * lora_bias in ``dtype`` (the layer bias with PEFT's lora_bias folded in); bias without lora_bias."""
+    if lora_bias is None:
+        return bias
+    scaled = lora_bias.to(dtype) * scaling
+    return scaled if bias is None else scaled.add_(bias)
+
+
 def _forward(a, triton):
     x2 = as_rows(a.x)
-    args = dict(weight=a.weight, bias=a.bias, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling,
+    bias = effective_bias(a.bias, a.lora_bias, a.scaling, x2.dtype)
+    args = dict(weight=a.weight, bias=bias, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling,
                 dropout_p=a.dropout_p, seed=a.seed)  # fmt: skip
     y2, s = _klinear.lora_linear_fwd(x=x2, **args) if triton else _torch_fwd(x2, **args)
     return y2.reshape(*a.x.shape[:-1], a.weight.shape[0]), s
 
 
+def bias_grads(dbias_sum, bias, lora_bias, scaling, need_dbias, need_dlb):
+    """(dbias, d lora_bias) from rowsum_M(dY) (float32 or dY's dtype): dbias = rowsum, d lora_bias = s * rowsum."""
+    dbias = dbias_sum.to(bias.dtype) if need_dbias and bias is not None else None
+    dlb = (dbias_sum.float() * scaling).to(lora_bias.dtype) if need_dlb and lora_bias is not None else None
+    return dbias, dlb
+
+
 def _backward(a, saved, grads, needs, triton):
     (s,), (dy,) = saved, grads
-    need_dx, need_dw, need_dbias = needs[0], needs[1], needs[2]
+    need_dx, need_dw, need_dbias, need_dlb = needs[0], needs[1], needs[2], needs[5]
+    need_sum = need_dbias or need_dlb
     x2, dy2 = as_rows(a.x), as_rows(dy).contiguous()
     if x2.shape[0] == 0:
         dx = x2.new_empty(x2.shape) if need_dx else None
-        dbias = dy2.new_zeros(dy2.shape[1]) if need_dbias else None
+        dsum = dy2.new_zeros(dy2.shape[1]) if need_sum else None
         da, db = torch.zeros_like(a.lora_A), torch.zeros_like(a.lora_B)
     else:
         args = dict(weight=a.weight, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling, dropout_p=a.dropout_p,
-                    seed=a.seed, need_dx=need_dx, need_dbias=need_dbias)  # fmt: skip
+                    seed=a.seed, need_dx=need_dx, need_dbias=need_sum)  # fmt: skip
         if triton:
-            dx, da, db, dbias = _klinear.lora_linear_bwd(dy=dy2, x=x2, s=s, **args)
+            dx, da, db, dsum = _klinear.lora_linear_bwd(dy=dy2, x=x2, s=s, **args)
         else:
-            dx, da, db, dbias = _torch_bwd(dy2, x2, s, **args)
-    dw = None
-    if need_dw:
-        warn_trainable_base()
-        dw = (dy2.t() @ x2).to(a.weight.dtype)
-    return (dx.reshape(a.x.shape) if dx is not None else None), dw, dbias, da, db
+            dx, da, db, dsum = _torch_bwd(dy2, x2, s, **args)
+    dbias, dlb = bias_grads(dsum, a.bias, a.lora_bias, a.scaling, need_dbias, need_dlb)
+    dw = weight_grad(dy2, x2, a.weight) if need_dw else None
+    return (dx.reshape(a.x.shape) if dx is not None else None), dw, dbias, da, db, dlb
+
+
+def weight_grad(dy2, x2, weight):
+    """dW = dY^T x for a base weight that requires grad (with the warning that it is meant to be frozen)."""
+    warn_trainable_base()
+    return (dy2.t() @ x2).to(weight.dtype)
 
 
 def _fake(a):
@@ -153,11 +181,12 @@ def _fake(a):
 
 LINEAR = Op(
     "lora_linear",
-    "Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Seed seed",
+    "Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, float scaling, "
+    "float dropout_p, Seed seed",
     outputs=("y", "s"),
-    differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
+    differentiable=("x", "weight", "bias", "lora_A", "lora_B", "lora_bias"),
     saved_outputs=("s",),
-    saved_when_trained=("bias",),
+    saved_when_trained=("bias", "lora_bias"),
     forward=_forward,
     backward=_backward,
     fake=_fake,
@@ -165,8 +194,8 @@ LINEAR = Op(
 )
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
-    """LoRA linear layer: Y = x W^T + bias + s * (dropout(x) A^T) B^T.
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, lora_bias=None):
+    """LoRA linear layer: Y = x W^T + bias + s * ((dropout(x) A^T) B^T + lora_bias).
 
     Args:
         x: input [..., K], float16, bfloat16 or float32.
@@ -174,17 +203,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         lora_A: [r, K]; lora_B: [N, r]; any float dtype (computed in x's dtype, gradients in their own).
         scaling: s, usually alpha / r.
         dropout_p: dropout probability on the LoRA branch's input, in [0, 1); applied only when training.
+        lora_bias: [N] or None, PEFT's ``lora_bias`` (the bias of lora_B, key ``lora_B.bias``), trained.
 
     Returns:
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed() if p > 0 else None
     device_type = x.device.type
     if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
-        return LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)[0]
+        return LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)[0]
     x, weight, bias = autocast_inputs(x, weight, bias)
     with no_autocast(device_type):
-        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)
     return y
