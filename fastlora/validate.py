@@ -221,7 +221,7 @@ class LinearCase(Case):
 
     def check_dims(self, d):
         super().check_dims(d)
-        if d["dora"] and d["lbias"]:
+        if d.get("dora") and d.get("lbias"):  # subclasses (linear4bit) may take neither option
             raise ValueError("linear shapes take dora=1 or lbias=1, not both (PEFT refuses the pair)")
 
     def make(self, shape, dtype, device, seed):
@@ -233,8 +233,9 @@ class LinearCase(Case):
             "lora_A": _randn((r, K), gen, device, 1 / math.sqrt(K)),
             "lora_B": _randn((N, r), gen, device, 1 / math.sqrt(r)),
         }
-        t["magnitude"] = _positive((N,), gen, device) if shape["dora"] else None
-        t["lora_bias"] = _randn((N,), gen, device) if shape["lbias"] else None
+        options = shape.as_dict()
+        t["magnitude"] = _positive((N,), gen, device) if options.get("dora") else None
+        t["lora_bias"] = _randn((N,), gen, device) if options.get("lbias") else None
         t = {k: (v.to(dtype) if v is not None else None) for k, v in t.items()}
         t["x"], t["dy"] = self.activations(shape, dtype, device, seed + 2)
         t["scaling"] = CHECK_SCALING

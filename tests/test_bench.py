@@ -55,7 +55,7 @@ def test_every_provider_mode_and_dropout_is_measured(linear_run):
             assert sorted(rows) == sorted(providers)
             for r in rows.values():
                 assert r["error"] is None
-                assert r["shape"] == {"M": M, "K": K, "N": N, "r": R, "bias": 1}
+                assert r["shape"] == {"M": M, "K": K, "N": N, "r": R, "bias": 1, "dora": 0, "lbias": 0}
                 assert 0 < r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
                 assert r["reps"] >= 3 and r["rotation"] == 2
                 assert r["tflops"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e9))
@@ -124,8 +124,8 @@ def test_no_speedup_for_an_op_that_failed_its_check(monkeypatch, tmp_path, capsy
 
     real = fastlora.layers.lora_linear
 
-    def off_by_a_bit(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True):
-        return real(x, weight, bias, lora_A, lora_B, scaling * 1.01, dropout_p, training)
+    def off_by_a_bit(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, **options):
+        return real(x, weight, bias, lora_A, lora_B, scaling * 1.01, dropout_p, training, **options)
 
     monkeypatch.setattr(fastlora.layers, "lora_linear", off_by_a_bit)
     out = tmp_path / "r.json"
