@@ -108,7 +108,16 @@ def no_autocast(device_type: str):
 
 
 def draw_seed() -> torch.Tensor:
-    """A dropout seed from torch's default CPU generator (so torch.manual_seed and checkpointing replay it)."""
+    """A dropout seed from torch's default CPU generator (so torch.manual_seed and checkpointing replay it).
+
+    The seed reaches the kernels as a launch argument, so a CUDA graph would replay the mask it captured at every
+    step: capturing a training step with dropout is refused with a clear error rather than trained on one mask
+    (dropout 0, eval mode and torch.compile without manual capture are unaffected)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fastlora's dropout cannot be captured in a CUDA graph yet: the graph would replay one mask at every "
+            "step. Capture with dropout 0 (or in eval mode), or run the step without manual graph capture."
+        )
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
