@@ -92,6 +92,14 @@ def test_mask_recovery_reads_the_mask_the_op_drew():
     assert {r["tensor"] for r in rows} == {"y", "dx", "dA", "dB", "mask"}
 
 
+def test_mask_recovery_on_dora_in_bf16():
+    """DoRA's dX carries a (c - 1) dY W term beside the LoRA one: where the bf16 rounding of dX can move the ratio
+    the mask is read from by 5%, the element is read but not judged, and the case passes (it failed here before)."""
+    shape = parse_shape("linear:M=37,K=75,N=51,r=5,dora=1")
+    rows = check_case(OPS["linear"], shape, torch.bfloat16, "cpu", 0.1, seed=1013)  # the seed `validate` gave it
+    assert all(r["ok"] for r in rows), rows
+
+
 def test_validate_error_in_op_is_a_failed_row(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")
