@@ -392,18 +392,24 @@ def test_mixed_dtypes_under_autocast(path, merged):
     with on_path(path), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16
+    # the specification under autocast: each layer's input and tensors rounded to bfloat16 (as autocast casts them),
+    # then exact arithmetic; the rounding casts pass gradients through unchanged
     ref = x.double()
     for i, layer in enumerate(model):
-        w, b, a, bb = (ref_params[f"{i}.{n}"] for n in ("weight", "bias", "lora_A", "lora_B"))
-        ref = lora_linear_ref(ref, w, b, a, bb, layer.scaling)
-    assert_close(out, ref, torch.bfloat16, "output")
+        w, b, a, bb = (ref_params[f"{i}.{n}"].bfloat16().double() for n in ("weight", "bias", "lora_A", "lora_B"))
+        ref = lora_linear_ref(ref.bfloat16().double(), w, b, a, bb, layer.scaling)
+    # two chained layers, each rounding its bfloat16 intermediates (S, dS, the first layer's output and dX) on top of
+    # the inputs: twice one op's bfloat16 tolerance (measured worst over 1,000 draws: 2.5e-2 for a gradient)
+    chain = 2.0
+    assert_close(out, ref, torch.bfloat16, "output", factor=chain)
     dy = torch.randn(out.shape)
     out.float().backward(dy)
-    ref.backward(dy.double())
+    ref.backward(dy.bfloat16().double())  # the gradient reaches the bfloat16 output rounded to it
     assert model[0].lora_A.grad.dtype == torch.float32
     trained = ("0.lora_A", "0.lora_B") if merged else ("0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B")
     for name in trained:
-        assert_close(model.get_parameter(name).grad, ref_params[name].grad, torch.bfloat16, f"grad {name}")
+        grad, ref_grad = model.get_parameter(name).grad, ref_params[name].grad
+        assert_close(grad, ref_grad, torch.bfloat16, f"grad {name}", factor=chain)
 
 
 EMBEDDING_RESULT_ROWS = {
