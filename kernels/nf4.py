@@ -25,8 +25,6 @@ Two routes for x [M, K], A [r, K], B [N, r], s the scaling, m the dropout mask (
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +43,7 @@ from fastlora.kernels.configs import (
     rank_block,
 )
 from fastlora.kernels.linear import dropout_keep_t
+from fastlora.kernels.quant4bit import Quant4bit
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs
@@ -62,27 +61,6 @@ def fused_m_block(M: int) -> int:
     if INTERPRET:
         return 16
     return min(FUSED_MAX_M, max(16, triton.next_power_of_2(M)))
-
-
-class Quant4bit(NamedTuple):
-    """A packed 4-bit W [N, K] as plain tensors. packed: uint8 view (N*K+1)//2 bytes; absmax: float32, or uint8
-    with the nested absmax2 (float32), code2 (float32 [256]), offset (float32 scalar tensor), blocksize2."""
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    blocksize: int
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    absmax2: torch.Tensor | None = None
-    code2: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    blocksize2: int = 256
-    quant_type: str = "nf4"  # which table code holds; the kernels read the table, not this name
-
-    @property
-    def nested(self) -> bool:
-        return self.absmax2 is not None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import math
 import torch
 
 from fastlora.checks import check_dropout, check_lora_factors, check_same_device, check_tensor, dtype_name
+from fastlora.kernels.quant4bit import Quant4bit
 from fastlora.ops import linear as _linear
 from fastlora.ops._define import Op
 from fastlora.ops.backend import HAS_TRITON, as_rows, autocast_enabled, draw_seed, no_autocast, use_triton
@@ -30,26 +31,6 @@ from fastlora.reference_4bit import dequantize_4bit_ref
 
 if HAS_TRITON:
     from fastlora.kernels import nf4 as _knf4
-    from fastlora.kernels.nf4 import Quant4bit
-else:  # no Triton on this platform: the torch path serves every call
-    from typing import NamedTuple
-
-    class Quant4bit(NamedTuple):  # the same fields as fastlora.kernels.nf4.Quant4bit
-        packed: torch.Tensor
-        absmax: torch.Tensor
-        code: torch.Tensor
-        blocksize: int
-        shape: tuple[int, int]
-        dtype: torch.dtype
-        absmax2: torch.Tensor | None = None
-        code2: torch.Tensor | None = None
-        offset: torch.Tensor | None = None
-        blocksize2: int = 256
-        quant_type: str = "nf4"
-
-        @property
-        def nested(self) -> bool:
-            return self.absmax2 is not None
 
 
 __all__ = ["lora_linear_4bit", "quant_tensors", "check_quant_state", "check_linear4bit", "LINEAR_4BIT"]
