@@ -38,8 +38,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 def compile_case(case: dict, major: int) -> dict:
     """case: {"kernel": jit fn, "signature": {arg: type}, "constexprs": {arg: value}, "divisible": [args], "num_warps",
-    "num_stages", "id"}. Pointer and stride arguments named in "divisible" get the 16-divisibility the JIT would
-    infer for aligned tensors."""
+    "num_stages", "id"}, optionally "options": compile options the launcher adds. Pointer and stride arguments named
+    in "divisible" get the 16-divisibility the JIT would infer for aligned tensors."""
     fn = case["kernel"]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in case.get("divisible", [])}
     signature = dict(case["signature"])
@@ -47,6 +47,7 @@ def compile_case(case: dict, major: int) -> dict:
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs)
     options = {"num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 3)}
+    options.update(case.get("options", {}))
     compiled = triton.compile(src, target=GPUTarget("cuda", major * 10, 32), options=options)
     ptx = compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"])
@@ -60,6 +61,7 @@ def compile_case(case: dict, major: int) -> dict:
         "wgmma": "wgmma.mma_async" in ptx,
         "mma": "mma.sync" in ptx,
         "expects_mma": case.get("expects_mma", False),
+        "fma": "fma.rn.f32" in ptx,
     }
 
 

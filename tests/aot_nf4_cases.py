@@ -12,13 +12,10 @@ import os
 import sys
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from aot import _resource_usage  # noqa: E402
+from aot import compile_case as compile_aot  # noqa: E402
 from fastlora.kernels import configs, nf4  # noqa: E402
 from fastlora.kernels.configs import TL_DTYPES  # noqa: E402
 
@@ -90,28 +87,9 @@ def aot_cases():
 
 
 def compile_case(case: dict) -> dict:
-    """tests/aot.py's compile, with the launchers' options (enable_fp_fusion=False)."""
-    fn, major = case["kernel"], case["major"]
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in case["divisible"]}
-    signature = {**case["signature"], **{name: "constexpr" for name in case["constexprs"]}}
-    src = ASTSource(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs)
-    options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"], **nf4.KERNEL_OPTIONS}
-    compiled = triton.compile(src, target=GPUTarget("cuda", major * 10, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    usage = _resource_usage(compiled.asm["cubin"])
-    return {
-        "id": f"{case['id']}-sm{major}0",
-        "major": major,
-        "shared": compiled.metadata.shared,
-        "regs": usage.get("reg", -1),
-        "stack": usage.get("stack", -1),
-        "local": usage.get("local", -1),
-        "wgmma": "wgmma.mma_async" in ptx,
-        "mma": "mma.sync" in ptx,
-        "expects_mma": case["expects_mma"],
-        "dequant": case.get("dequant", False),
-        "fma": "fma.rn.f32" in ptx,
-    }
+    """tests/aot.py's compile with the launchers' options (enable_fp_fusion=False); notes whether it dequantizes."""
+    row = compile_aot({**case, "options": nf4.KERNEL_OPTIONS}, case["major"])
+    return {**row, "dequant": case.get("dequant", False)}
 
 
 def main():
