@@ -31,6 +31,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import torch
+
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
@@ -40,9 +42,37 @@ try:
 except ImportError:  # Triton before 3.4: no launch hooks to respect
     _knobs = None
 
-__all__ = ["LaunchPlans", "LaunchPlan", "plans_for", "launch_hooks", "recording", "not_replayable", "Replay"]
+__all__ = [
+    "LaunchPlans",
+    "LaunchPlan",
+    "plans_for",
+    "launch_hooks",
+    "recording",
+    "not_replayable",
+    "Replay",
+    "seed_pointer",
+]
 
 _I32 = range(-(2**31), 2**31)
+
+
+def seed_pointer(seed, like):
+    """The dropout seed as every dropout kernel takes it: the address of one int64 that the kernel loads.
+
+    ``seed`` is a one-element int64 tensor on ``like``'s device (what ``fastlora.ops.backend.draw_seed`` draws: on
+    CUDA it is drawn on the device, so a CUDA graph replay draws a fresh one), which passes as it is; a Python int
+    (tests, ``fastlora validate``) is copied to the device; None (no dropout) gives ``like``, an address the kernels
+    never read."""
+    if seed is None:
+        return like
+    if type(seed) is int:
+        return torch.tensor(seed, dtype=torch.int64, device=like.device)
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
+        raise ValueError(
+            f"a dropout seed must be one int64 on {like.device}, got {seed.dtype} of shape {tuple(seed.shape)} "
+            f"on {seed.device}"
+        )
+    return seed
 
 
 def _guard_value(v) -> Hashable:
