@@ -59,16 +59,22 @@ def cuda_timer(fn: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
+def stream_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (a first call for a shape met there is not timed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class Dispatcher:
     """Decisions per (device, shape key): in memory, backed by one JSON file.
 
-    timer(fn) -> milliseconds and device_name(device) -> str are injectable, so the decision logic runs on CPU
-    with made-up timings in the tests."""
+    timer(fn) -> milliseconds, device_name(device) -> str and capturing() -> bool are injectable, so the decision
+    logic runs on CPU with made-up timings in the tests."""
 
-    def __init__(self, path: str | None = None, timer=cuda_timer, name_of=device_name):
+    def __init__(self, path: str | None = None, timer=cuda_timer, name_of=device_name, capturing=stream_capturing):
         self.path = path
         self.timer = timer
         self.name_of = name_of
+        self.capturing = capturing
         self._lock = threading.Lock()
         self._decisions: dict[str, dict[str, dict]] | None = None
         self._names: dict[object, str] = {}
@@ -99,7 +105,9 @@ class Dispatcher:
 
     def choose(self, key: str, candidates: dict[str, Callable[[], object]], device) -> str:
         """The name of the fastest candidate for key on device; candidates are timed only when no decision for
-        (device, key) exists in memory or on disk. Candidates must leave no trace the caller relies on."""
+        (device, key) exists in memory or on disk. Candidates must leave no trace the caller relies on. Inside a
+        CUDA graph capture an unknown key gets the first candidate (the fused path), untimed and not recorded: a
+        graph captured before any eager call of its shapes (cudagraph trees warm up eagerly first) keeps that."""
         if not candidates:
             raise ValueError("dispatch needs at least one candidate path")
         dev = self._names.get(device)
@@ -109,6 +117,8 @@ class Dispatcher:
             known = self._load().get(dev, {}).get(key)
             if known is not None and known.get("choice") in candidates:
                 return known["choice"]
+        if self.capturing():  # a CUDA graph capture cannot time (it forbids syncs): the first candidate, undecided
+            return next(iter(candidates))
         timings = {name: float(self.timer(fn)) for name, fn in candidates.items()}
         choice = min(timings, key=timings.get)
         with self._lock:

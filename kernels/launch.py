@@ -251,7 +251,7 @@ def plans_for(kernel, dynamic: tuple[str, ...] = ()) -> LaunchPlans:
 # A launcher (lora_linear_fwd, ...) makes several launches per call, each costing its own argument dictionary,
 # guard and descriptor construction even through a plan. For a call signature it has seen, ``recording()`` collects
 # the launches of one call; ``Replay`` turns them into a function of the call's tensors (matched by data pointer)
-# and its seed that makes the same launches straight into the compiled kernels, with the TMA descriptors of
+# that makes the same launches straight into the compiled kernels, with the TMA descriptors of
 # operands whose pointer it has seen before (the frozen W, the adapters) built once instead of per call. A launcher
 # that does anything between its launches other than allocate the tensors it hands in (a torch op, a reduction of
 # split partials) calls ``not_replayable()`` while recording, and no replay is made.
@@ -349,7 +349,7 @@ def _descriptor_maker(desc):
 
 
 class Replay:
-    """The launches of one recorded call as a function ``replay(operands, seed)``.
+    """The launches of one recorded call as a function ``replay(operands)``.
 
     ``operands`` is a tuple of the call's tensors (None allowed) in a fixed order; every tensor a recorded launch
     took must share its data pointer with exactly one operand (a view such as ``w.t()`` is passed as ``w``, whose
@@ -362,12 +362,10 @@ class Replay:
         self._steps = steps
 
     @staticmethod
-    def build(
-        rec: _Recording, operands: tuple, seed: int | None, dynamic: tuple[str, ...] = ("seed",)
-    ) -> Replay | None:
-        """``seed``: the recorded call's seed (nonzero), or None when the call had none; a ``dynamic`` argument
-        equal to it is the replayed call's seed, any other value (0 for a launch without dropout) stays."""
-        if not rec.replayable or not rec.launches or seed == 0:
+    def build(rec: _Recording, operands: tuple) -> Replay | None:
+        """The replay of ``rec`` as a function of ``operands`` (a dropout seed is a tensor operand like the
+        others), or None."""
+        if not rec.replayable or not rec.launches:
             return None
         by_ptr: dict[int, int] = {}
         for i, t in enumerate(operands):
@@ -381,20 +379,20 @@ class Replay:
         for plan, kwargs in rec.launches:
             if plan is None or not plan.direct or plan.compiled is None:
                 return None
-            step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr, dynamic, seed)
+            step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr)
             if step is None:
                 return None
             steps.append(step)
         return Replay(tuple(steps))
 
-    def __call__(self, operands: tuple, seed: int = 0):
+    def __call__(self, operands: tuple):
         stream = driver.active.get_current_stream(self._steps[0][0])
         for _, fn in self._steps:
-            fn(operands, seed, stream)
+            fn(operands, stream)
 
 
-def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict, dynamic: tuple[str, ...], seed: int | None):
-    """(device, fn(operands, seed, stream)) for one recorded launch, or None."""
+def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict):
+    """(device, fn(operands, stream)) for one recorded launch, or None."""
     compiled = plan.compiled
     meta = compiled.metadata
     launcher = compiled.run
@@ -406,14 +404,10 @@ def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict, dynamic: tuple[str,
     names = plan.names(full)
     if not isinstance(names, tuple):
         names = tuple(names)
-    arg_names = plan.compiled.src.fn.arg_names
     consts: list = []
     items: list[str] = []
     n_desc = 0
-    for name, v in zip(arg_names, names, strict=True):
-        if name in dynamic and seed is not None and v == seed:
-            items.append("seed")
-            continue
+    for v in names:
         base = getattr(v, "base", None) if hasattr(v, "block_shape") else None
         if base is not None:  # a host tensor descriptor
             i = by_ptr.get(base.data_ptr())
@@ -441,7 +435,7 @@ def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict, dynamic: tuple[str,
         call = "raw(g0, g1, g2, stream, function, coop, pdl, None, None, packed, None, None, None, {})"
     else:
         call = "run(g0, g1, g2, stream, function, packed, None, None, None, {})"
-    src = f"lambda o, seed, stream: {call.format(', '.join(items))}"
+    src = f"lambda o, stream: {call.format(', '.join(items))}"
     env = dict(
         raw=raw,
         run=launcher,

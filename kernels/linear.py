@@ -45,7 +45,7 @@ import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels import dispatch as _dispatch
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
-from fastlora.kernels.launch import Replay, launch_hooks, not_replayable, plans_for, recording
+from fastlora.kernels.launch import Replay, launch_hooks, not_replayable, plans_for, recording, seed_pointer
 from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -121,6 +121,17 @@ def dropout_keep_factor(seed, rows, cols, threshold):
     return tl.clamp(f - (8388607.0 + threshold.to(tl.float32)), 0.0, 1.0)
 
 
+@triton.jit
+def dropout_seed(seed_ptr, ON: tl.constexpr):
+    """The dropout seed, one int64 read from seed_ptr, when ON; else 0 (seed_ptr is then a placeholder, never read).
+    Read from memory rather than passed by value, so that a CUDA graph replay, which repeats launch arguments,
+    draws the mask of the seed the step wrote there."""
+    if ON:
+        return tl.load(seed_ptr)
+    else:
+        return 0
+
+
 def dropout_threshold(p: float) -> int:
     """The 16-bit threshold t for dropout probability p: keep where u >= t, so P(keep) = 1 - t / 65536 (t at most
     65535: p within 2^-17 of 1 keeps 1 / 65536)."""
@@ -168,7 +179,7 @@ def _lora_down_kernel(
     scale,
     side_scale,
     da_scale,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr,
@@ -185,6 +196,7 @@ def _lora_down_kernel(
     With HAS_SIDE also side[K, R] += side_scale * x^T @ T[M, R] (float32 atomics). With HAS_DA (one split: the
     block's out rows are final) also dA[R, K2] += da_scale * out^T @ (m x2)[M, K2] (float32 atomics), the mask on
     x2 with DA_DROPOUT: the backward's dS pass takes its rows' share of dA from x while dS is in registers."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT or DA_DROPOUT)
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -251,7 +263,7 @@ def _lora_up_t_kernel(
     stride_ok,
     # scalars
     scale,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr,
@@ -262,6 +274,7 @@ def _lora_up_t_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """out[split, R, K] = scale * T[Ms, R]^T @ (m x)[Ms, K] over this split's M range Ms."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -307,7 +320,7 @@ def _lora_update_kernel(
     stride_qn,
     # scalars
     lora_scale,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
@@ -321,6 +334,7 @@ def _lora_update_kernel(
 ):
     """Y[M, N] = c * (Y + lora_scale * mask(P[M, R] @ Q[R, N])) + bias, in place: the r-wide half of the
     "cuBLAS + update" path (forward: Y = x W^T from cuBLAS, P = S, Q = B^T; dX: Y = dY W, P = dS, Q = A)."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 8)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     i_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -389,7 +403,7 @@ def _lora_gemm_kernel(
     stride_cn,
     # scalars
     lora_scale,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
@@ -407,6 +421,7 @@ def _lora_gemm_kernel(
     """C[M, N] = c * (a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N])) + bias[N]; with HAS_DA (and no
     dropout: with it the dS pass computes dA) also dA[R, N] += lora_scale * P^T @ x[M, N]. Pointer loads: any
     strides, any GPU, the interpreter."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     tl.static_assert(not (HAS_DA and HAS_DROPOUT), "with dropout the dS pass computes dA")
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -534,7 +549,7 @@ def _lora_gemm_tma_kernel(
     stride_dan,
     # scalars
     lora_scale,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     B_NK: tl.constexpr,
@@ -558,6 +573,7 @@ def _lora_gemm_tma_kernel(
     operand moves by TMA (out of bounds zero-filled), the epilogue follows its own tile counter tile_id_c.
     b_desc holds W [N, K] when B_NK (forward), else b [K, N] (dX); q_desc B [N, R] when Q_NR, else A [R, N].
     R <= BLOCK_R: the LoRA term is one rank tile."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -607,9 +623,10 @@ def _lora_gemm_tma_kernel(
 
 @triton.jit
 def _dropout_mask_kernel(
-    out_ptr, M, K, stride_om, stride_ok, seed, p_thresh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+    out_ptr, M, K, stride_om, stride_ok, seed_ptr, p_thresh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     """out[M, K] = the keep-mask the LoRA kernels draw for (seed, p): for tests and `fastlora validate`."""
+    seed = dropout_seed(seed_ptr, True)
     i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = dropout_keep(seed, i_m, i_k, p_thresh)
@@ -697,10 +714,6 @@ def _gemm_tma_kernel_for(major: int, dtype: torch.dtype, direction: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Launch plans (kernels/launch.py): every integer argument keys a kernel's plan, except the dropout seed.
-_DYNAMIC = ("seed",)
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
@@ -762,7 +775,7 @@ def _desc(t, block_shape):
     return desc
 
 
-def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None, x=None, da=None, direction="fwd"):
+def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=None, col_scale=None, x=None, da=None, direction="fwd"):
     """c[M, N] = col_scale * (a[M, K] @ b[K, N] + lora_scale * mask(p[M, R] @ q[R, N])) + bias; with x and da also
     da[R, N] += lora_scale * p^T @ (m x)[M, N] (float32 atomics). a, b, p, q, x are strided views."""
     M, K = a.shape
@@ -778,7 +791,7 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
         stride_dar=da.stride(0) if has_da else 0,
         stride_dan=da.stride(1) if has_da else 0,
         lora_scale=float(lora_scale),
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, c),
         p_thresh=dropout_threshold(dropout_p),
         HAS_BIAS=bias is not None,
         HAS_COL_SCALE=col_scale is not None,
@@ -813,12 +826,12 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, EPILOGUE_SUBTILE=sub)
             _set_tma_block_shapes({**args, **meta})
             grid = (min(args["NUM_SMS"], _cdiv(M, bm) * _cdiv(N, bn)),)
-            plans_for(_lora_gemm_tma_kernel, _DYNAMIC).launch(None, grid, **args, **meta)
+            plans_for(_lora_gemm_tma_kernel).launch(None, grid, **args, **meta)
             return c
         kernel = _gemm_tma_kernel_for(configs.capability(a.device), a.dtype, direction)
         num_sms = args["NUM_SMS"]
         grid = lambda meta: (min(num_sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)
-        plans_for(kernel, _DYNAMIC).launch(None, grid, **args)
+        plans_for(kernel).launch(None, grid, **args)
         return c
     x_view = x if x is not None else a
     args = dict(
@@ -849,21 +862,21 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=0, col_scale=None
     if INTERPRET:
         bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET
         grid = (_cdiv(M, bm) * _cdiv(N, bn),)
-        plans_for(_lora_gemm_kernel, _DYNAMIC).launch(None, grid, **args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
+        plans_for(_lora_gemm_kernel).launch(None, grid, **args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
         return c
     kernel = _gemm_kernel_for(configs.capability(a.device), a.dtype, dropout_p > 0, direction)
     grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
-    plans_for(kernel, _DYNAMIC).launch(None, grid, **args)
+    plans_for(kernel).launch(None, grid, **args)
     return c
 
 
-def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, seed=0):
+def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, seed=None):
     """y[M, N] <- col_scale * (y + lora_scale * mask(p[M, R] @ q[R, N])) + bias, in place (p, q strided views):
     the r-wide half of the "cuBLAS + update" path. Returns y."""
     M, N = y.shape
     R = p.shape[1]
     bm, bn, warps, stages = configs.LORA_UPDATE_INTERPRET if INTERPRET else configs.LORA_UPDATE
-    plans_for(_lora_update_kernel, _DYNAMIC).launch(
+    plans_for(_lora_update_kernel).launch(
         None,
         (_cdiv(M, bm) * _cdiv(N, bn), 1, 1),
         y_ptr=y,
@@ -881,7 +894,7 @@ def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, 
         stride_qr=q.stride(0),
         stride_qn=q.stride(1),
         lora_scale=float(lora_scale),
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, y),
         p_thresh=dropout_threshold(dropout_p),
         HAS_BIAS=bias is not None,
         HAS_COL_SCALE=col_scale is not None,
@@ -897,7 +910,7 @@ def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, 
     return y
 
 
-def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None, out=None):
+def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=None, side=None, da=None, out=None):
     """scale * (m x)[M, K] @ bt[K, R] -> [M, R] in out_dtype (written into ``out`` [M, R] when given).
 
     side = (t [M, R], acc [K, R] float32, side_scale): also acc += side_scale * x^T t, with atomics.
@@ -927,7 +940,7 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None, ou
             raise ValueError("one mask per pass: dropout applies to x2 when the dA share is taken")
     else:
         x2, da_acc, da_scale, da_p = x, out[0], 0.0, 0.0
-    plans_for(_lora_down_kernel, _DYNAMIC).launch(
+    plans_for(_lora_down_kernel).launch(
         None,
         (grid_m, grid_r, split),
         x_ptr=x,
@@ -960,7 +973,7 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None, ou
         scale=float(scale),
         side_scale=float(side_scale),
         da_scale=float(da_scale),
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed if max(dropout_p, da_p) > 0 else None, x),
         p_thresh=dropout_threshold(max(dropout_p, da_p)),
         HAS_DROPOUT=dropout_p > 0,
         HAS_SIDE=side is not None,
@@ -979,7 +992,7 @@ def _down(x, bt, out_dtype, scale, dropout_p=0.0, seed=0, side=None, da=None, ou
     return out.sum(0).to(out_dtype) if result is None else result.copy_(out.sum(0))
 
 
-def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
+def _up_t(t, x, scale, dropout_p=0.0, seed=None, out=None):
     """scale * t[M, R]^T @ (m x)[M, K] -> out [R, K] float32 (allocated when not given)."""
     M, K = x.shape
     R = t.shape[1]
@@ -992,7 +1005,7 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
     if out is None:
         out = torch.empty((R, K), device=x.device, dtype=torch.float32)
     part = torch.empty((split, R, K), device=x.device, dtype=torch.float32) if split > 1 else out[None]
-    plans_for(_lora_up_t_kernel, _DYNAMIC).launch(
+    plans_for(_lora_up_t_kernel).launch(
         None,
         (grid_k, grid_r, split),
         t_ptr=t,
@@ -1010,7 +1023,7 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=0, out=None):
         stride_or=part.stride(1),
         stride_ok=part.stride(2),
         scale=float(scale),
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, x),
         p_thresh=dropout_threshold(dropout_p),
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(x.dtype),
@@ -1052,11 +1065,9 @@ def _sig(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
 
 
-def _replayed(key, operands, seed, call):
+def _replayed(key, operands, call):
     """Run ``call()`` (the launcher's normal path, writing into the operands), or replay its recorded launches.
-    ``seed``: the dropout seed, or None without dropout. The replay finds the seed's places by its value and reuses
-    kernels compiled for that seed, so only a seed Triton compiles no assumption into is recorded (not 0 or 1, not
-    divisible by 16, 32-bit), and a seed outside 32 bits takes the normal path."""
+    The operands include the dropout seed's tensor (None without dropout), which the kernels read like any other."""
     entry = _REPLAYS.get(key)
     if entry is None or entry is False:
         if entry is None:
@@ -1064,14 +1075,12 @@ def _replayed(key, operands, seed, call):
                 _REPLAYS.clear()
             _REPLAYS[key] = _RECORD
         return call()
-    if entry is _RECORD and (seed is None or (seed % 16 and 1 < seed < 2**31)):
+    if entry is _RECORD:
         with recording() as rec:
             result = call()
-        _REPLAYS[key] = Replay.build(rec, operands, seed) or False
+        _REPLAYS[key] = Replay.build(rec, operands) or False
         return result
-    if entry is _RECORD or (seed is not None and not 0 <= seed < 2**31):
-        return call()
-    entry(operands, seed)
+    entry(operands)
     return None
 
 
@@ -1094,11 +1103,11 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
     key = _replay_key("fwd", x, weight, bias, lora_A, lora_B, col_scale, float(scaling), float(dropout_p))
-    operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s)
+    seed = seed_pointer(seed, x) if dropout_p > 0 else None
+    operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s, seed)
     _replayed(
-        key, operands, int(seed) if dropout_p > 0 else None,
-        lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s),
-    )  # fmt: skip
+        key, operands, lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s)
+    )
     return y, s
 
 
@@ -1161,8 +1170,9 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
             _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds, db32, da32)
         else:
             key = _replay_key("bwd", dy, x, s, weight, lora_A, lora_B, float(scaling), float(dropout_p), need_dx)
+            seed = seed_pointer(seed, x) if dropout_p > 0 else None
             _replayed(
-                key, (dy, x, s, weight, lora_A, lora_B, dx, ds, db32, da32), int(seed) if dropout_p > 0 else None,
+                key, (dy, x, s, weight, lora_A, lora_B, dx, ds, db32, da32, seed),
                 lambda: _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds,
                                       db32, da32),
             )  # fmt: skip
@@ -1210,7 +1220,7 @@ def _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
         _up_t(ds, x, inv_keep, dropout_p, seed, out=da32)
 
 
-def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
+def dropout_mask(seed, M: int, K: int, p: float, device) -> torch.Tensor:
     """The bool keep-mask [M, K] the kernels draw for (seed, p); m = keep / (1 - p). P(keep) is exactly
     1 - dropout_threshold(p) / 65536."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)
@@ -1221,7 +1231,7 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
         K=K,
         stride_om=out.stride(0),
         stride_ok=out.stride(1),
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed, out),
         p_thresh=dropout_threshold(p),
         BLOCK_M=bm,
         BLOCK_K=bk,

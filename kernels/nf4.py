@@ -42,7 +42,8 @@ from fastlora.kernels.configs import (
     input_precision,
     rank_block,
 )
-from fastlora.kernels.linear import dropout_keep_t
+from fastlora.kernels.launch import seed_pointer
+from fastlora.kernels.linear import dropout_keep_t, dropout_seed
 from fastlora.kernels.quant4bit import Quant4bit
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _nf4_lora_fwd_kernel(
     # scalars
     scaling,
     inv_keep,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     BLOCKSIZE: tl.constexpr,
@@ -200,6 +201,7 @@ def _nf4_lora_fwd_kernel(
 ):
     """Y^T [N, M] = deq(W) [N, K] @ x^T [K, M] + s * B [N, R] @ S^T [R, M] + bias, with S^T = A (m x)^T formed
     in the same K loop; the programs of the first N block store S [M, R]."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     i_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,7 +269,7 @@ def _nf4_lora_dx_kernel(
     # scalars
     scaling,
     inv_keep,
-    seed,
+    seed_ptr,
     p_thresh,
     # meta-parameters
     BLOCKSIZE: tl.constexpr,
@@ -285,6 +287,7 @@ def _nf4_lora_dx_kernel(
 ):
     """dX^T [K, M] = deq(W)^T [K, N] @ dY^T [N, M] + m * (A^T [K, R] @ dS^T [R, M]), with dS^T = s B^T dY^T
     formed in the same N loop (rounded to dY's dtype, as kernels.linear rounds dS)."""
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
     i_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -445,7 +448,7 @@ def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout
         stride_sr=s.stride(1),
         scaling=float(scaling),
         inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, x),
         p_thresh=_klinear.dropout_threshold(dropout_p),
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0,
@@ -488,7 +491,7 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
         stride_dxk=dx.stride(1),
         scaling=float(scaling),
         inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        seed=int(seed),
+        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, dy),
         p_thresh=_klinear.dropout_threshold(dropout_p),
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(dy.dtype),

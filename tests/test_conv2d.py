@@ -67,7 +67,7 @@ def run_and_compare(path, x, weight, bias, lora_A, lora_B, conv, dtype, scaling=
     mask = None
     if dropout_p > 0:
         torch.manual_seed(1234)
-        seed = int(draw_seed())
+        seed = int(draw_seed(torch.empty(0)))
         if path == "torch":
             keep = dropout_keep(seed, x.shape, dropout_p, x.device)
             mask = keep.float() / (1.0 - dropout_p)

@@ -45,6 +45,22 @@ def test_faster_path_wins_and_is_timed_once(tmp_path, ms, winner):
     assert len(timer.timed) == 4
 
 
+def test_graph_capture_takes_fused_untimed_and_decides_later(tmp_path):
+    """Timing synchronises, which a CUDA graph capture forbids: a key first met while capturing gets the fused
+    path with no timing and no decision, and the first call outside a capture measures as usual."""
+    timer = FakeTimer({"fused": 1.5, "cublas+update": 1.0})
+    capturing = [True]
+    d = dispatch.Dispatcher(path=str(tmp_path / "d.json"), timer=timer, name_of=lambda dev: "GPU-A sm_90",
+                            capturing=lambda: capturing[0])  # fmt: skip
+    assert d.choose(_key(), _candidates(), "cuda:0") == "fused"
+    assert timer.timed == [] and d.decisions() == []
+    capturing[0] = False
+    assert d.choose(_key(), _candidates(), "cuda:0") == "cublas+update"
+    assert sorted(timer.timed) == ["cublas+update", "fused"]
+    capturing[0] = True  # a known key is a lookup, captured or not
+    assert d.choose(_key(), _candidates(), "cuda:0") == "cublas+update"
+
+
 def test_decisions_persist_per_device_and_are_listed(tmp_path):
     path = str(tmp_path / "sub" / "dispatch.json")
     first = dispatch.Dispatcher(path=path, timer=FakeTimer({"fused": 2.0, "cublas+update": 1.0}),

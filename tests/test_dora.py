@@ -48,7 +48,7 @@ def _inputs(dtype, zero_magnitude=True, lead=(), lora_dtype=torch.float32):
 def _seed_of_next_call():
     """The dropout seed the op will draw next, read off a copy of torch's CPU RNG state."""
     state = torch.get_rng_state()
-    seed = int(draw_seed())
+    seed = int(draw_seed(torch.empty(0)))
     torch.set_rng_state(state)
     return seed
 
@@ -339,7 +339,7 @@ def test_saved_for_backward(backend, p):
     x, w, b, a, bb, g = _inputs(torch.float16)
     with fl.use_backend(backend):
         saved = _saved_elements(lambda: lora_linear_dora(x, w, b, a, bb, g, 1.0, dropout_p=p), x, w, b, a, bb, g)
-    assert saved <= M * R + N + (M * N if p > 0 else 0)
+    assert saved <= M * R + N + (M * N + 1 if p > 0 else 0)  # with dropout: the dropped x and the int64 seed
 
 
 class AllocationSizes(TorchDispatchMode):

@@ -186,6 +186,11 @@ import json, sys, torch
 from fastlora.benchmarks import host
 from fastlora.kernels import linear as kl
 import fastlora as fl
+from fastlora.ops import linear as ops_linear
+
+seeds = []
+draw = ops_linear.draw_seed
+ops_linear.draw_seed = lambda x: seeds.append(draw(x)) or seeds[-1]
 
 calls = []
 host.StandInLauncher._driver_launch = staticmethod(lambda *args: calls[-1].append(args))
@@ -201,11 +206,12 @@ dy = torch.randn(m, n, dtype=dtype)
 out = []
 with host.stand_in_gpu():
     for x in (x0, x0, x0, torch.randn(m, k, dtype=dtype, requires_grad=True)):
+        calls.append([])
+        fl.lora_linear(x, w, bias, a, b, 0.5, dropout_p=p, training=True).backward(dy)
         names = {x.data_ptr(): "x", w.data_ptr(): "w", bias.data_ptr(): "bias", a.data_ptr(): "A",
                  b.data_ptr(): "B", dy.data_ptr(): "dy"}
-        calls.append([])
-        torch.manual_seed(5)  # the dropout seed drawn, 2143903636, is one a replay records (not divisible by 16)
-        fl.lora_linear(x, w, bias, a, b, 0.5, dropout_p=p, training=True).backward(dy)
+        if p > 0:
+            names[seeds[-1].data_ptr()] = "seed"  # this call's seed tensor, wherever the allocator put it
         fresh = {}
 
         def canon(v):
@@ -234,8 +240,9 @@ print(json.dumps({"calls": out, "replays": replays}))
 def test_linear_replay_launches_what_the_normal_path_launches(shape, p):
     """Under the stand-in sm_90 driver (a subprocess: the kernels compile for real there), the third call of a
     signature replays the launches the second recorded (kernels/launch.py Replay) and a fourth with a new x replays
-    with x's pointer: each driver launch gets the same arguments as on the normal path (integers, floats, seeds,
-    which tensor each pointer and TMA descriptor addresses), for the forward and the backward. A forward whose S
+    with x's pointer: each driver launch gets the same arguments as on the normal path (integers, floats, which
+    tensor each pointer and TMA descriptor addresses, the dropout seed's tensor among them: every call's launches
+    read that call's seed, never a recorded value), for the forward and the backward. A forward whose S
     pass is split over K (a torch sum of the partials between its launches) is never replayed."""
     import json
     import os
@@ -255,5 +262,7 @@ def test_linear_replay_launches_what_the_normal_path_launches(shape, p):
     assert len(recorded) == len(first) >= 3
     assert replayed == recorded
     assert new_x == recorded
+    reads_seed = ["seed" in args for args in recorded]
+    assert any(reads_seed) == (p > 0)
     tma = any(isinstance(v, list) and v[0] == "desc" for args in recorded for v in args)
     assert tma == (shape[3] == 8)  # r = 5 makes S's rows 10 bytes apart: no TMA, the pointer kernels

@@ -86,7 +86,7 @@ PATH_IDS = ["fused", "workspace", "torch"]
 
 def _seed_of_next_call():
     state = torch.get_rng_state()
-    seed = int(draw_seed())
+    seed = int(draw_seed(torch.empty(0)))
     torch.set_rng_state(state)
     return seed
 
@@ -202,7 +202,8 @@ def test_saved_for_backward_is_S_only(monkeypatch, backend, route, p):
     state = (packed, qs.absmax, qs.code, qs.state2.absmax, qs.state2.code, qs.offset)
     with fl.use_backend(backend):
         saved = _saved_bytes(lambda: lora_linear_4bit(x, packed, qs, None, a, b, 1.0, dropout_p=p), x, a, b, *state)
-    assert saved <= M * R * x.element_size() < N * K * x.element_size()
+    seed = 8 if p > 0 else 0  # the int64 dropout seed
+    assert saved <= M * R * x.element_size() + seed < N * K * x.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------------

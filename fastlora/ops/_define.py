@@ -20,9 +20,10 @@ From that :class:`Op` builds
   ``register_autograd``, which ``torch.compile(fullgraph=True)`` treats as opaque calls.
 
 Adding an argument (a weight scale, a magnitude vector) means adding it to the signature string and reading
-``a.<name>`` where it is used. Types are those of torch's schema language, plus ``Seed``: a dropout seed, a
-Python int on the eager path and an int64 scalar tensor (or None) when compiled, so that the compiled graph
-draws a fresh seed per call; the functions always see an int.
+``a.<name>`` where it is used. Types are those of torch's schema language, plus ``Seed``: a dropout seed from
+``backend.draw_seed``, a 0-d int64 tensor (or None without dropout) on both paths, saved for backward like the
+other tensors; the kernels read it from memory (so a CUDA graph replay draws afresh), the torch path turns its
+CPU seed into an int (``backend.host_seed``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from fastlora.kernels.geometry import memory_format
 
 __all__ = ["Op", "grad_layout"]
 
-_TENSOR_TYPES = ("Tensor", "Tensor?")
+_TENSOR_TYPES = ("Tensor", "Tensor?", "Seed")
 
 
 def grad_layout(t: torch.Tensor) -> torch.memory_format:
@@ -78,7 +79,6 @@ class Op:
         self._forward, self._backward, self._fake, self._path = forward, backward, fake, path
         self._n = len(names)
         self._diff = tuple(names.index(n) for n in differentiable)
-        self._seeds = tuple(i for i, n in enumerate(names) if types[n] == "Seed")
         self._lists = tuple(i for i, n in enumerate(names) if types[n].endswith("[]"))
         self._lazy = frozenset(names.index(n) for n in saved_when_trained)
         self._outputs = outputs
@@ -86,11 +86,8 @@ class Op:
         self._diff_out = tuple(outputs.index(n) for n in diff_out)
         self._nondiff_out = tuple(j for j in range(len(outputs)) if j not in self._diff_out)
         self._saved_out = tuple(outputs.index(n) for n in saved_outputs)
-        # eager: tensors are Tensor/Tensor? parameters (a Seed is an int); compiled: a Seed is a tensor too
-        self._e_tensors = tuple(i for i, n in enumerate(names) if types[n] in _TENSOR_TYPES)
-        self._e_consts = tuple(i for i in range(self._n) if i not in self._e_tensors)
-        self._c_tensors = tuple(i for i, n in enumerate(names) if types[n] in (*_TENSOR_TYPES, "Seed"))
-        self._c_consts = tuple(i for i in range(self._n) if i not in self._c_tensors)
+        self._tensors = tuple(i for i, n in enumerate(names) if types[n] in _TENSOR_TYPES)
+        self._consts = tuple(i for i in range(self._n) if i not in self._tensors)
         self.function = self._eager_function()
         compiled_sig = ", ".join(f"{'Tensor?' if t == 'Seed' else t} {n}" for n, t in params)
         self._register(compiled_sig, names, types)
@@ -103,20 +100,13 @@ class Op:
         """The op's outputs (a tuple when it has several). A Seed argument is a tensor or None (no dropout)."""
         if torch.compiler.is_compiling():
             return getattr(torch.ops.fastlora, self.name)(*args)
-        if self._seeds:
-            args = list(args)
-            for i in self._seeds:
-                args[i] = 0 if args[i] is None else int(args[i])
         return self.function.apply(*args)
 
-    def _args(self, values, *, real: bool):
-        """Args from a custom op's values: lists back to tuples, and (when real) seed tensors to ints."""
+    def _args(self, values):
+        """Args from a custom op's values (lists back to tuples)."""
         values = list(values)
         for i in self._lists:
             values[i] = tuple(values[i])
-        if real:
-            for i in self._seeds:
-                values[i] = 0 if values[i] is None else int(values[i].item())
         return self.Args(*values)
 
     # ------------------------------------------------------------------------------------------------------
@@ -125,7 +115,7 @@ class Op:
 
     def _eager_function(self):
         op = self
-        tensors, consts, lazy, n = op._e_tensors, op._e_consts, op._lazy, op._n
+        tensors, consts, lazy, n = op._tensors, op._consts, op._lazy, op._n
 
         class Function(torch.autograd.Function):
             @staticmethod
@@ -174,15 +164,15 @@ class Op:
         op = self
         n_out = len(self._outputs)
         out_schema = "Tensor" if n_out == 1 else "(" + ", ".join(["Tensor"] * n_out) + ")"
-        tensors, consts, lazy = self._c_tensors, self._c_consts, self._lazy
+        tensors, consts, lazy = self._tensors, self._consts, self._lazy
 
         def forward_impl(*args):
-            a = op._args(args, real=True)
+            a = op._args(args)
             outs = op._forward(a, op._path(a))
             return outs if n_out > 1 else outs[0]
 
         def forward_fake(*args):
-            outs = op._fake(op._args(args, real=False))
+            outs = op._fake(op._args(args))
             return outs if n_out > 1 else outs[0]
 
         forward_op = torch.library.custom_op(
@@ -198,7 +188,7 @@ class Op:
         backward_sig = ", ".join([*grads_sig, *saved_sig, *consts_sig, "bool[] needs", "bool triton"])
         n_grads, n_tensors, n_saved = len(grads_sig), len(tensors), len(self._saved_out)
 
-        def _unpack(args, real):
+        def _unpack(args):
             grads = args[:n_grads]
             saved = args[n_grads : n_grads + n_tensors]
             outs = args[n_grads + n_tensors : n_grads + n_tensors + n_saved]
@@ -208,10 +198,10 @@ class Op:
                 values[i] = saved[k]
             for k, i in enumerate(consts):
                 values[i] = rest[k]
-            return grads, op._args(values, real=real), outs, tuple(rest[-2]), rest[-1]
+            return grads, op._args(values), outs, tuple(rest[-2]), rest[-1]
 
         def backward_impl(*args):
-            grads, a, outs, needs, triton = _unpack(args, real=True)
+            grads, a, outs, needs, triton = _unpack(args)
             got = op._backward(a, outs, grads, needs, triton)
             result, seen = [], set()
             for k, i in enumerate(op._diff):
@@ -228,7 +218,7 @@ class Op:
             return result
 
         def backward_fake(*args):
-            grads, a, _, needs, _ = _unpack(args, real=False)
+            grads, a, _, needs, _ = _unpack(args)
             result = []
             for k, i in enumerate(op._diff):
                 ref = a[i]
@@ -245,7 +235,7 @@ class Op:
         backward_op.register_fake(backward_fake)
 
         def setup_context(ctx, inputs, output):
-            a = op._args(inputs, real=False)
+            a = op._args(inputs)
             outs = output if n_out > 1 else (output,)
             needs = ctx.needs_input_grad
             ctx.save_for_backward(

@@ -32,6 +32,7 @@ __all__ = [
     "autocast_inputs",
     "no_autocast",
     "draw_seed",
+    "host_seed",
     "dropout_keep",
     "as_rows",
 ]
@@ -107,36 +108,50 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def draw_seed() -> torch.Tensor:
-    """A dropout seed from torch's default CPU generator (so torch.manual_seed and checkpointing replay it).
+def draw_seed(x: torch.Tensor) -> torch.Tensor:
+    """A dropout seed for a call on x: one int64 in a 0-d tensor, never read on the host by the kernels.
 
-    The seed reaches the kernels as a launch argument, so a CUDA graph would replay the mask it captured at every
-    step: capturing a training step with dropout is refused with a clear error rather than trained on one mask
-    (dropout 0, eval mode and torch.compile without manual capture are unaffected)."""
+    When the call runs the Triton kernels on CUDA, the seed is drawn on x's device by torch's CUDA generator and
+    the kernels load it from there: no host sync, and a CUDA graph that captured the step draws a fresh seed at
+    every replay (torch's generator advances its offset per replay, as for its own dropout). Elsewhere it comes
+    from torch's default CPU generator (the torch path seeds a ``torch.Generator`` with it; the interpreter's
+    kernels read it from host memory). Either way ``torch.manual_seed`` fixes it, and a checkpointed forward,
+    whose recomputation restores the RNG states of its inputs' devices, draws the same seed again: the mask
+    backward regenerates is the forward's. The torch path on CUDA seeds its generator from the host, so a CUDA
+    graph would replay one mask: capturing that is refused with a clear error."""
+    if x.device.type == "cuda" and use_triton(x):
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "fastlora's dropout cannot be captured in a CUDA graph yet: the graph would replay one mask at every "
-            "step. Capture with dropout 0 (or in eval mode), or run the step without manual graph capture."
+            "fastlora's torch path cannot draw dropout masks inside a CUDA graph: the graph would replay one mask at "
+            "every step. Use the Triton kernels (the default on CUDA), capture with dropout 0 (or in eval mode), or "
+            "run the step without graph capture."
         )
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
-def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
+def host_seed(seed) -> int:
+    """The torch path's seed as an int: a seed tensor from draw_seed for a torch-path call lives on the CPU (no
+    sync); an int passes."""
+    return seed if type(seed) is int else int(seed)
+
+
+def dropout_keep(seed, shape, p: float, device) -> torch.Tensor:
     """The torch path's dropout keep-mask for a seed: a pure function of (seed, shape, p)."""
     if torch.device(device).type == "meta":  # no generator exists on meta; the mask's shape is all it needs
         return torch.empty(shape, dtype=torch.bool, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(host_seed(seed))
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def dropout_scale(seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_scale(seed, x: torch.Tensor, p: float) -> torch.Tensor:
     """The torch path's dropout multiplier for x: the keep-mask as x's dtype, times 1/(1-p).
 
     The same values as ``dropout_keep(...).to(x.dtype) / (1 - p)``, formed in place in the one float32 buffer the
     uniform draw fills (no bool mask, no cast copy): the mask is drawn twice per step (forward and backward)."""
     if torch.device(x.device).type == "meta":
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = torch.Generator(device=x.device).manual_seed(host_seed(seed))
     scale = torch.rand(x.shape, generator=gen, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
     return scale if x.dtype == torch.float32 else scale.to(x.dtype)
 

@@ -244,7 +244,7 @@ def lora_conv2d(
         x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, dropout_p
     )
     p = float(dropout_p) if training else 0.0
-    seed = draw_seed() if p > 0 else None
+    seed = draw_seed(x) if p > 0 else None
     device_type = x.device.type
     if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
         return CONV2D(x, weight, bias, lora_A, lora_B, float(scaling), stride, pads, dilation, groups, p, seed)[0]

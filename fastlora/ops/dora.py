@@ -332,5 +332,5 @@ def lora_linear_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropou
     x, weight, bias = autocast_inputs(x, weight, bias)
     p = float(dropout_p) if training else 0.0
     with no_autocast(x.device.type):
-        y = DORA(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, draw_seed() if p > 0 else None)
+        y = DORA(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, draw_seed(x) if p > 0 else None)
     return y[0]

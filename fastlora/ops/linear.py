@@ -210,7 +210,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     """
     check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias)
     p = float(dropout_p) if training else 0.0
-    seed = draw_seed() if p > 0 else None
+    seed = draw_seed(x) if p > 0 else None
     device_type = x.device.type
     if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
         return LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)[0]

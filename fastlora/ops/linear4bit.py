@@ -277,6 +277,6 @@ def lora_linear_4bit(x, weight_packed, quant_state, bias, lora_A, lora_B, scalin
     with no_autocast(x.device.type):
         y, _ = LINEAR_4BIT(
             x, q.packed, q.absmax, q.code, q.absmax2, q.code2, q.offset, bias, lora_A, lora_B, float(scaling), p,
-            draw_seed() if p > 0 else None, q.blocksize, q.blocksize2, q.quant_type, q.shape[0], q.dtype,
+            draw_seed(x) if p > 0 else None, q.blocksize, q.blocksize2, q.quant_type, q.shape[0], q.dtype,
         )  # fmt: skip
     return y
