@@ -37,12 +37,12 @@ if [ $rc -ne 0 ]; then
     status=1
 fi
 
-log "graphs check: host-bound M=512 vs PEFT, CUDA graph capture and torch.compile(reduce-overhead) vs eager, dropout masks across replays"
-timeout 60 "$PY" -m fastlora.benchmarks.graphs_check "$OUT" 2>&1 | tee "$OUT/graphs_check.txt" || { log "graphs check failed or was cut (see graphs_check.json)"; status=1; }
+log "graphs check: host-bound M=512 vs PEFT, CUDA graph capture and torch.compile(reduce-overhead) vs eager, dropout masks across replays, checkpointing"
+timeout 90 "$PY" -m fastlora.benchmarks.graphs_check "$OUT" 2>&1 | tee "$OUT/graphs_check.txt" || { log "graphs check failed or was cut (see graphs_check.json)"; status=1; }
 
 log "fastlora bench (target shapes but QLoRA's; progress below)"
 LAYERS_BUT_QLORA=$("$PY" -c "from fastlora.benchmarks.suite import LAYERS; print(','.join(l for l in LAYERS if l != 'linear4bit'))")
-timeout 180 $FASTLORA bench --layer "$LAYERS_BUT_QLORA" --out "$OUT" --budget 130 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
+timeout 150 $FASTLORA bench --layer "$LAYERS_BUT_QLORA" --out "$OUT" --budget 105 2> >(tee "$OUT/bench_progress.log" >&2) | tee "$OUT/bench_table.md"
 rc=${PIPESTATUS[0]}
 if [ $rc -ne 0 ]; then
     log "bench exited $rc (124: cut at its time limit; the result file keeps every finished case)"

@@ -8,9 +8,15 @@
   gradients against eager (max difference relative to the largest value), and the replay time per step;
 - ``compiled``: ``torch.compile(mode="reduce-overhead")`` of the model (linear, embedding and conv2d layers),
   outputs and gradients against eager, and the number of graph breaks;
-- ``dropout_capture``: capturing a step with dropout is refused with a clear error (the seed is a launch argument,
-  so a captured graph would repeat one mask); ``refused`` is true when it is, and ``masks_differ`` is recorded if
-  a future build captures it instead.
+- ``dropout_capture``: one layer's forward+backward with dropout 0.1 captured with ``torch.cuda.graph`` and
+  replayed three times: the seed each replay drew (read off the tensor the captured ``draw_seed`` wrote) differs
+  between replays, so do the outputs, and each replay's output and gradients equal an eager call given the same
+  seed (``masks_differ``, ``seeds``, ``output_rel_diff``, ``grad_rel_diff``, ``equal``);
+- ``compiled_dropout``: ``torch.compile(mode="reduce-overhead")`` of a dropout layer with
+  ``cudagraph_or_error`` on (a cudagraph skip is an error): outputs differ between steps, inductor's
+  ``cudagraph_skips`` counter stays 0;
+- ``checkpoint``: a dropout layer under ``torch.utils.checkpoint`` gives the gradients of the plain call drawn
+  from the same RNG state (the recomputed forward draws the forward's seed, so backward regenerates its mask).
 
 Each section records its own error instead of stopping the others. Needs CUDA.
 """
@@ -128,13 +134,115 @@ def cuda_graph(dropout: float = 0.0) -> dict:
     return result
 
 
+def _dropout_layer(dropout: float = 0.1):
+    torch.manual_seed(0)
+    base = nn.Linear(K, K, device="cuda", dtype=DTYPE).requires_grad_(False)
+    layer = fastlora.LoRALinear.from_module(base, r=RANK, alpha=2 * RANK, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)
+    return layer
+
+
+def _eager_with_seed(layer, x, dy, seed: int):
+    """The layer's output and (dX, dA, dB) for a given dropout seed, through the op itself."""
+    from fastlora.ops.linear import LINEAR
+
+    x = x.detach().requires_grad_()
+    for p in (layer.lora_A, layer.lora_B):
+        p.grad = None
+    seed_t = torch.tensor(seed, dtype=torch.int64, device="cuda")
+    y = LINEAR(
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, None, layer.scaling, layer.lora_dropout, seed_t
+    )[0]
+    y.backward(dy)
+    return y.detach().clone(), [x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+
+
 def dropout_capture() -> dict:
+    from fastlora.ops import linear as ops_linear
+
+    layer = _dropout_layer()
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    params = (x, layer.lora_A, layer.lora_B)
+
+    def step():
+        for p in params:
+            p.grad = None
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    seeds, draw = [], ops_linear.draw_seed
+    ops_linear.draw_seed = lambda t: seeds.append(draw(t)) or seeds[-1]
     try:
-        return cuda_graph(0.1)
-    except RuntimeError as exc:
-        if "CUDA graph" not in str(exc):
-            raise
-        return {"refused": True, "message": str(exc)}
+        graph = torch.cuda.CUDAGraph()
+        for p in params:
+            p.grad = None
+        with torch.cuda.graph(graph):
+            y_static = step()
+    finally:
+        ops_linear.draw_seed = draw
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append((int(seeds[0]), y_static.detach().clone(), [p.grad.detach().clone() for p in params]))
+    out = {"seeds": [r[0] for r in replays]}
+    out["masks_differ"] = len(set(out["seeds"])) == 3 and not torch.equal(replays[0][1], replays[1][1])
+    y_diff, g_diff = 0.0, 0.0
+    for seed, y, grads in replays:
+        want_y, want_g = _eager_with_seed(layer, x, dy, seed)
+        y_diff = max(y_diff, _rel(y, want_y))
+        g_diff = max(g_diff, *(_rel(a, b) for a, b in zip(grads, want_g, strict=True)))
+    out.update(output_rel_diff=y_diff, grad_rel_diff=g_diff, equal=y_diff <= TOL and g_diff <= TOL)
+    return out
+
+
+def compiled_dropout() -> dict:
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    layer = _dropout_layer()
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE, requires_grad=True)
+    counters.clear()
+    with inductor_config.patch({"triton.cudagraph_or_error": True}):
+        fn = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        outs = []
+        for _ in range(4):  # warm-up, record, then replays
+            torch.compiler.cudagraph_mark_step_begin()
+            y = fn(x)
+            y.float().square().mean().backward()
+            outs.append(y.detach().clone())
+    return {
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+        "masks_differ": not torch.equal(outs[-1], outs[-2]) and not torch.equal(outs[-2], outs[-3]),
+    }
+
+
+def checkpoint() -> dict:
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    layer = _dropout_layer()
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    results = []
+    for wrap in (lambda t: layer(t), lambda t: ckpt(layer, t, use_reentrant=False)):
+        for p in (x, layer.lora_A, layer.lora_B):
+            p.grad = None
+        torch.manual_seed(7)
+        torch.cuda.manual_seed(7)
+        wrap(x).backward(dy)
+        results.append([p.grad.clone() for p in (x, layer.lora_A, layer.lora_B)])
+    diff = max(_rel(a, b) for a, b in zip(results[1], results[0], strict=True))
+    return {"grad_rel_diff": diff, "equal": diff <= TOL}
 
 
 def compiled() -> dict:
@@ -188,6 +296,8 @@ def main(argv=None) -> int:
         ("cuda_graph", cuda_graph),
         ("dropout_capture", dropout_capture),
         ("compiled", compiled),
+        ("compiled_dropout", compiled_dropout),
+        ("checkpoint", checkpoint),
     ]
     status = 0
     for name, fn in sections:

@@ -32,7 +32,6 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction

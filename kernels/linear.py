@@ -1106,7 +1106,9 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
     seed = seed_pointer(seed, x) if dropout_p > 0 else None
     operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s, seed)
     _replayed(
-        key, operands, lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s)
+        key,
+        operands,
+        lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s),
     )
     return y, s
 
