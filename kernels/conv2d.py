@@ -19,6 +19,8 @@ Backward, given dY:
          dropout or where that is faster.
 No dW is formed. The dropout mask m (0 or 1/(1-p)) is a pure function of the seed and the input element's
 flat NCHW index (n, c, h, w), so every kernel regenerates the same mask whatever its tiling or memory format.
+The seed reaches the kernels as the address of one int64 that each loads (kernels/launch.py: seed_pointer), not
+as a launch argument, so a CUDA graph replay that redraws the seed on the device draws a fresh mask.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .configs import (
     rank_block,
 )
 from .geometry import input_grad, memory_format, output_size
-from .launch import plans_for
+from .launch import plans_for, seed_pointer
 from .tiles import grouped_tile
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
@@ -258,7 +260,7 @@ def _conv_down_kernel(
     stride_ah,
     stride_aw,
     # dropout
-    seed,
+    seed_ptr,
     p,
     drop_scale,
     # meta-parameters
@@ -278,6 +280,8 @@ def _conv_down_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """S [M, R] = im2col(m * x) A^T, one program per BLOCK_M output pixels."""
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     i_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     i_k = tl.arange(0, BLOCK_K)
@@ -551,7 +555,7 @@ def _conv_da_kernel(
     stride_xh,
     stride_xw,
     # dropout
-    seed,
+    seed_ptr,
     p,
     drop_scale,
     # meta-parameters
@@ -575,6 +579,8 @@ def _conv_da_kernel(
     Axis 0 runs over (channel block, tap) with the tap fastest, so the kh*kw programs reading shifted copies of the
     same x rows run side by side and share them through L2.
     """
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -636,7 +642,7 @@ def _conv_dx_kernel(
     stride_ah,
     stride_aw,
     # dropout
-    seed,
+    seed_ptr,
     p,
     drop_scale,
     # meta-parameters
@@ -659,6 +665,8 @@ def _conv_dx_kernel(
 
     Input pixel h receives output row ho at tap i when h + pad_top - i*dh = ho * sh with 0 <= ho < Ho.
     """
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -784,8 +792,9 @@ def _conv_dgrad_kernel(
 
 
 @triton.jit
-def _conv_mask_kernel(out_ptr, numel, C, H, W, seed, p, drop_scale, BLOCK: tl.constexpr):
+def _conv_mask_kernel(out_ptr, numel, C, H, W, seed_ptr, p, drop_scale, BLOCK: tl.constexpr):
     """out [Nb, C, H, W] contiguous = the dropout factor of each input element (what the other kernels draw)."""
+    seed = tl.load(seed_ptr)
     i_e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     i_w = i_e % W
     t = i_e // W
@@ -799,10 +808,6 @@ def _conv_mask_kernel(out_ptr, numel, C, H, W, seed, p, drop_scale, BLOCK: tl.co
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
-
-
-# Launch plans (kernels/launch.py): every integer argument keys a kernel's plan, except the dropout seed.
-_DYNAMIC = ("seed",)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -822,10 +827,20 @@ def _geometry(kernel_size, stride, pads, dilation):
     }
 
 
-def _dropout_args(dropout_p, seed):
+def _dropout_args(dropout_p, seed, like):
+    """The dropout arguments of a kernel launch on like's device: seed_ptr, the address of the one int64 seed
+    the kernel loads (seed_pointer: a one-element int64 tensor passes, an int is copied there; without dropout
+    like, never read), p, drop_scale = 1/(1-p) and the HAS_DROPOUT flag."""
     if dropout_p > 0:
-        return {"seed": seed, "p": float(dropout_p), "drop_scale": 1.0 / (1.0 - dropout_p), "HAS_DROPOUT": True}
-    return {"seed": 0, "p": 0.0, "drop_scale": 1.0, "HAS_DROPOUT": False}
+        if seed is None:
+            raise ValueError(f"dropout_p={dropout_p} needs a seed (an int or a one-element int64 tensor), got None")
+        return {
+            "seed_ptr": seed_pointer(seed, like),
+            "p": float(dropout_p),
+            "drop_scale": 1.0 / (1.0 - dropout_p),
+            "HAS_DROPOUT": True,
+        }
+    return {"seed_ptr": seed_pointer(None, like), "p": 0.0, "drop_scale": 1.0, "HAS_DROPOUT": False}
 
 
 def _skinny(device, kind, dtype):
@@ -865,6 +880,8 @@ def lora_conv2d_fwd(
 
     x [Nb, C, H, W], weight [O, C/groups, kh, kw], bias [O] or None, lora_A [r, C, kh, kw], lora_B [O, r, 1, 1];
     stride, dilation pairs; pads (top, bottom, left, right). Returns y [Nb, O, Ho, Wo] (x's memory format), S.
+    seed (read only when dropout_p > 0): a one-element int64 tensor on x's device, which the kernels read from
+    memory, or an int (copied to the device).
     fused: True seeds the implicit GEMM with s * S B^T (_conv_fwd_kernel); False takes conv(x, W) + bias from
     torch (cuDNN) and adds s * S B^T in place (_conv_up_kernel); None (default) times both once per shape on the
     GPU and keeps the faster, and fuses under the interpreter.
@@ -883,13 +900,13 @@ def lora_conv2d_fwd(
 
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     meta, launch = _skinny(x.device, "down", x.dtype)
-    plans_for(_conv_down_kernel, _DYNAMIC).launch(
+    plans_for(_conv_down_kernel).launch(
         None, (_cdiv(m, meta["BLOCK_M"]), 1, 1),
         x_ptr=x, a_ptr=a_cl, s_ptr=s,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_ar=a_cl.stride(0), stride_ac=a_cl.stride(1), stride_ah=a_cl.stride(2), stride_aw=a_cl.stride(3),
-        **_dropout_args(dropout_p, seed), **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
+        **_dropout_args(dropout_p, seed, x), **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
 
     args = (x, weight, bias, s, lora_B.reshape(o, r), scaling, stride, pads, dilation, groups, geometry, precision)
@@ -931,7 +948,7 @@ def _y_split(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     m, r = s.shape
     o = y.shape[1]
     meta, launch = _skinny(x.device, "up", x.dtype)
-    plans_for(_conv_up_kernel, _DYNAMIC).launch(
+    plans_for(_conv_up_kernel).launch(
         None, (_cdiv(m, meta["BLOCK_M"]), _cdiv(o, meta["BLOCK_K"]), 1),
         y_ptr=y, s_ptr=s, b_ptr=b2,
         M=m, O=o, Ho=y.shape[2], Wo=y.shape[3], R=r,
@@ -969,7 +986,7 @@ def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     a_cl = lora_A.contiguous(memory_format=torch.channels_last)
     meta, launch = _skinny(x.device, "dx", x.dtype)
     grid = (_cdiv(nb * h * w, meta["BLOCK_M"]), _cdiv(c, meta["BLOCK_K"]), 1)
-    plans_for(_conv_dx_kernel, _DYNAMIC).launch(
+    plans_for(_conv_dx_kernel).launch(
         None, grid,
         dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
         P=nb * h * w, C=c, H=h, W=w, Ho=dy.shape[2], Wo=dy.shape[3], R=r,
@@ -1032,6 +1049,7 @@ def lora_conv2d_bwd(
     """dX, dA, dB (and dbias) of lora_conv2d_fwd; dy [Nb, O, Ho, Wo] in any layout, s the forward's S [M, r].
 
     dX is None unless need_dx, dbias None unless need_dbias. dA and dB come in lora_A's and lora_B's dtypes.
+    seed: the forward's (a one-element int64 tensor on x's device, read from memory, or an int).
     fused_dgrad (without dropout only): True computes dX in one Triton kernel (_conv_dgrad_kernel); False takes
     conv_transpose(dY, W) from torch (cuDNN) and adds the LoRA term in place (_conv_dx_kernel), as every call
     with dropout does; None (default) times both once per shape on the GPU and keeps the faster, and fuses under
@@ -1044,7 +1062,7 @@ def lora_conv2d_bwd(
     m = nb * ho * wo
     geometry = _geometry((kh, kw), stride, pads, dilation)
     precision = _precision(x.dtype)
-    drop = _dropout_args(dropout_p, seed)
+    drop = _dropout_args(dropout_p, seed, x)
     block_r = rank_block(r, max_block=None)
     b2 = lora_B.reshape(o, r)
 
@@ -1052,7 +1070,7 @@ def lora_conv2d_bwd(
     num_tiles = _cdiv(m, meta["BLOCK_M"])
     ds = torch.empty((m, r), device=x.device, dtype=torch.float32)
     dbp = torch.empty((num_tiles, o, r), device=x.device, dtype=torch.float32)
-    plans_for(_conv_ds_db_kernel, _DYNAMIC).launch(
+    plans_for(_conv_ds_db_kernel).launch(
         None, (num_tiles, 1, 1),
         dy_ptr=dy, s_ptr=s, b_ptr=b2, ds_ptr=ds, db_part_ptr=dbp,
         M=m, O=o, Ho=ho, Wo=wo, R=r,
@@ -1066,7 +1084,7 @@ def lora_conv2d_bwd(
     k_blocks = kh * kw * _cdiv(c, meta["BLOCK_K"])
     splits = max(1, min(_cdiv(m, meta["BLOCK_M"]), _cdiv(num_programs_target(x.device), k_blocks)))
     dap = torch.empty((splits, r, c, kh, kw), device=x.device, dtype=torch.float32)
-    plans_for(_conv_da_kernel, _DYNAMIC).launch(
+    plans_for(_conv_da_kernel).launch(
         None, (k_blocks, splits, 1),
         x_ptr=x, ds_ptr=ds, da_part_ptr=dap,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
@@ -1089,14 +1107,18 @@ def lora_conv2d_bwd(
     return dx, da, db, dbias
 
 
-def conv2d_dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
-    """The dropout factors [Nb, C, H, W] (0 or 1/(1-p), float32) the conv kernels draw for an input of this shape."""
+def conv2d_dropout_mask(shape, dropout_p: float, seed: int | torch.Tensor, device) -> torch.Tensor:
+    """The dropout factors [Nb, C, H, W] (0 or 1/(1-p), float32) the conv kernels draw for an input of this shape.
+
+    seed: an int or a one-element int64 tensor on device, as the launchers take it."""
     nb, c, h, w = shape
     out = torch.empty((nb, c, h, w), device=device, dtype=torch.float32)
+    drop = _dropout_args(dropout_p, seed, out)
+    if not drop["HAS_DROPOUT"]:
+        return out.fill_(1.0)
     numel = out.numel()
     block = 1024
-    drop = _dropout_args(dropout_p, seed)
     _conv_mask_kernel[(triton.cdiv(numel, block),)](
-        out, numel, c, h, w, drop["seed"], drop["p"], drop["drop_scale"], BLOCK=block
+        out, numel, c, h, w, drop["seed_ptr"], drop["p"], drop["drop_scale"], BLOCK=block
     )
     return out

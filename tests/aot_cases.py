@@ -198,8 +198,8 @@ def _conv_case(kind, major, t, tl_dtype, layout, meta, num_warps, num_stages):
             continue
         if name in _CONV_GEOMETRY or name in flags or name in unit_strides[layout]:
             constexprs[name] = _CONV_GEOMETRY.get(name, flags.get(name, 1))
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_ptrs else f"*{t}"
+        elif name.endswith("_ptr"):  # the dropout seed is the address of one int64 the kernel loads
+            signature[name] = "*i64" if name == "seed_ptr" else "*fp32" if name in fp32_ptrs else f"*{t}"
             divisible.append(name)
         elif name in float_args:
             signature[name] = "fp32"
