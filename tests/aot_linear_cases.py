@@ -51,15 +51,16 @@ def _pointer_gemm_cases(major, dtype, precision):
                 (f"*{t}", "a_ptr b_ptr p_ptr q_ptr bias_ptr x_ptr c_ptr"),
                 ("*fp32", "cs_ptr da_ptr"),
                 ("fp32", "lora_scale"),
-                ("i32", f"M N K R M_BUCKET stride_am stride_pm stride_qn stride_xm stride_dar stride_cm seed p_thresh "
+                ("*i64", "seed_ptr"),
+                ("i32", f"M N K R M_BUCKET stride_am stride_pm stride_qn stride_xm stride_dar stride_cm p_thresh "
                  f"{b_strided}"),
             )  # fmt: skip
             cases.append(_case(
                 f"gemm-{name}", major, klinear._lora_gemm_kernel, sig,
                 {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "stride_ak": 1, b_unit: 1,
                  "stride_cn": 1},
-                f"a_ptr b_ptr p_ptr q_ptr bias_ptr cs_ptr x_ptr da_ptr c_ptr N K stride_am {b_strided} stride_pm "
-                "stride_qn stride_xm stride_dar stride_cm", w, st, mma,
+                f"a_ptr b_ptr p_ptr q_ptr bias_ptr cs_ptr x_ptr da_ptr c_ptr seed_ptr N K stride_am {b_strided} "
+                "stride_pm stride_qn stride_xm stride_dar stride_cm", w, st, mma,
             ))  # fmt: skip
     return cases
 
@@ -84,8 +85,8 @@ def tma_gemm_cases(dtypes=(torch.float16, torch.bfloat16)):
                         + ("-dropout" if dropout else "")
                     )
                     name = f"gemm_tma-{direction}-{t}-{bm}x{bn}x{bk}-w{w}s{st}{'-sub' if sub else ''}{tag}"
-                    sig = _sig(("*fp32", "da_ptr"), ("fp32", "lora_scale"),
-                               ("i32", "M N K R M_BUCKET stride_dar seed p_thresh"))  # fmt: skip
+                    sig = _sig(("*fp32", "da_ptr"), ("fp32", "lora_scale"), ("*i64", "seed_ptr"),
+                               ("i32", "M N K R M_BUCKET stride_dar p_thresh"))  # fmt: skip
                     sig["a_desc"] = f"tensordesc<{t}[{bm}, {bk}]>"
                     sig["b_desc"] = f"tensordesc<{t}[{bn}, {bk}]>" if fwd else f"tensordesc<{t}[{bk}, {bn}]>"
                     sig["p_desc"] = f"tensordesc<{t}[{bm}, {RANK}]>"
@@ -108,8 +109,8 @@ def tma_gemm_cases(dtypes=(torch.float16, torch.bfloat16)):
                         else:
                             constexprs[name_] = None
                     cases.append(_case(
-                        name, 9, klinear._lora_gemm_tma_kernel, sig, constexprs, "da_ptr N K stride_dar", w, st,
-                        direction=direction, dropout=dropout, persistent=True,
+                        name, 9, klinear._lora_gemm_tma_kernel, sig, constexprs, "da_ptr seed_ptr N K stride_dar", w,
+                        st, direction=direction, dropout=dropout, persistent=True,
                     ))  # fmt: skip
     return cases
 
@@ -127,36 +128,37 @@ def _skinny_cases(major, dtype):
             (f"*{t}", "x_ptr bt_ptr t_ptr out_ptr x2_ptr"),
             ("*fp32", "side_ptr da_ptr"),
             ("fp32", "scale side_scale da_scale"),
+            ("*i64", "seed_ptr"),
             ("i32", "M K R K_PER_SPLIT K2 stride_xm stride_bk stride_tm stride_os stride_om stride_sk stride_x2m "
-             "stride_dar seed p_thresh"),
+             "stride_dar p_thresh"),
         )  # fmt: skip
         cases.append(_case(
             f"down{'-side' if side else ''}{'-da' if da else ''}-{t}-{bm}x{bk}-w{w}s{st}", major,
             klinear._lora_down_kernel, sig,
             {**meta, "HAS_SIDE": side, "stride_xk": 1, "stride_br": 1, "stride_tr": 1, "stride_or": 1,
              "stride_sr": 1, "stride_x2k": 1, "stride_dak": 1},
-            "x_ptr bt_ptr t_ptr out_ptr side_ptr x2_ptr da_ptr K K_PER_SPLIT K2 stride_xm stride_bk stride_tm "
+            "x_ptr bt_ptr t_ptr out_ptr side_ptr x2_ptr da_ptr seed_ptr K K_PER_SPLIT K2 stride_xm stride_bk stride_tm "
             "stride_os stride_om stride_sk stride_x2m stride_dar", w, st,
         ))  # fmt: skip
         if side:
             continue
-        sig = _sig((f"*{t}", "t_ptr x_ptr"), ("*fp32", "out_ptr"), ("fp32", "scale"),
-                   ("i32", "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or seed p_thresh"))  # fmt: skip
+        sig = _sig((f"*{t}", "t_ptr x_ptr"), ("*fp32", "out_ptr"), ("fp32", "scale"), ("*i64", "seed_ptr"),
+                   ("i32", "M K R M_PER_SPLIT stride_tm stride_xm stride_os stride_or p_thresh"))  # fmt: skip
         meta = {k: v for k, v in meta.items() if k not in ("HAS_DA", "DA_DROPOUT")}
         cases.append(_case(
             f"up_t-{t}-{bm}x{bk}-w{w}s{st}", major, klinear._lora_up_t_kernel, sig,
             {**meta, "stride_tr": 1, "stride_xk": 1, "stride_ok": 1},
-            "t_ptr x_ptr out_ptr K M_PER_SPLIT stride_tm stride_xm stride_os stride_or", w, st,
+            "t_ptr x_ptr out_ptr seed_ptr K M_PER_SPLIT stride_tm stride_xm stride_os stride_or", w, st,
         ))  # fmt: skip
     bm, bn, w, st = configs.LORA_UPDATE
     sig = _sig((f"*{t}", "y_ptr p_ptr q_ptr bias_ptr"), ("*fp32", "cs_ptr"), ("fp32", "lora_scale"),
-               ("i32", "M N R stride_ym stride_pm stride_qr seed p_thresh"))  # fmt: skip
+               ("*i64", "seed_ptr"), ("i32", "M N R stride_ym stride_pm stride_qr p_thresh"))  # fmt: skip
     cases.append(_case(
         f"update-{t}-{bm}x{bn}-w{w}s{st}", major, klinear._lora_update_kernel, sig,
         {"HAS_BIAS": True, "HAS_COL_SCALE": True, "HAS_DROPOUT": True, "DOT_DTYPE": TL_DTYPES[dtype],
          "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": RANK, "stride_yn": 1, "stride_pr": 1,
          "stride_qn": 1},
-        "y_ptr p_ptr q_ptr bias_ptr cs_ptr N stride_ym stride_pm stride_qr", w, st,
+        "y_ptr p_ptr q_ptr bias_ptr cs_ptr seed_ptr N stride_ym stride_pm stride_qr", w, st,
     ))  # fmt: skip
     return cases
 

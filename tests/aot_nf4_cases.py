@@ -62,25 +62,28 @@ def aot_cases():
                     "PRECISION": precision, "BLOCK_M": bm, "BLOCK_R": 16}  # fmt: skip
             bn, bk, warps, stages = configs.NF4_FUSED_FWD[major]
             sig = _sig({f"*{t}": "x_ptr a_ptr b_ptr bias_ptr y_ptr s_ptr", "fp32": "scaling inv_keep",
-                        "i32": "M N K R stride_xm stride_ar stride_bn stride_ym stride_sm seed p_thresh"})  # fmt: skip
+                        "*i64": "seed_ptr",
+                        "i32": "M N K R stride_xm stride_ar stride_bn stride_ym stride_sm p_thresh"})  # fmt: skip
             cases.append({
                 "id": f"fused_fwd-{t}-{precision}-{bm}x{bn}x{bk}-w{warps}s{stages}", "major": major,
                 "kernel": nf4._nf4_lora_fwd_kernel, "signature": {**sig, **_quant_sig(True)},
                 "constexprs": {**meta, "HAS_BIAS": True, "BLOCK_N": bn, "BLOCK_K": bk, "stride_xk": 1,
                                "stride_ak": 1, "stride_br": 1, "stride_yn": 1, "stride_sr": 1},
-                "divisible": f"{quant_ptrs} x_ptr a_ptr b_ptr bias_ptr y_ptr s_ptr K stride_xm stride_ar stride_ym "
-                "stride_sm".split(),
+                "divisible": f"{quant_ptrs} x_ptr a_ptr b_ptr bias_ptr y_ptr s_ptr seed_ptr K stride_xm stride_ar "
+                "stride_ym stride_sm".split(),
                 "num_warps": warps, "num_stages": stages, "expects_mma": True,
             })  # fmt: skip
             bk, bn, warps, stages = configs.NF4_FUSED_DX[major]
             sig = _sig({f"*{t}": "dy_ptr a_ptr b_ptr dx_ptr", "fp32": "scaling inv_keep",
-                        "i32": "M N K R stride_dym stride_ar stride_bn stride_dxm seed p_thresh"})  # fmt: skip
+                        "*i64": "seed_ptr",
+                        "i32": "M N K R stride_dym stride_ar stride_bn stride_dxm p_thresh"})  # fmt: skip
             cases.append({
                 "id": f"fused_dx-{t}-{precision}-{bm}x{bn}x{bk}-w{warps}s{stages}", "major": major,
                 "kernel": nf4._nf4_lora_dx_kernel, "signature": {**sig, **_quant_sig(True)},
                 "constexprs": {**meta, "BLOCK_N": bn, "BLOCK_K": bk, "stride_dyn": 1, "stride_ak": 1,
                                "stride_br": 1, "stride_dxk": 1},
-                "divisible": f"{quant_ptrs} dy_ptr a_ptr b_ptr dx_ptr N K stride_dym stride_ar stride_dxm".split(),
+                "divisible": f"{quant_ptrs} dy_ptr a_ptr b_ptr dx_ptr seed_ptr N K stride_dym stride_ar "
+                "stride_dxm".split(),
                 "num_warps": warps, "num_stages": stages, "expects_mma": True,
             })  # fmt: skip
     return cases
