@@ -421,7 +421,6 @@ def _lora_gemm_kernel(
     """C[M, N] = c * (a[M, K] @ b[K, N] + lora_scale * mask(P[M, R] @ Q[R, N])) + bias[N]; with HAS_DA (and no
     dropout: with it the dS pass computes dA) also dA[R, N] += lora_scale * P^T @ x[M, N]. Pointer loads: any
     strides, any GPU, the interpreter."""
-    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     tl.static_assert(not (HAS_DA and HAS_DROPOUT), "with dropout the dS pass computes dA")
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -442,8 +441,8 @@ def _lora_gemm_kernel(
         p_b += BLOCK_K * stride_bk
 
     # the epilogue: the LoRA term (r-wide steps), its mask, the dA share, column scale, bias
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, i_m, i_n, p_thresh)
+    if HAS_DROPOUT:  # the seed is loaded here, not before the K loop: nothing extra lives through it
+        keep = dropout_keep(dropout_seed(seed_ptr, HAS_DROPOUT), i_m, i_n, p_thresh)
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_DA:
         p_x = x_ptr + i_m64[:, None] * stride_xm + i_n64[None, :] * stride_xn
