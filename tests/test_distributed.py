@@ -10,7 +10,6 @@ throughout: the point here is the wrapping, not the kernels.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -70,13 +69,14 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _worker(rank, port, out_path, kinds):
+def _worker(rank, store_path, out_path, kinds):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     # FSDP2 warns when a wrapped module returns a view: an in-place op on it would skip the backward all-gather.
     # fastlora layers return fresh tensors, as nn.Linear does, so here the warning is an error.
     warnings.filterwarnings("error", message=".*returned a view tensor")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a file store: no port to race for with other tests, and no store server for rank 0 to take down first
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     results = {}
     try:
         with fastlora.use_backend("torch"):
@@ -109,22 +109,18 @@ def _worker(rank, port, out_path, kinds):
                 dist.barrier()
         if rank == 0:
             torch.save(results, out_path)
+        dist.barrier()  # both ranks done before either tears its process group down
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
     """Run every available layer kind under DDP and FSDP2 in one 2-process spawn; return (results, path)."""
     kinds = list(LAYER_KINDS)
-    out_path = str(tmp_path_factory.mktemp("dist") / "results.pt")
-    mp.spawn(_worker, args=(_free_port(), out_path, kinds), nprocs=WORLD, join=True)
+    folder = tmp_path_factory.mktemp("dist")
+    out_path = str(folder / "results.pt")
+    mp.spawn(_worker, args=(str(folder / "store"), out_path, kinds), nprocs=WORLD, join=True)
     return torch.load(out_path, weights_only=False), out_path
 
 
