@@ -245,3 +245,93 @@ def test_the_inductor_cache_folder_of_a_run_is_removed_when_it_ends():
     assert run.returncode == 0, run.stderr[-2000:]
     folder = Path(run.stdout.strip())
     assert folder.name.startswith("fastlora-inductor-") and not folder.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA graphs: what torch.compile(mode="reduce-overhead") would capture, traced on fake CUDA tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fake_cuda_calls():
+    """{op: (fn, args)} with fake CUDA tensors as args (no GPU needed: fake tensors only carry metadata)."""
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    quantized = None
+    try:
+        import bitsandbytes.functional as bnbf
+
+        w4 = (torch.randn(24, 32) / 32**0.5).to(torch.bfloat16)
+        quantized = bnbf.quantize_4bit(w4, blocksize=64, quant_type="nf4", compress_statistics=True)
+    except ImportError:
+        pass
+    qs = copy.deepcopy(quantized[1]) if quantized is not None else None  # deep-copied outside the fake mode
+    bf16 = torch.bfloat16
+    with FakeTensorMode(allow_non_fake_inputs=True):
+
+        def cuda(*shape, dtype=torch.float32):
+            return torch.empty(shape, dtype=dtype, device="cuda")
+
+        x, w, bias = cuda(16, 32, dtype=bf16), cuda(24, 32, dtype=bf16), cuda(24, dtype=bf16)
+        a, b, g = cuda(4, 32), cuda(24, 4), cuda(24)
+        img, wc, ac, bc = (
+            cuda(2, 8, 9, 9, dtype=bf16),
+            cuda(16, 8, 3, 3, dtype=bf16),
+            cuda(4, 8, 3, 3),
+            cuda(16, 4, 1, 1),
+        )
+        idx, table, ae, be = (
+            torch.zeros(2, 7, dtype=torch.int64, device="cuda"),
+            cuda(50, 24, dtype=bf16),
+            cuda(4, 50),
+            cuda(24, 4),
+        )
+        calls = {
+            "linear": (lambda *t: fl.lora_linear(*t, 0.5, dropout_p=0.1), (x, w, bias, a, b)),
+            "dora": (lambda *t: fl.lora_linear_dora(*t, 0.5, dropout_p=0.1), (x, w, bias, a, b, g)),
+            "conv2d": (lambda *t: fl.lora_conv2d(*t, 0.5, padding=1, dropout_p=0.1), (img, wc, None, ac, bc)),
+            "embedding": (lambda *t: fl.lora_embedding(*t, 0.5), (idx, table, ae, be)),
+        }
+        if qs is not None:
+            qs.absmax, qs.code, qs.offset = cuda(*qs.absmax.shape, dtype=torch.uint8), cuda(16), cuda()
+            qs.state2.absmax, qs.state2.code = cuda(*qs.state2.absmax.shape), cuda(256)
+            packed = cuda(*quantized[0].shape, dtype=quantized[0].dtype)
+            calls["linear4bit"] = (
+                lambda x, p, a, b: fl.lora_linear_4bit(x, p, qs, None, a, b, 0.5, dropout_p=0.1),
+                (x, packed, a, b),
+            )
+    return calls
+
+
+@pytest.mark.parametrize("op", ["linear", "dora", "conv2d", "embedding", "linear4bit"])
+def test_compiled_graph_on_cuda_is_capture_clean(op, monkeypatch):
+    """What inductor's CUDA-graph capture needs from a compiled fastlora call, on fake CUDA tensors: every tensor in
+    the graph lives on CUDA (a CPU tensor makes inductor skip the graph), no node that syncs or that inductor
+    names incompatible with graphs, and the dropout seed drawn by a CUDA ``randint`` inside the graph (so each
+    replay draws a fresh one) and fed to the op; the fastlora ops carry no ``cudagraph_unsafe`` tag."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    calls = _fake_cuda_calls()
+    if op not in calls:
+        pytest.skip("bitsandbytes is not installed")
+    fn, args = calls[op]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the ops take their compiled (custom op) form
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    nodes = list(gm.graph.nodes)
+    off_cuda = [n.format_node() for n in nodes if isinstance(v := n.meta.get("val"), torch.Tensor) and not v.is_cuda]
+    assert not off_cuda, f"tensors off the GPU in the graph: {off_cuda}"
+    assert get_first_incompatible_cudagraph_node(gm) is None
+    targets = [n.target for n in nodes if n.op == "call_function"]
+    assert torch.ops.aten._local_scalar_dense.default not in targets
+    ops = [n for n in nodes if n.op == "call_function" and str(n.target).startswith("fastlora.")]
+    assert len(ops) == 1, ops
+    seeds = [n for n in nodes if n.target is torch.ops.aten.randint.low]
+    if op == "embedding":
+        assert not seeds
+    else:
+        assert len(seeds) == 1 and seeds[0] in ops[0].all_input_nodes and seeds[0].meta["val"].is_cuda
+    for name in (ops[0].target._name, ops[0].target._name + "_backward"):
+        overload = getattr(torch.ops.fastlora, name.split("::")[1]).default
+        assert torch.Tag.cudagraph_unsafe not in overload.tags
