@@ -75,6 +75,10 @@ class _StandInUtils:
         """The host-side tensor map is 128 opaque bytes; the stand-in makes a buffer of that size."""
         return bytearray(128)
 
+    def fill_tma_descriptor_tiled(self, *args):
+        """Triton >= 3.7's name for fill_tma_descriptor (tiled, as opposed to im2col, tensor maps)."""
+        return self.fill_tma_descriptor(*args)
+
     def cuOccupancyMaxActiveClusters(self, *args):
         return 1
 
@@ -82,9 +86,18 @@ class _StandInUtils:
         return None
 
 
+def _packed_kernel_args() -> bool:
+    """Whether this Triton's launch function takes the kernel's arguments as one tuple after argument annotations
+    (Triton >= 3.7, where ``triton.backends.driver`` expands tensor descriptors), rather than spread out (3.6)."""
+    import triton.backends.driver as base_driver
+
+    return hasattr(base_driver, "wrap_handle_tensordesc_impl")
+
+
 class StandInLauncher:
     """Does on the host what Triton's CUDA launcher does in Python (scratch allocation, TMA descriptor expansion);
-    the final driver call is a no-op. ``launches`` counts the calls that reached it."""
+    the final driver call is a no-op. ``launches`` counts the calls that reached it. It follows the launch
+    protocol of the installed Triton: 3.6's, or the one with packed kernel arguments of later releases."""
 
     launches = 0
 
@@ -99,6 +112,7 @@ class StandInLauncher:
         self.profile_scratch = (metadata.profile_scratch_size, metadata.profile_scratch_align)
         self.launch_cooperative_grid = metadata.launch_cooperative_grid
         self.launch_pdl = metadata.launch_pdl
+        self.packed = _packed_kernel_args()
 
     @staticmethod
     def _driver_launch(*args):
@@ -115,6 +129,12 @@ class StandInLauncher:
 
         global_scratch = scratch(self.global_scratch, _allocation._allocator)
         profile_scratch = scratch(self.profile_scratch, _allocation._profile_allocator)
+        if self.packed:  # metadata, launch metadata and hooks first, then scratch, annotations, the kernel's arguments
+            self.launch(
+                grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl, *args[:4],
+                global_scratch, profile_scratch, None, None, args[4:],
+            )  # fmt: skip
+            return
         self.launch(
             grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl,
             global_scratch, profile_scratch, *args,

@@ -83,7 +83,8 @@ def _dora_norm_kernel(
     p_wa = wa_ptr + i_n.to(tl.int64)[:, None] * stride_wan + i_r.to(tl.int64)[None, :] * stride_war
     tl.store(p_wa, b_wa, mask=m_n[:, None] & m_r[None, :])
     if NEED_WSQ:
-        tl.store(wsq_ptr + i_n, b_sq, mask=m_n & (tl.program_id(1) == 0))
+        if tl.program_id(1) == 0:  # the first rank chunk stores the squares (a branch: Triton 3.9's interpreter
+            tl.store(wsq_ptr + i_n, b_sq, mask=m_n)  # refuses a mask that ands in a scalar)
 
 
 @triton.jit

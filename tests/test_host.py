@@ -194,6 +194,10 @@ ops_linear.draw_seed = lambda x: seeds.append(draw(x)) or seeds[-1]
 
 calls = []
 host.StandInLauncher._driver_launch = staticmethod(lambda *args: calls[-1].append(args))
+# the handles left out: the function, and the metadata (their place in each Triton's launch protocol); a later
+# Triton packs the kernel's arguments into one tuple at the end
+packed = host._packed_kernel_args()
+handles = (4, 7) if packed else (4, 9)
 # descriptors carry their global address, so the comparison below sees which tensor each one points at
 host._StandInUtils.fill_tma_descriptor = lambda self, ptr, *rest: ("desc", ptr, repr(rest))
 m, k, n, r, p = (int(v) if i < 4 else float(v) for i, v in enumerate(sys.argv[1:]))
@@ -225,7 +229,8 @@ with host.stand_in_gpu():
         def canon_ptr(ptr):
             return names.get(ptr) or "fresh%d" % fresh.setdefault(ptr, len(fresh))
 
-        out.append([[canon(v) for i, v in enumerate(args) if i not in (4, 9)] for args in calls[-1]])
+        flat = [(*args[:-1], *args[-1]) if packed else args for args in calls[-1]]
+        out.append([[canon(v) for i, v in enumerate(args) if i not in handles] for args in flat])
 replays = sorted(k[0] for k, v in kl._REPLAYS.items() if isinstance(v, kl.Replay))
 print(json.dumps({"calls": out, "replays": replays}))
 """
