@@ -229,7 +229,8 @@ def _nf4_lora_fwd_kernel(
         acc_s = tl.dot(b_a.to(DOT_DTYPE), b_xt.to(DOT_DTYPE), acc_s, input_precision=PRECISION)
     b_st = (acc_s * inv_keep).to(s_ptr.dtype.element_ty)  # S rounded once, as kernels.linear stores it
     p_s = s_ptr + i_r[:, None] * stride_sr + i_m64[None, :] * stride_sm
-    tl.store(p_s, b_st, mask=m_r[:, None] & m_m[None, :] & (pid_n == 0))
+    if pid_n == 0:  # the first N block's programs store S (a branch, not a mask: Triton 3.9's interpreter refuses
+        tl.store(p_s, b_st, mask=m_r[:, None] & m_m[None, :])  # a mask that ands in a scalar)
     p_b = b_ptr + i_n64[:, None] * stride_bn + i_r[None, :] * stride_br
     b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BN, BR]
     acc += scaling * tl.dot(b_b.to(DOT_DTYPE), b_st.to(DOT_DTYPE), input_precision=PRECISION)
