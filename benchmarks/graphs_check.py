@@ -7,7 +7,7 @@
 - ``cuda_graph``: the same model's forward+backward captured with ``torch.cuda.graph`` and replayed, outputs and
   gradients against eager (max difference relative to the largest value), and the replay time per step;
 - ``compiled``: ``torch.compile(mode="reduce-overhead")`` of the model (linear, embedding and conv2d layers),
-  outputs and gradients against eager, and the number of graph breaks;
+  outputs and gradients against eager, the number of graph breaks and of inductor's cudagraph skips;
 - ``dropout_capture``: one layer's forward+backward with dropout 0.1 captured with ``torch.cuda.graph`` and
   replayed three times: the seed each replay drew (read off the tensor the captured ``draw_seed`` wrote) differs
   between replays, so do the outputs, and each replay's output and gradients equal an eager call given the same
@@ -270,13 +270,18 @@ def compiled() -> dict:
         params = [p for layer in (lin, emb, conv) for p in layer.parameters() if p.requires_grad]
         return [y.detach().clone() for y in ys], [p.grad.clone() for p in params]
 
+    from torch._dynamo.utils import counters
+
     eager_y, eager_g = run(lin, emb, conv)
     explanation = torch._dynamo.explain(lin)(x)
+    counters.clear()
     fns = [torch.compile(m, mode="reduce-overhead", fullgraph=True) for m in (lin, emb, conv)]
     for _ in range(3):  # cudagraph trees record on the second call and replay afterwards
+        torch.compiler.cudagraph_mark_step_begin()
         comp_y, comp_g = run(*fns)
     return {
         "graph_breaks": explanation.graph_break_count,
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
         "output_rel_diff": max(_rel(a, b) for a, b in zip(comp_y, eager_y, strict=True)),
         "grad_rel_diff": max(_rel(a, b) for a, b in zip(comp_g, eager_g, strict=True)),
         "equal": max(_rel(a, b) for a, b in zip(comp_y + comp_g, eager_y + eager_g, strict=True)) <= TOL,
