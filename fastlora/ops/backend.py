@@ -138,7 +138,7 @@ def host_seed(seed) -> int:
 
 def dropout_keep(seed, shape, p: float, device) -> torch.Tensor:
     """The torch path's dropout keep-mask for a seed: a pure function of (seed, shape, p)."""
-    if torch.device(device).type == "meta":  # no generator exists on meta; the mask's shape is all it needs
+    if torch.device(device).type == "meta" or math.prod(shape) == 0:  # nothing to draw (meta: no generator)
         return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device).manual_seed(host_seed(seed))
     return torch.rand(shape, generator=gen, device=device) >= p
@@ -149,7 +149,7 @@ def dropout_scale(seed, x: torch.Tensor, p: float) -> torch.Tensor:
 
     The same values as ``dropout_keep(...).to(x.dtype) / (1 - p)``, formed in place in the one float32 buffer the
     uniform draw fills (no bool mask, no cast copy): the mask is drawn twice per step (forward and backward)."""
-    if torch.device(x.device).type == "meta":
+    if torch.device(x.device).type == "meta" or x.numel() == 0:  # nothing to draw (and no seed read on the host)
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     gen = torch.Generator(device=x.device).manual_seed(host_seed(seed))
     scale = torch.rand(x.shape, generator=gen, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
