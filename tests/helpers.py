@@ -1,4 +1,5 @@
-"""Shared test helpers: the tolerance table, the error measure and an assert that explains itself."""
+"""Shared test helpers: the tolerance table, the error measure, an assert that explains itself, and the bytes a
+call saves for backward."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from fastlora._tolerance import DTYPE_IDS, TOLERANCE, rel_err
 
-__all__ = ["TOLERANCE", "DTYPE_IDS", "rel_err", "assert_close"]
+__all__ = ["TOLERANCE", "DTYPE_IDS", "rel_err", "assert_close", "saved_bytes"]
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "output", factor: float = 1.0):
@@ -29,3 +30,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name:
         raise AssertionError(
             f"{name}: relative error {err:.3e} > tolerance {tol:.1e} ({DTYPE_IDS[dtype]}); worst: {lines}"
         )
+
+
+def saved_bytes(fn, *exclude) -> int:
+    """Bytes autograd saves for backward while fn() runs, beyond the storages of ``exclude`` (the inputs and the
+    parameters: aliases of them cost nothing), each storage once: the benchmarks' measure
+    (fastlora.benchmarks.harness.saved_bytes). fn's output must require grad, so that a graph was recorded."""
+    from fastlora.benchmarks.harness import saved_bytes as measure
+
+    outs = []
+    extra, _, _ = measure(lambda: outs.append(fn()), exclude)
+    assert outs[0].requires_grad, "the call recorded no autograd graph"
+    return extra

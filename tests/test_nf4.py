@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastlora.kernels import linear as klinear
 from fastlora.kernels import nf4
-from helpers import DTYPE_IDS, assert_close
+from helpers import DTYPE_IDS, assert_close, saved_bytes
 
 import fastlora as fl
 from fastlora.ops.backend import draw_seed, dropout_keep
@@ -175,22 +175,6 @@ def test_default_route_by_rows():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _saved_bytes(fn, *params):
-    """Bytes saved for backward beyond the inputs and the quant_state tensors (their aliases do not count)."""
-    exclude = {t.untyped_storage().data_ptr() for t in params}
-    total = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in exclude:
-            total.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    assert out.requires_grad
-    return sum(total)
-
-
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("backend,route", PATHS, ids=PATH_IDS)
 def test_saved_for_backward_is_S_only(monkeypatch, backend, route, p):
@@ -201,7 +185,7 @@ def test_saved_for_backward_is_S_only(monkeypatch, backend, route, p):
     a, b = torch.randn(R, K).requires_grad_(), torch.randn(N, R).requires_grad_()
     state = (packed, qs.absmax, qs.code, qs.state2.absmax, qs.state2.code, qs.offset)
     with fl.use_backend(backend):
-        saved = _saved_bytes(lambda: lora_linear_4bit(x, packed, qs, None, a, b, 1.0, dropout_p=p), x, a, b, *state)
+        saved = saved_bytes(lambda: lora_linear_4bit(x, packed, qs, None, a, b, 1.0, dropout_p=p), x, a, b, *state)
     seed = 8 if p > 0 else 0  # the int64 dropout seed
     assert saved <= M * R * x.element_size() + seed < N * K * x.element_size()
 
