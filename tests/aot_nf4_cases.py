@@ -1,23 +1,13 @@
-"""Ahead-of-time compile cases for kernels/nf4.py (sm_80 and sm_90, no GPU needed).
-
-Run as a script without TRITON_INTERPRET (tests/test_aot_nf4.py does): it compiles each case with the options the
-launchers pass (no floating-point contraction) and prints one JSON line per case with tests/aot.py's measures, plus
-whether the PTX holds an FMA (the dequantization must not contract the nested absmax's product and sum).
+"""Ahead-of-time compile cases for kernels/nf4.py (sm_80 and sm_90, no GPU needed): tests/aot_cases.py's "nf4"
+table. Each case carries the options the launchers pass (no floating-point contraction), and "dequant" marks the
+cases whose PTX must hold no FMA (the dequantization must not contract the nested absmax's product and sum).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from aot import compile_case as compile_aot  # noqa: E402
-from fastlora.kernels import configs, nf4  # noqa: E402
-from fastlora.kernels.configs import TL_DTYPES  # noqa: E402
+from fastlora.kernels import configs, nf4
+from fastlora.kernels.configs import TL_DTYPES
 
 _T = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -86,23 +76,4 @@ def aot_cases():
                 "stride_dxm".split(),
                 "num_warps": warps, "num_stages": stages, "expects_mma": True,
             })  # fmt: skip
-    return cases
-
-
-def compile_case(case: dict) -> dict:
-    """tests/aot.py's compile with the launchers' options (enable_fp_fusion=False); notes whether it dequantizes."""
-    row = compile_aot({**case, "options": nf4.KERNEL_OPTIONS}, case["major"])
-    return {**row, "dequant": case.get("dequant", False)}
-
-
-def main():
-    for case in aot_cases():
-        try:
-            row = compile_case(case)
-        except Exception as e:  # reported per case, so one failure does not hide the rest
-            row = {"id": f"{case['id']}-sm{case['major']}0", "error": f"{type(e).__name__}: {e}"[:2000]}
-        print(json.dumps(row), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return [{**case, "options": nf4.KERNEL_OPTIONS} for case in cases]

@@ -17,8 +17,9 @@ COMPILE_TIMEOUT = 900
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(COMPILE_TIMEOUT + 300)]
 
 
-# Tables with a compile test of their own (small enough to run alone): dora in tests/test_aot_dora.py.
-OWN_TESTS = ("dora",)
+# Tables with a compile test of their own (small enough to run alone, or with checks of their own): dora in
+# tests/test_aot_dora.py, nf4 in tests/test_aot_nf4.py.
+OWN_TESTS = ("dora", "nf4")
 HERE_TABLES = [name for name in TABLES if name not in OWN_TESTS]
 
 
@@ -43,7 +44,7 @@ def compile_tables(tables):
 
 
 def check_row(compiled, case_id):
-    """The case compiled, fits shared memory, does not spill, and uses the matrix instructions it should."""
+    """The case compiled, fits shared memory, does not spill, and uses the matrix instructions it should; its row."""
     row = compiled.get(case_id)
     assert row is not None, f"{case_id} was not compiled"
     assert "error" not in row, row.get("error")
@@ -54,6 +55,7 @@ def check_row(compiled, case_id):
             assert row["wgmma"], "no wgmma in the sm_90 PTX"
         else:
             assert row["mma"], "no mma.sync in the sm_80 PTX"
+    return row
 
 
 @pytest.fixture(scope="module")
