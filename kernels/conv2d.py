@@ -45,6 +45,7 @@ from .configs import (
 )
 from .geometry import input_grad, memory_format, output_size
 from .launch import plans_for, seed_pointer
+from .linear import dropout_seed
 from .tiles import grouped_tile
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
@@ -280,8 +281,7 @@ def _conv_down_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """S [M, R] = im2col(m * x) A^T, one program per BLOCK_M output pixels."""
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid = tl.program_id(0)
     i_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     i_k = tl.arange(0, BLOCK_K)
@@ -579,8 +579,7 @@ def _conv_da_kernel(
     Axis 0 runs over (channel block, tap) with the tap fastest, so the kh*kw programs reading shifted copies of the
     same x rows run side by side and share them through L2.
     """
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -665,8 +664,7 @@ def _conv_dx_kernel(
 
     Input pixel h receives output row ho at tap i when h + pad_top - i*dh = ho * sh with 0 <= ho < Ho.
     """
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = dropout_seed(seed_ptr, HAS_DROPOUT)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -794,7 +792,7 @@ def _conv_dgrad_kernel(
 @triton.jit
 def _conv_mask_kernel(out_ptr, numel, C, H, W, seed_ptr, p, drop_scale, BLOCK: tl.constexpr):
     """out [Nb, C, H, W] contiguous = the dropout factor of each input element (what the other kernels draw)."""
-    seed = tl.load(seed_ptr)
+    seed = dropout_seed(seed_ptr, True)
     i_e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     i_w = i_e % W
     t = i_e // W
