@@ -13,36 +13,30 @@ import fastlora.layers
 VOCAB = 61
 
 
-def llama(vocab: int = VOCAB) -> nn.Module:
+def _llama(vocab: int, hidden: int, intermediate: int) -> nn.Module:
+    """A 2-layer Llama (4 heads, 2 key-value heads) with random weights, in training mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=40,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg)
+
+
+def llama(vocab: int = VOCAB) -> nn.Module:
+    return _llama(vocab, hidden=32, intermediate=40).eval()
 
 
 def llama_4bit(quant_type: str = "nf4", nested: bool = True, vocab: int = VOCAB) -> nn.Module:
     """A tiny Llama whose linear layers (all but lm_head) are bitsandbytes Linear4bit, quantized on the CPU. Every
     dimension is a multiple of 64 (bitsandbytes' CPU kernels want whole blocks per row)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return quantize_4bit(LlamaForCausalLM(cfg), quant_type, nested)
+    return quantize_4bit(_llama(vocab, hidden=64, intermediate=128), quant_type, nested)
 
 
 def quantize_4bit(model: nn.Module, quant_type: str = "nf4", nested: bool = True, skip=("lm_head",)) -> nn.Module:
