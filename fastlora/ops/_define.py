@@ -20,10 +20,10 @@ From that :class:`Op` builds
   ``register_autograd``, which ``torch.compile(fullgraph=True)`` treats as opaque calls.
 
 Adding an argument (a weight scale, a magnitude vector) means adding it to the signature string and reading
-``a.<name>`` where it is used. Types are those of torch's schema language, plus ``Seed``: a dropout seed from
-``backend.draw_seed``, a 0-d int64 tensor (or None without dropout) on both paths, saved for backward like the
-other tensors; the kernels read it from memory (so a CUDA graph replay draws afresh), the torch path turns its
-CPU seed into an int (``backend.host_seed``).
+``a.<name>`` where it is used. Types are those of torch's schema language. A dropout seed is a ``Tensor? seed``
+from ``backend.draw_seed`` (a 0-d int64 tensor, None without dropout), saved for backward like the other tensors;
+the kernels read it from memory (so a CUDA graph replay draws afresh), the torch path turns its CPU seed into an
+int (``backend.host_seed``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fastlora.kernels.geometry import memory_format
 
 __all__ = ["Op", "grad_layout"]
 
-_TENSOR_TYPES = ("Tensor", "Tensor?", "Seed")
+_TENSOR_TYPES = ("Tensor", "Tensor?")
 
 
 def grad_layout(t: torch.Tensor) -> torch.memory_format:
@@ -89,15 +89,14 @@ class Op:
         self._tensors = tuple(i for i, n in enumerate(names) if types[n] in _TENSOR_TYPES)
         self._consts = tuple(i for i in range(self._n) if i not in self._tensors)
         self.function = self._eager_function()
-        compiled_sig = ", ".join(f"{'Tensor?' if t == 'Seed' else t} {n}" for n, t in params)
-        self._register(compiled_sig, names, types)
+        self._register(signature, names, types)
 
     # ------------------------------------------------------------------------------------------------------
     # calling
     # ------------------------------------------------------------------------------------------------------
 
     def __call__(self, *args):
-        """The op's outputs (a tuple when it has several). A Seed argument is a tensor or None (no dropout)."""
+        """The op's outputs (a tuple when it has several)."""
         if torch.compiler.is_compiling():
             return getattr(torch.ops.fastlora, self.name)(*args)
         return self.function.apply(*args)

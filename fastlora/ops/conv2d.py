@@ -208,7 +208,7 @@ def _fake(a):
 CONV2D = Op(
     "lora_conv2d",
     "Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, int[] stride, int[] pads, "
-    "int[] dilation, int groups, float dropout_p, Seed seed",
+    "int[] dilation, int groups, float dropout_p, Tensor? seed",
     outputs=("y", "s"),
     differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
     saved_outputs=("s",),

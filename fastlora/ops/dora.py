@@ -301,7 +301,7 @@ def _fake(a):
 DORA = Op(
     "lora_linear_dora",
     "Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, "
-    "float dropout_p, Seed seed",
+    "float dropout_p, Tensor? seed",
     outputs=("y", "s", "norm", "yq"),
     differentiable=("x", "weight", "bias", "lora_A", "lora_B", "magnitude"),
     saved_outputs=("y", "s", "norm", "yq"),

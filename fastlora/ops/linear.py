@@ -182,7 +182,7 @@ def _fake(a):
 LINEAR = Op(
     "lora_linear",
     "Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, float scaling, "
-    "float dropout_p, Seed seed",
+    "float dropout_p, Tensor? seed",
     outputs=("y", "s"),
     differentiable=("x", "weight", "bias", "lora_A", "lora_B", "lora_bias"),
     saved_outputs=("s",),

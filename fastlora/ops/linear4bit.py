@@ -234,7 +234,7 @@ def _fake(a):
 LINEAR_4BIT = Op(
     "lora_linear_4bit",
     "Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
-    "Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Seed seed, int blocksize, "
+    "Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed, int blocksize, "
     "int blocksize2, str quant_type, int out_features, ScalarType w_dtype",
     outputs=("y", "s"),
     differentiable=("x", "bias", "lora_A", "lora_B"),
