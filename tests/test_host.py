@@ -16,7 +16,7 @@ from fastlora.benchmarks.host import StandInLauncher, stand_in_driver
 from fastlora.kernels.launch import LaunchPlans
 from triton.runtime.jit import JITFunction
 
-from tests.helpers import assert_close
+from helpers import assert_close
 
 
 def _axpby(x_ptr, y_ptr, out_ptr, n, alpha, beta, BLOCK: tl.constexpr, HAS_Y: tl.constexpr):

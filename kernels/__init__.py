@@ -1,1 +1,0 @@
-"""Triton device code for fastlora and its launchers, one op per file (installed as ``fastlora.kernels``)."""
