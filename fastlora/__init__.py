@@ -36,7 +36,6 @@ from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, Lo
 from fastlora.model import (
     apply_lora,
     disable_adapter,
-    from_peft,
     merge_and_unload,
     print_trainable_parameters,
     unload,
@@ -51,6 +50,7 @@ from fastlora.ops import (
     use_backend,
 )
 from fastlora.ops.linear4bit import lora_linear_4bit
+from fastlora.peft import from_peft
 from fastlora.reference import lora_scaling
 
 __version__ = "0.1.0"

@@ -44,8 +44,8 @@ from fastlora.model import (
     name_matches,
     pattern_value,
     unsupported_reason,
-    unwrap_peft,
 )
+from fastlora.peft import peft_model_of
 
 __all__ = ["lora_state_dict", "save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -83,13 +83,19 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of every fastlora layer under PEFT's names (detached, not copied).
 
     Keys: ``base_model.model.<path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (Conv2d: [r, C, kh, kw]
-    and [O, r, 1, 1]); for embeddings ``.lora_embedding_A`` [r, V] and ``.lora_embedding_B`` [D, r]. Paths are
-    relative to the user's model, also when ``model`` is a PEFT model converted by ``from_peft``.
+    and [O, r/groups, 1, 1]); for embeddings ``.lora_embedding_A`` [r, V] and ``.lora_embedding_B`` [D, r]. Paths are
+    relative to the user's model. For a PEFT ``PeftModel`` this is PEFT's ``get_peft_model_state_dict`` of its
+    active adapter (the same key format, with PEFT's modules_to_save and bias tensors).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    peft_model = peft_model_of(model, "lora_state_dict")
+    if peft_model is not None:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(peft_model, adapter_name=peft_model.active_adapter)
     out = {}
-    for name, layer in lora_layers(unwrap_peft(model)):
+    for name, layer in lora_layers(model):
         for attr, suffix in kind_of_layer(layer).peft_keys.items():
             t = getattr(layer, attr, None)
             if t is not None:
@@ -238,7 +244,16 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    root = unwrap_peft(model)
+    peft_model = peft_model_of(model, "save_adapter")
+    if peft_model is not None:
+        if task_type is not None or base_model_name_or_path is not None:
+            raise ValueError(
+                "save_adapter: a PEFT model saves the task_type and base_model_name_or_path of its own config; "
+                "set them on peft_model.peft_config instead"
+            )
+        peft_model.save_pretrained(save_directory)
+        return os.fspath(save_directory)
+    root = model
     found = lora_layers(root)
     if not found:
         raise ValueError(f"save_adapter: {type(model).__name__} has no fastlora LoRA layers to save")
@@ -468,6 +483,12 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
                 "Convert it once, in a trusted environment, with PEFT's save_pretrained(safe_serialization=True)"
             )
         raise FileNotFoundError(f"{weights_path} is missing")
+    peft_model = peft_model_of(model, "load_adapter")
+    if peft_model is not None:
+        adapter = peft_model.active_adapter
+        trainable = not peft_model.peft_config[adapter].inference_mode
+        peft_model.load_adapter(folder, adapter_name=adapter, is_trainable=trainable)
+        return model
     config = _read_config(config_path)
     tensors, metadata = _read_weights(weights_path)
     _verify_record(weights_path, config_path, tensors, metadata, config)
@@ -476,7 +497,7 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     groups = _group(tensors, weights_path)
     made_by_fastlora = _SUM_KEY in metadata
 
-    root = unwrap_peft(model)
+    root = model
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))

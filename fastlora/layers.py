@@ -26,7 +26,7 @@ from fastlora.reference import lora_scaling
 from fastlora.reference_4bit import dequantize_4bit_ref
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRALinear4bit", "LoRAEmbedding", "LoRAConv2d", "is_gpt2_conv1d",
-           "is_linear4bit", "BASE_MODULE_ATTR"]  # fmt: skip
+           "is_linear4bit", "grouped_lora_B", "BASE_MODULE_ATTR"]  # fmt: skip
 
 # The attribute (outside the module tree) under which a layer keeps the module it was built from, for unload.
 BASE_MODULE_ATTR = "_fastlora_base_module"
@@ -562,13 +562,25 @@ class LoRAEmbedding(LoRALayer):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def grouped_lora_B(lora_B: torch.Tensor, groups: int) -> torch.Tensor:
+    """PEFT's grouped lora_B [O, r/groups, 1, 1] as the block-diagonal [O, r, 1, 1] weight of the same 1x1 conv
+    (differentiable: the gradient of each block flows back to lora_B). ``lora_B`` itself when groups is 1."""
+    if groups == 1:
+        return lora_B
+    o, rg = lora_B.shape[:2]
+    blocks = lora_B.reshape(groups, o // groups, rg)
+    return torch.block_diag(*blocks).view(o, groups * rg, 1, 1)
+
+
 class LoRAConv2d(LoRALayer):
     """LoRA on a Conv2d: Y = conv(x, W) + bias + s * conv1x1(conv(dropout(x), A), B).
 
     ``weight`` [O, C/groups, kh, kw] and ``bias`` [O] are frozen; ``lora_A`` [r, C, kh, kw] (the base's stride,
-    padding and dilation, groups=1, as in PEFT) and ``lora_B`` [O, r, 1, 1] are trained. Only
-    ``padding_mode='zeros'`` is supported; with ``groups > 1`` the layer trains but cannot merge (the delta
-    B A spans all input channels, the grouped weight only C/groups of them).
+    padding and dilation, groups=1, as in PEFT) and ``lora_B`` [O, r/groups, 1, 1] are trained. As in PEFT, lora_B
+    is a 1x1 convolution with the base's groups (output channel o of group j reads the r/groups channels of S in
+    group j), so r must be a multiple of groups; the op receives it as the block-diagonal [O, r, 1, 1] weight
+    (``grouped_lora_B``). Only ``padding_mode='zeros'`` is supported; with ``groups > 1`` the layer trains but cannot
+    merge (the delta B A spans all input channels, the grouped weight only C/groups of them).
     """
 
     def __init__(
@@ -607,7 +619,15 @@ class LoRAConv2d(LoRALayer):
 
     @classmethod
     def adapter_shapes(cls, module, r, **options):
-        return {"lora_A": (r, module.in_channels, *module.kernel_size), "lora_B": (module.out_channels, r, 1, 1)}
+        if r % module.groups:
+            raise ValueError(
+                f"a LoRA rank of a Conv2d with groups={module.groups} must be a multiple of its groups (PEFT's rule: "
+                f"lora_B is a grouped 1x1 convolution), got r={r}"
+            )
+        return {
+            "lora_A": (r, module.in_channels, *module.kernel_size),
+            "lora_B": (module.out_channels, r // module.groups, 1, 1),
+        }
 
     def _init_base(self, conv: nn.Conv2d):
         self.weight = _shared(conv.weight)
@@ -640,8 +660,8 @@ class LoRAConv2d(LoRALayer):
         if self._base_only():
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return lora_conv2d(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.stride, self.padding,
-            self.dilation, self.groups, self.lora_dropout, self.training,
+            x, self.weight, self.bias, self.lora_A, grouped_lora_B(self.lora_B, self.groups), self.scaling,
+            self.stride, self.padding, self.dilation, self.groups, self.lora_dropout, self.training,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 import warnings
 from collections import Counter
 from typing import NamedTuple
@@ -28,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
-from fastlora.kinds import kind_for_module, kind_for_peft_layer, kind_of_layer, kinds
+from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, LoRALayer
-from fastlora.reference import lora_scaling
+from fastlora.peft import peft_model_of
 
 __all__ = [
     "apply_lora",
@@ -39,7 +38,6 @@ __all__ = [
     "disable_adapter",
     "print_trainable_parameters",
     "ParameterCount",
-    "from_peft",
     "lora_layers",
 ]
 
@@ -97,20 +95,6 @@ def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rsl
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     """Every fastlora layer in ``model`` with its dotted name, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The user's model inside a PEFT ``PeftModel`` / ``LoraModel`` (the names PEFT saves are relative to it)."""
-    peft = sys.modules.get("peft")
-    if peft is None:
-        return model
-    if isinstance(model, peft.PeftModel):
-        model = model.base_model
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, BaseTuner):
-        model = model.model
-    return model
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -335,6 +319,11 @@ def apply_lora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if peft_model_of(model, "apply_lora") is not None:
+        raise ValueError(
+            "apply_lora: this is a PEFT model; add adapters with its add_adapter (then fl.from_peft), or apply_lora "
+            "to the plain model"
+        )
     check_rank(r)
     check_alpha(alpha)
     check_dropout(dropout, "dropout")
@@ -413,10 +402,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges every fastlora layer (W += s * B A, in float32, rounded once) and puts plain modules back.
 
     Returns ``model`` with ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` / ``nn.Conv2d`` in place of the LoRA
-    layers (the original module objects where available), holding the merged weights. A weight tied to another
-    module is copied first, with a warning, so the other module is unchanged. If an adapter holds NaN or Inf or
-    merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
+    layers (the original module objects where available), holding the merged weights. For a PEFT ``PeftModel``
+    (converted by ``from_peft`` or not) it returns PEFT's ``merge_and_unload(safe_merge=True)``: the base model.
+    A weight tied to another module is copied first, with a warning, so the other module is unchanged. If an adapter
+    holds NaN or Inf or merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
     """
+    peft_model = peft_model_of(model, "merge_and_unload")
+    if peft_model is not None:
+        return peft_model.merge_and_unload(safe_merge=True)
     found = _require_layers(model, "merge_and_unload")
     for name, layer in found:
         for pname in layer.adapter_names:
@@ -443,8 +436,11 @@ def unload(model: nn.Module) -> nn.Module:
     """Removes every fastlora layer without merging: the plain modules go back with their base weights.
 
     A merged layer is unmerged first (W -= s * B A), which restores W up to the rounding of its dtype.
-    Returns ``model``.
+    Returns ``model``; for a PEFT ``PeftModel``, PEFT's ``unload()`` (the base model).
     """
+    peft_model = peft_model_of(model, "unload")
+    if peft_model is not None:
+        return peft_model.unload()
     found = _require_layers(model, "unload")
     for name, layer in found:
         layer.unmerge()
@@ -458,7 +454,13 @@ def disable_adapter(model: nn.Module):
 
     Use it for reference-model losses (DPO and the like) without a second copy of the model. A merged layer is
     unmerged on its first call inside the block. The previous switch of each layer is restored on exit.
+    For a PEFT ``PeftModel`` this is PEFT's own ``disable_adapter()`` context.
     """
+    peft_model = peft_model_of(model, "disable_adapter")
+    if peft_model is not None:
+        with peft_model.disable_adapter():
+            yield model
+        return
     found = _require_layers(model, "disable_adapter")
     previous = [layer.disabled for _, layer in found]
     for _, layer in found:
@@ -484,134 +486,17 @@ class ParameterCount(NamedTuple):
 def print_trainable_parameters(model: nn.Module, print_fn=print) -> ParameterCount:
     """Prints one line like PEFT's and returns ``ParameterCount(trainable, total)``.
 
-    ``print_fn=None`` returns the counts without printing.
+    ``print_fn=None`` returns the counts without printing. For a PEFT ``PeftModel`` the counts are PEFT's
+    (``get_nb_trainable_parameters``, which counts a 4-bit weight's parameters, not its packed bytes).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = list(model.parameters())
-    count = ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    peft_model = peft_model_of(model, "print_trainable_parameters")
+    if peft_model is not None:
+        count = ParameterCount(*peft_model.get_nb_trainable_parameters())
+    else:
+        params = list(model.parameters())
+        count = ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
     if print_fn is not None:
         print_fn(str(count))
     return count
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PEFT conversion
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _peft_skip_reason(module, adapter: str) -> str | None:
-    kind = kind_for_peft_layer(module)
-    if is_linear8bit(module):
-        return f"{type(module).__module__}.{type(module).__name__}: {_EIGHT_BIT}"
-    if kind is None:
-        return f"{type(module).__module__}.{type(module).__name__} has no fastlora equivalent"
-    base = module.base_layer
-    reason = unsupported_reason("base_layer", base, None)
-    if reason is not None:
-        return f"its base layer cannot be wrapped: {reason}"
-    if set(module.r) != {adapter}:
-        return f"it holds the adapters {sorted(module.r)}, fastlora converts a layer with exactly {adapter!r}"
-    options = _peft_options(module, adapter)
-    refused = [key for key, on in options.items() if on and key not in kind.layer_class.options]
-    if refused:
-        flags = ", ".join(f"{key}=True" for key in refused)
-        return f"it uses {flags}, which fastlora implements for Linear layers only, not for {type(base).__name__}"
-    if options["use_dora"] and module.merged_adapters:
-        return "its DoRA adapter is merged (unmerge it first: the merged weight hides the norm fastlora needs)"
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None and not options["use_dora"]:
-        return f"it uses the LoRA variant {type(variant).__name__}"
-    difference = kind.peft_difference(base)
-    if difference is not None:
-        return difference
-    r, alpha, scaling = module.r[adapter], module.lora_alpha[adapter], module.scaling[adapter]
-    if scaling not in (lora_scaling(r, alpha, False), lora_scaling(r, alpha, True)):
-        return f"its scaling {scaling} is neither alpha/r nor alpha/sqrt(r) (changed with set_scale?)"
-    return None
-
-
-def _peft_options(module, adapter: str) -> dict:
-    """PEFT's per-layer option flags of one adapter, under fastlora's option names."""
-    return {
-        "use_dora": bool(getattr(module, "use_dora", {}).get(adapter, False)),
-        "lora_bias": bool(getattr(module, "lora_bias", {}).get(adapter, False)),
-    }
-
-
-@torch.no_grad()
-def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Swaps PEFT's LoRA layers for fastlora layers in place, keeping the very same Parameter objects.
-
-    Converts ``peft.tuners.lora.Linear`` (over ``nn.Linear`` or ``Conv1D``), ``Embedding``, ``Conv2d`` and
-    ``bnb.Linear4bit`` (over bitsandbytes' ``Linear4bit``): the fastlora layer's ``weight``/``bias`` are the base
-    layer's, its ``lora_A``/``lora_B`` are PEFT's parameters (so an optimizer built before the call keeps working),
-    and so are a DoRA layer's magnitude (``lora_magnitude_vector``) and a ``lora_bias`` layer's lora_B bias. A layer
-    that cannot be converted exactly (DoRA on an Embedding, a Conv2d or a 4-bit base, a merged DoRA layer, another
-    variant, 8-bit or other base layers, a changed scaling) stays PEFT's, with a warning naming it.
-    A model with more than one adapter, or more than one active adapter, is refused with ValueError.
-
-    Returns ``peft_model``. Afterwards use fastlora's functions (``fl.disable_adapter``, ``fl.save_adapter``,
-    ``fl.merge_and_unload``) on it; PEFT's own adapter methods no longer see the converted layers.
-    """
-    if not isinstance(peft_model, nn.Module):
-        raise TypeError(f"from_peft expects a torch.nn.Module, got {type(peft_model).__name__}")
-    try:
-        from peft.tuners.lora import layer as plora
-    except ImportError as err:
-        raise ImportError("from_peft needs the peft package") from err
-    configs = getattr(peft_model, "peft_config", None) or {}
-    if len(configs) > 1:
-        raise ValueError(
-            f"from_peft converts a model with one adapter, this one has {sorted(configs)}; "
-            "delete the others (delete_adapter) or merge them first"
-        )
-    found = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, plora.LoraLayer)]
-    if not found:
-        raise ValueError(f"from_peft: {type(peft_model).__name__} has no PEFT LoRA layers")
-    for name, module in found:
-        if len(module.active_adapters) != 1:
-            raise ValueError(
-                f"from_peft: {name} has active adapters {list(module.active_adapters)}; fastlora layers hold exactly "
-                "one adapter, so activate one (set_adapter) first"
-            )
-    plan = []
-    for name, module in found:
-        adapter = module.active_adapters[0]
-        reason = _peft_skip_reason(module, adapter)
-        if reason is not None:
-            warnings.warn(f"fastlora.from_peft: {name} stays a PEFT layer: {reason}", stacklevel=2)
-            continue
-        plan.append((name, module, adapter))
-    built = {}
-    for name, module, adapter in plan:
-        base = module.base_layer
-        kind = kind_for_peft_layer(module)
-        flags = [(p, p.requires_grad) for p in base.parameters()]
-        r, alpha = module.r[adapter], module.lora_alpha[adapter]
-        use_rslora = module.scaling[adapter] != lora_scaling(r, alpha, False)
-        dropout_mod = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
-        dropout = float(dropout_mod.p) if isinstance(dropout_mod, nn.Dropout) else 0.0
-        options = {key: on for key, on in _peft_options(module, adapter).items() if on}
-        layer = build_layer(base, r, alpha, dropout, use_rslora, **options)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        tensors = kind.peft_tensors(module, adapter)
-        theirs = [tuple(t.shape) for t in tensors.values()]
-        ours = [tuple(getattr(layer, attr).shape) for attr in tensors]
-        if theirs != ours:
-            warnings.warn(
-                f"fastlora.from_peft: {name} stays a PEFT layer: its adapter shapes {', '.join(map(str, theirs))} "
-                f"differ from fastlora's {', '.join(map(str, ours))}",
-                stacklevel=2,
-            )
-            continue
-        for attr, t in tensors.items():
-            setattr(layer, attr, t)
-        layer.merged = bool(module.merged_adapters)
-        layer.disabled = bool(module.disable_adapters)
-        layer.train(module.training)
-        built[name] = layer
-    for name, layer in built.items():
-        _replace(peft_model, name, layer)
-    return peft_model

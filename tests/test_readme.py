@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import fastlora as fl
 from fastlora.model import lora_layers
+from fastlora.peft import converted_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -66,7 +67,7 @@ def _save_load_block(ns, tmp_path):
 
 
 def _from_peft_block(ns, tmp_path):
-    assert len(lora_layers(ns["peft_model"])) == 2 * 7
+    assert len(converted_layers(ns["peft_model"])) == 2 * 7
 
 
 def _dora_block(ns, tmp_path):
