@@ -34,10 +34,14 @@ _attach_kernels()
 from fastlora.io import load_adapter, lora_state_dict, save_adapter
 from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRALinear4bit
 from fastlora.model import (
+    ModulesToSave,
+    add_adapter,
     apply_lora,
+    delete_adapter,
     disable_adapter,
     merge_and_unload,
     print_trainable_parameters,
+    set_adapter,
     unload,
 )
 from fastlora.ops import (
@@ -72,6 +76,10 @@ __all__ = [
     "active_path",
     # model-level API
     "apply_lora",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "ModulesToSave",
     "merge_and_unload",
     "unload",
     "disable_adapter",
