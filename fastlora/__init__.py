@@ -56,6 +56,7 @@ from fastlora.ops import (
 from fastlora.ops.linear4bit import lora_linear_4bit
 from fastlora.peft import from_peft
 from fastlora.reference import lora_scaling
+from fastlora.trainer import AdapterTrainerMixin, adapter_trainer
 
 __version__ = "0.1.0"
 
@@ -88,4 +89,6 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "from_peft",
+    "adapter_trainer",
+    "AdapterTrainerMixin",
 ]

@@ -48,11 +48,12 @@ class TokenRows(torch.utils.data.Dataset):
 
 
 def training_args(out, **kwargs):
-    return transformers.TrainingArguments(
+    settings = dict(
         output_dir=str(out), max_steps=STEPS, save_steps=SAVE_EVERY, save_strategy="steps", logging_steps=1,
         per_device_train_batch_size=2, learning_rate=2e-2, lr_scheduler_type="constant", report_to=[],
-        use_cpu=True, seed=7, dataloader_num_workers=0, save_only_model=False, **kwargs,
+        use_cpu=True, seed=7, dataloader_num_workers=0,
     )  # fmt: skip
+    return transformers.TrainingArguments(**{**settings, **kwargs})
 
 
 def losses(trainer) -> dict[int, float]:
@@ -67,7 +68,7 @@ def trained_tensors(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_resume_continues(make_trainer, tmp_path, expected_keys: int):
+def assert_resume_continues(make_trainer, tmp_path, expected_keys: int, adapter_folder: str = ""):
     """Trains STEPS steps, then trains a fresh copy from the middle checkpoint: the losses after it and the final
     adapter equal the uninterrupted run's; every checkpoint and save_model hold a PEFT adapter with every trained
     tensor."""
@@ -75,6 +76,7 @@ def assert_resume_continues(make_trainer, tmp_path, expected_keys: int):
     first.train()
     first.save_model(str(tmp_path / "final"))
     for folder in (tmp_path / "run" / f"checkpoint-{SAVE_EVERY}", tmp_path / "final"):
+        folder = folder / adapter_folder
         saved = adapter_tensors(folder)
         assert len(saved) == expected_keys, sorted(saved)
         assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -163,6 +165,114 @@ def test_trainer_trains_a_4bit_from_peft_model(tmp_path):
     model = fl.from_peft(get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])))
     start = trained_tensors(model)
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenRows())
+    trainer.train()
+    assert all(not torch.equal(p, start[n]) for n, p in trained_tensors(model).items())
+    assert len(adapter_tensors(tmp_path / f"checkpoint-{STEPS}")) == 2 * 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# apply_lora models, through fl.adapter_trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lora_llama(seed: int = 3, **kwargs):
+    torch.manual_seed(seed)
+    settings = {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 8} if "config" not in kwargs else {}
+    settings.update((k, v) for k, v in kwargs.items() if v is not None)
+    return fl.apply_lora(llama().train(), **settings)
+
+
+def test_plain_trainer_on_an_apply_lora_model_saves_the_whole_model(tmp_path):
+    """What adapter_trainer is for: the plain Trainer does not know fastlora's adapters and writes the whole
+    model, which is not an adapter folder."""
+    trainer = transformers.Trainer(
+        model=lora_llama(), args=training_args(tmp_path, max_steps=1), train_dataset=TokenRows()
+    )
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        fl.load_adapter(llama(), tmp_path / "final")
+
+
+def test_adapter_trainer_saves_checkpoints_and_resumes_an_apply_lora_model(tmp_path):
+    data = TokenRows()
+    trainer_class = fl.adapter_trainer(transformers.Trainer)
+    assert fl.adapter_trainer(trainer_class) is trainer_class and issubclass(trainer_class, transformers.Trainer)
+
+    def make(out):
+        model = lora_llama(modules_to_save=["lm_head"])
+        return trainer_class(model=model, args=training_args(out), train_dataset=data)
+
+    trainer = assert_resume_continues(make, tmp_path, expected_keys=2 * 4 + 1)
+    reloaded = PeftModel.from_pretrained(llama_base_of(trainer.model), tmp_path / "final")
+    ids = data.ids[:2]
+    assert_close(reloaded(ids).logits, trainer.model(ids).logits, F32, "PEFT reload of save_model")
+
+
+def llama_base_of(model):
+    """The base model under a fastlora model (a copy, adapters removed)."""
+    return fl.unload(copy.deepcopy(model))
+
+
+def test_adapter_trainer_checkpoints_and_resumes_named_adapters(tmp_path):
+    """Two adapters: the active one trains, both are saved in PEFT's layout and restored on resume."""
+    data = TokenRows()
+
+    def make(out):
+        model = lora_llama(adapter_name="policy")
+        fl.add_adapter(model, "reference", ["v_proj", "up_proj"], r=2, lora_alpha=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_adapters.reference" in name:
+                    p.normal_()
+        return fl.adapter_trainer(transformers.Trainer)(model=model, args=training_args(out), train_dataset=data)
+
+    trainer = assert_resume_continues(make, tmp_path, expected_keys=2 * 4, adapter_folder="policy")
+    checkpoint = tmp_path / "run" / f"checkpoint-{SAVE_EVERY}"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == ["policy", "reference"]
+    assert len(adapter_tensors(checkpoint / "reference")) == 2 * 4
+    reference = {k: v for k, v in fl.lora_state_dict(trainer.model, "reference").items()}
+    assert all(torch.equal(reference[k], v) for k, v in adapter_tensors(tmp_path / "final" / "reference").items())
+
+
+def test_adapter_sft_trainer_on_an_apply_lora_model(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (7,), generator=g)) for _ in range(8)]
+    data = datasets.Dataset.from_dict({"text": texts})
+
+    def make(out):
+        args = trl.SFTConfig(
+            output_dir=str(out), max_steps=STEPS, save_steps=SAVE_EVERY, logging_steps=1, per_device_train_batch_size=2,
+            learning_rate=2e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True, seed=7, max_length=16,
+        )  # fmt: skip
+        model = lora_llama(target_modules=None, config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        return fl.adapter_trainer(trl.SFTTrainer)(
+            model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer()
+        )
+
+    assert_resume_continues(make, tmp_path, expected_keys=2 * 14)
+
+
+def test_adapter_trainer_trains_an_apply_lora_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    torch.manual_seed(3)
+    model = llama_4bit()
+    # what from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True)) sets
+    model.hf_quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True))
+    model.is_quantized = True
+    fl.apply_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenRows())
+    start = trained_tensors(model)
+    trainer = fl.adapter_trainer(transformers.Trainer)(
+        model=model, args=training_args(tmp_path), train_dataset=TokenRows()
+    )
+    assert not hasattr(model, "_hf_peft_config_loaded") or not model._hf_peft_config_loaded
     trainer.train()
     assert all(not torch.equal(p, start[n]) for n, p in trained_tensors(model).items())
     assert len(adapter_tensors(tmp_path / f"checkpoint-{STEPS}")) == 2 * 4
