@@ -91,7 +91,11 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(peft_model, adapter_name=adapter_name or peft_model.active_adapter)
-    adapter = adapter_name or active_adapter(model)
+    return {key: _full(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
+
+
+def _adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """lora_state_dict's tensors themselves (the Parameter objects, and a modules_to_save copy's buffers)."""
     out = {}
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter in layer.adapters()]
     for name, layer in layers:
@@ -99,11 +103,13 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         for attr, suffix in kind_of_layer(layer).peft_keys.items():
             t = holder._parameters.get(attr)
             if t is not None:
-                out[f"{PREFIX}{name}.{suffix}"] = _full(t)
+                out[f"{PREFIX}{name}.{suffix}"] = t
     wrappers = saved_modules(model)
     for name, wrapper in wrappers:
         if adapter in wrapper.copies:
-            out.update({f"{PREFIX}{name}.{key}": _full(t) for key, t in wrapper.copies[adapter].state_dict().items()})
+            copy = wrapper.copies[adapter]
+            tensors = dict(copy.named_parameters(remove_duplicate=False)) | dict(copy.named_buffers())
+            out.update({f"{PREFIX}{name}.{key}": t for key, t in tensors.items()})
     mode = adapter_record(model).get(adapter, {}).get("bias", "none")
     if mode != "none":
         adapted = {name for name, _ in layers}
@@ -112,8 +118,29 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
             owner, _, last = key.rpartition(".")
             if last != "bias" or key.startswith(inside) or (mode == "lora_only" and owner not in adapted):
                 continue
-            out[f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{key}"] = _full(p)
+            out[f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{key}"] = p
     return out
+
+
+def _storage(t: torch.Tensor):
+    """(data pointer, shape) of a tensor with storage of its own, or None (a DTensor has none)."""
+    try:
+        return t.data_ptr(), tuple(t.shape)
+    except RuntimeError:
+        return None
+
+
+def _check_everything_trained_is_saved(model: nn.Module, saved: list[torch.Tensor]):
+    """ValueError naming the parameters that train (requires_grad) but that no saved adapter holds."""
+    ids = {id(t) for t in saved}  # fastlora's own tensors are the Parameters; PEFT's state dict holds views of them
+    views = {_storage(t) for t in saved} - {None}
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids and _storage(p) not in views]
+    if lost:
+        raise ValueError(
+            f"save_adapter: {', '.join(lost[:5])}{' and more' if len(lost) > 5 else ''} train (requires_grad) but no "
+            "adapter holds them, so the saved files would lack them; freeze them, or train them as modules_to_save "
+            "or through bias='all'/'lora_only'. Nothing was written"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,6 +293,14 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
                 "save_adapter: a PEFT model saves the task_type and base_model_name_or_path of its own config; "
                 "set them on peft_model.peft_config instead"
             )
+        from peft import get_peft_model_state_dict
+
+        saved = [
+            t
+            for name in peft_model.peft_config
+            for t in get_peft_model_state_dict(peft_model, adapter_name=name).values()
+        ]
+        _check_everything_trained_is_saved(peft_model, saved)
         peft_model.save_pretrained(save_directory)
         return os.fspath(save_directory)
     found = lora_layers(model)
@@ -278,6 +313,9 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
                 f"fastlora: {name}: {difference}, so this adapter is exact only when loaded back with fastlora",
                 stacklevel=2,
             )
+    _check_everything_trained_is_saved(
+        model, [t for name in adapter_names(model) for t in _adapter_tensors(model, name).values()]
+    )
     files = []
     for adapter in adapter_names(model):
         folder = os.fspath(save_directory)

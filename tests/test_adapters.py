@@ -281,3 +281,20 @@ def test_modules_to_save_and_bias_train_save_and_load_as_peft(bias, tmp_path):
     assert unloaded.head is trained_head and type(unloaded.fc) is nn.Linear
     reference.head = trained_head
     assert torch.equal(unloaded(ids), reference(ids))
+
+
+def test_save_refuses_when_a_trained_tensor_belongs_to_no_adapter(tmp_path):
+    """No fastlora path writes an adapter that lacks a tensor the model trains: a parameter unfrozen by hand is
+    neither an adapter tensor, a modules_to_save copy nor a bias the bias mode saves, so saving refuses."""
+    model = fl.apply_lora(llama(), ["q_proj"], r=4)
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"model\.norm\.weight train .* Nothing was written"):
+        fl.save_adapter(model, tmp_path / "fl")
+    assert not (tmp_path / "fl").exists()
+    pm = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"model\.norm\.weight train"):
+        fl.save_adapter(fl.from_peft(pm), tmp_path / "peft")
+    pm.base_model.model.model.norm.weight.requires_grad_(False)
+    fl.save_adapter(pm, tmp_path / "peft")
+    fl.save_adapter(fl.apply_lora(llama(), ["q_proj"], r=4, bias="all"), tmp_path / "bias")
