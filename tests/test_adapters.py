@@ -298,3 +298,23 @@ def test_save_refuses_when_a_trained_tensor_belongs_to_no_adapter(tmp_path):
     pm.base_model.model.model.norm.weight.requires_grad_(False)
     fl.save_adapter(pm, tmp_path / "peft")
     fl.save_adapter(fl.apply_lora(llama(), ["q_proj"], r=4, bias="all"), tmp_path / "bias")
+
+
+def test_merge_and_unload_merges_the_active_adapter_and_keeps_its_modules_to_save_copy(tmp_path):
+    _, pm, model = two_adapter_models(tmp_path)
+    fl.set_adapter(model, "reference")
+    pm.set_adapter("reference")
+    ids = token_ids()
+    merged = fl.merge_and_unload(model)
+    assert not lora_layers(merged) and type(merged.model.layers[0].mlp.up_proj) is nn.Linear
+    assert_close(logits(merged, ids), logits(pm.merge_and_unload(), ids), F32, "merged under 'reference'")
+    small = fl.apply_lora(Small(), ["fc"], r=2, modules_to_save=["head"])
+    randomise_lora(small)
+    with torch.no_grad():
+        small.head.copies["default"].weight.add_(1.0)
+    x = torch.randint(0, 20, (2, 5))
+    out = small(x)
+    copy = small.head.copies["default"]
+    merged_small = fl.merge_and_unload(small)
+    assert merged_small.head is copy
+    assert_close(merged_small(x), out, F32, "merged with modules_to_save")

@@ -133,24 +133,32 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def test_sft_trainer_with_a_peft_config_then_from_peft_saves_and_resumes(tmp_path):
+def sft_setup():
+    """(trl, a text dataset of made-up words, a function of the output folder giving the SFTConfig)."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (7,), generator=g)) for _ in range(8)]
-    data = datasets.Dataset.from_dict({"text": texts})
+
+    def args(out):
+        return trl.SFTConfig(
+            output_dir=str(out), max_steps=STEPS, save_steps=SAVE_EVERY, logging_steps=1, per_device_train_batch_size=2,
+            learning_rate=2e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True, seed=7, max_length=16,
+        )  # fmt: skip
+
+    return trl, datasets.Dataset.from_dict({"text": texts}), args
+
+
+def test_sft_trainer_with_a_peft_config_then_from_peft_saves_and_resumes(tmp_path):
+    trl, data, sft_args = sft_setup()
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
 
     def make(out):
         torch.manual_seed(5)
-        args = trl.SFTConfig(
-            output_dir=str(out), max_steps=STEPS, save_steps=SAVE_EVERY, logging_steps=1, per_device_train_batch_size=2,
-            learning_rate=2e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True, seed=7, max_length=16,
-            dataset_num_proc=None,
-        )  # fmt: skip
         trainer = trl.SFTTrainer(
-            model=llama().train(), args=args, train_dataset=data, processing_class=tiny_tokenizer(), peft_config=config
-        )
+            model=llama().train(), args=sft_args(out), train_dataset=data, processing_class=tiny_tokenizer(),
+            peft_config=config,
+        )  # fmt: skip
         fl.from_peft(trainer.model)
         assert len(converted_layers(trainer.model)) == 14
         return trainer
@@ -236,20 +244,12 @@ def test_adapter_trainer_checkpoints_and_resumes_named_adapters(tmp_path):
 
 
 def test_adapter_sft_trainer_on_an_apply_lora_model(tmp_path):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (7,), generator=g)) for _ in range(8)]
-    data = datasets.Dataset.from_dict({"text": texts})
+    trl, data, sft_args = sft_setup()
 
     def make(out):
-        args = trl.SFTConfig(
-            output_dir=str(out), max_steps=STEPS, save_steps=SAVE_EVERY, logging_steps=1, per_device_train_batch_size=2,
-            learning_rate=2e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True, seed=7, max_length=16,
-        )  # fmt: skip
         model = lora_llama(target_modules=None, config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         return fl.adapter_trainer(trl.SFTTrainer)(
-            model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer()
+            model=model, args=sft_args(out), train_dataset=data, processing_class=tiny_tokenizer()
         )
 
     assert_resume_continues(make, tmp_path, expected_keys=2 * 14)
