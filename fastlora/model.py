@@ -456,6 +456,15 @@ class ModulesToSave(nn.Module):
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are the current module's (``lm_head.weight``, ``in_features``, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "copies"):
+                raise
+            return getattr(self.current(), name)
+
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     """Every modules_to_save wrapper of ``model`` with its dotted name."""

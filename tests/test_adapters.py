@@ -238,6 +238,7 @@ def test_modules_to_save_and_bias_train_save_and_load_as_peft(bias, tmp_path):
     ids = torch.randint(0, 20, (3, 7))
     model = fl.apply_lora(copy_model(base), ["emb", "fc"], r=4, lora_alpha=8, modules_to_save=["head"], bias=bias)
     assert isinstance(model.head, fl.ModulesToSave) and model.head.original_module is not model.head.copies["default"]
+    assert model.head.weight is model.head.copies["default"].weight and model.head.out_features == 5
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {"emb.lora_A", "emb.lora_B", "fc.lora_A", "fc.lora_B", "head.copies.default.weight",
                 "head.copies.default.bias"}  # fmt: skip
