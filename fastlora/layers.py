@@ -63,9 +63,6 @@ class AdapterSlot(nn.Module):
     def extra_options(self) -> dict:
         return dict(self.options)
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, name) for name in self.adapter_names]
-
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)

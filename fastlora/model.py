@@ -523,11 +523,6 @@ def mark_trainable(model: nn.Module, trainable: bool = True):
         p.requires_grad_(trainable and id(p) in keep)
 
 
-def freeze_except_lora(model: nn.Module):
-    """requires_grad=True on every adapter tensor the active adapter trains, False on every other parameter."""
-    mark_trainable(model)
-
-
 def _plan(model: nn.Module, s: dict, targets) -> list:
     ranks = _check_pattern("rank_pattern", s["rank_pattern"], check_rank)
     alphas = _check_pattern("alpha_pattern", s["alpha_pattern"], check_alpha)
