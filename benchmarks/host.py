@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,28 @@ SM90_PROPERTIES = {
     "mem_bus_width": 5120,
 }
 MAX_THREADS_PER_BLOCK = 1024
+
+
+class DriverLaunch:
+    """The stand-in for the driver's launch function (the C function ``launch`` of the module Triton's CUDA
+    launcher compiles, or of the driver's utils from Triton 3.7 on): a callable object with neither
+    ``__code__`` nor ``__closure__``, as a builtin has neither, so that code inspecting Python functions meets
+    here what it meets on a GPU. It launches nothing: each call counts one launch and hands its arguments (in
+    this Triton's protocol) to ``sink`` when one is set."""
+
+    __slots__ = ("launches", "sink")
+
+    def __init__(self):
+        self.launches = 0
+        self.sink = None
+
+    def __call__(self, *args):
+        self.launches += 1
+        if self.sink is not None:
+            self.sink(args)
+
+
+DRIVER_LAUNCH = DriverLaunch()
 
 
 class _StandInUtils:
@@ -85,60 +108,45 @@ class _StandInUtils:
     def set_printf_fifo_size(self, size):
         return None
 
-
-def _packed_kernel_args() -> bool:
-    """Whether this Triton's launch function takes the kernel's arguments as one tuple after argument annotations
-    (Triton >= 3.7, where ``triton.backends.driver`` expands tensor descriptors), rather than spread out (3.6)."""
-    import triton.backends.driver as base_driver
-
-    return hasattr(base_driver, "wrap_handle_tensordesc_impl")
+    launch = DRIVER_LAUNCH  # Triton >= 3.7's launch function (3.6 compiles one per kernel)
 
 
-class StandInLauncher:
-    """Does on the host what Triton's CUDA launcher does in Python (scratch allocation, TMA descriptor expansion);
-    the final driver call is a no-op. ``launches`` counts the calls that reached it. It follows the launch
-    protocol of the installed Triton: 3.6's, or the one with packed kernel arguments of later releases."""
+@contextlib.contextmanager
+def _launcher_module_stand_in():
+    """Triton 3.6's CUDA launcher compiles a C module (against libcuda) for each kernel's argument list and keeps
+    its ``launch``; for the block, that module is one whose ``launch`` is DRIVER_LAUNCH. Later releases take the
+    launch function from the driver's utils (``_StandInUtils.launch``) and compile nothing."""
+    from triton.backends.nvidia import driver as nvidia_driver
 
-    launches = 0
+    if not hasattr(nvidia_driver, "compile_module_from_src"):
+        yield
+        return
+    stand_ins = {
+        "compile_module_from_src": lambda *args, **kwargs: SimpleNamespace(launch=DRIVER_LAUNCH),
+        "library_dirs": lambda: [],  # where libcuda is: nothing links here
+    }
+    originals = {name: getattr(nvidia_driver, name) for name in stand_ins}
+    for name, value in stand_ins.items():
+        setattr(nvidia_driver, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(nvidia_driver, name, value)
 
-    def __init__(self, src, metadata):
-        from triton.backends.nvidia import driver as nvidia_driver
 
-        signature = dict(src.signature)
-        tensordesc_meta = getattr(metadata, "tensordesc_meta", None)
-        self.num_ctas = getattr(metadata, "num_ctas", 1)
-        self.launch = nvidia_driver.wrap_handle_tensordesc(self._driver_launch, signature, tensordesc_meta)
-        self.global_scratch = (metadata.global_scratch_size, metadata.global_scratch_align)
-        self.profile_scratch = (metadata.profile_scratch_size, metadata.profile_scratch_align)
-        self.launch_cooperative_grid = metadata.launch_cooperative_grid
-        self.launch_pdl = metadata.launch_pdl
-        self.packed = _packed_kernel_args()
+def _launcher_class():
+    """Triton's own CUDA launcher with the stand-in launch function: everything Triton does on the host for a
+    launch (scratch allocation, the tensor-descriptor expansion wrapped around the launch function exactly as
+    this Triton wraps it) runs as on a GPU, up to the driver call."""
+    from triton.backends.nvidia.driver import CudaLauncher
 
-    @staticmethod
-    def _driver_launch(*args):
-        StandInLauncher.launches += 1
+    class StandInLauncher(CudaLauncher):
+        def __init__(self, src, metadata):
+            with _launcher_module_stand_in():
+                super().__init__(src, metadata)
 
-    def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
-        from triton.runtime import _allocation
-
-        def scratch(size_align, allocator):
-            size, align = size_align
-            if size > 0:
-                return allocator.get()(grid_x * grid_y * grid_z * self.num_ctas * size, align, stream)
-            return None
-
-        global_scratch = scratch(self.global_scratch, _allocation._allocator)
-        profile_scratch = scratch(self.profile_scratch, _allocation._profile_allocator)
-        if self.packed:  # metadata, launch metadata and hooks first, then scratch, annotations, the kernel's arguments
-            self.launch(
-                grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl, *args[:4],
-                global_scratch, profile_scratch, None, None, args[4:],
-            )  # fmt: skip
-            return
-        self.launch(
-            grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl,
-            global_scratch, profile_scratch, *args,
-        )  # fmt: skip
+    return StandInLauncher
 
 
 def _same_time_for_every_config(kernel_call, quantiles=None, **kwargs):
@@ -158,7 +166,7 @@ def _make_driver():
         def __init__(self):
             super().__init__()
             self.utils = _StandInUtils()
-            self.launcher_cls = StandInLauncher
+            self.launcher_cls = _launcher_class()
 
         @classmethod
         def is_active(cls):
@@ -198,6 +206,9 @@ def _make_driver():
 
         def clear_cache(self, cache):
             return None
+
+        def allocate_default_profile_scratch(self, size, align, stream):
+            return torch.empty(size, dtype=torch.int8)
 
     return StandInDriver()
 
