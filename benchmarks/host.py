@@ -110,21 +110,34 @@ class _StandInUtils:
 
     launch = DRIVER_LAUNCH  # Triton >= 3.7's launch function (3.6 compiles one per kernel)
 
+    def build_signature_metadata(self, kernel_signature):
+        """Triton >= 3.7: the kernel's flat argument types, which the C launch function reads arguments by."""
+        return tuple(kernel_signature)
+
+
+class _KernelArg:
+    """Triton >= 3.7's argument annotation (a C type of the driver's utils module): kept as given."""
+
+    __slots__ = ("nested_tuple", "type")
+
+    def __init__(self, nested_tuple, type):
+        self.nested_tuple, self.type = nested_tuple, type
+
 
 @contextlib.contextmanager
 def _launcher_module_stand_in():
-    """Triton 3.6's CUDA launcher compiles a C module (against libcuda) for each kernel's argument list and keeps
-    its ``launch``; for the block, that module is one whose ``launch`` is DRIVER_LAUNCH. Later releases take the
-    launch function from the driver's utils (``_StandInUtils.launch``) and compile nothing."""
+    """What Triton's CUDA launcher builds in C, for the block: Triton 3.6 compiles a module (linked to libcuda) per
+    kernel argument list and keeps its ``launch``, here DRIVER_LAUNCH; later releases take the launch function
+    from the driver's utils (``_StandInUtils.launch``) and annotate the arguments with the utils module's types,
+    here plain objects."""
     from triton.backends.nvidia import driver as nvidia_driver
 
-    if not hasattr(nvidia_driver, "compile_module_from_src"):
-        yield
-        return
-    stand_ins = {
-        "compile_module_from_src": lambda *args, **kwargs: SimpleNamespace(launch=DRIVER_LAUNCH),
-        "library_dirs": lambda: [],  # where libcuda is: nothing links here
-    }
+    stand_ins = {}
+    if hasattr(nvidia_driver, "compile_module_from_src"):
+        stand_ins["compile_module_from_src"] = lambda *args, **kwargs: SimpleNamespace(launch=DRIVER_LAUNCH)
+        stand_ins["library_dirs"] = lambda: []  # where libcuda is: nothing links here
+    if getattr(nvidia_driver, "PyKernelArg", 0) is None:  # the utils module that sets these was never built
+        stand_ins.update(PyKernelArg=_KernelArg, ARG_CONSTEXPR=0, ARG_KERNEL=1, ARG_TUPLE=2)
     originals = {name: getattr(nvidia_driver, name) for name in stand_ins}
     for name, value in stand_ins.items():
         setattr(nvidia_driver, name, value)
@@ -320,46 +333,60 @@ def time_per_call(fn: Callable[[], object], device: torch.device, calls: int = 5
 
 RANK, ALPHA = 8, 16
 DTYPE = torch.bfloat16
+# On the CPU the torch providers run at their fastest dtype for these tiny shapes: a float32 matmul of a few
+# thousand elements costs a few microseconds (the nearest stand-in for a GPU's asynchronous launch), where a
+# bfloat16 one costs real compute that fastlora's stand-in kernels never pay.
+CPU_TORCH_DTYPE = torch.float32
+
+
+def provider_dtype(provider: str, device: torch.device) -> torch.dtype:
+    """The dtype a provider is timed in: DTYPE on a GPU and for fastlora's stand-in kernels, CPU_TORCH_DTYPE for
+    the torch providers on the CPU."""
+    return DTYPE if device.type == "cuda" or provider == "fastlora" else CPU_TORCH_DTYPE
 
 
 @dataclass
 class Case:
     name: str
-    make_base: Callable[[torch.device], nn.Module]
-    make_input: Callable[[torch.device], torch.Tensor]
+    make_base: Callable[[torch.device, torch.dtype], nn.Module]
+    make_input: Callable[[torch.device, torch.dtype], torch.Tensor]
     fastlora_cls: str
     dropout: float = 0.0
 
 
-def _linear(device):
-    return nn.Linear(64, 48, bias=True, device=device, dtype=DTYPE)
+def _linear(device, dtype):
+    return nn.Linear(64, 48, bias=True, device=device, dtype=dtype)
 
 
-def _embedding(device):
-    return nn.Embedding(96, 64, device=device, dtype=DTYPE)
+def _embedding(device, dtype):
+    return nn.Embedding(96, 64, device=device, dtype=dtype)
 
 
-def _conv2d(device):
-    return nn.Conv2d(8, 16, 3, padding=1, bias=True, device=device, dtype=DTYPE)
+def _conv2d(device, dtype):
+    return nn.Conv2d(8, 16, 3, padding=1, bias=True, device=device, dtype=dtype)
+
+
+def _rows(device, dtype):
+    return torch.randn(16, 64, device=device, dtype=dtype)
 
 
 CASES = [
-    Case("linear", _linear, lambda d: torch.randn(16, 64, device=d, dtype=DTYPE), "LoRALinear"),
-    Case("linear dropout=0.1", _linear, lambda d: torch.randn(16, 64, device=d, dtype=DTYPE), "LoRALinear", 0.1),
-    Case("embedding", _embedding, lambda d: torch.randint(0, 96, (16,), device=d), "LoRAEmbedding"),
-    Case("conv2d", _conv2d, lambda d: torch.randn(2, 8, 6, 6, device=d, dtype=DTYPE), "LoRAConv2d"),
+    Case("linear", _linear, _rows, "LoRALinear"),
+    Case("linear dropout=0.1", _linear, _rows, "LoRALinear", 0.1),
+    Case("embedding", _embedding, lambda d, dtype: torch.randint(0, 96, (16,), device=d), "LoRAEmbedding"),
+    Case("conv2d", _conv2d, lambda d, dtype: torch.randn(2, 8, 6, 6, device=d, dtype=dtype), "LoRAConv2d"),
 ]
 
 PROVIDERS = ("base", "peft", "fastlora_torch", "fastlora")
 
 
-def _layer(case: Case, provider: str, device) -> nn.Module:
+def _layer(case: Case, provider: str, device, dtype) -> nn.Module:
     from fastlora.benchmarks.providers import peft_layer
 
     import fastlora
 
     torch.manual_seed(0)
-    base = case.make_base(device).requires_grad_(False)
+    base = case.make_base(device, dtype).requires_grad_(False)
     if provider == "base":
         return base
     if provider == "peft":
@@ -399,15 +426,16 @@ def measure(device: torch.device, calls: int = 50, batches: int = 15, progress=N
                     stack.enter_context(fastlora.use_backend("torch"))
                 elif provider == "fastlora" and device.type == "cpu":
                     stack.enter_context(stand_in_gpu())
-                layer = _layer(case, provider, device)
+                dtype = provider_dtype(provider, device)
+                layer = _layer(case, provider, device, dtype)
                 if layer is None:  # PEFT not installed
                     continue
                 layer.train()
-                x = case.make_input(device)
+                x = case.make_input(device, dtype)
                 if x.is_floating_point():
                     x.requires_grad_(True)
                 forward, forward_backward = _calls(layer, x)
-                row = {"op": case.name, "provider": provider}
+                row = {"op": case.name, "provider": provider, "dtype": str(dtype).removeprefix("torch.")}
                 row["forward_us"] = time_per_call(forward, device, calls, batches)
                 row["forward_backward_us"] = (
                     time_per_call(forward_backward, device, calls, batches) if forward_backward else None
@@ -460,6 +488,7 @@ def conditions(device: torch.device) -> dict:
         "triton": triton.__version__,
         "fastlora": fastlora.__version__,
         "dtype": str(DTYPE).replace("torch.", ""),
+        "cpu_torch_dtype": None if device.type == "cuda" else str(CPU_TORCH_DTYPE).replace("torch.", ""),
         "rank": RANK,
         "threads": torch.get_num_threads(),
     }
@@ -508,7 +537,11 @@ def main(argv=None) -> int:
         f"{cond['dtype']}, r={RANK}, torch {cond['torch']}, triton {cond['triton']}, peft {cond['peft']}"
     )
     if device.type == "cpu":
-        print("fastlora rows: the Triton path against the stand-in sm_90 driver (kernels compiled, not launched).")
+        print(
+            f"fastlora rows: the Triton path in {cond['dtype']} against the stand-in sm_90 driver (kernels compiled, "
+            f"launched into a C-like launch function that does nothing); base, peft and fastlora_torch rows: torch "
+            f"on the CPU in {cond['cpu_torch_dtype']}, their fastest dtype at these shapes."
+        )
         print(cond["timing"])
     print(table(rows))
     if args.out:

@@ -45,7 +45,7 @@ import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels import dispatch as _dispatch
 from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
-from fastlora.kernels.launch import Replay, launch_hooks, not_replayable, plans_for, recording, seed_pointer
+from fastlora.kernels.launch import Replays, launch_hooks, not_replayable, plans_for, seed_pointer, signature
 from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -1052,44 +1052,8 @@ def _measured(kind, device, shape, candidates, run):
     return run[_dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device)]()
 
 
-# Replays (kernels/launch.py) of whole launcher calls, per call signature: None -> seen once (the first call
-# compiles, tunes and measures), _RECORD -> the next call records, a Replay -> later calls replay, False -> never.
-_RECORD = object()
-_REPLAYS: dict = {}
-_MAX_REPLAYS = 1024
-
-
-def _sig(t):
-    """What a tensor operand's launches depend on: shape, strides, dtype and 16-byte alignment."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
-
-
-def _replayed(key, operands, call):
-    """Run ``call()`` (the launcher's normal path, writing into the operands), or replay its recorded launches.
-    The operands include the dropout seed's tensor (None without dropout), which the kernels read like any other."""
-    entry = _REPLAYS.get(key)
-    if entry is None or entry is False:
-        if entry is None:
-            if len(_REPLAYS) >= _MAX_REPLAYS:
-                _REPLAYS.clear()
-            _REPLAYS[key] = _RECORD
-        return call()
-    if entry is _RECORD:
-        with recording() as rec:
-            result = call()
-        _REPLAYS[key] = Replay.build(rec, operands) or False
-        return result
-    entry(operands)
-    return None
-
-
-def _replay_key(kind, x, *tensors_and_values):
-    return (kind, x.device, driver_device(), *(_sig(t) if isinstance(t, torch.Tensor) or t is None else t
-                                                  for t in (x, *tensors_and_values)))  # fmt: skip
-
-
-def driver_device():
-    return triton.runtime.driver.active.get_current_device()
+# Replays (kernels/launch.py) of whole launcher calls, per call signature.
+REPLAYS = {"fwd": Replays(), "bwd": Replays()}
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
@@ -1101,10 +1065,10 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
         return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    key = _replay_key("fwd", x, weight, bias, lora_A, lora_B, col_scale, float(scaling), float(dropout_p))
+    key = signature(x, weight, bias, lora_A, lora_B, col_scale, scaling, dropout_p)
     seed = seed_pointer(seed, x) if dropout_p > 0 else None
     operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s, seed)
-    _replayed(
+    REPLAYS["fwd"](
         key,
         operands,
         lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s),
@@ -1149,6 +1113,12 @@ def _grads_in(buf, dtype):
     return buf if buf.dtype == dtype else buf.to(dtype)
 
 
+def _grad_views(grads, N, R, K):
+    """dB [N, r] and dA [r, K] as views of one flat buffer of N r + r K elements."""
+    db, da = grads.split_with_sizes((N * R, R * K))
+    return db.view(N, R), da.view(R, K)
+
+
 def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False):
     """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] float32 (rowsum_M(dY), or None) for dY [M, N]."""
     _check_dtype(dy)
@@ -1165,21 +1135,23 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
     else:
         # one float32 buffer, one memset: dB [N, r] then dA [r, K], both accumulated with atomics
         grads = torch.zeros(N * R + R * K, device=dy.device, dtype=torch.float32)
-        db32, da32 = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
+        db32, da32 = _grad_views(grads, N, R, K)
         ds = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
         if INTERPRET or launch_hooks():
             _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds, db32, da32)
         else:
-            key = _replay_key("bwd", dy, x, s, weight, lora_A, lora_B, float(scaling), float(dropout_p), need_dx)
+            key = signature(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, need_dx)
             seed = seed_pointer(seed, x) if dropout_p > 0 else None
-            _replayed(
+            REPLAYS["bwd"](
                 key, (dy, x, s, weight, lora_A, lora_B, dx, ds, db32, da32, seed),
                 lambda: _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds,
                                       db32, da32),
             )  # fmt: skip
         if lora_A.dtype == lora_B.dtype:
-            grads = _grads_in(grads, lora_A.dtype)  # one cast for both (none for float32 adapters)
-            db, da = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
+            if lora_A.dtype != torch.float32:  # one cast for both (none for float32 adapters)
+                db, da = _grad_views(grads.to(lora_A.dtype), N, R, K)
+            else:
+                db, da = db32, da32
         else:
             db, da = _grads_in(db32, lora_B.dtype), _grads_in(da32, lora_A.dtype)
     dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None

@@ -244,7 +244,7 @@ with host.stand_in_gpu():
 
         flat = [(*args[:-1], *args[-1]) if packed else args for args in calls[-1]]
         out.append([[canon(v) for i, v in enumerate(args) if i not in handles] for args in flat])
-replays = sorted(k[0] for k, v in kl._REPLAYS.items() if isinstance(v, kl.Replay))
+replays = sorted(kind for kind, r in kl.REPLAYS.items() if r.replays())
 print(json.dumps({"calls": out, "replays": replays}))
 """
 

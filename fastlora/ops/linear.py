@@ -137,7 +137,7 @@ def _forward(a, triton):
     args = dict(weight=a.weight, bias=bias, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling,
                 dropout_p=a.dropout_p, seed=a.seed)  # fmt: skip
     y2, s = _klinear.lora_linear_fwd(x=x2, **args) if triton else _torch_fwd(x2, **args)
-    return y2.reshape(*a.x.shape[:-1], a.weight.shape[0]), s
+    return (y2 if x2 is a.x else y2.reshape(*a.x.shape[:-1], a.weight.shape[0])), s
 
 
 def bias_grads(dbias_sum, bias, lora_bias, scaling, need_dbias, need_dlb):
@@ -165,7 +165,9 @@ def _backward(a, saved, grads, needs, triton):
             dx, da, db, dsum = _torch_bwd(dy2, x2, s, **args)
     dbias, dlb = bias_grads(dsum, a.bias, a.lora_bias, a.scaling, need_dbias, need_dlb)
     dw = weight_grad(dy2, x2, a.weight) if need_dw else None
-    return (dx.reshape(a.x.shape) if dx is not None else None), dw, dbias, da, db, dlb
+    if dx is not None and dx.dim() != a.x.dim():
+        dx = dx.reshape(a.x.shape)
+    return dx, dw, dbias, da, db, dlb
 
 
 def weight_grad(dy2, x2, weight):
@@ -208,13 +210,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Returns:
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias)
+    autocasting = isinstance(x, torch.Tensor) and autocast_enabled(x.device.type)
+    _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocasting)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x) if p > 0 else None
-    device_type = x.device.type
-    if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
+    if not autocasting:  # the common case: no casts, no autocast context to enter
         return LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)[0]
     x, weight, bias = autocast_inputs(x, weight, bias)
-    with no_autocast(device_type):
+    with no_autocast(x.device.type):
         y, _ = LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)
     return y
