@@ -26,14 +26,14 @@ def _attach_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     module.__doc__ = "Triton device code for fastlora and its launchers, one op per file."
     sys.modules[name] = module
-    setattr(sys.modules[__name__], "kernels", module)
+    sys.modules[__name__].kernels = module
 
 
 _attach_kernels()
 
-from fastlora.io import load_adapter, lora_state_dict, save_adapter
-from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRALinear4bit
-from fastlora.model import (
+from fastlora.io import load_adapter, lora_state_dict, save_adapter  # noqa: E402 (after the attachment above)
+from fastlora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRALinear4bit  # noqa: E402 (after the attachment above)
+from fastlora.model import (  # noqa: E402
     apply_lora,
     disable_adapter,
     from_peft,
@@ -41,7 +41,7 @@ from fastlora.model import (
     print_trainable_parameters,
     unload,
 )
-from fastlora.ops import (
+from fastlora.ops import (  # noqa: E402
     active_path,
     get_backend,
     lora_conv2d,
@@ -50,8 +50,8 @@ from fastlora.ops import (
     lora_linear_dora,
     use_backend,
 )
-from fastlora.ops.linear4bit import lora_linear_4bit
-from fastlora.reference import lora_scaling
+from fastlora.ops.linear4bit import lora_linear_4bit  # noqa: E402 (after the attachment above)
+from fastlora.reference import lora_scaling  # noqa: E402 (after the attachment above)
 
 __version__ = "0.1.0"
 

@@ -306,7 +306,7 @@ def _raw_launcher(launcher):
     closure, code = getattr(launch, "__closure__", None), getattr(launch, "__code__", None)
     if not closure or code is None or getattr(launch, "__name__", None) != "inner":
         return None
-    cells = dict(zip(code.co_freevars, closure))
+    cells = dict(zip(code.co_freevars, closure, strict=True))
     if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
         return None
     try:

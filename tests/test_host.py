@@ -14,9 +14,8 @@ import triton
 import triton.language as tl
 from fastlora.benchmarks.host import DRIVER_LAUNCH, stand_in_driver
 from fastlora.kernels.launch import LaunchPlans
-from triton.runtime.jit import JITFunction
-
 from helpers import assert_close
+from triton.runtime.jit import JITFunction
 
 
 def _axpby(x_ptr, y_ptr, out_ptr, n, alpha, beta, BLOCK: tl.constexpr, HAS_Y: tl.constexpr):
