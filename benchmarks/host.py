@@ -274,12 +274,16 @@ def _replaced_everywhere(original: Callable, replacement: Callable):
 def stand_in_gpu():
     """fastlora's Triton path for CPU tensors, compiled for sm_90 and launched into the stand-in driver.
 
-    Besides the driver, three facts fastlora asks about the device are answered as an H100/H200 would for CPU
-    tensors: the path (``active_path``: "triton" unless the torch backend is forced), the compute capability (9)
-    and the number of SMs (132). Nothing else in fastlora changes, so the timed work is the GPU path's."""
+    Besides the driver, four facts fastlora asks about the device are answered as an H100/H200 would for CPU
+    tensors: the path (``active_path``: "triton" unless the torch backend is forced, so dropout seeds are drawn on
+    the tensors' device as on a GPU), the compute capability (9), the number of SMs (132) and whether a tensor is
+    host memory (no: index checks queue device-side asserts, as on a GPU). Nothing else in fastlora changes, so
+    the timed work is the GPU path's."""
     from fastlora.kernels import configs
+    from fastlora.kernels import embedding as kernels_embedding
 
     import fastlora
+    from fastlora import checks
 
     if _interpreting():
         raise RuntimeError("fastlora's kernels are interpreted in this process: run without TRITON_INTERPRET=1")
@@ -302,6 +306,8 @@ def stand_in_gpu():
         stack.enter_context(_replaced_everywhere(active_path, stand_in_path))
         stack.enter_context(_replaced_everywhere(capability, stand_in_capability))
         stack.enter_context(_replaced_everywhere(num_sms, stand_in_num_sms))
+        for host_memory in (checks.host_memory, kernels_embedding._host_memory):  # device memory: no host reads
+            stack.enter_context(_replaced_everywhere(host_memory, lambda t: False))
         yield
 
 
