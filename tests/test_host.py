@@ -8,6 +8,11 @@ that becomes 1) gets a plan of its own.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -79,6 +84,22 @@ def test_plan_launch_matches_normal_launch_on_interpreter(tuned, n):
     assert plans.direct_launches == 0  # the interpreter has no compiled kernel to launch directly
 
 
+# The stand-in tests compile kernels for real. The interpreter, once a test has called a device function
+# directly, leaves triton.language patched for the rest of the process (Triton 3.6: InterpretedFunction.__call__
+# patches and never restores), and a real compile then fails: these tests run in a fresh process of their own.
+_FRESH = os.environ.get("FASTLORA_TEST_FRESH_PROCESS") == "1"
+fresh_process = pytest.mark.skipif(not _FRESH, reason="runs in a fresh process: test_stand_in_in_a_fresh_process")
+
+
+def test_stand_in_in_a_fresh_process():
+    env = {**os.environ, "FASTLORA_TEST_FRESH_PROCESS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__,
+           "-k", "stand_in and not fresh_process"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
 @pytest.fixture
 def launches():
     with stand_in_driver():
@@ -86,6 +107,7 @@ def launches():
         yield lambda: DRIVER_LAUNCH.launches - before
 
 
+@fresh_process
 def test_stand_in_launch_function_is_c_like(launches):
     """The launch function a compiled kernel's launcher ends in is, as on a GPU, no Python function: neither
     ``__code__`` nor ``__closure__``; for a kernel without tensor descriptors Triton 3.6 keeps it unwrapped."""
@@ -98,6 +120,7 @@ def test_stand_in_launch_function_is_c_like(launches):
     assert launches() == 1
 
 
+@fresh_process
 @pytest.mark.parametrize("tuned", [False, True], ids=["jit", "autotuned"])
 def test_stand_in_takes_direct_path(tuned, launches):
     kernel = _compiled_tuned if tuned else _compiled
@@ -113,6 +136,7 @@ def test_stand_in_takes_direct_path(tuned, launches):
     assert plan.fixed.get("BLOCK", extra.get("BLOCK")) == block
 
 
+@fresh_process
 def test_stand_in_guard_replans_on_new_specialisation(launches):
     grid = (2, 1, 1)
     plans = LaunchPlans(_compiled, static=("n",))
@@ -125,7 +149,8 @@ def test_stand_in_guard_replans_on_new_specialisation(launches):
     assert (plans.normal_launches, plans.direct_launches, launches()) == (3, 1, 4)
 
 
-def test_direct_path_off_takes_normal_path(launches):
+@fresh_process
+def test_stand_in_direct_path_off_takes_normal_path(launches):
     plans = LaunchPlans(_compiled, static=("n",), direct=False)
     for _ in range(2):
         plans.launch(37, (2,), **_args(37), BLOCK=32)
