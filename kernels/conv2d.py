@@ -44,9 +44,9 @@ from .configs import (
     num_programs_target,
     rank_block,
 )
+from .dropout import dropout_seed
 from .geometry import input_grad, memory_format, output_size
 from .launch import plans_for, seed_pointer
-from .linear import dropout_seed
 from .tiles import grouped_tile
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
