@@ -6,16 +6,21 @@ launch work each call does on the host.
 
 Without a GPU, fastlora's Triton path runs against a stand-in Triton driver (``stand_in_gpu``): its target is
 sm_90 (GPUTarget("cuda", 90, 32)), so every kernel compiles for real on the CPU with the wheel's ptxas, and its
-launcher does nothing, so a call runs everything fastlora and Triton do on the host and stops just before the
-driver's launch. What the stand-in timing includes and leaves out:
+launcher is Triton's own CUDA launcher whose final launch function (the driver's C function on a GPU) is a
+C-like callable that does nothing (``DriverLaunch``: no ``__code__``, no ``__closure__``, wrapped for
+tensor-descriptor kernels exactly as the installed Triton wraps the real one). fastlora takes its GPU branches
+there: dropout seeds drawn on the tensors' device, index checks queued as device-side asserts. The torch
+providers (base, PEFT, fastlora's torch path) run on the CPU in float32, their fastest dtype at these shapes (a
+tiny float32 matmul costs a few microseconds, the nearest stand-in for a GPU's asynchronous launch; a bfloat16
+one costs real compute). What the stand-in timing includes and leaves out:
 
 - included: fastlora's validation, autocast handling, autograd.Function and layer code, allocation of outputs and
   workspaces (on the CPU allocator, not the CUDA caching allocator), grid and config arithmetic, the autotuner's
   lookup, Triton's binder (specialisation, cache key), tensor descriptor (TMA) construction and expansion, scratch
-  allocation, the launcher's Python part;
+  allocation, the launcher's Python part, and the torch ops fastlora runs between launches (memsets, casts, seed
+  draws, asserts) at CPU cost for tiny tensors;
 - left out: the driver's C launch function (argument unpacking, ``cuLaunchKernelEx``), CUDA stream and device
-  queries (the stand-in answers them with constants), and device-to-host synchronisation: a ``.tolist()`` on a
-  CPU tensor costs a few microseconds here, where on a GPU it waits for every queued kernel.
+  queries (the stand-in answers them with constants), and device-to-host synchronisation.
 
 Autotuning under the stand-in times nothing (the kernels cannot run): its benchmarker reports the same time for
 every config, so the autotuner keeps the first config left after pruning, deterministically, and only that one
