@@ -186,6 +186,10 @@ SKINNY_INTERPRET = (16, 32, 4, 1)
 # From this many rows on, the rank-r passes fill the GPU with row blocks alone: no split reduction, no partial
 # buffers, sums or casts; every output is written in its final dtype by the kernel that computes it.
 SPLIT_FREE_M = 2048
+# Sibling groups (kernels/group.py, q/k/v or gate/up on one input) run their own kernels from this many rows on; below,
+# each member runs its own op, whose rank-r passes split across the GPU where the group's do not. The group's GEMMs
+# take gemm_configs' tiles and its rank-r passes the skinny tables above.
+GROUP_MIN_ROWS = SPLIT_FREE_M
 
 
 def skinny_config_tuples(major: int):
