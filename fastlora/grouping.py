@@ -112,7 +112,7 @@ class SiblingGroup:
 
     def output(self, module: nn.Module, x) -> torch.Tensor | None:
         """``module``'s output for x from the group, or None when it computes its own op."""
-        if not isinstance(x, torch.Tensor) or type(x) not in _PLAIN or x.is_inference():
+        if type(x) not in _PLAIN or (not _compiling() and x.is_inference()):  # no version counter to check
             return None
         modules = self.members()
         index = next((i for i, m in enumerate(modules) if m is module), None)
