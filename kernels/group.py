@@ -142,6 +142,10 @@ def _group_down_kernel(
     scale1,
     scale2,
     scale3,
+    seed_idx0,
+    seed_idx1,
+    seed_idx2,
+    seed_idx3,
     # meta-parameters
     NUM: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -153,12 +157,12 @@ def _group_down_kernel(
 ):
     """S[M, RT], column c of member j = j(c): scale_j * (m_j x)[M, K] @ A_j[c - OFF_j, :]^T (scale_j = 1 / (1 - p_j)).
     Each x tile is loaded once; members in the compile-time set DROPOUT multiply it by their own mask (seed
-    seed_ptr[j]) before their columns' product, the others share one product."""
+    seed_ptr[seed_idx_j]) before their columns' product, the others share one product."""
     ALL: tl.constexpr = (1 << NUM) - 1
-    seed0 = dropout_seed(seed_ptr, (DROPOUT & 1) != 0)
-    seed1 = dropout_seed(seed_ptr + 1, (DROPOUT & 2) != 0)
-    seed2 = dropout_seed(seed_ptr + 2, (DROPOUT & 4) != 0)
-    seed3 = dropout_seed(seed_ptr + 3, (DROPOUT & 8) != 0)
+    seed0 = dropout_seed(seed_ptr + seed_idx0, (DROPOUT & 1) != 0)
+    seed1 = dropout_seed(seed_ptr + seed_idx1, (DROPOUT & 2) != 0)
+    seed2 = dropout_seed(seed_ptr + seed_idx2, (DROPOUT & 4) != 0)
+    seed3 = dropout_seed(seed_ptr + seed_idx3, (DROPOUT & 8) != 0)
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -757,7 +761,7 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     lora_Bs = _same_dtype(lora_Bs)
     biases = [b.contiguous() if b is not None else None for b in biases]
     dropout = _bitset(p > 0 for p in ps)
-    seed_ptr = _check_seeds(seeds, n, x) if dropout else x
+    seed_ptr = _check_seeds(seeds, ps, x) if dropout else x
     bm, bk, warps, stages = _skinny(x.device)
     br = rank_block(RT)
     plans_for(_group_down_kernel).launch(
@@ -778,6 +782,7 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
         stride_sr=s.stride(1),
         **_slots("p_thresh", [dropout_threshold(p) for p in ps], 0),
         **_slots("scale", [1.0 / (1.0 - p) if p > 0 else 1.0 for p in ps], 1.0),
+        **_slots("seed_idx", _seed_positions(ps), 0),
         NUM=n,
         DROPOUT=dropout,
         DOT_DTYPE=dot_dtype(x.dtype),
@@ -831,8 +836,14 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     return ys, s
 
 
-def _check_seeds(seeds, n, x):
-    """The seeds tensor as the kernels read it: n int64 on x's device, contiguous."""
+def _seed_positions(ps) -> list[int]:
+    """Where each member's seed is in the seeds tensor (one per member with dropout, in member order)."""
+    return [sum(q > 0 for q in ps[:j]) for j in range(len(ps))]
+
+
+def _check_seeds(seeds, ps, x):
+    """The seeds tensor as the kernels read it: one int64 per member with dropout, on x's device, contiguous."""
+    n = sum(p > 0 for p in ps)
     if (
         not isinstance(seeds, torch.Tensor)
         or seeds.dtype != torch.int64
@@ -875,7 +886,7 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
     dropout = _bitset(p > 0 for p in pl)
     # dA in the dS pass for members with dropout (their mask drawn once on x), for all when there is no dX GEMM
     da_pass = _bitset(p > 0 or not need_dx for p in pl)
-    seed_ptr = _check_seeds(seeds, n, x) if dropout else x
+    seed_ptr = _check_seeds(seeds, ps, x) if dropout else x
     inv_keep = [1.0 / (1.0 - p) if p > 0 else 1.0 for p in pl]
     thresholds = [dropout_threshold(p) for p in pl]
     dys4, Bs4, As4, Ws4 = _four(dys_l, dys_l[0]), _four(Bs, Bs[0]), _four(As, As[0]), _four(Ws, Ws[0])
@@ -885,7 +896,7 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
         **{f"stride_dy{i}m": d.stride(0) for i, d in enumerate(dys4)},
         **_slots("inv_keep", inv_keep, 1.0),
         **_slots("p_thresh", thresholds, 0),
-        **_slots("seed_idx", live, 0),
+        **_slots("seed_idx", [_seed_positions(ps)[j] for j in live], 0),
         NUM=len(live),
         DROPOUT=dropout,
         DOT_DTYPE=dot_dtype(dy0.dtype),

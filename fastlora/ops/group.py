@@ -107,6 +107,12 @@ def _offsets(lora_As) -> list[int]:
     return list(itertools.accumulate((a.shape[0] for a in lora_As), initial=0))[:-1]
 
 
+def _member_seeds(seeds, ps) -> list:
+    """Each member's seed as an int (None without dropout): the seeds tensor holds one per member with dropout."""
+    values = iter(seeds.tolist() if seeds is not None else ())
+    return [next(values) if p > 0 else None for p in ps]
+
+
 def torch_group_fwd(x2, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     """Y_i [M, N_i] and S [M, sum r_i] for x2 [M, K]."""
     dt = x2.dtype
@@ -114,7 +120,7 @@ def torch_group_fwd(x2, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
         a = torch.cat([a.to(dt) for a in lora_As]) if len(lora_As) > 1 else lora_As[0].to(dt)
         s = x2 @ a.t()
     else:
-        parts = zip(lora_As, ps, seeds.tolist(), strict=True)
+        parts = zip(lora_As, ps, _member_seeds(seeds, ps), strict=True)
         s = torch.cat([(x2 if p == 0 else x2 * dropout_scale(seed, x2, p)) @ a.to(dt).t() for a, p, seed in parts], 1)
     ys = []
     for w, bias, b, scaling, off in zip(weights, biases, lora_Bs, scalings, _offsets(lora_As), strict=True):
@@ -130,7 +136,7 @@ def torch_group_bwd(dys, x2, s, offsets, weights, lora_As, lora_Bs, scalings, ps
     dt = x2.dtype
     n = len(dys)
     live = [i for i in range(n) if dys[i] is not None]
-    seed_ints = seeds.tolist() if seeds is not None else [None] * n
+    seed_ints = _member_seeds(seeds, ps)
     ds = {i: torch.mm(dys[i], lora_Bs[i].to(dt)).mul_(scalings[i]) for i in live}
     db = {i: torch.mm(dys[i].t(), s[:, offsets[i] : offsets[i] + lora_As[i].shape[0]]).mul_(scalings[i]) for i in live}
     keep = {i: dropout_scale(seed_ints[i], x2, ps[i]) for i in live if ps[i] > 0}
@@ -272,7 +278,8 @@ def lora_linear_group(x, members, training: bool = True) -> list[torch.Tensor]:
     check_group(x, members)
     n = len(members)
     ps = [float(m.dropout_p) if training else 0.0 for m in members]
-    seeds = draw_seed(x, n) if any(ps) else None
+    dropped = sum(p > 0 for p in ps)
+    seeds = draw_seed(x, dropped) if dropped else None  # one per member with dropout, in member order
     autocasting = autocast_enabled(x.device.type)
     if autocasting:
         cast = [autocast_inputs(x, m.weight, m.bias) for m in members]
