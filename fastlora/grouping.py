@@ -82,12 +82,13 @@ def _fits(x: torch.Tensor, member) -> bool:
 
 
 class _Round:
-    """The outputs the leader computed for the other members: {index: (output, member key)}, for x as it was."""
+    """The outputs the leader computed for the other members: {index: (output, member key)}, for x as it was; and
+    the members it served (the leader and those outputs)."""
 
-    __slots__ = ("x", "stamp", "outputs")
+    __slots__ = ("x", "stamp", "outputs", "served")
 
-    def __init__(self, x, stamp, outputs):
-        self.x, self.stamp, self.outputs = x, stamp, outputs
+    def __init__(self, x, stamp, outputs, served):
+        self.x, self.stamp, self.outputs, self.served = x, stamp, outputs, served
 
 
 class SiblingGroup:
@@ -130,6 +131,8 @@ class SiblingGroup:
                     if own is not None and key == _member_key(own):
                         return y
                 return None
+            if index not in pending.served:  # not part of that round (merged, disabled, ...): it runs alone
+                return None
             self._round = None  # this member already had its output: a new round
         return self._lead(modules, index, x)
 
@@ -149,7 +152,7 @@ class SiblingGroup:
                 own = y
             else:
                 rest[i] = (y, _member_key(member))
-        self._round = _Round(x, _stamp(x), rest)
+        self._round = _Round(x, _stamp(x), rest, frozenset(i for i, _ in taking))
         return own
 
     def __deepcopy__(self, memo):

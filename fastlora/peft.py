@@ -154,8 +154,14 @@ def from_peft(peft_model: nn.Module, fuse: bool = True) -> nn.Module:
             continue
         convert[name] = kind
     detach_groups(peft_model)
-    groupable = [name for name, m in found if convert[name].peft_group_member if name in convert] + [
-        name for name, m in found if getattr(type(m), "_fastlora_groupable", False)
+    groupable = [
+        name
+        for name, m in found
+        if (
+            convert[name].peft_group_member is not None
+            if name in convert
+            else type(m).__dict__.get("_fastlora_groupable")
+        )
     ]
     groups = sibling_groups(peft_model, groupable) if fuse else []  # traced before fastlora's forward is in
     for name, kind in convert.items():
