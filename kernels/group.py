@@ -76,30 +76,33 @@ def _select(j, v0, v1, v2, v3, NUM: tl.constexpr):
 
 
 @triton.jit
-def _member_of(i_c, OFF1, OFF2, OFF3, NUM: tl.constexpr):
-    """The member of each rank column i_c (member j holds the columns from OFF_j, OFF_0 = 0)."""
-    j = tl.zeros_like(i_c)
-    if NUM > 1:
-        j += (i_c >= OFF1).to(i_c.dtype)
-    if NUM > 2:
-        j += (i_c >= OFF2).to(i_c.dtype)
-    if NUM > 3:
-        j += (i_c >= OFF3).to(i_c.dtype)
-    return j
-
-
-@triton.jit
 def _bits(j, BITS: tl.constexpr, NUM: tl.constexpr):
-    """Whether bit j of the compile-time member set BITS is set, for a member index j (scalar or vector)."""
+    """Whether bit j of the compile-time member set BITS is set, for a runtime member index j."""
     return _select(j, BITS & 1, (BITS >> 1) & 1, (BITS >> 2) & 1, (BITS >> 3) & 1, NUM) != 0
 
 
 @triton.jit
-def _rank_rows(i_c, j_c, a0_ptr, a1_ptr, a2_ptr, a3_ptr, s0, s1, s2, s3, OFF1, OFF2, OFF3, NUM: tl.constexpr):
-    """Pointers to the start of row i_c - OFF_j of A_j for each rank column i_c of member j_c: the A's as one
-    [sum r_j, K] operand (each A_j has a unit inner stride; row strides s_j)."""
-    row = (i_c - _select(j_c, 0, OFF1, OFF2, OFF3, NUM)).to(tl.int64)
-    return _select(j_c, a0_ptr + row * s0, a1_ptr + row * s1, a2_ptr + row * s2, a3_ptr + row * s3, NUM)
+def _member_seeds(seed_ptr, seed_idx0, seed_idx1, seed_idx2, seed_idx3, BITS: tl.constexpr):
+    """The dropout seed of each member in BITS (0 for the others): seed_ptr[seed_idx_j]."""
+    seed0 = dropout_seed(seed_ptr + seed_idx0, (BITS & 1) != 0)
+    seed1 = dropout_seed(seed_ptr + seed_idx1, (BITS & 2) != 0)
+    seed2 = dropout_seed(seed_ptr + seed_idx2, (BITS & 4) != 0)
+    seed3 = dropout_seed(seed_ptr + seed_idx3, (BITS & 8) != 0)
+    return seed0, seed1, seed2, seed3
+
+
+@triton.jit
+def _put(j: tl.constexpr, value, v0, v1, v2, v3):
+    """(v0, v1, v2, v3) with member j's replaced by value (j a compile-time index)."""
+    if j == 0:
+        v0 = value
+    elif j == 1:
+        v1 = value
+    elif j == 2:
+        v2 = value
+    else:
+        v3 = value
+    return v0, v1, v2, v3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +123,10 @@ def _group_down_kernel(
     # sizes
     M,
     K,
-    RT,
+    R0,
+    R1,
+    R2,
+    R3,
     OFF1,
     OFF2,
     OFF3,
@@ -155,44 +161,45 @@ def _group_down_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """S[M, RT], column c of member j = j(c): scale_j * (m_j x)[M, K] @ A_j[c - OFF_j, :]^T (scale_j = 1 / (1 - p_j)).
-    Each x tile is loaded once; members in the compile-time set DROPOUT multiply it by their own mask (seed
-    seed_ptr[seed_idx_j]) before their columns' product, the others share one product."""
-    ALL: tl.constexpr = (1 << NUM) - 1
-    seed0 = dropout_seed(seed_ptr + seed_idx0, (DROPOUT & 1) != 0)
-    seed1 = dropout_seed(seed_ptr + seed_idx1, (DROPOUT & 2) != 0)
-    seed2 = dropout_seed(seed_ptr + seed_idx2, (DROPOUT & 4) != 0)
-    seed3 = dropout_seed(seed_ptr + seed_idx3, (DROPOUT & 8) != 0)
+    """S[:, OFF_j + r] = scale_j * (m_j x)[M, K] @ A_j[r, :]^T for every member j and the rank block r of this
+    program (scale_j = 1 / (1 - p_j)). Each x tile is loaded once and serves every member: the members in the
+    compile-time set DROPOUT multiply it by their own mask (seed seed_ptr[seed_idx_j]) for their product."""
+    seed0, seed1, seed2, seed3 = _member_seeds(seed_ptr, seed_idx0, seed_idx1, seed_idx2, seed_idx3, DROPOUT)
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    i_c = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_m, m_c = i_m < M, i_c < RT
-    j_c = _member_of(i_c, OFF1, OFF2, OFF3, NUM)
-    p_rows = _rank_rows(i_c, j_c, a0_ptr, a1_ptr, a2_ptr, a3_ptr, stride_a0r, stride_a1r, stride_a2r, stride_a3r,
-                        OFF1, OFF2, OFF3, NUM)  # fmt: skip
-    plain = (~_bits(j_c, DROPOUT, NUM)) & m_c  # [BR] columns of members without dropout
-    i_m64 = i_m.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    i_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_m = i_m < M
+    i_m64, i_r64 = i_m.to(tl.int64), i_r.to(tl.int64)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         i_k = k0 + tl.arange(0, BLOCK_K)
         m_k = i_k < K
         p_x = x_ptr + i_m64[:, None] * stride_xm + i_k[None, :].to(tl.int64) * stride_xk
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        b_a = tl.load(p_rows[None, :] + i_k[:, None], mask=m_k[:, None] & m_c[None, :], other=0.0)  # [BK, BR]
-        b_a = b_a.to(DOT_DTYPE)
-        if DROPOUT != ALL:
-            b_ap = tl.where(plain[None, :], b_a, 0.0) if DROPOUT != 0 else b_a
-            acc = tl.dot(b_x.to(DOT_DTYPE), b_ap, acc, input_precision=PRECISION)
+        if DROPOUT != (1 << NUM) - 1:
+            b_xd = b_x.to(DOT_DTYPE)
         for j in tl.static_range(NUM):
+            p_a = _pick(j, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + i_r64[None, :] * _pick(
+                j, stride_a0r, stride_a1r, stride_a2r, stride_a3r) + i_k[:, None]  # fmt: skip
+            m_r = i_r < _pick(j, R0, R1, R2, R3)
+            b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
             if (DROPOUT >> j) & 1:
                 keep = dropout_keep(_pick(j, seed0, seed1, seed2, seed3), i_m, i_k,
                                     _pick(j, p_thresh0, p_thresh1, p_thresh2, p_thresh3))  # fmt: skip
                 b_xj = tl.where(keep, b_x, 0.0).to(DOT_DTYPE)
-                acc = tl.dot(b_xj, tl.where((j_c == j)[None, :], b_a, 0.0), acc, input_precision=PRECISION)
-    scale = _select(j_c, scale0, scale1, scale2, scale3, NUM)
-    p_s = s_ptr + i_m64[:, None] * stride_sm + i_c[None, :] * stride_sr
-    tl.store(p_s, (acc * scale[None, :]).to(s_ptr.dtype.element_ty), mask=m_m[:, None] & m_c[None, :])
+            else:
+                b_xj = b_xd
+            acc = tl.dot(b_xj, b_a, _pick(j, acc0, acc1, acc2, acc3), input_precision=PRECISION)
+            acc0, acc1, acc2, acc3 = _put(j, acc, acc0, acc1, acc2, acc3)
+    for j in tl.static_range(NUM):
+        m_r = i_r < _pick(j, R0, R1, R2, R3)
+        p_s = s_ptr + i_m64[:, None] * stride_sm + (_pick(j, 0, OFF1, OFF2, OFF3) + i_r64)[None, :] * stride_sr
+        b_s = _pick(j, acc0, acc1, acc2, acc3) * _pick(j, scale0, scale1, scale2, scale3)
+        tl.store(p_s, b_s.to(s_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
 
 
 @triton.jit
@@ -215,7 +222,10 @@ def _group_ds_kernel(
     # sizes
     M,
     K,
-    RT,
+    R0,
+    R1,
+    R2,
+    R3,
     OFF1,
     OFF2,
     OFF3,
@@ -278,30 +288,25 @@ def _group_ds_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """For the row block and rank columns c of this program, member j = j(c):
-    dS[M, c] = s_j dY_j B_j[:, c - OFF_j] (the columns side by side, OFF_j as in the forward's S but counting the
-    members passed here), dB_j[:, c - OFF_j] += s_j dY_j^T S[:, SOFF_j + c - OFF_j] (float32 atomics into db_ptr at
-    DBOFF_j, dB_j [N_j, r_j] row-major), and for the members in DA, once the block's dS is final,
-    dA[c, :] += inv_keep_j dS[:, c]^T (m_j x) (float32 atomics; m_j for the members in DROPOUT)."""
+    """For the row block and the rank block r of this program, per member j:
+    dS[:, OFF_j + r] = s_j dY_j B_j[:, r], and dB_j[:, r] += s_j dY_j^T S[:, SOFF_j + r] (float32 atomics into
+    db_ptr at DBOFF_j, dB_j [N_j, r_j] row-major), one pass over dY_j; then for the members in DA, with every
+    member's dS in registers, one pass over x: dA[OFF_j + r, :] += inv_keep_j dS_j^T (m_j x) (float32 atomics;
+    m_j for the members in DROPOUT)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c_lo = pid_r * BLOCK_R
-    i_c = c_lo + tl.arange(0, BLOCK_R)
-    m_m, m_c = i_m < M, i_c < RT
-    i_m64 = i_m.to(tl.int64)
-    j_c = _member_of(i_c, OFF1, OFF2, OFF3, NUM)
-    s_col = i_c + _select(j_c, SOFF0, SOFF1 - OFF1, SOFF2 - OFF2, SOFF3 - OFF3, NUM)  # the column of saved S
-    p_s = s_ptr + i_m64[:, None] * stride_sm + s_col[None, :].to(tl.int64) * stride_sr
-    b_s = tl.load(p_s, mask=m_m[:, None] & m_c[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    i_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_m = i_m < M
+    i_m64, i_r64 = i_m.to(tl.int64), i_r.to(tl.int64)
+    ds0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=DOT_DTYPE)
+    ds1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=DOT_DTYPE)
+    ds2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=DOT_DTYPE)
+    ds3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=DOT_DTYPE)
     for j in tl.static_range(NUM):
-        off = _pick(j, 0, OFF1, OFF2, OFF3)
-        if j == NUM - 1:
-            end = RT
-        else:
-            end = _pick(j + 1, 0, OFF1, OFF2, OFF3)
-        if (off < c_lo + BLOCK_R) & (end > c_lo):  # this member has columns in the block
+        R = _pick(j, R0, R1, R2, R3)
+        if pid_r * BLOCK_R < R:  # the member has ranks in this block
+            m_r = i_r < R
             dy_ptr = _pick(j, dy0_ptr, dy1_ptr, dy2_ptr, dy3_ptr)
             b_ptr = _pick(j, b0_ptr, b1_ptr, b2_ptr, b3_ptr)
             N = _pick(j, N0, N1, N2, N3)
@@ -309,53 +314,51 @@ def _group_ds_kernel(
             stride_bn = _pick(j, stride_b0n, stride_b1n, stride_b2n, stride_b3n)
             stride_br = _pick(j, stride_b0r, stride_b1r, stride_b2r, stride_b3r)
             scale = _pick(j, scale0, scale1, scale2, scale3)
-            db_j = db_ptr + _pick(j, DBOFF0, DBOFF1, DBOFF2, DBOFF3)
-            col = (j_c == j) & m_c  # [BR]
-            r_loc = (i_c - off).to(tl.int64)
-            b_sj = tl.where(col[None, :], b_s, 0.0)
+            p_db = db_ptr + _pick(j, DBOFF0, DBOFF1, DBOFF2, DBOFF3) + i_r64[None, :]
+            s_cols = _pick(j, SOFF0, SOFF1, SOFF2, SOFF3) + i_r64
+            p_s = s_ptr + i_m64[:, None] * stride_sm + s_cols[None, :] * stride_sr
+            b_s = tl.load(p_s, mask=m_m[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for n0 in range(0, N, BLOCK_K):
                 i_n = n0 + tl.arange(0, BLOCK_K)
                 m_n = i_n < N
                 i_n64 = i_n.to(tl.int64)
                 p_dy = dy_ptr + i_m64[:, None] * stride_dym + i_n64[None, :]
                 b_dy = tl.load(p_dy, mask=m_m[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
-                p_b = b_ptr + i_n64[:, None] * stride_bn + r_loc[None, :] * stride_br
-                b_b = tl.load(p_b, mask=m_n[:, None] & col[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
+                p_b = b_ptr + i_n64[:, None] * stride_bn + i_r64[None, :] * stride_br
+                b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
                 acc = tl.dot(b_dy, b_b, acc, input_precision=PRECISION)
-                b_db = tl.dot(tl.trans(b_dy), b_sj, input_precision=PRECISION)  # [BK, BR]
-                p_db = db_j + i_n64[:, None] * (end - off) + r_loc[None, :]
-                tl.atomic_add(p_db, b_db * scale, mask=m_n[:, None] & col[None, :], sem="relaxed")
-    scale_c = _select(j_c, scale0, scale1, scale2, scale3, NUM)
-    b_ds = (acc * scale_c[None, :]).to(ds_ptr.dtype.element_ty)
-    p_ds = ds_ptr + i_m64[:, None] * stride_dsm + i_c[None, :] * stride_dsr
-    tl.store(p_ds, b_ds, mask=m_m[:, None] & m_c[None, :])
+                b_db = tl.dot(tl.trans(b_dy), b_s, input_precision=PRECISION)  # [BK, BR]
+                tl.atomic_add(p_db + i_n64[:, None] * R, b_db * scale, mask=m_n[:, None] & m_r[None, :], sem="relaxed")
+            b_ds = (acc * scale).to(ds_ptr.dtype.element_ty)
+            p_ds = ds_ptr + i_m64[:, None] * stride_dsm + (_pick(j, 0, OFF1, OFF2, OFF3) + i_r64)[None, :] * stride_dsr
+            tl.store(p_ds, b_ds, mask=m_m[:, None] & m_r[None, :])
+            if (DA >> j) & 1:
+                ds0, ds1, ds2, ds3 = _put(j, b_ds.to(DOT_DTYPE), ds0, ds1, ds2, ds3)  # as stored
     if DA != 0:
-        PLAIN_DA: tl.constexpr = DA - (DA & DROPOUT)
-        seed0 = dropout_seed(seed_ptr + seed_idx0, (DROPOUT & DA & 1) != 0)
-        seed1 = dropout_seed(seed_ptr + seed_idx1, (DROPOUT & DA & 2) != 0)
-        seed2 = dropout_seed(seed_ptr + seed_idx2, (DROPOUT & DA & 4) != 0)
-        seed3 = dropout_seed(seed_ptr + seed_idx3, (DROPOUT & DA & 8) != 0)
-        b_dsd = b_ds.to(DOT_DTYPE)  # [BM, BR], as stored
-        da_col = _bits(j_c, DA, NUM) & m_c
-        b_dsp = tl.where((_bits(j_c, PLAIN_DA, NUM) & m_c)[None, :], b_dsd, 0.0)
+        seed0, seed1, seed2, seed3 = _member_seeds(seed_ptr, seed_idx0, seed_idx1, seed_idx2, seed_idx3, DROPOUT & DA)
         for k0 in range(0, K, BLOCK_K):
             i_k = k0 + tl.arange(0, BLOCK_K)
             m_k = i_k < K
             i_k64 = i_k.to(tl.int64)
             p_x = x_ptr + i_m64[:, None] * stride_xm + i_k64[None, :] * stride_xk
             b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-            b_da = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-            if PLAIN_DA != 0:
-                b_da = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_dsp, b_da, input_precision=PRECISION)
+            if (DA & ~DROPOUT) != 0:
+                b_xt = tl.trans(b_x.to(DOT_DTYPE))
             for j in tl.static_range(NUM):
-                if (DROPOUT & DA) >> j & 1:
-                    keep = dropout_keep(_pick(j, seed0, seed1, seed2, seed3), i_m, i_k,
-                                        _pick(j, p_thresh0, p_thresh1, p_thresh2, p_thresh3))  # fmt: skip
-                    b_xj = tl.trans(tl.where(keep, b_x, 0.0).to(DOT_DTYPE))
-                    part = tl.dot(b_xj, tl.where((j_c == j)[None, :], b_dsd, 0.0), input_precision=PRECISION)
-                    b_da += part * _pick(j, inv_keep0, inv_keep1, inv_keep2, inv_keep3)
-            p_da = da_ptr + i_c[None, :].to(tl.int64) * stride_dar + i_k64[:, None]
-            tl.atomic_add(p_da, b_da, mask=m_k[:, None] & da_col[None, :], sem="relaxed")
+                if (DA >> j) & 1:
+                    if (DROPOUT >> j) & 1:
+                        keep = dropout_keep(_pick(j, seed0, seed1, seed2, seed3), i_m, i_k,
+                                            _pick(j, p_thresh0, p_thresh1, p_thresh2, p_thresh3))  # fmt: skip
+                        b_xj = tl.trans(tl.where(keep, b_x, 0.0).to(DOT_DTYPE))
+                    else:
+                        b_xj = b_xt
+                    b_da = tl.dot(b_xj, _pick(j, ds0, ds1, ds2, ds3), input_precision=PRECISION)  # [BK, BR]
+                    b_da *= _pick(j, inv_keep0, inv_keep1, inv_keep2, inv_keep3)
+                    rows = (_pick(j, 0, OFF1, OFF2, OFF3) + i_r64)[None, :]
+                    m_r = (i_r < _pick(j, R0, R1, R2, R3))[None, :]
+                    tl.atomic_add(da_ptr + rows * stride_dar + i_k64[:, None], b_da, mask=m_k[:, None] & m_r,
+                                  sem="relaxed")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,7 +527,10 @@ def _group_dx_kernel(
     # sizes
     M,
     K,
-    RT,
+    R0,
+    R1,
+    R2,
+    R3,
     OFF1,
     OFF2,
     OFF3,
@@ -582,12 +588,11 @@ def _group_dx_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX[M, K] = sum_j dY_j[M, N_j] @ W_j[N_j, K] + sum_j m_j * inv_keep_j * (dS[:, cols of j] @ A_j) (the mask m_j
-    for members in DROPOUT), and for the members in DA (none of them in DROPOUT) their tile's share of
-    dA[cols of j, K] += dS[:, cols of j]^T @ x (float32 atomics). The reduction walks member 0's N_0, then
+    """dX[M, K] = sum_j dY_j[M, N_j] @ W_j[N_j, K] + sum_j m_j * inv_keep_j * (dS_j @ A_j), dS_j = dS[:, OFF_j :
+    OFF_j + R_j] (the mask m_j for members in DROPOUT), and for the members in DA (none of them in DROPOUT) their
+    tile's share of dA[OFF_j + r, K] += dS_j^T @ x (float32 atomics). The reduction walks member 0's N_0, then
     member 1's, ...; dY_j and dX have a unit inner stride, A_j too. This GEMM's N is K (x's features)."""
     tl.static_assert((DA & DROPOUT) == 0, "with dropout a member's dA comes from the dS pass")
-    ALL: tl.constexpr = (1 << NUM) - 1
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     i_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     i_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -613,46 +618,50 @@ def _group_dx_kernel(
             p_a += BLOCK_K
             p_b += BLOCK_K * stride_wn
 
-    # the epilogue: the LoRA terms (r-wide steps over the side-by-side ranks), their masks, the dA shares
-    if DROPOUT != 0:
-        seed0 = dropout_seed(seed_ptr + seed_idx0, (DROPOUT & 1) != 0)
-        seed1 = dropout_seed(seed_ptr + seed_idx1, (DROPOUT & 2) != 0)
-        seed2 = dropout_seed(seed_ptr + seed_idx2, (DROPOUT & 4) != 0)
-        seed3 = dropout_seed(seed_ptr + seed_idx3, (DROPOUT & 8) != 0)
+    # the epilogue: each member's LoRA term (r-wide steps), its mask, its dA share; a runtime loop over the members
+    # (one member's mask and LoRA term live at a time)
     if DA != 0:
         p_x = x_ptr + i_m64[:, None] * stride_xm + i_n64[None, :] * stride_xk
         b_xt = tl.trans(tl.load(p_x, mask=m_m[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE))  # [BN, BM]
-    for c0 in range(0, RT, BLOCK_R):
-        i_c = c0 + tl.arange(0, BLOCK_R)
-        m_c = i_c < RT
-        j_c = _member_of(i_c, OFF1, OFF2, OFF3, NUM)
-        p_rows = _rank_rows(i_c, j_c, a0_ptr, a1_ptr, a2_ptr, a3_ptr, stride_a0r, stride_a1r, stride_a2r, stride_a3r,
-                            OFF1, OFF2, OFF3, NUM)  # fmt: skip
-        b_a = tl.load(p_rows[:, None] + i_n64[None, :], mask=m_c[:, None] & m_n[None, :], other=0.0)
-        b_a = b_a.to(DOT_DTYPE)  # [BR, BN]
-        p_p = ds_ptr + i_m64[:, None] * stride_dsm + i_c[None, :].to(tl.int64) * stride_dsr
-        b_p = tl.load(p_p, mask=m_m[:, None] & m_c[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
-        if DROPOUT != ALL:
-            b_pp = tl.where(~_bits(j_c, DROPOUT, NUM)[None, :], b_p, 0.0) if DROPOUT != 0 else b_p
-            acc = tl.dot(b_pp, b_a, acc, input_precision=PRECISION)
-        for j in tl.static_range(NUM):
-            if (DROPOUT >> j) & 1:
-                lora = tl.dot(tl.where((j_c == j)[None, :], b_p, 0.0), b_a, input_precision=PRECISION)
-                keep = dropout_keep(_pick(j, seed0, seed1, seed2, seed3), i_m, i_n,
-                                    _pick(j, p_thresh0, p_thresh1, p_thresh2, p_thresh3))  # fmt: skip
-                acc = tl.where(keep, acc + lora * _pick(j, inv_keep0, inv_keep1, inv_keep2, inv_keep3), acc)
-        if DA != 0:
-            b_pd = tl.where((_bits(j_c, DA, NUM) & m_c)[None, :], b_p, 0.0)
-            b_da = tl.dot(b_xt, b_pd, input_precision=PRECISION)  # [BN, BR]
-            p_da = da_ptr + i_c[None, :].to(tl.int64) * stride_dar + i_n64[:, None]
-            tl.atomic_add(p_da, b_da, mask=m_n[:, None] & (_bits(j_c, DA, NUM) & m_c)[None, :], sem="relaxed")
+    for j in range(NUM):
+        R = _select(j, R0, R1, R2, R3, NUM)
+        off = _select(j, 0, OFF1, OFF2, OFF3, NUM)
+        a_ptr = _select(j, a0_ptr, a1_ptr, a2_ptr, a3_ptr, NUM)
+        stride_ar = _select(j, stride_a0r, stride_a1r, stride_a2r, stride_a3r, NUM)
+        dropped = _bits(j, DROPOUT, NUM)
+        if DROPOUT != 0:
+            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            m_r = i_r < R
+            p_p = ds_ptr + i_m64[:, None] * stride_dsm + (off + i_r)[None, :] * stride_dsr
+            b_p = tl.load(p_p, mask=m_m[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BR]
+            p_q = a_ptr + i_r[:, None] * stride_ar + i_n64[None, :]
+            b_q = tl.load(p_q, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)  # [BR, BN] of A_j
+            if DROPOUT != 0:
+                lora = tl.dot(b_p, b_q, lora, input_precision=PRECISION)
+            else:
+                acc = tl.dot(b_p, b_q, acc, input_precision=PRECISION)
+            if DA != 0:
+                if _bits(j, DA, NUM):
+                    b_da = tl.dot(b_xt, b_p, input_precision=PRECISION)  # [BN, BR]
+                    p_da = da_ptr + (off + i_r)[None, :] * stride_dar + i_n64[:, None]
+                    tl.atomic_add(p_da, b_da, mask=m_n[:, None] & m_r[None, :], sem="relaxed")
+        if DROPOUT != 0:
+            if dropped:
+                seed = tl.load(seed_ptr + _select(j, seed_idx0, seed_idx1, seed_idx2, seed_idx3, NUM))
+                keep = dropout_keep(seed, i_m, i_n, _select(j, p_thresh0, p_thresh1, p_thresh2, p_thresh3, NUM))
+                acc = tl.where(keep, acc + lora * _select(j, inv_keep0, inv_keep1, inv_keep2, inv_keep3, NUM), acc)
+            else:
+                acc += lora
     p_dx = dx_ptr + i_m64[:, None] * stride_dxm + i_n64[None, :]
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning: the GEMMs over linear's tiles (the same loop and epilogue shape); dX keeps the dA buffer's values
-# across tuning runs (the dS pass may have added dropout members' dA to it already)
+# Autotuning: the forward GEMM over linear's tiles (the same loop and epilogue shape), dX over
+# configs.group_dx_config_tuples; dX keeps the dA buffer's values across tuning runs (the dS pass may have added
+# dropout members' dA to it already)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -669,14 +678,16 @@ _TUNE_KEY = ["M_BUCKET", "N_SUM", "K"]
 _autotuned = {}
 
 
-def _kernel_for(kernel, major: int, dtype: torch.dtype, masked: bool):
-    key = (kernel, major, dtype, masked)
+def _kernel_for(kernel, major: int, dtype: torch.dtype):
+    key = (kernel, major, dtype)
     if key not in _autotuned:
+        dx = kernel is _group_dx_kernel
+        tiles = configs.group_dx_config_tuples(major, dtype) if dx else configs.gemm_config_tuples(major, dtype)
         _autotuned[key] = triton.autotune(
-            configs=configs.gemm_configs(major, dtype, masked),
+            configs=configs.gemm_tiles_as_configs(tiles),
             key=_TUNE_KEY,
             prune_configs_by={"early_config_prune": _prune_configs},
-            restore_value=["da_ptr"] if kernel is _group_dx_kernel else None,
+            restore_value=["da_ptr"] if dx else None,
         )(kernel)
     return _autotuned[key]
 
@@ -726,20 +737,21 @@ def _same_dtype(tensors):
 
 
 def _skinny(device, side=False):
+    """(BLOCK_M, BLOCK_K, warps, stages) of the S pass, or of the dS/dB pass with ``side``."""
     if INTERPRET:
         return configs.SKINNY_INTERPRET
     major = configs.capability(device)
-    return configs.skinny_side_config(major) if side else configs.skinny_config_tuples(major)[0]
+    return configs.skinny_side_config(major) if side else configs.group_skinny_config(major)
 
 
-def _gemm_launch(kernel, grid_of, args, device, dtype, masked):
+def _gemm_launch(kernel, grid_of, args, device, dtype):
     """Launch one of the group GEMMs: the interpreter's small tiles, or the autotuned kernel."""
     if INTERPRET:
         bm, bn, bk, g, _, _ = configs.GEMM_INTERPRET
         grid = grid_of(bm, bn)
         plans_for(kernel).launch(None, grid, **args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
         return
-    tuned = _kernel_for(kernel, configs.capability(device), dtype, masked)
+    tuned = _kernel_for(kernel, configs.capability(device), dtype)
     plans_for(tuned).launch(None, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), **args)
 
 
@@ -763,17 +775,17 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     dropout = _bitset(p > 0 for p in ps)
     seed_ptr = _check_seeds(seeds, ps, x) if dropout else x
     bm, bk, warps, stages = _skinny(x.device)
-    br = rank_block(RT)
+    br = rank_block(max(ranks))
     plans_for(_group_down_kernel).launch(
         None,
-        (_cdiv(M, bm), _cdiv(RT, br), 1),
+        (_cdiv(M, bm), _cdiv(max(ranks), br), 1),
         x_ptr=x,
         **{f"a{i}_ptr": a for i, a in enumerate(_four(lora_As, lora_As[0]))},
         s_ptr=s,
         seed_ptr=seed_ptr,
         M=M,
         K=K,
-        RT=RT,
+        **_slots("R", ranks, 0),
         **_column_slots("OFF", offs, RT),
         stride_xm=x.stride(0),
         stride_xk=x.stride(1),
@@ -832,7 +844,7 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     def grid_of(bm, bn):
         return (_cdiv(M, bm) * sum(_cdiv(w.shape[0], bn) for w in weights),)
 
-    _gemm_launch(_group_gemm_kernel, grid_of, args, x.device, x.dtype, masked=False)
+    _gemm_launch(_group_gemm_kernel, grid_of, args, x.device, x.dtype)
     return ys, s
 
 
@@ -891,6 +903,7 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
     thresholds = [dropout_threshold(p) for p in pl]
     dys4, Bs4, As4, Ws4 = _four(dys_l, dys_l[0]), _four(Bs, Bs[0]), _four(As, As[0]), _four(Ws, Ws[0])
     member_args = dict(
+        **_slots("R", ranks, 0),
         **_column_slots("OFF", offs, RT),
         **_slots("N", Ns, 0),
         **{f"stride_dy{i}m": d.stride(0) for i, d in enumerate(dys4)},
@@ -903,10 +916,10 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
         PRECISION=input_precision(dy0.dtype),
     )
     bm, bk, warps, stages = _skinny(x.device, side=True)
-    br = rank_block(RT)
+    br = rank_block(max(ranks))
     plans_for(_group_ds_kernel).launch(
         None,
-        (_cdiv(M, bm), _cdiv(RT, br), 1),
+        (_cdiv(M, bm), _cdiv(max(ranks), br), 1),
         **{f"dy{i}_ptr": d for i, d in enumerate(dys4)},
         **{f"b{i}_ptr": b for i, b in enumerate(Bs4)},
         s_ptr=s,
@@ -917,7 +930,6 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
         seed_ptr=seed_ptr,
         M=M,
         K=K,
-        RT=RT,
         **_slots("SOFF", [s_offsets[j] for j in live], 0),
         **_slots("DBOFF", db_offs, 0),
         **{f"stride_b{i}n": b.stride(0) for i, b in enumerate(Bs4)},
@@ -950,7 +962,6 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
             seed_ptr=seed_ptr,
             M=M,
             K=K,
-            RT=RT,
             M_BUCKET=1 << max(M - 1, 0).bit_length(),
             N_SUM=sum(Ns),
             **{f"stride_w{i}n": w.stride(0) for i, w in enumerate(Ws4)},
@@ -970,7 +981,7 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
         def grid_of(bm, bn):
             return (_cdiv(M, bm) * _cdiv(K, bn),)
 
-        _gemm_launch(_group_dx_kernel, grid_of, args, x.device, x.dtype, masked=dropout != 0)
+        _gemm_launch(_group_dx_kernel, grid_of, args, x.device, x.dtype)
     # the adapters' gradients in their dtypes: one cast when they share one
     dtypes = {t.dtype for j in live for t in (lora_As[j], lora_Bs[j])}
     if len(dtypes) == 1 and torch.float32 not in dtypes:

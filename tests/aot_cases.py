@@ -9,6 +9,7 @@ strides and sizes marked so). A case is {"id", "major", "kernel", "signature", "
 from __future__ import annotations
 
 import aot_dora_cases
+import aot_group_cases
 import aot_linear_cases
 import aot_nf4_cases
 import torch
@@ -254,4 +255,5 @@ TABLES = {
     "conv2d": conv2d_cases,
     "dora": aot_dora_cases.dora_cases,
     "nf4": aot_nf4_cases.aot_cases,
+    "group": aot_group_cases.aot_cases,
 }
