@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         dtype, settings = torch.bfloat16, Settings(25, 200)
     else:
-        dtype, settings = torch.float32, Settings(50, 800, min_reps=9)
+        dtype, settings = torch.float32, Settings(100, 3000, min_reps=15)
     rows = []
     for p in args.dropout or [0.0]:
         rows += measure(device, dtype, p, settings, lambda m: print(m, file=sys.stderr, flush=True))

@@ -19,10 +19,13 @@ operand (each row gathered from its member's tensor by pointer: nothing is conca
                                               and W_j; the LoRA terms and the other members' dA shares in its
                                               epilogue (_group_dx_kernel)
 
-Launches at M >= configs.GROUP_MIN_ROWS: forward two (S pass, GEMM), backward four (one memset of the float32
-dA/dB workspace of every member, the dS/dB(/dA) pass, the dX GEMM, one cast to the adapters' dtype; three with
-float32 adapters). Members are picked per program or per N tile by pointer selects, statically where the member
-is a compile-time loop index, with a scalar select where it is the tile's (a runtime value).
+On a GPU the forward's GEMM is the faster, measured once per shape (kernels/dispatch.py), of this grouped GEMM and
+one GEMM per member on its columns of S (linear's fused GEMM: on Hopper its persistent TMA kernel; or cuBLAS plus
+the r-wide update). Launches at M >= configs.GROUP_MIN_ROWS: forward two (S pass, grouped GEMM), backward four
+(one memset of the float32 dA/dB workspace of every member, the dS/dB(/dA) pass, the dX GEMM, one cast to the
+adapters' dtype; three with float32 adapters). Members are picked per program or per N tile by pointer selects,
+statically where the member is a compile-time loop index, with a scalar select where it is the tile's (a runtime
+value).
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import torch
 import triton
 import triton.language as tl
 from fastlora.kernels import configs
+from fastlora.kernels import dispatch as _dispatch
 from fastlora.kernels.configs import INTERPRET, check_dtype, dot_dtype, input_precision, rank_block
 from fastlora.kernels.dropout import dropout_keep, dropout_seed, dropout_threshold
 from fastlora.kernels.launch import plans_for
+from fastlora.kernels.linear import lora_gemm, lora_update_
 from fastlora.kernels.tiles import grouped_tile
 
 __all__ = ["lora_group_fwd", "lora_group_bwd", "MAX_MEMBERS"]
@@ -844,8 +849,34 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     def grid_of(bm, bn):
         return (_cdiv(M, bm) * sum(_cdiv(w.shape[0], bn) for w in weights),)
 
-    _gemm_launch(_group_gemm_kernel, grid_of, args, x.device, x.dtype)
+    def group():
+        _gemm_launch(_group_gemm_kernel, grid_of, args, x.device, x.dtype)
+
+    def members():  # each member's own fused GEMM (on Hopper the persistent TMA kernel) on its columns of S
+        for j in range(n):
+            s_j = s[:, offs[j] : offs[j] + ranks[j]]
+            lora_gemm(x, weights[j].t(), s_j, lora_Bs[j].t(), biases[j], ys[j], scalings[j], direction="fwd")
+
+    def cublas_update():
+        for j in range(n):
+            torch.mm(x, weights[j].t(), out=ys[j])
+            lora_update_(ys[j], s[:, offs[j] : offs[j] + ranks[j]], lora_Bs[j].t(), scalings[j], bias=biases[j])
+
+    # the measured dispatch (kernels/dispatch.py): one GEMM over the concatenated N, or one per member (fused, or
+    # cuBLAS plus the r-wide update), whichever this device runs fastest for these shapes; every path writes all of
+    # each Y, so the timing runs leave no trace
+    paths = {"group": group, "members": members, "cublas+update": cublas_update}
+    widths = ",".join(str(w.shape[0]) for w in weights)
+    paths[_forward_gemm_path(f"group_fwd[{widths}]", dict(M=M, N=n_sum, K=K, R=RT, dtype=x.dtype), paths, x.device)]()
     return ys, s
+
+
+def _forward_gemm_path(kind, shape, paths, device) -> str:
+    """The measured dispatch's choice among ``paths`` for this shape on this device; "group" under the interpreter
+    and off CUDA."""
+    if INTERPRET or device.type != "cuda":
+        return "group"
+    return _dispatch.choose(_dispatch.shape_key(kind, **shape, dropout=False), paths, device)
 
 
 def _seed_positions(ps) -> list[int]:

@@ -114,6 +114,16 @@ def test_one_and_four_members(path):
     _check(path, torch.float32, _members(((23, 3), (9, 5), (31, 2), (9, 6)), torch.float32, ps=(0.2, 0, 0.1, 0)))
 
 
+@pytest.mark.parametrize("choice", ["members", "cublas+update"])
+def test_forward_gemm_dispatch_alternatives(monkeypatch, choice):
+    """The forward GEMM's alternatives the measured dispatch may pick on a GPU (one fused GEMM per member on its
+    columns of S, or cuBLAS plus the r-wide update), under the interpreter."""
+    from fastlora.kernels import group as kgroup
+
+    monkeypatch.setattr(kgroup, "_forward_gemm_path", lambda kind, shape, paths, device: choice)
+    _check("triton", torch.float32, _members(QKV, torch.float32, ps=(0.2, 0.0, 0.0)))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_equals_one_lora_linear_per_member(path):
     """With the seeds each member's own call would draw, the group gives each member lora_linear's output and
