@@ -21,11 +21,12 @@ operand (each row gathered from its member's tensor by pointer: nothing is conca
 
 On a GPU the forward's GEMM is the faster, measured once per shape (kernels/dispatch.py), of this grouped GEMM and
 one GEMM per member on its columns of S (linear's fused GEMM: on Hopper its persistent TMA kernel; or cuBLAS plus
-the r-wide update). Launches at M >= configs.GROUP_MIN_ROWS: forward two (S pass, grouped GEMM), backward four
-(one memset of the float32 dA/dB workspace of every member, the dS/dB(/dA) pass, the dX GEMM, one cast to the
-adapters' dtype; three with float32 adapters). Members are picked per program or per N tile by pointer selects,
-statically where the member is a compile-time loop index, with a scalar select where it is the tile's (a runtime
-value).
+the r-wide update); the dX GEMM likewise against cuBLAS (each member's product added in place) plus the members'
+r-wide updates, every dA then taken by the dS pass. Launches at M >= configs.GROUP_MIN_ROWS: forward two (S pass,
+grouped GEMM), backward four (one memset of the float32 dA/dB workspace of every member, the dS/dB(/dA) pass, the
+dX GEMM, one cast to the adapters' dtype; three with float32 adapters). Members are picked per program or per N
+tile by pointer selects, statically where the member is a compile-time loop index, with a scalar select where it
+is the tile's (a runtime value).
 """
 
 from __future__ import annotations
@@ -867,16 +868,17 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
     # each Y, so the timing runs leave no trace
     paths = {"group": group, "members": members, "cublas+update": cublas_update}
     widths = ",".join(str(w.shape[0]) for w in weights)
-    paths[_forward_gemm_path(f"group_fwd[{widths}]", dict(M=M, N=n_sum, K=K, R=RT, dtype=x.dtype), paths, x.device)]()
+    shape = dict(M=M, N=n_sum, K=K, R=RT, dtype=x.dtype, dropout=False)
+    paths[_measured_path(f"group_fwd[{widths}]", shape, paths, x.device)]()
     return ys, s
 
 
-def _forward_gemm_path(kind, shape, paths, device) -> str:
-    """The measured dispatch's choice among ``paths`` for this shape on this device; "group" under the interpreter
-    and off CUDA."""
+def _measured_path(kind, shape, candidates, device) -> str:
+    """The measured dispatch's choice among ``candidates`` for this shape on this device; "group" under the
+    interpreter and off CUDA."""
     if INTERPRET or device.type != "cuda":
         return "group"
-    return _dispatch.choose(_dispatch.shape_key(kind, **shape, dropout=False), paths, device)
+    return _dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device)
 
 
 def _seed_positions(ps) -> list[int]:
@@ -918,7 +920,6 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
     db_offs = _offsets(db_sizes)
     # one float32 workspace, one memset: dB_j [N_j, r_j] of every live member, then dA [sum r_j, K]
     grads = torch.zeros(sum(db_sizes) + RT * K, device=x.device, dtype=torch.float32)
-    da32 = grads[sum(db_sizes) :].view(RT, K)
     ds = torch.empty((M, RT), device=x.device, dtype=dy0.dtype)
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
     dys_l = [dys[j] for j in live]
@@ -927,9 +928,9 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
     Ws = [weights[j] for j in live]
     pl = [ps[j] for j in live]
     dropout = _bitset(p > 0 for p in pl)
-    # dA in the dS pass for members with dropout (their mask drawn once on x), for all when there is no dX GEMM
-    da_pass = _bitset(p > 0 or not need_dx for p in pl)
+    every = (1 << len(live)) - 1
     seed_ptr = _check_seeds(seeds, ps, x) if dropout else x
+    seed_pos = [_seed_positions(ps)[j] for j in live]
     inv_keep = [1.0 / (1.0 - p) if p > 0 else 1.0 for p in pl]
     thresholds = [dropout_threshold(p) for p in pl]
     dys4, Bs4, As4, Ws4 = _four(dys_l, dys_l[0]), _four(Bs, Bs[0]), _four(As, As[0]), _four(Ws, Ws[0])
@@ -940,7 +941,7 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
         **{f"stride_dy{i}m": d.stride(0) for i, d in enumerate(dys4)},
         **_slots("inv_keep", inv_keep, 1.0),
         **_slots("p_thresh", thresholds, 0),
-        **_slots("seed_idx", [_seed_positions(ps)[j] for j in live], 0),
+        **_slots("seed_idx", seed_pos, 0),
         NUM=len(live),
         DROPOUT=dropout,
         DOT_DTYPE=dot_dtype(dy0.dtype),
@@ -948,47 +949,54 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
     )
     bm, bk, warps, stages = _skinny(x.device, side=True)
     br = rank_block(max(ranks))
-    plans_for(_group_ds_kernel).launch(
-        None,
-        (_cdiv(M, bm), _cdiv(max(ranks), br), 1),
-        **{f"dy{i}_ptr": d for i, d in enumerate(dys4)},
-        **{f"b{i}_ptr": b for i, b in enumerate(Bs4)},
-        s_ptr=s,
-        x_ptr=x,
-        ds_ptr=ds,
-        db_ptr=grads,
-        da_ptr=da32,
-        seed_ptr=seed_ptr,
-        M=M,
-        K=K,
-        **_slots("SOFF", [s_offsets[j] for j in live], 0),
-        **_slots("DBOFF", db_offs, 0),
-        **{f"stride_b{i}n": b.stride(0) for i, b in enumerate(Bs4)},
-        **{f"stride_b{i}r": b.stride(1) for i, b in enumerate(Bs4)},
-        stride_sm=s.stride(0),
-        stride_sr=s.stride(1),
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_dsm=ds.stride(0),
-        stride_dsr=ds.stride(1),
-        stride_dar=da32.stride(0),
-        **_slots("scale", [scalings[j] for j in live], 0.0),
-        **member_args,
-        DA=da_pass,
-        BLOCK_M=bm,
-        BLOCK_K=bk,
-        BLOCK_R=br,
-        num_warps=warps,
-        num_stages=stages,
-    )
-    if need_dx:
+
+    def ds_pass(grads, ds, da_members):
+        """dS into ds, dB into grads (zeroed), and dA into grads for da_members (a member set)."""
+        plans_for(_group_ds_kernel).launch(
+            None,
+            (_cdiv(M, bm), _cdiv(max(ranks), br), 1),
+            **{f"dy{i}_ptr": d for i, d in enumerate(dys4)},
+            **{f"b{i}_ptr": b for i, b in enumerate(Bs4)},
+            s_ptr=s,
+            x_ptr=x,
+            ds_ptr=ds,
+            db_ptr=grads,
+            da_ptr=grads[sum(db_sizes) :],
+            seed_ptr=seed_ptr,
+            M=M,
+            K=K,
+            **_slots("SOFF", [s_offsets[j] for j in live], 0),
+            **_slots("DBOFF", db_offs, 0),
+            **{f"stride_b{i}n": b.stride(0) for i, b in enumerate(Bs4)},
+            **{f"stride_b{i}r": b.stride(1) for i, b in enumerate(Bs4)},
+            stride_sm=s.stride(0),
+            stride_sr=s.stride(1),
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_dsm=ds.stride(0),
+            stride_dsr=ds.stride(1),
+            stride_dar=K,
+            **_slots("scale", [scalings[j] for j in live], 0.0),
+            **member_args,
+            DA=da_members,
+            BLOCK_M=bm,
+            BLOCK_K=bk,
+            BLOCK_R=br,
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    def group(dx, grads, ds):
+        """dA in the dS pass for the members with dropout (their mask drawn once on x), the others' dA shares in
+        the dX GEMM's epilogue."""
+        ds_pass(grads, ds, dropout)
         args = dict(
             **{f"dy{i}_ptr": d for i, d in enumerate(dys4)},
             **{f"w{i}_ptr": w for i, w in enumerate(Ws4)},
             **{f"a{i}_ptr": a for i, a in enumerate(As4)},
             ds_ptr=ds,
             x_ptr=x,
-            da_ptr=da32,
+            da_ptr=grads[sum(db_sizes) :],
             dx_ptr=dx,
             seed_ptr=seed_ptr,
             M=M,
@@ -1002,10 +1010,10 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
             stride_dsr=ds.stride(1),
             stride_xm=x.stride(0),
             stride_xk=x.stride(1),
-            stride_dar=da32.stride(0),
+            stride_dar=K,
             stride_dxm=dx.stride(0),
             **member_args,
-            DA=_bitset(p == 0 for p in pl),  # the members without dropout take their dA share here
+            DA=every - dropout,
             BLOCK_R=br,
         )
 
@@ -1013,6 +1021,31 @@ def lora_group_bwd(dys, x, s, s_offsets, weights, lora_As, lora_Bs, scalings, ps
             return (_cdiv(M, bm) * _cdiv(K, bn),)
 
         _gemm_launch(_group_dx_kernel, grid_of, args, x.device, x.dtype)
+
+    def cublas_update(dx, grads, ds):
+        """Every dA in the dS pass; dX from cuBLAS, each member's product added in place, then each LoRA term
+        (masked) by the r-wide update."""
+        ds_pass(grads, ds, every)
+        torch.mm(dys_l[0], Ws[0], out=dx)
+        for dy, w in zip(dys_l[1:], Ws[1:], strict=True):
+            dx.addmm_(dy, w)
+        for q in range(len(live)):
+            seed = seeds[seed_pos[q]] if pl[q] > 0 else None
+            lora_update_(dx, ds[:, offs[q] : offs[q] + ranks[q]], As[q], inv_keep[q], dropout_p=pl[q], seed=seed)
+
+    if need_dx:
+        # the measured dispatch (kernels/dispatch.py) between the grouped dX GEMM and cuBLAS plus the r-wide
+        # updates, timed on scratch buffers (the dA/dB atomics must see one run only)
+        paths = {"group": group, "cublas+update": cublas_update}
+        candidates = {
+            name: lambda fn=fn: fn(torch.empty_like(dx), torch.zeros_like(grads), torch.empty_like(ds))
+            for name, fn in paths.items()
+        }
+        widths = ",".join(map(str, Ns))
+        shape = dict(M=M, N=K, K=sum(Ns), R=RT, dtype=x.dtype, dropout=dropout != 0)
+        paths[_measured_path(f"group_dx[{widths}]", shape, candidates, x.device)](dx, grads, ds)
+    else:
+        ds_pass(grads, ds, every)
     # the adapters' gradients in their dtypes: one cast when they share one
     dtypes = {t.dtype for j in live for t in (lora_As[j], lora_Bs[j])}
     if len(dtypes) == 1 and torch.float32 not in dtypes:

@@ -115,13 +115,17 @@ def test_one_and_four_members(path):
 
 
 @pytest.mark.parametrize("choice", ["members", "cublas+update"])
-def test_forward_gemm_dispatch_alternatives(monkeypatch, choice):
-    """The forward GEMM's alternatives the measured dispatch may pick on a GPU (one fused GEMM per member on its
-    columns of S, or cuBLAS plus the r-wide update), under the interpreter."""
+def test_dispatch_alternatives(monkeypatch, choice):
+    """The alternatives the measured dispatch may pick on a GPU, under the interpreter: for the forward GEMM one
+    fused GEMM per member on its columns of S ("members") or cuBLAS plus the r-wide update; for dX cuBLAS plus the
+    members' r-wide (masked) updates, every dA from the dS pass."""
     from fastlora.kernels import group as kgroup
 
-    monkeypatch.setattr(kgroup, "_forward_gemm_path", lambda kind, shape, paths, device: choice)
-    _check("triton", torch.float32, _members(QKV, torch.float32, ps=(0.2, 0.0, 0.0)))
+    def pick(kind, shape, candidates, device):
+        return choice if choice in candidates else "cublas+update"
+
+    monkeypatch.setattr(kgroup, "_measured_path", pick)
+    _check("triton", torch.float32, _members(QKV, torch.float32, ps=(0.2, 0.0, 0.3)))
 
 
 @pytest.mark.parametrize("path", PATHS)
