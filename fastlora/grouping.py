@@ -137,12 +137,14 @@ class SiblingGroup:
         return self._lead(modules, index, x)
 
     def _lead(self, modules, index, x):
+        if not group_runs(x):  # e.g. few rows on a GPU: each member's own kernels serve better
+            return None
         taking = []
         for i, m in enumerate(modules):
             member = m.group_member()
             if member is not None and _fits(x, member):
                 taking.append((i, member))
-        if len(taking) < 2 or all(i != index for i, _ in taking) or not group_runs(x):
+        if len(taking) < 2 or all(i != index for i, _ in taking):
             return None
         outputs = lora_linear_group(x, [member for _, member in taking])
         own = None
