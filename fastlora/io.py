@@ -34,6 +34,7 @@ import torch.nn as nn
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import LoRALayer
@@ -59,7 +60,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _UNSUPPORTED_FIELDS = (
     "modules_to_save",
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
     "alora_invocation_tokens",
     "use_qalora",
@@ -89,11 +89,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = {}
-    for name, layer in lora_layers(unwrap_peft(model)):
+    root = unwrap_peft(model)
+    for name, layer in lora_layers(root):
         for attr, suffix in kind_of_layer(layer).peft_keys.items():
             t = getattr(layer, attr, None)
             if t is not None:
                 out[f"{PREFIX}{name}.{suffix}"] = _full(t)
+    out.update({k: _full(t) for k, t in _experts.state_dict(root, PREFIX).items()})  # LoRA on experts
     return out
 
 
@@ -119,6 +121,8 @@ def _scaling_fields(config: dict) -> dict:
 
 def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) -> dict:
     names = [name for name, _ in found]
+    expert_entries = _experts.config_entries(root)  # LoRA on experts: keyed by parameter name, as PEFT matches them
+    found = list(found) + expert_entries
     ranks = {name: layer.r for name, layer in found}
     alphas = {name: layer.lora_alpha for name, layer in found}
     rslora = {layer.use_rslora for _, layer in found}
@@ -161,6 +165,10 @@ def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) 
         config["rank_pattern"] = rank_pattern
     if alpha_pattern:
         config["alpha_pattern"] = alpha_pattern
+    if expert_entries:
+        if config["lora_dropout"]:
+            raise ValueError("PEFT's adapter format has one lora_dropout, and target_parameters needs it to be 0")
+        config["target_parameters"] = _experts.short_targets(root, [key for key, _ in expert_entries])
     return config
 
 
@@ -240,7 +248,7 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = unwrap_peft(model)
     found = lora_layers(root)
-    if not found:
+    if not found and not _experts.has_adapters(root):
         raise ValueError(f"save_adapter: {type(model).__name__} has no fastlora LoRA layers to save")
     for name, layer in found:
         difference = kind_of_layer(layer).peft_difference(layer)
@@ -301,6 +309,13 @@ def _read_config(path: str) -> dict:
             _check_regex(path, field, spec)
         elif spec is not None and not (isinstance(spec, list) and all(isinstance(t, str) for t in spec)):
             raise ValueError(f"{path}: {field} must be a regex string or a list of names, got {spec!r}")
+    if config.get("target_parameters"):
+        spec = config["target_parameters"]
+        if not (isinstance(spec, list) and all(isinstance(t, str) and t for t in spec)):
+            raise ValueError(f"{path}: target_parameters must be a list of parameter names, got {spec!r}")
+        refused = [k for k in ("lora_dropout", "use_dora", "lora_bias") if config.get(k)]
+        if refused:
+            raise ValueError(f"{path} sets target_parameters with {', '.join(refused)}, which PEFT refuses too")
     return config
 
 
@@ -481,6 +496,7 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    expert_targets, expert_fills = _expert_groups(root, config, groups, weights_path, config_path)
     to_wrap, to_fill = [], []
     for path, entry in groups.items():
         if not entry["suffixes"]:
@@ -551,9 +567,51 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
             _fill(new[path], entry, alpha, use_rslora, dropout)
         for _, layer, entry, alpha in to_fill:
             _fill(layer, entry, alpha, use_rslora, dropout)
-    if to_wrap:
+        settings = {key: (r, alpha) for _, key, _, r, alpha in expert_fills}
+        _experts.install(root, expert_targets, settings, use_rslora)
+        for name, _, entry, _, alpha in expert_fills:
+            _experts.fill(root.get_submodule(name), entry["lora_A"], entry["lora_B"], alpha, use_rslora)
+    if to_wrap or expert_targets:
         freeze_except_lora(root)
     return model
+
+
+def _expert_groups(root: nn.Module, config: dict, groups: dict, weights_path: str, config_path: str):
+    """Take the expert adapters (PEFT's target_parameters) out of ``groups`` and check them: returns (the experts
+    targets to wrap, [(wrapper name, parameter key, entry, r, alpha)] to fill). Every parameter the config targets
+    must have its two tensors in the file, in the shapes of its wrapper."""
+    spec = config.get("target_parameters")
+    existing = {name: _experts.parameter_key(name, w) for name, w in _experts.adapters(root)}
+    targets = []
+    if spec:
+        try:
+            targets = _experts.select_parameters(root, spec, skip_wrapped=True)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+    planned = _experts.plan_names(targets)
+    wanted = {**existing, **planned} if spec else existing
+    fills = []
+    for name, key in wanted.items():
+        entry = groups.pop(name, None)
+        if entry is None:
+            if spec and (name in planned or _experts.matches(key, spec)):
+                raise ValueError(
+                    f"{config_path} targets the expert parameter {key}, but {weights_path} has no tensors for it "
+                    "(a truncated or edited file, or an adapter made for another model)"
+                )
+            continue
+        foreign = sorted(entry["suffixes"] - {"lora_A.weight", "lora_B.weight"}) + sorted(
+            slot for slot in ("base_weight", "base_bias") if slot in entry
+        )
+        if foreign:
+            raise ValueError(f"{weights_path}: {name} (LoRA on the expert parameter {key}) has {foreign} tensors")
+        r = pattern_value(config.get("rank_pattern") or {}, key, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, key, config["lora_alpha"])
+        shapes = _experts.expected_shapes(root, name, key, r)
+        for slot in ("lora_A", "lora_B"):
+            _check_shape(weights_path, entry, slot, shapes[slot])
+        fills.append((name, key, entry, r, alpha))
+    return targets, fills
 
 
 def _file_options(weights_path, config_path, config, path, entry, kind) -> dict:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
 from fastlora.kinds import kind_for_module, kind_for_peft_layer, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, LoRALayer
@@ -294,15 +295,16 @@ def _options_for(module: nn.Module, name: str, options: dict) -> dict:
 
 def freeze_except_lora(model: nn.Module):
     """requires_grad=True on every adapter tensor of a fastlora layer (lora_A, lora_B, a DoRA magnitude, a lora_B
-    bias), False on every other parameter."""
+    bias) and of an expert adapter, False on every other parameter."""
     lora = {id(p) for _, layer in lora_layers(model) for p in layer.adapter_parameters()}
+    lora |= {id(p) for p in _experts.adapter_parameters(model)}  # LoRA on experts (fastlora.experts)
     for p in model.parameters():
         p.requires_grad_(id(p) in lora)
 
 
 def apply_lora(
     model: nn.Module,
-    target_modules,
+    target_modules=None,
     r: int = 8,
     alpha: float = 8,
     dropout: float = 0.0,
@@ -312,6 +314,7 @@ def apply_lora(
     alpha_pattern: dict | None = None,
     use_dora: bool = False,
     lora_bias: bool = False,
+    target_parameters=None,
 ) -> nn.Module:
     """Replaces the matching modules of ``model`` by fastlora layers in place and freezes everything else.
 
@@ -327,6 +330,11 @@ def apply_lora(
         rank_pattern, alpha_pattern: {regex: r} and {regex: alpha} overriding r and alpha per module.
         use_dora: DoRA on the linear layers (PEFT's ``use_dora``; a trained magnitude per output feature).
         lora_bias: a trained bias on lora_B of the linear layers (PEFT's ``lora_bias``); not with use_dora.
+        target_parameters: PEFT's ``target_parameters``: a list of parameter names (exact or dotted suffix, such as
+            ``"mlp.experts.gate_up_proj"``) of 3-D expert weights of transformers MoE experts modules; each gets
+            LoRA in PEFT's layout (fastlora.experts). target_modules may then be None. Not with dropout, use_dora
+            or lora_bias (PEFT refuses them on parameters too); rank_pattern and alpha_pattern keys match the
+            parameter names.
 
     Returns:
         ``model`` itself. Only the new lora_A / lora_B parameters (and those of fastlora layers already in the
@@ -345,8 +353,16 @@ def apply_lora(
         raise ValueError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses the pair too)")
     ranks = _check_pattern("rank_pattern", rank_pattern, check_rank)
     alphas = _check_pattern("alpha_pattern", alpha_pattern, check_alpha)
-    targets = select_targets(model, target_modules, exclude_modules)
+    if target_modules is None and target_parameters is None:
+        raise ValueError("apply_lora needs target_modules, target_parameters or both")
+    targets = select_targets(model, target_modules, exclude_modules) if target_modules is not None else []
     names = [name for name, _ in targets]
+    # LoRA on expert parameters (fastlora.experts): selected and checked here, installed with the layers
+    expert_targets = []
+    if target_parameters is not None:
+        _experts.check_options(dropout, use_dora, lora_bias)
+        expert_targets = _experts.select_parameters(model, target_parameters)
+        names += [t.key(p) for t in expert_targets for p in t.parameters]
     for arg, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
         for key in pattern:
             if not any(re.match(rf"(.*\.)?({key})$", name) for name in names):
@@ -357,7 +373,10 @@ def apply_lora(
          _options_for(module, name, options))
         for name, module in targets
     ]  # fmt: skip
+    expert_settings = {key: (pattern_value(ranks, key, r), pattern_value(alphas, key, alpha))
+                       for key in names[len(targets):]}  # fmt: skip
     install_layers(model, plan, dropout, use_rslora)
+    _experts.install(model, expert_targets, expert_settings, use_rslora)
     freeze_except_lora(model)
     return model
 
@@ -366,7 +385,7 @@ def _require_layers(model: nn.Module, fn: str) -> list[tuple[str, LoRALayer]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}")
     found = lora_layers(model)
-    if not found:
+    if not found and not _experts.has_adapters(model):
         raise ValueError(f"{fn}: {type(model).__name__} has no fastlora LoRA layers (apply_lora or load_adapter first)")
     return found
 
@@ -422,6 +441,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for pname in layer.adapter_names:
             if not torch.isfinite(getattr(layer, pname)).all():
                 raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
+    _experts.check_mergeable(model, "merge_and_unload")
     _untie(model, found)
     merged_here = []
     try:
@@ -435,6 +455,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise ValueError(f"merge_and_unload: {err}; no layer was merged") from None
     for name, layer in found:
         _replace(model, name, base_module(layer))
+    _experts.merge_and_unload(model)
     return model
 
 
@@ -449,6 +470,7 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in found:
         layer.unmerge()
         _replace(model, name, base_module(layer))
+    _experts.unload(model)
     return model
 
 
@@ -464,7 +486,8 @@ def disable_adapter(model: nn.Module):
     for _, layer in found:
         layer.disabled = True
     try:
-        yield model
+        with _experts.disabled(model):
+            yield model
     finally:
         for (_, layer), flag in zip(found, previous, strict=True):
             layer.disabled = flag
@@ -575,6 +598,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 f"from_peft: {name} has active adapters {list(module.active_adapters)}; fastlora layers hold exactly "
                 "one adapter, so activate one (set_adapter) first"
             )
+    handled = _experts.convert_peft(peft_model, found)  # target_parameters' ParamWrappers (fastlora.experts)
+    found = [(name, m) for name, m in found if name not in handled]
     plan = []
     for name, module in found:
         adapter = module.active_adapters[0]
