@@ -418,7 +418,8 @@ _MOE_GEMM_16BIT = {
     9: [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)],
     8: [(128, 128, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4)],
 }
-_MOE_GEMM_32BIT = {9: [(64, 64, 32, 8, 4, 3)], 8: [(64, 64, 32, 8, 4, 3)]}
+# float32 on sm_80: 8 warps (the forward with bias and the LoRA term spills 8 bytes at 4 warps).
+_MOE_GEMM_32BIT = {9: [(64, 64, 32, 8, 4, 3)], 8: [(64, 64, 32, 8, 8, 3)]}
 # The rank-r passes, chosen by rule (memory-bound): BLOCK_M, BLOCK_C (the reduced or the output feature block),
 # warps, stages. "down": S = x A_e^T and dS = s dY B_e (BLOCK_C over the reduced features); "grad": dB_e = s dY_e^T S_e
 # and dA_e = dS_e^T x_e, one program per (expert, feature block) walking the expert's rows.

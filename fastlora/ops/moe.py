@@ -103,10 +103,11 @@ def check_experts(x, weight, bias, lora_A, lora_B, scaling, offsets, transposed)
 
 def check_offsets(offsets: torch.Tensor, rows: int) -> None:
     """offsets must be the cumulative row counts of rows sorted by expert: non-decreasing, from >= 0, ending at
-    ``rows``. Host tensors are read here (ValueError); device tensors get a device-side assert queued after the
-    comparison (``torch._assert_async``: no sync; the error surfaces at the next call that waits for the device)."""
+    ``rows``. Host tensors are read here (ValueError); device tensors (and any inside torch.compile) get an assert
+    queued after the comparison (``torch._assert_async``: no sync; on a device the error surfaces at the next call
+    that waits for it)."""
     message = f"offsets must be non-decreasing cumulative row counts ending at the {rows} rows of x"
-    if not host_memory(offsets):
+    if not host_memory(offsets) or torch.compiler.is_compiling():  # compiled: a traced assert, no data read
         ok = (offsets[-1] == rows) & (offsets[0] >= 0) & (offsets[1:] >= offsets[:-1]).all()
         torch._assert_async(ok, message)
         return
