@@ -21,6 +21,7 @@ from fastlora.reference_moe import expert_factors, experts_delta_weight, lora_ex
 
 E, K, N, R = 5, 37, 29, 3
 COUNTS = (11, 0, 19, 1, 10)
+ROWS = sum(COUNTS)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -28,7 +29,7 @@ def _offsets(counts=COUNTS, dtype=torch.int64):
     return torch.tensor(counts).cumsum(0).to(dtype)
 
 
-def _operands(dtype, transposed=False, bias=True, lora=True, adapter_dtype=None, rows=sum(COUNTS)):
+def _operands(dtype, transposed=False, bias=True, lora=True, adapter_dtype=None, rows=ROWS):
     adapter_dtype = adapter_dtype or dtype
     x = torch.randn(rows, K, dtype=dtype).requires_grad_()
     weight = (torch.randn(E, K, N) if transposed else torch.randn(E, N, K)).mul_(K**-0.5).to(dtype)
@@ -154,7 +155,7 @@ def test_bitwise_reproducible():
     """No atomics and no split partials: every output is summed in a fixed order."""
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
     offsets = _offsets()
-    dy = torch.randn(sum(COUNTS), N)
+    dy = torch.randn(ROWS, N)
     grads = []
     for _ in range(2):
         for t in (x, lora_A, lora_B):
@@ -170,7 +171,7 @@ def test_compiled_entry_points_match_eager():
     """torch.compile(fullgraph=True) runs the custom op and its backward; the fake gives the shapes."""
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
     offsets = _offsets()
-    dy = torch.randn(sum(COUNTS), N)
+    dy = torch.randn(ROWS, N)
 
     def step(x, lora_A, lora_B):
         return lora_experts(x, weight, bias, lora_A, lora_B, 0.7, offsets)
@@ -188,7 +189,7 @@ def test_compiled_entry_points_match_eager():
     with torch._subclasses.FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (x, weight, lora_A, lora_B, offsets)]
         y, s = EXPERTS._fake(EXPERTS.Args(fake[0], fake[1], None, fake[2], fake[3], fake[4], 0.7, False))
-    assert tuple(y.shape) == (sum(COUNTS), N) and tuple(s.shape) == (sum(COUNTS), R)
+    assert tuple(y.shape) == (ROWS, N) and tuple(s.shape) == (ROWS, R)
 
 
 def test_empty_rows():

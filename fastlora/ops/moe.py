@@ -132,6 +132,13 @@ def _w_t(weight, e, transposed):
     return weight[e] if transposed else weight[e].t()
 
 
+def _factors(lora_A, lora_B, num_experts, dtype):
+    """(A_e [E, r, K], B_e [E, N, r]) in the compute dtype; B_e gathered out of B's interleaved columns once per call
+    (E N r elements, the adapter's size), so every expert's products read unit-stride operands."""
+    a3, b3 = expert_factors(lora_A.to(dtype), lora_B.to(dtype), num_experts)
+    return a3, b3.contiguous()
+
+
 def _torch_fwd(x, weight, bias, lora_A, lora_B, scaling, offsets, transposed):
     num_experts, _, n = _features(weight, transposed)
     rows = x.shape[0]
@@ -140,7 +147,7 @@ def _torch_fwd(x, weight, bias, lora_A, lora_B, scaling, offsets, transposed):
     r = lora_A.shape[0] // num_experts if lora else 0
     s = x.new_empty((rows, r))
     if lora:
-        a3, b3 = expert_factors(lora_A.to(x.dtype), lora_B.to(x.dtype), num_experts)
+        a3, b3 = _factors(lora_A, lora_B, num_experts, x.dtype)
     for e, (lo, hi) in enumerate(_bounds(offsets)):
         if hi <= lo:
             continue
@@ -162,7 +169,7 @@ def _torch_bwd(dy, x, s, weight, lora_A, lora_B, scaling, offsets, transposed, n
     lora = lora_A is not None
     if lora:
         r = lora_A.shape[0] // num_experts
-        a3, b3 = expert_factors(lora_A.to(dt), lora_B.to(dt), num_experts)
+        a3, b3 = _factors(lora_A, lora_B, num_experts, dt)
         da3 = torch.zeros((num_experts, r, k), dtype=dt, device=dy.device)
         db3 = torch.zeros((num_experts, n, r), dtype=dt, device=dy.device)
     for e, (lo, hi) in enumerate(_bounds(offsets)):
