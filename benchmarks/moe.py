@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -283,7 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds per mode (default 3 on CPU, 1 on CUDA)")
     parser.add_argument("--warmup-ms", type=float, default=None)
     parser.add_argument("--rep-ms", type=float, default=None)
-    parser.add_argument("--out", default=None, help="write the result document (JSON) here")
+    parser.add_argument("--out", default=None, help="result file (.json) or folder (a stamped file name)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     default = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
@@ -300,8 +299,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = measure(device, dtype, settings, Progress(), shape=shape, rounds=args.rounds)
-    doc = {"schema": 1, "environment": environment(device), "command": " ".join(sys.argv),
-           "settings": {**settings.as_dict(), "threads": torch.get_num_threads()}, "results": rows}  # fmt: skip
+    mode = "cuda" if device.type == "cuda" else "cpu (torch path, small shapes; the Triton kernels are not timed)"
+    doc = {"schema": 1, "environment": environment(device), "mode": mode, "command": " ".join(sys.argv),
+           "fastlora_path": {"moe": fastlora.active_path(device)},
+           "settings": {**settings.as_dict(), "threads": torch.get_num_threads()}, "ceilings": None,
+           "results": rows, "skipped": []}  # fmt: skip
     for r in rows:
         err = (r.get("rel_err") or {}).get("y+grads vs float64 PEFT")
         cells = [f"{r['provider']:9s}", f"{r['mode']:17s}", f"{r.get('median_ms') or float('nan'):9.3f} ms"]
@@ -312,8 +314,9 @@ def main(argv=None) -> int:
         cells += [f"saved {r.get('saved_bytes') or 0:,d} B", f"err {err}"]
         print("  ".join(cells))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
+        from fastlora.benchmarks.suite import write
+
+        print(f"wrote {write(doc, args.out)}")
     return 0 if all(r.get("refused") is None and r.get("error") is None for r in rows) else 1
 
 

@@ -383,3 +383,73 @@ def test_benchmark_setup_runs_and_checks_accuracy():
     lora = {r["provider"]: r for r in rows if r["mode"] == "forward" and r["provider"] != "base"}
     assert all(r["accuracy_ok"] and r["rel_err"]["y+grads vs float64 PEFT"] < 1e-5 for r in lora.values())
     assert lora["peft"]["saved_bytes"] > lora["fastlora"]["saved_bytes"]
+
+
+def _gateless_experts(experts=4, hidden=16, inter=24):
+    """An experts module without a gate (``up_proj``, an activation) and with a post-expert norm: the two flags the
+    model families above do not have. Its own forward is a plain loop over tokens and experts."""
+    from transformers import PretrainedConfig
+    from transformers.integrations.moe import use_experts_implementation
+
+    @use_experts_implementation(has_gate=False, has_post_expert_norm=True)
+    class GatelessExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = config.num_experts
+            self.up_proj = torch.nn.Parameter(torch.randn(experts, inter, hidden) * 0.3)
+            self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
+            self.act_fn = torch.nn.GELU()
+            self.post_expert_norm = torch.nn.LayerNorm(hidden)
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for t in range(hidden_states.shape[0]):
+                for j, e in enumerate(top_k_index[t].tolist()):
+                    y = self.down_proj[e] @ self.act_fn(self.up_proj[e] @ hidden_states[t])
+                    out[t] = out[t] + top_k_weights[t, j] * self.post_expert_norm(y)
+            return out
+
+    config = PretrainedConfig()
+    config.num_experts = experts
+    holder = torch.nn.Module()
+    holder.experts = GatelessExperts(config)
+    with torch.no_grad():
+        holder.experts.post_expert_norm.weight.normal_()
+    return holder.requires_grad_(False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_without_gate_and_with_post_norm(backend):
+    """act_fn instead of a gate, the post-expert norm, and a config without a selected implementation (the module's
+    own forward serves the unarmed calls and comes back on unload)."""
+    holder = _gateless_experts()
+    targets = ["experts.up_proj", "experts.down_proj"]
+    ref = copy.deepcopy(holder)
+    peft.inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6, target_modules=[], target_parameters=targets), ref)
+    randomise_lora(ref)
+    model = fl.apply_lora(copy.deepcopy(holder), target_parameters=targets, r=3, alpha=6)
+    with torch.no_grad():
+        for key, t in fl.lora_state_dict(model).items():
+            name = key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+            t.copy_(ref.get_parameter(name))
+    x = torch.randn(7, 16, requires_grad=True)
+    index = torch.stack([torch.randperm(4)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2)
+    dy = torch.randn(7, 16)
+    outs = []
+    for m, path in ((model, backend), (ref, "torch")):
+        x.grad = None
+        with fl.use_backend(path):
+            y = m.experts(x, index, weights)
+            y.backward(dy)
+        grads = {n.replace(".default.weight", ""): p.grad for n, p in m.named_parameters() if "lora_" in n}
+        outs.append((y.detach(), x.grad.clone(), grads))
+    assert_close(outs[0][0], outs[1][0], F32, "y")
+    assert_close(outs[0][1], outs[1][1], F32, "dx")
+    assert outs[0][2].keys() == outs[1][2].keys()
+    for name, g in outs[0][2].items():
+        assert_close(g, outs[1][2][name], F32, name)
+    experts = model.experts.get_base_layer()
+    assert experts.config._experts_implementation == "fastlora"
+    fl.unload(model)
+    assert experts.config._experts_implementation is None
