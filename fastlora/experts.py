@@ -146,17 +146,17 @@ def _is_ours(name) -> bool:
 def _ensure_dispatch(experts: nn.Module) -> None:
     """Switch the experts' config to fastlora's implementation (registered under ``fastlora+<previous>``), unless
     it already is: cheap enough for every call, so a config switched back by hand (``set_experts_implementation``)
-    is taken over again rather than silently dropping the adapter."""
-    config = experts.config
-    current = config._experts_implementation
-    if _is_ours(current):
-        return
+    is taken over again rather than silently dropping the adapter, and a name that came back with a pickled model
+    is registered again in this process."""
     from transformers.integrations.moe import ExpertsInterface
 
-    name = _dispatch_name(current)
+    config = experts.config
+    current = config._experts_implementation
+    name = current if _is_ours(current) else _dispatch_name(current)
     if name not in ExpertsInterface._global_mapping:
-        ExpertsInterface.register(name, functools.partial(_fastlora_experts_forward, previous=current))
-    config._experts_implementation_internal = name
+        ExpertsInterface.register(name, functools.partial(_fastlora_experts_forward, previous=_previous_name(name)))
+    if name != current:
+        config._experts_implementation_internal = name
 
 
 def _restore_dispatch(experts: nn.Module) -> None:
@@ -468,6 +468,17 @@ def check_target_parameters(target_parameters) -> list[str]:
     return sorted(set(target_parameters))
 
 
+def _named_parameters(model: nn.Module):
+    """(key, owner, module, name, parameter) of every parameter, ``key`` its dotted name without wrappers (PEFT's
+    target and pattern name) and ``owner`` its module's; wrappers' own tensors are left out."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, _wrapper_types()):
+            continue
+        owner = _strip_base_layer(module_name)
+        for name, param in module.named_parameters(recurse=False):
+            yield (f"{owner}.{name}" if owner else name), owner, module, name, param
+
+
 def matches(key: str, target_parameters) -> bool:
     """PEFT's rule: a parameter name matches an entry it equals or ends with at a dot."""
     return any(key == t or key.endswith("." + t) for t in target_parameters)
@@ -483,32 +494,27 @@ def select_parameters(model: nn.Module, target_parameters, skip_wrapped: bool = 
     matched = {t: False for t in targets}
     selected: dict[str, ExpertsTarget] = {}
     refused = []
-    for name, module in model.named_modules():
-        if isinstance(module, _wrapper_types()):
+    for key, owner, module, pname, param in _named_parameters(model):
+        hits = [t for t in targets if matches(key, [t])]
+        if not hits:
             continue
-        owner = _strip_base_layer(name)
-        for pname, param in module.named_parameters(recurse=False):
-            key = f"{owner}.{pname}" if owner else pname
-            hits = [t for t in targets if matches(key, [t])]
-            if not hits:
+        for t in hits:
+            matched[t] = True
+        reason = _not_expert_reason(module, pname, param)
+        if reason is None and not owner:
+            reason = "it belongs to the top-level module, which cannot be wrapped"
+        if reason is None:
+            wrapped, foreign = _wrapped_names(model, owner)
+            if foreign:
+                reason = "its module is wrapped by PEFT's LoRA (convert the model with fl.from_peft instead)"
+            elif pname in wrapped and skip_wrapped:
                 continue
-            for t in hits:
-                matched[t] = True
-            reason = _not_expert_reason(module, pname, param)
-            if reason is None and not owner:
-                reason = "it belongs to the top-level module, which cannot be wrapped"
-            if reason is None:
-                wrapped, foreign = _wrapped_names(model, owner)
-                if foreign:
-                    reason = "its module is wrapped by PEFT's LoRA (convert the model with fl.from_peft instead)"
-                elif pname in wrapped and skip_wrapped:
-                    continue
-                elif pname in wrapped:
-                    reason = "it already has a LoRA adapter"
-            if reason is not None:
-                refused.append(f"{key}: {reason}")
-                continue
-            selected.setdefault(owner, ExpertsTarget(owner, module, [])).parameters.append(pname)
+            elif pname in wrapped:
+                reason = "it already has a LoRA adapter"
+        if reason is not None:
+            refused.append(f"{key}: {reason}")
+            continue
+        selected.setdefault(owner, ExpertsTarget(owner, module, [])).parameters.append(pname)
     unmatched = [t for t, hit in matched.items() if not hit]
     if unmatched:
         raise ValueError(
@@ -722,15 +728,7 @@ def short_targets(model: nn.Module, keys: list[str]) -> list[str]:
     """target_parameters for an adapter config: ``<module>.<parameter>`` suffixes (``experts.gate_up_proj``) when
     they select exactly ``keys`` by PEFT's rule, else the full keys."""
     short = sorted({".".join(k.split(".")[-2:]) for k in keys})
-    hits = set()
-    for name, module in model.named_modules():
-        if isinstance(module, _wrapper_types()):
-            continue
-        owner = _strip_base_layer(name)
-        for pname, _ in module.named_parameters(recurse=False):
-            key = f"{owner}.{pname}" if owner else pname
-            if matches(key, short):
-                hits.add(key)
+    hits = {key for key, *_ in _named_parameters(model) if matches(key, short)}
     return short if hits == set(keys) else sorted(keys)
 
 
