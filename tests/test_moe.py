@@ -28,8 +28,10 @@ BACKENDS = ("torch", "triton")
 
 
 @pytest.fixture(autouse=True)
-def quiet():
-    with warnings.catch_warnings():
+def quiet_and_torch_path():
+    """The torch path unless a test picks one (the kernels' own tests under the interpreter are test_moe_op's; the
+    tests here that take ``backend`` run the model on the kernels too)."""
+    with warnings.catch_warnings(), fl.use_backend("torch"):
         warnings.filterwarnings("ignore", message=".*(RoPE|rope|is_gradient_checkpointing|checksum).*")
         # PEFT checks rank_pattern keys against module names only, while it matches them against parameter names
         warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match any targeted module.*")
@@ -81,8 +83,9 @@ def assert_same_run(model, ref, ids, what=""):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("family", "backend"), [*[(f, "torch") for f in FAMILIES], ("gpt_oss", "triton")]
+)  # the kernels on gpt-oss: transposed weights, biases, its own gate
 def test_from_peft_matches_peft_with_one_step(family, backend):
     """Outputs, every LoRA gradient and one optimizer step equal PEFT's; the ParamWrappers and Parameters stay.
     SGD: Adam's first step is lr * sign(g) for every element, which turns a rounding-level difference in a gradient
@@ -239,9 +242,17 @@ def test_peft_methods_after_from_peft(tmp_path):
     a = peft.utils.load_peft_weights(str(tmp_path / "a"))
     b = peft.utils.load_peft_weights(str(tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ours, theirs = fl.lora_state_dict(model), peft.get_peft_model_state_dict(ref)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     with torch.no_grad():
         with model.disable_adapter(), ref.disable_adapter():
             assert_close(model(ids).logits, ref(ids).logits, F32, "PEFT's disable_adapter")
+        with fl.disable_adapter(model):
+            assert_close(model(ids).logits, base(ids).logits, F32, "fastlora's disable_adapter")
+        fl.save_adapter(model, tmp_path / "fl")
+        randomise_lora(model)
+        fl.load_adapter(model, tmp_path / "fl")  # into PEFT's own wrappers
+        assert_close(model(ids).logits, ref(ids).logits, F32, "loaded back")
         assert_close(model.unload()(ids).logits, base(ids).logits, F32, "PEFT's unload")
 
 
@@ -453,3 +464,15 @@ def test_experts_without_gate_and_with_post_norm(backend):
     assert experts.config._experts_implementation == "fastlora"
     fl.unload(model)
     assert experts.config._experts_implementation is None
+
+
+def test_activation_checkpointing_gives_the_plain_gradients():
+    """transformers' gradient checkpointing recomputes each layer in backward: the wrappers arm the experts again."""
+    base = build("qwen3_moe")
+    model = fl.apply_lora(copy.deepcopy(base), target_parameters=TARGETS, r=4, alpha=8)
+    randomise_lora(model)
+    ref = copy.deepcopy(model)
+    model.train()
+    ref.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_run(model, ref, token_ids(vocab=64), "checkpointed")

@@ -47,13 +47,23 @@ def _reference(x, weight, bias, lora_A, lora_B, scaling, offsets, transposed, dy
     return y.detach(), *[t.grad if t is not None else None for t in leaves]
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("transposed", [False, True], ids=["W-EoutIn", "W-EinOut"])
+# Every dtype and layout on the torch path; on the interpreter (a few seconds a case) each dtype once and both
+# layouts in float32.
+_F64_CASES = [("torch", dt, tr) for dt in DTYPES for tr in (False, True)] + [
+    ("triton", torch.float32, False), ("triton", torch.float32, True), ("triton", torch.float16, False),
+    ("triton", torch.bfloat16, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "dtype", "transposed"),
+    _F64_CASES,
+    ids=[f"{'interp' if p == 'triton' else p}-{str(d)[6:]}-{'EinOut' if t else 'EoutIn'}" for p, d, t in _F64_CASES],
+)
 def test_matches_float64(path, dtype, transposed):
     x, weight, bias, lora_A, lora_B = _operands(dtype, transposed)
     offsets = _offsets()
-    with on_path(path):
+    with fl.use_backend(path):
         y = lora_experts(x, weight, bias, lora_A, lora_B, 0.7, offsets, transposed)
         dy = torch.randn_like(y)
         y.backward(dy)
