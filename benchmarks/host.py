@@ -6,16 +6,21 @@ launch work each call does on the host.
 
 Without a GPU, fastlora's Triton path runs against a stand-in Triton driver (``stand_in_gpu``): its target is
 sm_90 (GPUTarget("cuda", 90, 32)), so every kernel compiles for real on the CPU with the wheel's ptxas, and its
-launcher does nothing, so a call runs everything fastlora and Triton do on the host and stops just before the
-driver's launch. What the stand-in timing includes and leaves out:
+launcher is Triton's own CUDA launcher whose final launch function (the driver's C function on a GPU) is a
+C-like callable that does nothing (``DriverLaunch``: no ``__code__``, no ``__closure__``, wrapped for
+tensor-descriptor kernels exactly as the installed Triton wraps the real one). fastlora takes its GPU branches
+there: dropout seeds drawn on the tensors' device, index checks queued as device-side asserts. The torch
+providers (base, PEFT, fastlora's torch path) run on the CPU in float32, their fastest dtype at these shapes (a
+tiny float32 matmul costs a few microseconds, the nearest stand-in for a GPU's asynchronous launch; a bfloat16
+one costs real compute). What the stand-in timing includes and leaves out:
 
 - included: fastlora's validation, autocast handling, autograd.Function and layer code, allocation of outputs and
   workspaces (on the CPU allocator, not the CUDA caching allocator), grid and config arithmetic, the autotuner's
   lookup, Triton's binder (specialisation, cache key), tensor descriptor (TMA) construction and expansion, scratch
-  allocation, the launcher's Python part;
+  allocation, the launcher's Python part, and the torch ops fastlora runs between launches (memsets, casts, seed
+  draws, asserts) at CPU cost for tiny tensors;
 - left out: the driver's C launch function (argument unpacking, ``cuLaunchKernelEx``), CUDA stream and device
-  queries (the stand-in answers them with constants), and device-to-host synchronisation: a ``.tolist()`` on a
-  CPU tensor costs a few microseconds here, where on a GPU it waits for every queued kernel.
+  queries (the stand-in answers them with constants), and device-to-host synchronisation.
 
 Autotuning under the stand-in times nothing (the kernels cannot run): its benchmarker reports the same time for
 every config, so the autotuner keeps the first config left after pruning, deterministically, and only that one
@@ -40,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -59,6 +65,28 @@ SM90_PROPERTIES = {
     "mem_bus_width": 5120,
 }
 MAX_THREADS_PER_BLOCK = 1024
+
+
+class DriverLaunch:
+    """The stand-in for the driver's launch function (the C function ``launch`` of the module Triton's CUDA
+    launcher compiles, or of the driver's utils from Triton 3.7 on): a callable object with neither
+    ``__code__`` nor ``__closure__``, as a builtin has neither, so that code inspecting Python functions meets
+    here what it meets on a GPU. It launches nothing: each call counts one launch and hands its arguments (in
+    this Triton's protocol) to ``sink`` when one is set."""
+
+    __slots__ = ("launches", "sink")
+
+    def __init__(self):
+        self.launches = 0
+        self.sink = None
+
+    def __call__(self, *args):
+        self.launches += 1
+        if self.sink is not None:
+            self.sink(args)
+
+
+DRIVER_LAUNCH = DriverLaunch()
 
 
 class _StandInUtils:
@@ -85,60 +113,58 @@ class _StandInUtils:
     def set_printf_fifo_size(self, size):
         return None
 
+    launch = DRIVER_LAUNCH  # Triton >= 3.7's launch function (3.6 compiles one per kernel)
 
-def _packed_kernel_args() -> bool:
-    """Whether this Triton's launch function takes the kernel's arguments as one tuple after argument annotations
-    (Triton >= 3.7, where ``triton.backends.driver`` expands tensor descriptors), rather than spread out (3.6)."""
-    import triton.backends.driver as base_driver
-
-    return hasattr(base_driver, "wrap_handle_tensordesc_impl")
+    def build_signature_metadata(self, kernel_signature):
+        """Triton >= 3.7: the kernel's flat argument types, which the C launch function reads arguments by."""
+        return tuple(kernel_signature)
 
 
-class StandInLauncher:
-    """Does on the host what Triton's CUDA launcher does in Python (scratch allocation, TMA descriptor expansion);
-    the final driver call is a no-op. ``launches`` counts the calls that reached it. It follows the launch
-    protocol of the installed Triton: 3.6's, or the one with packed kernel arguments of later releases."""
+class _KernelArg:
+    """Triton >= 3.7's argument annotation (a C type of the driver's utils module): kept as given."""
 
-    launches = 0
+    __slots__ = ("nested_tuple", "type")
 
-    def __init__(self, src, metadata):
-        from triton.backends.nvidia import driver as nvidia_driver
+    def __init__(self, nested_tuple, type):
+        self.nested_tuple, self.type = nested_tuple, type
 
-        signature = dict(src.signature)
-        tensordesc_meta = getattr(metadata, "tensordesc_meta", None)
-        self.num_ctas = getattr(metadata, "num_ctas", 1)
-        self.launch = nvidia_driver.wrap_handle_tensordesc(self._driver_launch, signature, tensordesc_meta)
-        self.global_scratch = (metadata.global_scratch_size, metadata.global_scratch_align)
-        self.profile_scratch = (metadata.profile_scratch_size, metadata.profile_scratch_align)
-        self.launch_cooperative_grid = metadata.launch_cooperative_grid
-        self.launch_pdl = metadata.launch_pdl
-        self.packed = _packed_kernel_args()
 
-    @staticmethod
-    def _driver_launch(*args):
-        StandInLauncher.launches += 1
+@contextlib.contextmanager
+def _launcher_module_stand_in():
+    """What Triton's CUDA launcher builds in C, for the block: Triton 3.6 compiles a module (linked to libcuda) per
+    kernel argument list and keeps its ``launch``, here DRIVER_LAUNCH; later releases take the launch function
+    from the driver's utils (``_StandInUtils.launch``) and annotate the arguments with the utils module's types,
+    here plain objects."""
+    from triton.backends.nvidia import driver as nvidia_driver
 
-    def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
-        from triton.runtime import _allocation
+    stand_ins = {}
+    if hasattr(nvidia_driver, "compile_module_from_src"):
+        stand_ins["compile_module_from_src"] = lambda *args, **kwargs: SimpleNamespace(launch=DRIVER_LAUNCH)
+        stand_ins["library_dirs"] = lambda: []  # where libcuda is: nothing links here
+    if getattr(nvidia_driver, "PyKernelArg", 0) is None:  # the utils module that sets these was never built
+        stand_ins.update(PyKernelArg=_KernelArg, ARG_CONSTEXPR=0, ARG_KERNEL=1, ARG_TUPLE=2)
+    originals = {name: getattr(nvidia_driver, name) for name in stand_ins}
+    for name, value in stand_ins.items():
+        setattr(nvidia_driver, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(nvidia_driver, name, value)
 
-        def scratch(size_align, allocator):
-            size, align = size_align
-            if size > 0:
-                return allocator.get()(grid_x * grid_y * grid_z * self.num_ctas * size, align, stream)
-            return None
 
-        global_scratch = scratch(self.global_scratch, _allocation._allocator)
-        profile_scratch = scratch(self.profile_scratch, _allocation._profile_allocator)
-        if self.packed:  # metadata, launch metadata and hooks first, then scratch, annotations, the kernel's arguments
-            self.launch(
-                grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl, *args[:4],
-                global_scratch, profile_scratch, None, None, args[4:],
-            )  # fmt: skip
-            return
-        self.launch(
-            grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl,
-            global_scratch, profile_scratch, *args,
-        )  # fmt: skip
+def _launcher_class():
+    """Triton's own CUDA launcher with the stand-in launch function: everything Triton does on the host for a
+    launch (scratch allocation, the tensor-descriptor expansion wrapped around the launch function exactly as
+    this Triton wraps it) runs as on a GPU, up to the driver call."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    class StandInLauncher(CudaLauncher):
+        def __init__(self, src, metadata):
+            with _launcher_module_stand_in():
+                super().__init__(src, metadata)
+
+    return StandInLauncher
 
 
 def _same_time_for_every_config(kernel_call, quantiles=None, **kwargs):
@@ -158,7 +184,7 @@ def _make_driver():
         def __init__(self):
             super().__init__()
             self.utils = _StandInUtils()
-            self.launcher_cls = StandInLauncher
+            self.launcher_cls = _launcher_class()
 
         @classmethod
         def is_active(cls):
@@ -198,6 +224,9 @@ def _make_driver():
 
         def clear_cache(self, cache):
             return None
+
+        def allocate_default_profile_scratch(self, size, align, stream):
+            return torch.empty(size, dtype=torch.int8)
 
     return StandInDriver()
 
@@ -250,12 +279,16 @@ def _replaced_everywhere(original: Callable, replacement: Callable):
 def stand_in_gpu():
     """fastlora's Triton path for CPU tensors, compiled for sm_90 and launched into the stand-in driver.
 
-    Besides the driver, three facts fastlora asks about the device are answered as an H100/H200 would for CPU
-    tensors: the path (``active_path``: "triton" unless the torch backend is forced), the compute capability (9)
-    and the number of SMs (132). Nothing else in fastlora changes, so the timed work is the GPU path's."""
+    Besides the driver, four facts fastlora asks about the device are answered as an H100/H200 would for CPU
+    tensors: the path (``active_path``: "triton" unless the torch backend is forced, so dropout seeds are drawn on
+    the tensors' device as on a GPU), the compute capability (9), the number of SMs (132) and whether a tensor is
+    host memory (no: index checks queue device-side asserts, as on a GPU). Nothing else in fastlora changes, so
+    the timed work is the GPU path's."""
     from fastlora.kernels import configs
+    from fastlora.kernels import embedding as kernels_embedding
 
     import fastlora
+    from fastlora import checks
 
     if _interpreting():
         raise RuntimeError("fastlora's kernels are interpreted in this process: run without TRITON_INTERPRET=1")
@@ -278,6 +311,8 @@ def stand_in_gpu():
         stack.enter_context(_replaced_everywhere(active_path, stand_in_path))
         stack.enter_context(_replaced_everywhere(capability, stand_in_capability))
         stack.enter_context(_replaced_everywhere(num_sms, stand_in_num_sms))
+        for host_memory in (checks.host_memory, kernels_embedding._host_memory):  # device memory: no host reads
+            stack.enter_context(_replaced_everywhere(host_memory, lambda t: False))
         yield
 
 
@@ -309,46 +344,60 @@ def time_per_call(fn: Callable[[], object], device: torch.device, calls: int = 5
 
 RANK, ALPHA = 8, 16
 DTYPE = torch.bfloat16
+# On the CPU the torch providers run at their fastest dtype for these tiny shapes: a float32 matmul of a few
+# thousand elements costs a few microseconds (the nearest stand-in for a GPU's asynchronous launch), where a
+# bfloat16 one costs real compute that fastlora's stand-in kernels never pay.
+CPU_TORCH_DTYPE = torch.float32
+
+
+def provider_dtype(provider: str, device: torch.device) -> torch.dtype:
+    """The dtype a provider is timed in: DTYPE on a GPU and for fastlora's stand-in kernels, CPU_TORCH_DTYPE for
+    the torch providers on the CPU."""
+    return DTYPE if device.type == "cuda" or provider == "fastlora" else CPU_TORCH_DTYPE
 
 
 @dataclass
 class Case:
     name: str
-    make_base: Callable[[torch.device], nn.Module]
-    make_input: Callable[[torch.device], torch.Tensor]
+    make_base: Callable[[torch.device, torch.dtype], nn.Module]
+    make_input: Callable[[torch.device, torch.dtype], torch.Tensor]
     fastlora_cls: str
     dropout: float = 0.0
 
 
-def _linear(device):
-    return nn.Linear(64, 48, bias=True, device=device, dtype=DTYPE)
+def _linear(device, dtype):
+    return nn.Linear(64, 48, bias=True, device=device, dtype=dtype)
 
 
-def _embedding(device):
-    return nn.Embedding(96, 64, device=device, dtype=DTYPE)
+def _embedding(device, dtype):
+    return nn.Embedding(96, 64, device=device, dtype=dtype)
 
 
-def _conv2d(device):
-    return nn.Conv2d(8, 16, 3, padding=1, bias=True, device=device, dtype=DTYPE)
+def _conv2d(device, dtype):
+    return nn.Conv2d(8, 16, 3, padding=1, bias=True, device=device, dtype=dtype)
+
+
+def _rows(device, dtype):
+    return torch.randn(16, 64, device=device, dtype=dtype)
 
 
 CASES = [
-    Case("linear", _linear, lambda d: torch.randn(16, 64, device=d, dtype=DTYPE), "LoRALinear"),
-    Case("linear dropout=0.1", _linear, lambda d: torch.randn(16, 64, device=d, dtype=DTYPE), "LoRALinear", 0.1),
-    Case("embedding", _embedding, lambda d: torch.randint(0, 96, (16,), device=d), "LoRAEmbedding"),
-    Case("conv2d", _conv2d, lambda d: torch.randn(2, 8, 6, 6, device=d, dtype=DTYPE), "LoRAConv2d"),
+    Case("linear", _linear, _rows, "LoRALinear"),
+    Case("linear dropout=0.1", _linear, _rows, "LoRALinear", 0.1),
+    Case("embedding", _embedding, lambda d, dtype: torch.randint(0, 96, (16,), device=d), "LoRAEmbedding"),
+    Case("conv2d", _conv2d, lambda d, dtype: torch.randn(2, 8, 6, 6, device=d, dtype=dtype), "LoRAConv2d"),
 ]
 
 PROVIDERS = ("base", "peft", "fastlora_torch", "fastlora")
 
 
-def _layer(case: Case, provider: str, device) -> nn.Module:
+def _layer(case: Case, provider: str, device, dtype) -> nn.Module:
     from fastlora.benchmarks.providers import peft_layer
 
     import fastlora
 
     torch.manual_seed(0)
-    base = case.make_base(device).requires_grad_(False)
+    base = case.make_base(device, dtype).requires_grad_(False)
     if provider == "base":
         return base
     if provider == "peft":
@@ -388,15 +437,16 @@ def measure(device: torch.device, calls: int = 50, batches: int = 15, progress=N
                     stack.enter_context(fastlora.use_backend("torch"))
                 elif provider == "fastlora" and device.type == "cpu":
                     stack.enter_context(stand_in_gpu())
-                layer = _layer(case, provider, device)
+                dtype = provider_dtype(provider, device)
+                layer = _layer(case, provider, device, dtype)
                 if layer is None:  # PEFT not installed
                     continue
                 layer.train()
-                x = case.make_input(device)
+                x = case.make_input(device, dtype)
                 if x.is_floating_point():
                     x.requires_grad_(True)
                 forward, forward_backward = _calls(layer, x)
-                row = {"op": case.name, "provider": provider}
+                row = {"op": case.name, "provider": provider, "dtype": str(dtype).removeprefix("torch.")}
                 row["forward_us"] = time_per_call(forward, device, calls, batches)
                 row["forward_backward_us"] = (
                     time_per_call(forward_backward, device, calls, batches) if forward_backward else None
@@ -449,6 +499,7 @@ def conditions(device: torch.device) -> dict:
         "triton": triton.__version__,
         "fastlora": fastlora.__version__,
         "dtype": str(DTYPE).replace("torch.", ""),
+        "cpu_torch_dtype": None if device.type == "cuda" else str(CPU_TORCH_DTYPE).replace("torch.", ""),
         "rank": RANK,
         "threads": torch.get_num_threads(),
     }
@@ -497,7 +548,11 @@ def main(argv=None) -> int:
         f"{cond['dtype']}, r={RANK}, torch {cond['torch']}, triton {cond['triton']}, peft {cond['peft']}"
     )
     if device.type == "cpu":
-        print("fastlora rows: the Triton path against the stand-in sm_90 driver (kernels compiled, not launched).")
+        print(
+            f"fastlora rows: the Triton path in {cond['dtype']} against the stand-in sm_90 driver (kernels compiled, "
+            f"launched into a C-like launch function that does nothing); base, peft and fastlora_torch rows: torch "
+            f"on the CPU in {cond['cpu_torch_dtype']}, their fastest dtype at these shapes."
+        )
         print(cond["timing"])
     print(table(rows))
     if args.out:

@@ -49,7 +49,7 @@ def cached_check(check):
 
     def checked(*args):
         try:
-            key = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+            key = tuple([(a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
             known = memo.get(key, _MISS)
         except TypeError:
             return check(*args)

@@ -73,8 +73,11 @@ __all__ = [
     "plan_names",
     "expected_shapes",
     "fill",
-    "convert_peft",
+    "convert_peft_layer",
     "peft_wrapper_class",
+    "select",
+    "set_adapter",
+    "release",
 ]
 
 _IMPL = "fastlora"
@@ -257,11 +260,12 @@ class LoRAExperts(nn.Module):
     (A_e = lora_A.view(E, r, in)[e], B_e = lora_B.view(out, r, E)[:, :, e]) and initialisation (A kaiming-uniform,
     B zero, in the weight's dtype); the forward is the wrapped module's, with the adapter applied by fastlora's
     experts implementation. ``merge()`` adds s B_e A_e to every expert weight (float32, rounded once);
-    ``unmerge()`` takes it out again; while ``disabled`` the module computes without the adapter.
+    ``unmerge()`` takes it out again; while ``disabled`` the module computes without the adapter, and so it does
+    while ``idle`` (another of the model's named adapters is active: ``adapter_name`` is the one it holds).
     """
 
     def __init__(self, base_layer: nn.Module, parameter_name: str, r: int = 8, alpha: float = 8,
-                 use_rslora: bool = False):  # fmt: skip
+                 use_rslora: bool = False, adapter_name: str = "default"):  # fmt: skip
         super().__init__()
         check_rank(r)
         check_alpha(alpha)
@@ -273,8 +277,10 @@ class LoRAExperts(nn.Module):
         self.parameter_name = parameter_name
         self.num_experts, self.in_features, self.out_features = _features(experts, parameter_name)
         self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.adapter_name = adapter_name
         self.merged = False
         self.disabled = False
+        self.idle = False
         weight = getattr(experts, parameter_name)
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r * self.num_experts, self.in_features, **factory))
@@ -294,11 +300,11 @@ class LoRAExperts(nn.Module):
         return self.lora_A, self.lora_B, self.scaling
 
     def active(self) -> bool:
-        """Whether a call adds the adapter (not disabled, not merged)."""
-        return not (self.disabled or self.merged)
+        """Whether a call adds the adapter (not disabled, idle or merged)."""
+        return not (self.disabled or self.idle or self.merged)
 
     def forward(self, *args, **kwargs):
-        if self.disabled and self.merged:
+        if (self.disabled or self.idle) and self.merged:
             self.unmerge()
         if not self.active():
             return self.base_layer(*args, **kwargs)
@@ -327,7 +333,8 @@ class LoRAExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, in={self.in_features}, "
-            f"out={self.out_features}, r={self.r}, alpha={self.lora_alpha}, merged={self.merged}"
+            f"out={self.out_features}, r={self.r}, alpha={self.lora_alpha}, adapter={self.adapter_name!r}, "
+            f"merged={self.merged}"
         )
 
 
@@ -539,9 +546,18 @@ def check_options(dropout: float = 0.0, use_dora: bool = False, lora_bias: bool 
         )
 
 
-def install(model: nn.Module, targets: list[ExpertsTarget], settings: dict, use_rslora: bool) -> list[LoRAExperts]:
-    """Wrap every selected parameter (``settings``: {parameter key: (r, alpha)}); returns the new wrappers. The
-    experts' configs switch to fastlora's implementation (module docstring)."""
+def select(model: nn.Module, settings: dict) -> list[ExpertsTarget]:
+    """apply_lora's part for ``target_parameters`` (``settings``: its settings under PEFT's field names): the
+    options PEFT refuses on parameters are refused, then the parameters are selected (select_parameters)."""
+    check_options(settings["lora_dropout"], settings["use_dora"], settings["lora_bias"])
+    return select_parameters(model, settings["target_parameters"])
+
+
+def install(model: nn.Module, targets: list[ExpertsTarget], settings: dict, use_rslora: bool,
+            adapter_name: str = "default") -> list[LoRAExperts]:  # fmt: skip
+    """Wrap every selected parameter (``settings``: {parameter key: (r, alpha)}) with an adapter named
+    ``adapter_name``; returns the new wrappers. The experts' configs switch to fastlora's implementation (module
+    docstring)."""
     built = []
     plans = []
     for target in targets:  # build everything first: a bad setting raises before the model changes
@@ -549,7 +565,7 @@ def install(model: nn.Module, targets: list[ExpertsTarget], settings: dict, use_
         chain = []
         for pname in target.parameters:
             r, alpha = settings[target.key(pname)]
-            outer = LoRAExperts(outer, pname, r=r, alpha=alpha, use_rslora=use_rslora)
+            outer = LoRAExperts(outer, pname, r=r, alpha=alpha, use_rslora=use_rslora, adapter_name=adapter_name)
             outer.train(target.experts.training)
             chain.append(outer)
         plans.append((target, outer))
@@ -579,13 +595,15 @@ def _chains(model: nn.Module) -> list[tuple[str, list[nn.Module], nn.Module]]:
     return out
 
 
-def adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def adapters(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module]]:
     """(dotted name, wrapper) of every expert adapter fastlora computes (its own wrappers, and PEFT's converted by
-    from_peft), outer before inner: the names PEFT saves the adapter under."""
+    from_peft), outer before inner: the names PEFT saves the adapter under. With ``adapter``: fastlora's wrappers
+    of that named adapter only."""
     out = []
     for name, chain, _ in _chains(model):
         for depth, wrapper in enumerate(chain):
-            out.append((name + ".base_layer" * depth, wrapper))
+            if adapter is None or getattr(wrapper, "adapter_name", None) == adapter:
+                out.append((name + ".base_layer" * depth, wrapper))
     return out
 
 
@@ -593,14 +611,21 @@ def has_adapters(model: nn.Module) -> bool:
     return bool(_chains(model))
 
 
+def set_adapter(model: nn.Module, adapter: str) -> None:
+    """fastlora's wrappers compute while ``adapter`` is the model's active adapter, and are idle otherwise."""
+    for _, wrapper in adapters(model):
+        if isinstance(wrapper, LoRAExperts):
+            wrapper.idle = wrapper.adapter_name != adapter
+
+
 def _tensors(wrapper) -> tuple[torch.Tensor, torch.Tensor]:
     lora_A, lora_B, _ = wrapper.adapter()
     return lora_A, lora_B
 
 
-def adapter_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """lora_A and lora_B of every expert adapter (the tensors apply_lora leaves trainable)."""
-    return [t for _, w in adapters(model) for t in _tensors(w)]
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[torch.Tensor]:
+    """lora_A and lora_B of every expert adapter (of fastlora's named ``adapter``): the tensors that train."""
+    return [t for _, w in adapters(model, adapter) for t in _tensors(w)]
 
 
 def check_mergeable(model: nn.Module, fn: str) -> None:
@@ -620,27 +645,41 @@ def _remove(model: nn.Module, name: str, experts: nn.Module):
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> None:
-    """Merge every expert adapter into its weight (W_e += s B_e A_e, float32, rounded once; check_mergeable first)
-    and put the experts modules back in place of their wrappers, their configs' implementations restored: PEFT's
-    merge_and_unload."""
+    """Merge every expert adapter that computes (not idle) into its weight (W_e += s B_e A_e, float32, rounded once;
+    check_mergeable first) and put the experts modules back in place of their wrappers, their configs'
+    implementations restored: PEFT's merge_and_unload."""
     for name, chain, experts in _chains(model):
         for wrapper in chain:
-            if not wrapper.merged:
+            if not wrapper.merged and not getattr(wrapper, "idle", False):
                 _apply_delta(wrapper, 1.0)
         _remove(model, name, experts)
         _restore_dispatch(experts)
 
 
 @torch.no_grad()
-def unload(model: nn.Module) -> None:
+def unload(model: nn.Module, adapter: str | None = None) -> None:
     """Put the experts modules back without merging (a merged adapter is taken out first), their configs'
-    implementations restored: PEFT's unload."""
+    implementations restored: PEFT's unload. With ``adapter``: only the experts adapted by that named adapter
+    (delete_adapter)."""
     for name, chain, experts in _chains(model):
+        if adapter is not None and all(getattr(w, "adapter_name", None) != adapter for w in chain):
+            continue
         for wrapper in chain:
             if wrapper.merged:
                 wrapper.unmerge()
         _remove(model, name, experts)
         _restore_dispatch(experts)
+
+
+def release(model: nn.Module) -> nn.Module:
+    """After PEFT's own merge_and_unload or unload of a converted model: every experts module left without a
+    wrapper gets its previous implementation back. Returns ``model``."""
+    if isinstance(model, nn.Module):
+        wrapped = {id(experts) for _, _, experts in _chains(model)}
+        for module in model.modules():
+            if is_experts_module(module) and id(module) not in wrapped:
+                _restore_dispatch(module)
+    return model
 
 
 @contextlib.contextmanager
@@ -702,22 +741,22 @@ def parameter_key(name: str, wrapper) -> str:
     return f"{_strip_base_layer(name)}.{wrapper.parameter_name}"
 
 
-def state_dict(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """The expert adapters' tensors under PEFT's keys, ``<prefix><wrapper name>.lora_A.weight`` [r E, in] and
-    ``.lora_B.weight`` [out, r E] (detached, not copied)."""
+def state_dict(model: nn.Module, prefix: str, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The expert adapters' tensors (of fastlora's named ``adapter``) under PEFT's keys,
+    ``<prefix><wrapper name>.lora_A.weight`` [r E, in] and ``.lora_B.weight`` [out, r E] (the Parameters)."""
     out = {}
-    for name, wrapper in adapters(model):
+    for name, wrapper in adapters(model, adapter):
         lora_A, lora_B = _tensors(wrapper)
-        out[f"{prefix}{name}.lora_A.weight"] = lora_A.detach()
-        out[f"{prefix}{name}.lora_B.weight"] = lora_B.detach()
+        out[f"{prefix}{name}.lora_A.weight"] = lora_A
+        out[f"{prefix}{name}.lora_B.weight"] = lora_B
     return out
 
 
-def config_entries(model: nn.Module) -> list[tuple[str, AdapterEntry]]:
+def config_entries(model: nn.Module, adapter: str | None = None) -> list[tuple[str, AdapterEntry]]:
     """(parameter key, entry) of every expert adapter, for the adapter config (target_parameters, r, lora_alpha,
     use_rslora, rank_pattern and alpha_pattern keyed by the parameter key, as PEFT matches them)."""
     out = []
-    for name, wrapper in adapters(model):
+    for name, wrapper in adapters(model, adapter):
         key = parameter_key(name, wrapper)
         r, alpha, rslora = _settings(wrapper)
         out.append((key, AdapterEntry(key, r, alpha, rslora)))
@@ -772,26 +811,25 @@ def fill(wrapper: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha, 
     wrapper.scaling[adapter] = lora_scaling(r, alpha, use_rslora)
 
 
-def convert_peft(model: nn.Module, found: list[tuple[str, nn.Module]]) -> set[str]:
-    """from_peft's part for PEFT's ParamWrappers: each over an expert weight of a transformers experts module
-    becomes a PeftLoRAExperts (the same object, its class swapped: PEFT's adapters, Parameters and methods stay);
-    the others stay PEFT's, with a warning naming them. Returns the names of every ParamWrapper handled here."""
-    handled = set()
-    plora = __import__("peft.tuners.lora.layer", fromlist=["ParamWrapper"])
-    for name, module in found:
-        if type(module) is not plora.ParamWrapper:
-            continue
-        handled.add(name)
-        experts = module.get_base_layer()
-        param = getattr(experts, module.parameter_name, None)
-        reason = _not_expert_reason(experts, module.parameter_name, param) if param is not None else "it is missing"
-        if reason is not None:
-            warnings.warn(
-                f"fastlora.from_peft: {name} (PEFT's target_parameters LoRA on {module.parameter_name}) stays a PEFT "
-                f"layer: {reason}",
-                stacklevel=3,
-            )
-            continue
-        module.__class__ = peft_wrapper_class()
-        _ensure_dispatch(experts)
-    return handled
+def convert_peft_layer(name: str, module: nn.Module) -> bool:
+    """from_peft's part for PEFT's ParamWrappers (target_parameters): True when ``module`` is one, then handled here.
+    One over an expert weight of a transformers experts module becomes a PeftLoRAExperts (the same object, its class
+    swapped: PEFT's adapters, Parameters and methods stay); any other keeps PEFT's forward, with a warning naming it.
+    """
+    if _PEFT_CLASS is not None and type(module) is _PEFT_CLASS:
+        return True
+    if type(module).__name__ != "ParamWrapper" or not type(module).__module__.startswith("peft.tuners.lora"):
+        return False
+    experts = module.get_base_layer()
+    param = getattr(experts, module.parameter_name, None)
+    reason = _not_expert_reason(experts, module.parameter_name, param) if param is not None else "it is missing"
+    if reason is not None:
+        warnings.warn(
+            f"fastlora.from_peft: {name} (PEFT's target_parameters LoRA on {module.parameter_name}) keeps PEFT's "
+            f"forward: {reason}",
+            stacklevel=3,
+        )
+        return True
+    module.__class__ = peft_wrapper_class()
+    _ensure_dispatch(experts)
+    return True

@@ -37,16 +37,24 @@ from safetensors.torch import save as _st_save
 from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
-from fastlora.layers import LoRALayer
+from fastlora.layers import DEFAULT_ADAPTER, LoRALayer
 from fastlora.model import (
-    freeze_except_lora,
+    BIAS_MODES,
+    ModulesToSave,
+    active_adapter,
+    adapter_names,
+    adapter_record,
     install_layers,
     lora_layers,
+    mark_trainable,
     name_matches,
     pattern_value,
+    saved_modules,
+    set_adapter,
+    unsupported_config_fields,
     unsupported_reason,
-    unwrap_peft,
 )
+from fastlora.peft import peft_model_of
 
 __all__ = ["lora_state_dict", "save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -56,18 +64,6 @@ PREFIX = "base_model.model."
 _SUM_KEY = "fastlora.sha256"
 _LORA_KEY = "fastlora.lora"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Config fields that change what an adapter computes and that fastlora does not implement: each must be falsy.
-_UNSUPPORTED_FIELDS = (
-    "modules_to_save",
-    "layer_replication",
-    "trainable_token_indices",
-    "alora_invocation_tokens",
-    "use_qalora",
-    "use_bdlora",
-    "enable_lora",
-)
-
-
 # Config fields that are layer options (from_module's keyword arguments), with the key suffix of the tensor that a
 # layer built with the option holds.
 _OPTION_FIELDS = {"use_dora": "lora_magnitude_vector", "lora_bias": "lora_B.bias"}
@@ -79,24 +75,74 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of every fastlora layer under PEFT's names (detached, not copied).
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor one adapter (default: the active one) trains, under PEFT's names (detached, not copied).
 
     Keys: ``base_model.model.<path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (Conv2d: [r, C, kh, kw]
-    and [O, r, 1, 1]); for embeddings ``.lora_embedding_A`` [r, V] and ``.lora_embedding_B`` [D, r]. Paths are
-    relative to the user's model, also when ``model`` is a PEFT model converted by ``from_peft``.
+    and [O, r/groups, 1, 1]); for embeddings ``.lora_embedding_A`` [r, V] and ``.lora_embedding_B`` [D, r]; a DoRA
+    magnitude, a lora_B bias; each modules_to_save copy's tensors under the module's own name
+    (``base_model.model.lm_head.weight``); the biases its ``bias`` mode trains (an adapted layer's as
+    ``<path>.base_layer.bias``). Paths are relative to the user's model. For a PEFT ``PeftModel`` this is PEFT's
+    ``get_peft_model_state_dict`` of the adapter (the same key format).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    peft_model = peft_model_of(model, "lora_state_dict")
+    if peft_model is not None:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(peft_model, adapter_name=adapter_name or peft_model.active_adapter)
+    return {key: _full(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
+
+
+def _adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """lora_state_dict's tensors themselves (the Parameter objects, and a modules_to_save copy's buffers)."""
     out = {}
-    root = unwrap_peft(model)
-    for name, layer in lora_layers(root):
+    layers = [(name, layer) for name, layer in lora_layers(model) if adapter in layer.adapters()]
+    for name, layer in layers:
+        holder = layer.adapter(adapter)
         for attr, suffix in kind_of_layer(layer).peft_keys.items():
-            t = getattr(layer, attr, None)
+            t = holder._parameters.get(attr)
             if t is not None:
-                out[f"{PREFIX}{name}.{suffix}"] = _full(t)
-    out.update({k: _full(t) for k, t in _experts.state_dict(root, PREFIX).items()})  # LoRA on experts
+                out[f"{PREFIX}{name}.{suffix}"] = t
+    wrappers = saved_modules(model)
+    for name, wrapper in wrappers:
+        if adapter in wrapper.copies:
+            copy = wrapper.copies[adapter]
+            tensors = dict(copy.named_parameters(remove_duplicate=False)) | dict(copy.named_buffers())
+            out.update({f"{PREFIX}{name}.{key}": t for key, t in tensors.items()})
+    out.update(_experts.state_dict(model, PREFIX, adapter))  # LoRA on experts (fastlora.experts)
+    mode = adapter_record(model).get(adapter, {}).get("bias", "none")
+    if mode != "none":
+        adapted = {name for name, _ in layers}
+        inside = tuple(f"{name}." for name, _ in wrappers)
+        for key, p in model.named_parameters():
+            owner, _, last = key.rpartition(".")
+            if last != "bias" or key.startswith(inside) or (mode == "lora_only" and owner not in adapted):
+                continue
+            out[f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{key}"] = p
     return out
+
+
+def _storage(t: torch.Tensor):
+    """(data pointer, shape) of a tensor with storage of its own, or None (a DTensor has none)."""
+    try:
+        return t.data_ptr(), tuple(t.shape)
+    except RuntimeError:
+        return None
+
+
+def _check_everything_trained_is_saved(model: nn.Module, saved: list[torch.Tensor]):
+    """ValueError naming the parameters that train (requires_grad) but that no saved adapter holds."""
+    ids = {id(t) for t in saved}  # fastlora's own tensors are the Parameters; PEFT's state dict holds views of them
+    views = {_storage(t) for t in saved} - {None}
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids and _storage(p) not in views]
+    if lost:
+        raise ValueError(
+            f"save_adapter: {', '.join(lost[:5])}{' and more' if len(lost) > 5 else ''} train (requires_grad) but no "
+            "adapter holds them, so the saved files would lack them; freeze them, or train them as modules_to_save "
+            "or through bias='all'/'lora_only'. Nothing was written"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,10 +165,11 @@ def _scaling_fields(config: dict) -> dict:
     return {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")}
 
 
-def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) -> dict:
+def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path, experts=()) -> dict:
+    """The adapter_config.json of the layers ``found`` and the expert adapters ``experts`` ((parameter key, entry)
+    from fastlora.experts.config_entries: their keys are PEFT's target_parameters and pattern names)."""
     names = [name for name, _ in found]
-    expert_entries = _experts.config_entries(root)  # LoRA on experts: keyed by parameter name, as PEFT matches them
-    found = list(found) + expert_entries
+    found = list(found) + list(experts)
     ranks = {name: layer.r for name, layer in found}
     alphas = {name: layer.lora_alpha for name, layer in found}
     rslora = {layer.use_rslora for _, layer in found}
@@ -165,10 +212,10 @@ def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) 
         config["rank_pattern"] = rank_pattern
     if alpha_pattern:
         config["alpha_pattern"] = alpha_pattern
-    if expert_entries:
+    if experts:
         if config["lora_dropout"]:
             raise ValueError("PEFT's adapter format has one lora_dropout, and target_parameters needs it to be 0")
-        config["target_parameters"] = _experts.short_targets(root, [key for key, _ in expert_entries])
+        config["target_parameters"] = _experts.short_targets(root, [key for key, _ in experts])
     return config
 
 
@@ -235,20 +282,38 @@ def _atomic_write(files: list[tuple[str, bytes]]):
 
 
 def save_adapter(model: nn.Module, save_directory, task_type: str | None = None, base_model_name_or_path=None):
-    """Writes the adapter of every fastlora layer as ``adapter_model.safetensors`` + ``adapter_config.json``.
+    """Writes every adapter of the model's fastlora layers as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     The folder loads with ``PeftModel.from_pretrained(base_model, save_directory)`` and with ``load_adapter``.
     ``target_modules`` in the config lists the adapted modules (by their last name when that selects exactly
     them); per-module ranks and alphas that differ from the common one go to ``rank_pattern``/``alpha_pattern``.
-    Both files are replaced atomically (see the module docstring). Returns the folder path.
+    The adapter's ``modules_to_save`` copies and the biases its ``bias`` mode trains are saved with it, as PEFT
+    does. With several adapters, PEFT's layout: "default" in the folder, every other one in a subfolder named after
+    it. All files are replaced atomically (see the module docstring). Returns the folder path.
     """
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    root = unwrap_peft(model)
-    found = lora_layers(root)
-    if not found and not _experts.has_adapters(root):
+    peft_model = peft_model_of(model, "save_adapter")
+    if peft_model is not None:
+        if task_type is not None or base_model_name_or_path is not None:
+            raise ValueError(
+                "save_adapter: a PEFT model saves the task_type and base_model_name_or_path of its own config; "
+                "set them on peft_model.peft_config instead"
+            )
+        from peft import get_peft_model_state_dict
+
+        saved = [
+            t
+            for name in peft_model.peft_config
+            for t in get_peft_model_state_dict(peft_model, adapter_name=name).values()
+        ]
+        _check_everything_trained_is_saved(peft_model, saved)
+        peft_model.save_pretrained(save_directory)
+        return os.fspath(save_directory)
+    found = lora_layers(model)
+    if not found and not _experts.has_adapters(model):
         raise ValueError(f"save_adapter: {type(model).__name__} has no fastlora LoRA layers to save")
     for name, layer in found:
         difference = kind_of_layer(layer).peft_difference(layer)
@@ -257,15 +322,38 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
                 f"fastlora: {name}: {difference}, so this adapter is exact only when loaded back with fastlora",
                 stacklevel=2,
             )
-    config = _adapter_config(root, found, task_type, base_model_name_or_path)
-    tensors = {k: v.cpu().contiguous().clone() for k, v in lora_state_dict(root).items()}
+    _check_everything_trained_is_saved(
+        model, [t for name in adapter_names(model) for t in _adapter_tensors(model, name).values()]
+    )
+    files = []
+    for adapter in adapter_names(model):
+        folder = os.fspath(save_directory)
+        if adapter != DEFAULT_ADAPTER:  # PEFT's layout: every adapter but "default" in a folder of its name
+            folder = os.path.join(folder, adapter)
+        files += _adapter_files(model, adapter, folder, task_type, base_model_name_or_path)
+    for path, _ in files:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(files)
+    return os.fspath(save_directory)
+
+
+def _adapter_files(model, adapter, folder, task_type, base_model_name_or_path) -> list[tuple[str, bytes]]:
+    """The two files of one adapter: (path, bytes) of its weights and its config."""
+    holders = [(name, layer.adapter(adapter)) for name, layer in lora_layers(model) if adapter in layer.adapters()]
+    experts = _experts.config_entries(model, adapter)
+    record = adapter_record(model).get(adapter, {})
+    if not holders and not experts:
+        raise ValueError(f"save_adapter: adapter {adapter!r} is on no fastlora layer (only modules_to_save)")
+    config = _adapter_config(model, holders, task_type or record.get("task_type"), base_model_name_or_path, experts)
+    config["bias"] = record.get("bias", "none")
+    config["modules_to_save"] = sorted(name for name, w in saved_modules(model) if adapter in w.copies) or None
+    tensors = {k: v.cpu().contiguous().clone() for k, v in lora_state_dict(model, adapter).items()}
     metadata = {"format": "pt", _SUM_KEY: _digest(tensors), _LORA_KEY: json.dumps(_scaling_fields(config))}
-    weights = _st_save(tensors, metadata=metadata)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    folder = os.fspath(save_directory)
-    os.makedirs(folder, exist_ok=True)
-    _atomic_write([(os.path.join(folder, WEIGHTS_NAME), weights), (os.path.join(folder, CONFIG_NAME), config_bytes)])
-    return folder
+    return [
+        (os.path.join(folder, WEIGHTS_NAME), _st_save(tensors, metadata=metadata)),
+        (os.path.join(folder, CONFIG_NAME), config_bytes),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,11 +372,14 @@ def _read_config(path: str) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{path} is a {peft_type!r} adapter; fastlora loads only LoRA adapters (peft_type 'LORA')")
-    for field in _UNSUPPORTED_FIELDS:
-        if config.get(field):
-            raise ValueError(f"{path} sets {field}={config[field]!r}, which fastlora does not support")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path} sets bias={config['bias']!r}; fastlora supports only bias='none'")
+    refused = unsupported_config_fields(config)
+    if refused:
+        raise ValueError(f"{path} sets {', '.join(refused)}, which fastlora does not implement")
+    if config.get("bias", "none") not in BIAS_MODES:
+        raise ValueError(f"{path} sets bias={config['bias']!r}; expected one of {', '.join(BIAS_MODES)}")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(t, str) and t for t in saved)):
+        raise ValueError(f"{path}: modules_to_save must be a list of module names, got {saved!r}")
     if "r" not in config or "lora_alpha" not in config:
         raise ValueError(f"{path} lacks 'r' or 'lora_alpha'")
     check_rank(config["r"], f"{path}: r")
@@ -445,14 +536,19 @@ def _check_shape(weights_path, entry, slot, expected):
         )
 
 
-def load_adapter(model: nn.Module, load_directory) -> nn.Module:
+def load_adapter(model: nn.Module, load_directory, adapter_name: str | None = None) -> nn.Module:
     """Loads an adapter that fastlora or PEFT saved into ``model``, applying LoRA first where needed.
 
     Modules named in the file that are plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` / ``nn.Conv2d`` are
     wrapped with the file's rank and alpha (``rank_pattern``/``alpha_pattern`` honoured) and everything else is
     frozen, as ``apply_lora`` does; modules that already are fastlora layers get the file's tensors, alpha,
     use_rslora and dropout. Base tensors PEFT saves with a targeted embedding (``base_layer.weight``) are copied
-    into the base weight, as PEFT does.
+    into the base weight, as PEFT does; the config's ``modules_to_save`` modules get the file's copy (wrapped as
+    ``ModulesToSave`` where they are plain) and its ``bias`` mode's biases are copied in.
+
+    ``adapter_name``: the adapter to fill (one the model has; default the active one), or the name of the first
+    adapter of a model that has none (default "default"). A folder of PEFT's layout holds "default" and a
+    subfolder per other adapter: load each subfolder with its name.
 
     ``load_directory`` is the adapter folder, or the path of one of its two files (then their folder is loaded).
     Everything is checked first (the config's type and options, the file's integrity, every key, dtype, shape and
@@ -483,20 +579,89 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
                 "Convert it once, in a trusted environment, with PEFT's save_pretrained(safe_serialization=True)"
             )
         raise FileNotFoundError(f"{weights_path} is missing")
+    peft_model = peft_model_of(model, "load_adapter")
+    if peft_model is not None:
+        adapter = peft_model.active_adapter
+        trainable = not peft_model.peft_config[adapter].inference_mode
+        peft_model.load_adapter(folder, adapter_name=adapter, is_trainable=trainable)
+        return model
     config = _read_config(config_path)
     tensors, metadata = _read_weights(weights_path)
     _verify_record(weights_path, config_path, tensors, metadata, config)
     if not tensors:
         raise ValueError(f"{weights_path} holds no tensors")
-    groups = _group(tensors, weights_path)
-    made_by_fastlora = _SUM_KEY in metadata
+    held = adapter_names(model)
+    adapter = adapter_name or (active_adapter(model) if held else DEFAULT_ADAPTER)
+    if held and adapter not in held:
+        raise ValueError(
+            f"load_adapter: the model has no adapter {adapter!r} (its adapters: {held}); add it with fl.add_adapter "
+            "first, or load into one of those"
+        )
+    previous = active_adapter(model) if held else adapter
+    if previous != adapter:
+        set_adapter(model, adapter)
+    try:
+        _load(model, adapter, config, tensors, metadata, weights_path, config_path, bool(held))
+    finally:
+        if previous != adapter:
+            set_adapter(model, previous)
+    return model
 
-    root = unwrap_peft(model)
+
+def _saved_module_tensors(root: nn.Module, config: dict, tensors: dict, weights_path: str):
+    """Splits off the tensors of the config's modules_to_save modules and of the biases its bias mode saves:
+    ({module path: {key in the module: tensor}}, {parameter path: bias tensor}, the LoRA tensors left)."""
+    names = config.get("modules_to_save") or []
+    paths = [n for n, m in root.named_modules() if n and (isinstance(m, ModulesToSave) or name_matches(names, n))]
+    paths = [n for n in paths if not any(n.startswith(other + ".") for other in paths)]
+    saved, biases, rest = {}, {}, {}
+    for key, t in tensors.items():
+        path = key.removeprefix(PREFIX)
+        owner = next((p for p in paths if path.startswith(p + ".")), None)
+        if owner is not None:
+            saved.setdefault(owner, {})[path[len(owner) + 1 :]] = t
+        elif (
+            config.get("bias") == "all"
+            and path.endswith(".bias")
+            and not path.endswith((".lora_B.bias", ".base_layer.bias"))
+        ):
+            biases[path] = t
+        else:
+            rest[key] = t
+    for owner in paths:
+        module = root.get_submodule(owner)
+        reference = module.original_module if isinstance(module, ModulesToSave) else module
+        expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in saved.get(owner, {}).items()}
+        if got != expected:
+            raise ValueError(
+                f"{weights_path}: the modules_to_save module {owner} needs tensors {expected}, the file has {got}"
+            )
+    for path, t in biases.items():
+        target = root.get_parameter(path) if _has_parameter(root, path) else None
+        if target is None or tuple(target.shape) != tuple(t.shape):
+            have = None if target is None else tuple(target.shape)
+            raise ValueError(f"{weights_path}: bias {path} has shape {tuple(t.shape)}, the model's is {have}")
+    return saved, biases, rest
+
+
+def _has_parameter(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_parameter(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _load(root, adapter, config, tensors, metadata, weights_path, config_path, has_adapters: bool):
+    saved, biases, tensors = _saved_module_tensors(root, config, tensors, weights_path)
+    groups = _group(tensors, weights_path) if tensors else {}
+    expert_targets, expert_fills = _expert_groups(root, config, groups, weights_path, config_path)
+    made_by_fastlora = _SUM_KEY in metadata
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    expert_targets, expert_fills = _expert_groups(root, config, groups, weights_path, config_path)
     to_wrap, to_fill = [], []
     for path, entry in groups.items():
         if not entry["suffixes"]:
@@ -564,16 +729,38 @@ def load_adapter(model: nn.Module, load_directory) -> nn.Module:
     with torch.no_grad():
         new = install_layers(root, [(p, m, r, a, o) for p, m, _, r, a, o in to_wrap], dropout, use_rslora)
         for path, _, entry, _, alpha, _ in to_wrap:
+            new[path].active_adapter = adapter
             _fill(new[path], entry, alpha, use_rslora, dropout)
         for _, layer, entry, alpha in to_fill:
             _fill(layer, entry, alpha, use_rslora, dropout)
         settings = {key: (r, alpha) for _, key, _, r, alpha in expert_fills}
-        _experts.install(root, expert_targets, settings, use_rslora)
+        _experts.install(root, expert_targets, settings, use_rslora, adapter)
         for name, _, entry, _, alpha in expert_fills:
             _experts.fill(root.get_submodule(name), entry["lora_A"], entry["lora_B"], alpha, use_rslora)
-    if to_wrap or expert_targets:
-        freeze_except_lora(root)
-    return model
+        wrapped = bool(expert_targets)
+        for path, state in saved.items():
+            module = root.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, adapter)
+                root.set_submodule(path, module)
+                wrapped = True
+            elif adapter not in module.copies:
+                module.add_copy(adapter)
+                wrapped = True
+            module.copies[adapter].load_state_dict(state)
+        for path, t in biases.items():
+            root.get_parameter(path).copy_(t)
+    record = adapter_record(root)
+    if adapter not in record or to_wrap or wrapped:
+        record[adapter] = {
+            "bias": config.get("bias", "none"),
+            "modules_to_save": sorted(saved) or None,
+            "task_type": config.get("task_type"),
+        }
+    if not has_adapters:
+        root.__dict__["_fastlora_active"] = adapter
+    if to_wrap or wrapped or config.get("bias", "none") != "none":
+        mark_trainable(root)
 
 
 def _expert_groups(root: nn.Module, config: dict, groups: dict, weights_path: str, config_path: str):
@@ -589,9 +776,8 @@ def _expert_groups(root: nn.Module, config: dict, groups: dict, weights_path: st
         except ValueError as err:
             raise ValueError(f"{config_path}: {err}") from None
     planned = _experts.plan_names(targets)
-    wanted = {**existing, **planned} if spec else existing
     fills = []
-    for name, key in wanted.items():
+    for name, key in {**existing, **planned}.items():
         entry = groups.pop(name, None)
         if entry is None:
             if spec and (name in planned or _experts.matches(key, spec)):
@@ -600,9 +786,8 @@ def _expert_groups(root: nn.Module, config: dict, groups: dict, weights_path: st
                     "(a truncated or edited file, or an adapter made for another model)"
                 )
             continue
-        foreign = sorted(entry["suffixes"] - {"lora_A.weight", "lora_B.weight"}) + sorted(
-            slot for slot in ("base_weight", "base_bias") if slot in entry
-        )
+        foreign = sorted(entry["suffixes"] - {"lora_A.weight", "lora_B.weight"})
+        foreign += [slot for slot in ("base_weight", "base_bias") if slot in entry]
         if foreign:
             raise ValueError(f"{weights_path}: {name} (LoRA on the expert parameter {key}) has {foreign} tensors")
         r = pattern_value(config.get("rank_pattern") or {}, key, config["r"])

@@ -23,9 +23,15 @@ from fastlora.layers import (
     LoRALayer,
     LoRALinear,
     LoRALinear4bit,
+    grouped_lora_B,
     is_gpt2_conv1d,
     is_linear4bit,
 )
+from fastlora.ops.conv2d import lora_conv2d
+from fastlora.ops.dora import lora_linear_dora
+from fastlora.ops.embedding import lora_embedding
+from fastlora.ops.linear import lora_linear
+from fastlora.ops.linear4bit import lora_linear_4bit
 
 __all__ = ["LayerKind", "register_kind", "unregister_kind", "kinds", "get_kind", "kind_for_module", "kind_of_layer",
            "kind_for_peft_layer"]  # fmt: skip
@@ -47,8 +53,12 @@ class LayerKind:
             extra ones such as a magnitude vector or a lora_B bias); a layer saves those it has.
         rebuild: a plain base module (built on the meta device) that takes a layer's weight and bias back.
         all_linear: whether ``target_modules="all-linear"`` selects this kind.
-        peft_types: names of the PEFT LoRA layer classes (``peft.tuners.lora.*``) ``from_peft`` converts to it.
-        peft_tensors: {layer attribute: tensor} of one adapter of such a PEFT layer.
+        peft_types: names of the PEFT LoRA layer classes (``peft.tuners.lora.*``) whose forward ``from_peft`` gives
+            this kind's op.
+        peft_forward: ``peft_forward(module, adapter, x)``: the output of such a PEFT layer (its base layer being one
+            this kind wraps) with its one active ``adapter``, computed by the kind's op from PEFT's own tensors; or
+            None where the op does not compute exactly what PEFT does (a LoRA variant the kind does not implement,
+            PEFT's different math on some modules), and then PEFT's own forward runs.
         peft_difference: why PEFT computes LoRA on this module (or layer) differently from fastlora, or None; such
             adapters are exact only between fastlora saves and loads.
         validate_case: the accuracy check's case (fastlora.validate), or None.
@@ -63,7 +73,7 @@ class LayerKind:
     rebuild: Callable[[LoRALayer], nn.Module]
     all_linear: bool = False
     peft_types: tuple[str, ...] = ()
-    peft_tensors: Callable[[nn.Module, str], dict] | None = None
+    peft_forward: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None] | None = None
     peft_difference: Callable[[nn.Module], str | None] = field(default=lambda module: None)
     validate_case: object = None
     bench_setup: str | None = None
@@ -170,26 +180,66 @@ def _rebuild_linear4bit(layer: LoRALinear4bit) -> nn.Module:
     )  # fmt: skip
 
 
-def _peft_ab(module, adapter):
-    return {"lora_A": module.lora_A[adapter].weight, "lora_B": module.lora_B[adapter].weight}
+def _peft_dropout(module, adapter) -> float:
+    """The dropout probability of one adapter of a PEFT layer (an nn.Dropout, or nn.Identity for none)."""
+    dropout = module.lora_dropout[adapter]
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
-def _peft_linear_tensors(module, adapter):
-    tensors = _peft_ab(module, adapter)
-    if module.use_dora.get(adapter, False):
-        tensors["lora_magnitude_vector"] = module.lora_magnitude_vector[adapter].weight
-    if module.lora_bias.get(adapter, False):
-        tensors["lora_bias"] = module.lora_B[adapter].bias
-    return tensors
+def _peft_linear_forward(module, adapter, x):
+    base, lora_A, lora_B = module.base_layer, module.lora_A[adapter], module.lora_B[adapter]
+    weight = base.weight.t() if is_gpt2_conv1d(base) else base.weight
+    args = (module.scaling[adapter], _peft_dropout(module, adapter), module.training)
+    variant = module.lora_variant.get(adapter)
+    if variant is None:
+        return lora_linear(x, weight, base.bias, lora_A.weight, lora_B.weight, *args, lora_bias=lora_B.bias)
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    if type(variant) is not DoraLinearVariant:
+        return None
+    magnitude = module.lora_magnitude_vector[adapter].weight
+    return lora_linear_dora(x, weight, base.bias, lora_A.weight, lora_B.weight, magnitude, *args)
 
 
-def _peft_embedding_ab(module, adapter):
-    return {"lora_A": module.lora_embedding_A[adapter], "lora_B": module.lora_embedding_B[adapter]}
+def _peft_linear4bit_forward(module, adapter, x):
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    if adapter in module.lora_variant or lora_B.bias is not None:
+        return None
+    base = module.base_layer
+    out_dtype = x.dtype
+    if base.compute_dtype is not None:
+        x = x.to(base.compute_dtype)
+    y = lora_linear_4bit(
+        x, base.weight, base.weight.quant_state, base.bias, lora_A.weight, lora_B.weight, module.scaling[adapter],
+        _peft_dropout(module, adapter), module.training,
+    )  # fmt: skip
+    return y.to(out_dtype)
+
+
+def _peft_embedding_forward(module, adapter, x):
+    if adapter in module.lora_variant:
+        return None
+    base = module.base_layer
+    lora_A, lora_B = module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+    return lora_embedding(x, base.weight, lora_A, lora_B, module.scaling[adapter], base.padding_idx)
+
+
+def _peft_conv2d_forward(module, adapter, x):
+    base = module.base_layer
+    if adapter in module.lora_variant or tuple(base.dilation) != (1, 1):
+        return None  # PEFT's lora_A runs without the base's dilation
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    if lora_B.bias is not None:
+        return None
+    return lora_conv2d(
+        x, base.weight, base.bias, lora_A.weight, grouped_lora_B(lora_B.weight, base.groups), module.scaling[adapter],
+        base.stride, base.padding, base.dilation, base.groups, _peft_dropout(module, adapter), module.training,
+    )  # fmt: skip
 
 
 def _conv2d_peft_difference(module) -> str | None:
-    if tuple(module.dilation) != (1, 1) or module.groups != 1:
-        return "PEFT's LoRA branch on a dilated or grouped Conv2d differs from fastlora's"
+    if tuple(module.dilation) != (1, 1):
+        return "PEFT's LoRA branch on a dilated Conv2d differs from fastlora's (PEFT's lora_A ignores the dilation)"
     return None
 
 
@@ -207,7 +257,7 @@ register_kind(
         rebuild=_rebuild_linear,
         all_linear=True,
         peft_types=("Linear",),
-        peft_tensors=_peft_linear_tensors,
+        peft_forward=_peft_linear_forward,
         validate_case=validate.LinearCase(),
         bench_setup="fastlora.benchmarks.linear",
     )
@@ -221,7 +271,7 @@ register_kind(
         peft_keys={"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
         rebuild=_rebuild_embedding,
         peft_types=("Embedding",),
-        peft_tensors=_peft_embedding_ab,
+        peft_forward=_peft_embedding_forward,
         validate_case=validate.EmbeddingCase(),
         bench_setup="fastlora.benchmarks.embedding",
     )
@@ -235,7 +285,7 @@ register_kind(
         peft_keys=_AB_KEYS,
         rebuild=_rebuild_conv2d,
         peft_types=("Conv2d",),
-        peft_tensors=_peft_ab,
+        peft_forward=_peft_conv2d_forward,
         peft_difference=_conv2d_peft_difference,
         validate_case=validate.Conv2dCase(),
         bench_setup="fastlora.benchmarks.conv2d",
@@ -254,7 +304,7 @@ register_kind(
         rebuild=_rebuild_linear4bit,
         all_linear=True,
         peft_types=("Linear4bit",),
-        peft_tensors=_peft_ab,
+        peft_forward=_peft_linear4bit_forward,
         validate_case=validate.Linear4bitCase() if _HAS_BNB else None,
         bench_setup="fastlora.benchmarks.linear4bit" if _HAS_BNB else None,
     )

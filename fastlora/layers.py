@@ -26,10 +26,14 @@ from fastlora.reference import lora_scaling
 from fastlora.reference_4bit import dequantize_4bit_ref
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRALinear4bit", "LoRAEmbedding", "LoRAConv2d", "is_gpt2_conv1d",
-           "is_linear4bit", "BASE_MODULE_ATTR"]  # fmt: skip
+           "is_linear4bit", "grouped_lora_B", "AdapterSlot", "BASE_MODULE_ATTR", "DEFAULT_ADAPTER"]  # fmt: skip
 
 # The attribute (outside the module tree) under which a layer keeps the module it was built from, for unload.
 BASE_MODULE_ATTR = "_fastlora_base_module"
+# The name of the adapter apply_lora makes unless told otherwise (PEFT's).
+DEFAULT_ADAPTER = "default"
+# What an adapter of a layer consists of besides its tensors (those are named by ``adapter_names``).
+_ADAPTER_SETTINGS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "adapter_names")
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -43,12 +47,42 @@ def _shared(t):
     return p.requires_grad_(False)
 
 
+class AdapterSlot(nn.Module):
+    """An adapter a layer holds while another one is active: its tensors (the same Parameter objects, under the
+    layer's attribute names), its settings and its options."""
+
+    def __init__(self, layer: LoRALayer):
+        super().__init__()
+        for name in layer.adapter_names:
+            self.register_parameter(name, layer._parameters[name])
+        for key in _ADAPTER_SETTINGS:
+            setattr(self, key, getattr(layer, key))
+        self.options = layer.extra_options()
+        self.fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
+
+    def extra_options(self) -> dict:
+        return dict(self.options)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}"
+
+
 class LoRALayer(nn.Module):
     """What every fastlora layer shares: rank, scaling, dropout, merge state and the adapter switch.
 
     A subclass says which modules it wraps (``base_type_error``, ``unsupported_reason``), takes over their tensors
     (``_init_base``), names its adapter tensors and their shapes (``adapter_shapes``) and how merging views them
     (``_merge_views``); ``from_module`` is the same for every kind.
+
+    Named adapters (PEFT's semantics): the active adapter's tensors are the layer's own ``lora_A``, ``lora_B``, ...
+    and its settings the layer's ``r``, ``lora_alpha``, ...; other adapters wait in ``lora_adapters`` (an
+    ``nn.ModuleDict`` of :class:`AdapterSlot`, present only while there are any), costing no compute.
+    ``set_adapter`` swaps the Parameter objects in and out (an optimizer keeps them); a layer that does not hold
+    the model's active adapter is ``idle`` and computes its base op alone.
     """
 
     weight: nn.Parameter
@@ -119,6 +153,8 @@ class LoRALayer(nn.Module):
         self.lora_dropout = float(dropout) if self.uses_dropout else 0.0
         self.merged = False
         self.disabled = False
+        self.active_adapter = DEFAULT_ADAPTER
+        self.idle = False
         factory = {"device": self.weight.device, "dtype": self._adapter_dtype()}
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -174,7 +210,68 @@ class LoRALayer(nn.Module):
     def _base_only(self) -> bool:
         if self.disabled and self.merged:
             self.unmerge()
-        return self.merged or self.disabled
+        return self.merged or self.disabled or self.idle
+
+    # Named adapters ---------------------------------------------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        """The names of the adapters this layer holds, the active one first."""
+        return [self.active_adapter, *self._modules.get("lora_adapters", {})]
+
+    def adapter(self, name: str):
+        """The holder of adapter ``name``: the layer itself when it is active, else its AdapterSlot."""
+        return self if name == self.active_adapter else self.lora_adapters[name]
+
+    def hold_adapter(self, name: str, source: LoRALayer):
+        """Keeps the active adapter of ``source`` (a layer of the same kind around the same base) as the inactive
+        adapter ``name``."""
+        if name in self.adapters():
+            raise ValueError(f"this layer already holds an adapter named {name!r}")
+        if "lora_adapters" not in self._modules:
+            self.lora_adapters = nn.ModuleDict()
+        self.lora_adapters[name] = AdapterSlot(source)
+
+    def set_adapter(self, name: str):
+        """Makes ``name`` the active adapter (unmerging first); a layer without it becomes idle."""
+        if name == self.active_adapter:
+            self.idle = False
+            return
+        parked = self._modules.get("lora_adapters")
+        if parked is None or name not in parked:
+            self.idle = True
+            return
+        self.unmerge()
+        slot = parked.pop(name)
+        parked[self.active_adapter] = AdapterSlot(self)
+        self._take(slot, name)
+        self.idle = False
+
+    def delete_adapter(self, name: str) -> bool:
+        """Drops adapter ``name``; False when it was the layer's last one (the caller removes the layer). Deleting
+        the active adapter makes another one active and the layer idle until the model sets its active adapter."""
+        parked = self._modules.get("lora_adapters")
+        if name != self.active_adapter:
+            parked.pop(name)
+        elif not parked:
+            return False
+        else:
+            self.unmerge()
+            successor = next(iter(parked))
+            self._take(parked.pop(successor), successor)
+            self.idle = True
+        if parked is not None and not parked:
+            del self.lora_adapters
+        return True
+
+    def _take(self, slot: AdapterSlot, name: str):
+        for attr in self.adapter_names:
+            if attr not in slot.adapter_names:
+                self.register_parameter(attr, None)
+        for attr in slot.adapter_names:
+            self.register_parameter(attr, slot._parameters[attr])
+        for key in _ADAPTER_SETTINGS:
+            setattr(self, key, getattr(slot, key))
+        self.active_adapter = name
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, merged={self.merged}"
@@ -562,13 +659,25 @@ class LoRAEmbedding(LoRALayer):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def grouped_lora_B(lora_B: torch.Tensor, groups: int) -> torch.Tensor:
+    """PEFT's grouped lora_B [O, r/groups, 1, 1] as the block-diagonal [O, r, 1, 1] weight of the same 1x1 conv
+    (differentiable: the gradient of each block flows back to lora_B). ``lora_B`` itself when groups is 1."""
+    if groups == 1:
+        return lora_B
+    o, rg = lora_B.shape[:2]
+    blocks = lora_B.reshape(groups, o // groups, rg)
+    return torch.block_diag(*blocks).view(o, groups * rg, 1, 1)
+
+
 class LoRAConv2d(LoRALayer):
     """LoRA on a Conv2d: Y = conv(x, W) + bias + s * conv1x1(conv(dropout(x), A), B).
 
     ``weight`` [O, C/groups, kh, kw] and ``bias`` [O] are frozen; ``lora_A`` [r, C, kh, kw] (the base's stride,
-    padding and dilation, groups=1, as in PEFT) and ``lora_B`` [O, r, 1, 1] are trained. Only
-    ``padding_mode='zeros'`` is supported; with ``groups > 1`` the layer trains but cannot merge (the delta
-    B A spans all input channels, the grouped weight only C/groups of them).
+    padding and dilation, groups=1, as in PEFT) and ``lora_B`` [O, r/groups, 1, 1] are trained. As in PEFT, lora_B
+    is a 1x1 convolution with the base's groups (output channel o of group j reads the r/groups channels of S in
+    group j), so r must be a multiple of groups; the op receives it as the block-diagonal [O, r, 1, 1] weight
+    (``grouped_lora_B``). Only ``padding_mode='zeros'`` is supported; with ``groups > 1`` the layer trains but cannot
+    merge (the delta B A spans all input channels, the grouped weight only C/groups of them).
     """
 
     def __init__(
@@ -607,7 +716,15 @@ class LoRAConv2d(LoRALayer):
 
     @classmethod
     def adapter_shapes(cls, module, r, **options):
-        return {"lora_A": (r, module.in_channels, *module.kernel_size), "lora_B": (module.out_channels, r, 1, 1)}
+        if r % module.groups:
+            raise ValueError(
+                f"a LoRA rank of a Conv2d with groups={module.groups} must be a multiple of its groups (PEFT's rule: "
+                f"lora_B is a grouped 1x1 convolution), got r={r}"
+            )
+        return {
+            "lora_A": (r, module.in_channels, *module.kernel_size),
+            "lora_B": (module.out_channels, r // module.groups, 1, 1),
+        }
 
     def _init_base(self, conv: nn.Conv2d):
         self.weight = _shared(conv.weight)
@@ -640,8 +757,8 @@ class LoRAConv2d(LoRALayer):
         if self._base_only():
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return lora_conv2d(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.stride, self.padding,
-            self.dilation, self.groups, self.lora_dropout, self.training,
+            x, self.weight, self.bias, self.lora_A, grouped_lora_B(self.lora_B, self.groups), self.scaling,
+            self.stride, self.padding, self.dilation, self.groups, self.lora_dropout, self.training,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -32,6 +32,13 @@ except (ImportError, AttributeError):  # older Triton
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
+
+def check_dtype(t: torch.Tensor) -> None:
+    """TypeError unless t has a dtype the kernels take (float16, bfloat16, float32)."""
+    if t.dtype not in TL_DTYPES:
+        raise TypeError(f"fastlora kernels take float16, bfloat16 or float32, got {t.dtype}")
+
+
 # Shared memory per block a kernel may use, by major compute capability (bytes).
 SHARED_MEMORY_LIMIT = {8: 166912, 9: 232448}
 

@@ -26,6 +26,7 @@ as a launch argument, so a CUDA graph replay that redraws the seed on the device
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import triton
@@ -43,9 +44,9 @@ from .configs import (
     num_programs_target,
     rank_block,
 )
+from .dropout import dropout_seed
 from .geometry import input_grad, memory_format, output_size
 from .launch import plans_for, seed_pointer
-from .linear import dropout_seed
 from .tiles import grouped_tile
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
@@ -867,6 +868,35 @@ def _launch_gemm(kernel, tuned, grid, args, x, groups):
         plans_for(tuned(major, x.dtype)).launch(groups, grid, **args)
 
 
+_CHANNELS_LAST: dict = {}
+_MAX_CHANNELS_LAST = 256
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t in channels_last memory format: t itself when it is already, else a copy made once per version of t
+    (the frozen weight: once; an adapter: once per optimiser step, shared by forward and backward), remembered
+    beside a weak reference to t, so a tensor that died never answers for a new one at its address."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    entry = _CHANNELS_LAST.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == (t._version, t.shape, t.stride(), t.data_ptr()):
+        return entry[2]
+    copy = t.contiguous(memory_format=torch.channels_last)
+    if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return copy  # a copy inside a graph lives in the graph's memory pool: never kept past it
+    if len(_CHANNELS_LAST) >= _MAX_CHANNELS_LAST:
+        del _CHANNELS_LAST[next(iter(_CHANNELS_LAST))]
+    key = id(t)
+
+    def forget(ref, key=key):  # t died: its copy goes with it
+        entry = _CHANNELS_LAST.get(key)
+        if entry is not None and entry[0] is ref:
+            del _CHANNELS_LAST[key]
+
+    _CHANNELS_LAST[key] = (weakref.ref(t, forget), (t._version, t.shape, t.stride(), t.data_ptr()), copy)
+    return copy
+
+
 def _precision(dtype):
     return {"DOT_DTYPE": dot_dtype(dtype), "INPUT_PRECISION": input_precision(dtype)}
 
@@ -894,7 +924,7 @@ def lora_conv2d_fwd(
     block_r = rank_block(r, max_block=None)
     # Channels innermost in A (a no-op when it is already channels_last): each kernel tap then reads BLOCK_K
     # contiguous channels, which vectorise and pipeline.
-    a_cl = lora_A.contiguous(memory_format=torch.channels_last)
+    a_cl = channels_last(lora_A)
 
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     meta, launch = _skinny(x.device, "down", x.dtype)
@@ -919,7 +949,7 @@ def _y_fused(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     o, cg = weight.shape[0], weight.shape[1]
     m, r = s.shape
     ho, wo = output_size(h, w, (geometry["KH"], geometry["KW"]), stride, pads, dilation)
-    weight = weight.contiguous(memory_format=torch.channels_last)  # channels innermost, as for A
+    weight = channels_last(weight)  # channels innermost, as for A
     y = torch.empty((nb, o, ho, wo), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     og = o // groups
     args = dict(
@@ -981,7 +1011,7 @@ def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     nb, c, h, w = x.shape
     r = lora_A.shape[0]
     dx = input_grad(dy, x, weight, stride, pads, dilation, groups)
-    a_cl = lora_A.contiguous(memory_format=torch.channels_last)
+    a_cl = channels_last(lora_A)
     meta, launch = _skinny(x.device, "dx", x.dtype)
     grid = (_cdiv(nb * h * w, meta["BLOCK_M"]), _cdiv(c, meta["BLOCK_K"]), 1)
     plans_for(_conv_dx_kernel).launch(
@@ -1008,8 +1038,8 @@ def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     """dX = conv_transpose(dY, W) + conv_transpose(dS, A) in one kernel (no dropout)."""
     nb, c, h, w = x.shape
     o = weight.shape[0]
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    a_cl = lora_A.contiguous(memory_format=torch.channels_last)
+    weight = channels_last(weight)
+    a_cl = channels_last(lora_A)
     dx = torch.empty((nb, c, h, w), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     p, cg, og = nb * h * w, c // groups, o // groups
     args = dict(

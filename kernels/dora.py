@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels.configs import (
-    TL_DTYPES,
+    check_dtype,
     dora_bwd_config,
     dora_norm_config,
     dot_dtype,
@@ -212,16 +212,11 @@ def _dora_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_dtype(t):
-    if t.dtype not in TL_DTYPES:
-        raise TypeError(f"fastlora kernels take float16, bfloat16 or float32, got {t.dtype}")
-
-
 def dora_weight_norm(weight, lora_A, lora_B, scaling, wsq=None):
     """(n [N], wsq [N]), both float32: n = ||W + s B A|| per row, wsq = ||W||^2_rows (computed unless given).
 
     One pass over W [N, K] computes W A^T [N, r] (and the squares); the r-wide rest runs as torch ops."""
-    _check_dtype(weight)
+    check_dtype(weight)
     N, K = weight.shape
     R = lora_A.shape[0]
     a = lora_A.to(weight.dtype)
@@ -268,7 +263,7 @@ def dora_bwd_scale(dy, src, bias, magnitude, norm, shift, need_dbias, recompute=
     src: the layer output Y when ``recompute`` = (x [M, K], W [N, K], S [M, r], B [N, r], s) is given (no dropout:
     Yp recovered as (Y - bias) / c, recomputed for zero-magnitude columns), else Yq [M, N] (dg = rowsum(dY Yq) / n).
     c = magnitude / norm."""
-    _check_dtype(dy)
+    check_dtype(dy)
     M, N = dy.shape
     bm, bn, bk, warps = dora_bwd_config()
     grid_n = triton.cdiv(N, bn)

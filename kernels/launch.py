@@ -49,6 +49,8 @@ __all__ = [
     "recording",
     "not_replayable",
     "Replay",
+    "Replays",
+    "signature",
     "seed_pointer",
 ]
 
@@ -297,33 +299,53 @@ def not_replayable():
 
 
 def _raw_launcher(launcher):
-    """The driver's launch function under Triton's tensor-descriptor expansion (which the replay does itself, with
-    a cache), or None where this Triton's launcher has another form."""
+    """The driver's launch function under Triton 3.6's tensor-descriptor expansion (which the replay does itself,
+    with a cache), or None where the launcher has another form: a launch function that is no Python closure (the
+    driver's C function, which 3.6 leaves unwrapped for kernels without descriptors), or a later Triton's wrapper."""
     launch = getattr(launcher, "launch", None)
-    if launch is None or launch.__closure__ is None or launch.__name__ != "inner":
+    closure, code = getattr(launch, "__closure__", None), getattr(launch, "__code__", None)
+    if not closure or code is None or getattr(launch, "__name__", None) != "inner":
         return None
-    cells = dict(zip(launch.__code__.co_freevars, launch.__closure__, strict=True))
-    if not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= cells.keys():
+    cells = dict(zip(code.co_freevars, closure, strict=True))
+    if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+        return None
+    try:
+        from triton.backends.nvidia.driver import _BASE_ARGS_FORMAT_LEN
+    except ImportError:
+        return None
+    if _BASE_ARGS_FORMAT_LEN != 13:  # 3.6's grid, stream, function, flags, scratch, metadata and hooks
         return None
     return cells["launcher"].cell_contents
 
 
+def _descriptor_maker(desc):
+    """A function of a tensor: a host tensor descriptor like ``desc`` (every field this Triton's class has) with
+    that tensor as its base."""
+    cls, fields = type(desc), dict(vars(desc))
+
+    def make(t):
+        d = object.__new__(cls)
+        vars(d).update(fields)
+        d.base = t
+        return d
+
+    return make
+
+
 def _expander(desc, meta):
-    """A function of a tensor: the launch arguments of ``desc`` with that tensor as its base, remembered per data
-    pointer (a few entries: the frozen operands hit every call, fresh outputs when the allocator reuses memory)."""
+    """A function of a tensor: the launch arguments of ``desc`` with that tensor as its base (Triton 3.6's
+    expansion), remembered per data pointer (a few entries: the frozen operands hit every call, fresh outputs
+    when the allocator reuses memory)."""
     from triton.backends.nvidia.driver import make_tensordesc_arg
 
-    shape, strides, block_shape, padding = desc.shape, desc.strides, list(desc.block_shape), desc.padding
+    make = _descriptor_maker(desc)
     cache: dict[int, list] = {}
-    cls = type(desc)
 
     def expand(t):
         ptr = t.data_ptr()
         args = cache.get(ptr)
         if args is None:
-            d = object.__new__(cls)
-            d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block_shape, padding
-            args = make_tensordesc_arg(d, meta)
+            args = make_tensordesc_arg(make(t), meta)
             if meta is None:  # the base tensor itself is an argument: never kept past the call
                 return args
             if len(cache) >= 8:
@@ -332,19 +354,6 @@ def _expander(desc, meta):
         return args
 
     return expand
-
-
-def _descriptor_maker(desc):
-    """A function of a tensor: a host TensorDescriptor like ``desc`` with that tensor as its base."""
-    shape, strides, block_shape, padding = desc.shape, desc.strides, list(desc.block_shape), desc.padding
-    cls = type(desc)
-
-    def make(t):
-        d = object.__new__(cls)
-        d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block_shape, padding
-        return d
-
-    return make
 
 
 class Replay:
@@ -378,7 +387,10 @@ class Replay:
         for plan, kwargs in rec.launches:
             if plan is None or not plan.direct or plan.compiled is None:
                 return None
-            step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr)
+            try:
+                step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr)
+            except Exception:  # a launcher or descriptor of a form this code does not know: the normal path
+                step = None
             if step is None:
                 return None
             steps.append(step)
@@ -448,3 +460,57 @@ def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict):
         c=tuple(consts),
     )
     return plan.device, eval(src, env)  # noqa: S307
+
+
+def signature(*operands) -> tuple:
+    """What a launcher call's launches depend on beyond its values: per tensor operand its shape, strides, dtype,
+    device and 16-byte alignment (None for an absent one); other operands (numbers, flags) as they are."""
+    return tuple(
+        (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) if isinstance(t, torch.Tensor) else t
+        for t in operands
+    )
+
+
+_RECORD = object()
+
+
+class Replays:
+    """The replays of one launcher's calls, per call signature, at most ``maxsize`` of them (the oldest go first):
+    variable-length batches cannot grow it without limit.
+
+    ``replays(key, operands, call)`` runs ``call()`` (the launcher's normal path, which writes into the operands)
+    on the first call of a key (it compiles, tunes and measures) and records it on the second; later calls replay
+    the recording with these operands (the dropout seed's tensor among them, read by the kernels like any other).
+    A call that cannot be replayed (``Replay.build`` returned None) takes the normal path for good."""
+
+    def __init__(self, maxsize: int = 256):
+        self.maxsize = maxsize
+        self._entries: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def replays(self) -> dict:
+        """{key: Replay} of the keys replayed now: for tests and diagnostics."""
+        return {k: v for k, v in self._entries.items() if isinstance(v, Replay)}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __call__(self, key, operands: tuple, call: Callable[[], Any]):
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is None:
+            if len(entries) >= self.maxsize:
+                del entries[next(iter(entries))]
+            entries[key] = _RECORD
+            return call()
+        if entry is _RECORD:
+            with recording() as rec:
+                result = call()
+            entries[key] = Replay.build(rec, operands) or False
+            return result
+        if entry is False:
+            return call()
+        entry(operands)
+        return None

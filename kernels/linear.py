@@ -44,99 +44,19 @@ import triton
 import triton.language as tl
 from fastlora.kernels import configs
 from fastlora.kernels import dispatch as _dispatch
-from fastlora.kernels.configs import INTERPRET, TL_DTYPES, dot_dtype, input_precision, rank_block
-from fastlora.kernels.launch import Replay, launch_hooks, not_replayable, plans_for, recording, seed_pointer
+from fastlora.kernels.configs import INTERPRET, check_dtype, dot_dtype, input_precision, rank_block
+from fastlora.kernels.dropout import (
+    dropout_keep,
+    dropout_keep_factor,
+    dropout_mask,
+    dropout_seed,
+    dropout_threshold,
+)
+from fastlora.kernels.launch import Replays, launch_hooks, not_replayable, plans_for, seed_pointer, signature
 from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_mask", "dropout_threshold", "lora_update_"]
-
-# ----------------------------------------------------------------------------------------------------------
-# Device helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mix32(h):
-    """A 32-bit integer hash with full avalanche (the lowbias32 finalizer: xor-shift, multiply, twice)."""
-    h ^= h >> 16
-    h *= 0x7FEB352D
-    h ^= h >> 15
-    h *= 0x846CA68B
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def dropout_words(seed, rows, cols):
-    """Dropout's random words [len(rows), len(cols)]: the top half of each is the element's 16-bit uniform u.
-    cols: an even number of consecutive columns from an even one (every tile's columns are).
-
-    The seed is mixed into one 32-bit word k0 = mix32(seed_lo + seed_hi * G) (G the golden ratio) before it meets
-    a row, so neighbouring seeds share no rows; each row gets a key key(row) = mix32(row ^ k0) (a vector per tile,
-    amortised over its columns); each pair of columns (2j, 2j + 1) one word t = key * C1 + j * (G * C1),
-    t ^= t >> 15, and the pair's two uniforms are the top halves of t * C2 (column 2j) and t * C2 * 0x10001
-    (column 2j + 1). Per pair: one multiply-add, one xor-shift, two multiplies."""
-    BLOCK: tl.constexpr = cols.shape[0]
-    seed64 = tl.zeros((1,), dtype=tl.int64) + seed  # a tensor even where the JIT specialised seed to a constant
-    seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    k0 = _mix32(seed_lo + seed_hi * 0x9E3779B9)
-    key = _mix32(rows.to(tl.uint32) ^ k0) * 0x7FEB352D  # [BM], times C1
-    pair, _ = tl.split(tl.reshape(cols, (BLOCK // 2, 2)))  # the even column of each pair
-    t = key[:, None] + ((pair >> 1).to(tl.uint32) * 0xCFC6B285)[None, :]  # 0xCFC6B285 = G * C1 mod 2^32
-    t ^= t >> 15
-    # interleaved: column 2j's word, then column 2j + 1's (0x2AF7A68B = C2 * 0x10001 mod 2^32)
-    return tl.reshape(tl.join(t * 0x846CA68B, t * 0x2AF7A68B), (rows.shape[0], BLOCK))
-
-
-@triton.jit
-def dropout_keep(seed, rows, cols, threshold):
-    """Keep-mask [len(rows), len(cols)]: kept where the element's 16-bit uniform u >= threshold (dropout_words)."""
-    return dropout_words(seed, rows, cols) >= (threshold.to(tl.uint32) << 16)  # top half >= t, for t < 65536
-
-
-@triton.jit
-def dropout_keep_t(seed, rows, cols, threshold):
-    """dropout_keep's mask transposed, [len(cols), len(rows)], drawn in that orientation (the same words as
-    dropout_words, written per element: column c's word is t * C2 for even c, t * C2 * 0x10001 for odd c, with
-    t the word of its pair) rather than transposed in registers; any columns."""
-    seed64 = tl.zeros((1,), dtype=tl.int64) + seed
-    seed_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    seed_hi = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    k0 = _mix32(seed_lo + seed_hi * 0x9E3779B9)
-    key = _mix32(rows.to(tl.uint32) ^ k0) * 0x7FEB352D  # [BM], times C1
-    c = cols.to(tl.uint32)
-    t = key[None, :] + ((c >> 1) * 0xCFC6B285)[:, None]  # [BK, BM]
-    t ^= t >> 15
-    mult = tl.where((c & 1) == 0, 0x846CA68B, 0x2AF7A68B).to(tl.uint32)
-    return t * mult[:, None] >= (threshold.to(tl.uint32) << 16)
-
-
-@triton.jit
-def dropout_keep_factor(seed, rows, cols, threshold):
-    """The keep-mask as float32 1.0 / 0.0, with no comparison: f = 2^23 + u exactly (u as the low mantissa bits of
-    2^23), so f - (2^23 + t - 1) = u - t + 1 is an integer, >= 1 where kept and <= 0 where dropped; clamped to
-    [0, 1]."""
-    f = ((dropout_words(seed, rows, cols) >> 16) | 0x4B000000).to(tl.float32, bitcast=True)
-    return tl.clamp(f - (8388607.0 + threshold.to(tl.float32)), 0.0, 1.0)
-
-
-@triton.jit
-def dropout_seed(seed_ptr, ON: tl.constexpr):
-    """The dropout seed, one int64 read from seed_ptr, when ON; else 0 (seed_ptr is then a placeholder, never read).
-    Read from memory rather than passed by value, so that a CUDA graph replay, which repeats launch arguments,
-    draws the mask of the seed the step wrote there."""
-    if ON:
-        return tl.load(seed_ptr)
-    else:
-        return 0
-
-
-def dropout_threshold(p: float) -> int:
-    """The 16-bit threshold t for dropout probability p: keep where u >= t, so P(keep) = 1 - t / 65536 (t at most
-    65535: p within 2^-17 of 1 keeps 1 / 65536)."""
-    return min(int(round(float(p) * 65536)), 65535)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels: the rank-r passes
@@ -620,19 +540,6 @@ def _lora_gemm_tma_kernel(
                           HAS_DA, DOT_DTYPE, PRECISION)  # fmt: skip
 
 
-@triton.jit
-def _dropout_mask_kernel(
-    out_ptr, M, K, stride_om, stride_ok, seed_ptr, p_thresh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """out[M, K] = the keep-mask the LoRA kernels draw for (seed, p): for tests and `fastlora validate`."""
-    seed = dropout_seed(seed_ptr, True)
-    i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, i_m, i_k, p_thresh)
-    p_o = out_ptr + i_m.to(tl.int64)[:, None] * stride_om + i_k.to(tl.int64)[None, :] * stride_ok
-    tl.store(p_o, keep.to(tl.int8), mask=(i_m < M)[:, None] & (i_k < K)[None, :])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Autotuning
 # ----------------------------------------------------------------------------------------------------------
@@ -1039,11 +946,6 @@ def _up_t(t, x, scale, dropout_p=0.0, seed=None, out=None):
     return out
 
 
-def _check_dtype(x):
-    if x.dtype not in TL_DTYPES:
-        raise TypeError(f"fastlora kernels take float16, bfloat16 or float32, got {x.dtype}")
-
-
 def _measured(kind, device, shape, candidates, run):
     """Run `run[choice]()` for the path the dispatch measured fastest for this shape on this device (timed once,
     on the first call, with the `candidates` closures); under the interpreter and off CUDA the fused path."""
@@ -1052,44 +954,8 @@ def _measured(kind, device, shape, candidates, run):
     return run[_dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device)]()
 
 
-# Replays (kernels/launch.py) of whole launcher calls, per call signature: None -> seen once (the first call
-# compiles, tunes and measures), _RECORD -> the next call records, a Replay -> later calls replay, False -> never.
-_RECORD = object()
-_REPLAYS: dict = {}
-_MAX_REPLAYS = 1024
-
-
-def _sig(t):
-    """What a tensor operand's launches depend on: shape, strides, dtype and 16-byte alignment."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
-
-
-def _replayed(key, operands, call):
-    """Run ``call()`` (the launcher's normal path, writing into the operands), or replay its recorded launches.
-    The operands include the dropout seed's tensor (None without dropout), which the kernels read like any other."""
-    entry = _REPLAYS.get(key)
-    if entry is None or entry is False:
-        if entry is None:
-            if len(_REPLAYS) >= _MAX_REPLAYS:
-                _REPLAYS.clear()
-            _REPLAYS[key] = _RECORD
-        return call()
-    if entry is _RECORD:
-        with recording() as rec:
-            result = call()
-        _REPLAYS[key] = Replay.build(rec, operands) or False
-        return result
-    entry(operands)
-    return None
-
-
-def _replay_key(kind, x, *tensors_and_values):
-    return (kind, x.device, driver_device(), *(_sig(t) if isinstance(t, torch.Tensor) or t is None else t
-                                                  for t in (x, *tensors_and_values)))  # fmt: skip
-
-
-def driver_device():
-    return triton.runtime.driver.active.get_current_device()
+# Replays (kernels/launch.py) of whole launcher calls, per call signature.
+REPLAYS = {"fwd": Replays(), "bwd": Replays()}
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
@@ -1101,10 +967,10 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
         return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    key = _replay_key("fwd", x, weight, bias, lora_A, lora_B, col_scale, float(scaling), float(dropout_p))
+    key = signature(x, weight, bias, lora_A, lora_B, col_scale, scaling, dropout_p)
     seed = seed_pointer(seed, x) if dropout_p > 0 else None
     operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s, seed)
-    _replayed(
+    REPLAYS["fwd"](
         key,
         operands,
         lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s),
@@ -1113,7 +979,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
 
 
 def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, y=None, s=None):
-    _check_dtype(x)
+    check_dtype(x)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if col_scale is not None:
@@ -1149,9 +1015,15 @@ def _grads_in(buf, dtype):
     return buf if buf.dtype == dtype else buf.to(dtype)
 
 
+def _grad_views(grads, N, R, K):
+    """dB [N, r] and dA [r, K] as views of one flat buffer of N r + r K elements."""
+    db, da = grads.split_with_sizes((N * R, R * K))
+    return db.view(N, R), da.view(R, K)
+
+
 def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False):
     """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] float32 (rowsum_M(dY), or None) for dY [M, N]."""
-    _check_dtype(dy)
+    check_dtype(dy)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
@@ -1165,21 +1037,23 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
     else:
         # one float32 buffer, one memset: dB [N, r] then dA [r, K], both accumulated with atomics
         grads = torch.zeros(N * R + R * K, device=dy.device, dtype=torch.float32)
-        db32, da32 = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
+        db32, da32 = _grad_views(grads, N, R, K)
         ds = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
         if INTERPRET or launch_hooks():
             _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds, db32, da32)
         else:
-            key = _replay_key("bwd", dy, x, s, weight, lora_A, lora_B, float(scaling), float(dropout_p), need_dx)
+            key = signature(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, need_dx)
             seed = seed_pointer(seed, x) if dropout_p > 0 else None
-            _replayed(
+            REPLAYS["bwd"](
                 key, (dy, x, s, weight, lora_A, lora_B, dx, ds, db32, da32, seed),
                 lambda: _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds,
                                       db32, da32),
             )  # fmt: skip
         if lora_A.dtype == lora_B.dtype:
-            grads = _grads_in(grads, lora_A.dtype)  # one cast for both (none for float32 adapters)
-            db, da = grads[: N * R].view(N, R), grads[N * R :].view(R, K)
+            if lora_A.dtype != torch.float32:  # one cast for both (none for float32 adapters)
+                db, da = _grad_views(grads.to(lora_A.dtype), N, R, K)
+            else:
+                db, da = db32, da32
         else:
             db, da = _grads_in(db32, lora_B.dtype), _grads_in(da32, lora_A.dtype)
     dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
@@ -1219,22 +1093,3 @@ def _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
         _measured("dx", x.device, shape, candidates, {"fused": fused, "cublas+update": cublas_update})
     elif not da_in_ds:
         _up_t(ds, x, inv_keep, dropout_p, seed, out=da32)
-
-
-def dropout_mask(seed, M: int, K: int, p: float, device) -> torch.Tensor:
-    """The bool keep-mask [M, K] the kernels draw for (seed, p); m = keep / (1 - p). P(keep) is exactly
-    1 - dropout_threshold(p) / 65536."""
-    out = torch.empty((M, K), device=device, dtype=torch.int8)
-    bm, bk = 32, 128
-    _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-        out_ptr=out,
-        M=M,
-        K=K,
-        stride_om=out.stride(0),
-        stride_ok=out.stride(1),
-        seed_ptr=seed_pointer(seed, out),
-        p_thresh=dropout_threshold(p),
-        BLOCK_M=bm,
-        BLOCK_K=bk,
-    )
-    return out.bool()

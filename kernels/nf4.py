@@ -38,12 +38,13 @@ from fastlora.kernels.configs import (
     NF4_FUSED_FWD,
     NF4_FUSED_INTERPRET,
     TL_DTYPES,
+    check_dtype,
     dot_dtype,
     input_precision,
     rank_block,
 )
+from fastlora.kernels.dropout import dropout_keep_t, dropout_seed, dropout_threshold
 from fastlora.kernels.launch import seed_pointer
-from fastlora.kernels.linear import dropout_keep_t, dropout_seed
 from fastlora.kernels.quant4bit import Quant4bit
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def _dequantized(q: Quant4bit, dtype: torch.dtype) -> torch.Tensor:
 
 def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout_p, seed, route=None):
     """Y [M, N] = x deq(W)^T + s * S B^T + bias and S [M, r] = (m x) A^T, for x [M, K] (any strides)."""
-    _klinear._check_dtype(x)
+    check_dtype(x)
     M, K = x.shape
     N, R = q.shape[0], lora_A.shape[0]
     route = _check_route(route, M, R)
@@ -450,7 +451,7 @@ def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout
         scaling=float(scaling),
         inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
         seed_ptr=seed_pointer(seed if dropout_p > 0 else None, x),
-        p_thresh=_klinear.dropout_threshold(dropout_p),
+        p_thresh=dropout_threshold(dropout_p),
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(x.dtype),
@@ -493,7 +494,7 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
         scaling=float(scaling),
         inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
         seed_ptr=seed_pointer(seed if dropout_p > 0 else None, dy),
-        p_thresh=_klinear.dropout_threshold(dropout_p),
+        p_thresh=dropout_threshold(dropout_p),
         HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(dy.dtype),
         PRECISION=input_precision(dy.dtype),
@@ -512,7 +513,7 @@ def lora_linear_4bit_bwd(
     dy, x, s, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False, route=None
 ):
     """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] (or None) for dY [M, N]; the route the forward took."""
-    _klinear._check_dtype(dy)
+    check_dtype(dy)
     M, K = x.shape
     N, R = q.shape[0], lora_A.shape[0]
     route = _check_route(route, M, R)

@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections import Counter
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton-decorated kernels
 # A fresh inductor cache per run: a graph cached by an earlier build of the custom ops must never be reused.
@@ -37,3 +38,21 @@ def fresh_seed(request):
     """Each test draws fresh random inputs, reproducibly: the seed comes from the test's id."""
     torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
     yield
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls of each fastlora op that a converted PEFT layer makes (so a test sees fastlora's op ran,
+    not PEFT's forward)."""
+    import fastlora.kinds as kinds
+
+    calls = Counter()
+    for name in ("lora_linear", "lora_linear_dora", "lora_embedding", "lora_conv2d", "lora_linear_4bit"):
+        op = getattr(kinds, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(kinds, name, counted)
+    return calls

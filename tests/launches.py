@@ -133,3 +133,12 @@ def unpoisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", conftest._real_empty)
     monkeypatch.setattr(torch, "empty_like", conftest._real_empty_like)
+
+
+@contextlib.contextmanager
+def count_torch_launches():
+    """Record the torch ops that launch device work inside the block (``launched.torch``, ``launched.syncs``), for
+    code whose Triton launches are counted elsewhere (the stand-in driver's launch function)."""
+    record = Launches()
+    with _TorchLaunches(record, [False]):
+        yield record

@@ -329,3 +329,18 @@ def test_bad_input_raises(name):
     with pytest.raises(exc) as info:
         fl.lora_conv2d(**kwargs, **options)
     assert len(str(info.value)) > 20
+
+
+def test_adapter_updated_in_place_is_read_afresh():
+    """The kernels read the weights in channels_last through a copy kept per weight version: an optimiser step
+    (an in-place update of lora_A) is seen by the next call, and the frozen weight's copy is made once."""
+    x, weight, bias, lora_A, lora_B, conv = make_case("k3-s1-p1-r3", torch.float32, channels_last=True)
+    with fl.use_backend("triton"):
+        first = fl.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.5, **conv)
+        with torch.no_grad():
+            lora_A.add_(torch.randn_like(lora_A))
+        y = fl.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.5, **conv)
+        assert kconv.channels_last(weight) is kconv.channels_last(weight)
+    ref = lora_conv2d_ref(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double(), 0.5, **conv)
+    assert_close(y, ref, torch.float32)
+    assert not torch.allclose(first, y)

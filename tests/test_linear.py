@@ -551,3 +551,15 @@ def test_kernels_read_the_seed_from_memory(M):
     for name, u, v, ref in zip(("Y", "dX", "dA", "dB"), first, second, step(98765), strict=True):
         assert not torch.equal(u, v), f"{name}: the kernels kept the first seed"
         assert torch.equal(v, ref), f"{name}: a seed read from memory differs from the same seed passed as an int"
+
+
+def test_seeds_use_all_64_bits():
+    """draw_seed draws over the whole int64 range, and the kernels' mask depends on the seed's high 32 bits: a
+    million steps of 31-bit seeds would repeat about a thousand masks."""
+    seeds = torch.stack([draw_seed(torch.empty(0)) for _ in range(64)])
+    assert seeds.dtype == torch.int64 and (seeds.abs() >= 2**32).float().mean() > 0.9
+    assert (seeds < 0).any() and (seeds > 0).any()
+    low = int(seeds[0]) & 0xFFFFFFFF
+    first = klinear.dropout_mask(low, 37, 75, 0.5, "cpu")
+    assert not torch.equal(first, klinear.dropout_mask(low + 2**40, 37, 75, 0.5, "cpu"))
+    assert torch.equal(first, klinear.dropout_mask(low, 37, 75, 0.5, "cpu"))

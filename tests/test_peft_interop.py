@@ -24,6 +24,7 @@ from tiny_models import (
 
 import fastlora as fl
 from fastlora.model import lora_layers
+from fastlora.peft import converted_layers
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -49,23 +50,21 @@ def peft_model(base, targets, **kwargs):
     return model
 
 
-def peft_lora_grads(model) -> dict[str, torch.Tensor]:
-    """PEFT's adapter gradients under fastlora's parameter names."""
-    grads = {}
-    for name, p in model.base_model.model.named_parameters():
-        if "lora_" in name:
-            name = name.replace("lora_B.default.bias", "lora_bias")
-            name = name.replace(".default.weight", "").replace(".default", "")
-            grads[name.replace("lora_embedding_", "lora_")] = p.grad
-    return grads
+def adapter_grads(model) -> dict[str, torch.Tensor]:
+    """The gradient of every trainable parameter, by name (a converted model keeps PEFT's names)."""
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
-def fastlora_grads(model) -> dict[str, torch.Tensor]:
-    """fastlora's adapter gradients (lora_A, lora_B and a magnitude or lora_bias where the layer has one)."""
-    root = model.base_model.model if isinstance(model, PeftModel) else model
-    return {
-        f"{name}.{attr}": getattr(layer, attr).grad for name, layer in lora_layers(root) for attr in layer.adapter_names
-    }
+def assert_same_grads(model, peft_model, dtype=F32):
+    ours, theirs = adapter_grads(model), adapter_grads(peft_model)
+    assert ours.keys() == theirs.keys() and ours
+    for name in theirs:
+        assert ours[name] is not None, name
+        assert_close(ours[name], theirs[name], dtype, name)
+
+
+def peft_layer_names(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
 @pytest.mark.parametrize(
@@ -80,41 +79,39 @@ def fastlora_grads(model) -> dict[str, torch.Tensor]:
     ],
     ids=["llama", "llama-rslora", "gpt2", "llama-dora", "gpt2-dora", "llama-lora-bias"],
 )
-def test_from_peft_gives_peft_outputs_and_gradients(arch, options):
+def test_from_peft_gives_peft_outputs_and_gradients(arch, options, op_calls):
     build, targets = MODELS[arch]
     pm = peft_model(build(), targets, **options)
     converted = fl.from_peft(copy_model(pm))
-    for _, layer in lora_layers(converted):
-        assert layer.use_rslora == options.get("use_rslora", False)
-        flags = {"use_dora": options.get("use_dora", False), "lora_bias": options.get("lora_bias", False)}
-        assert layer.extra_options() == flags
+    assert {n for n, _ in converted_layers(converted)} == peft_layer_names(pm)
+    assert all(isinstance(m, peft.tuners.lora.Linear) for _, m in converted_layers(converted))
 
-    assert len(lora_layers(converted)) == len([m for m in pm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)])
     ids = token_ids()
-    out_peft, out_fl = logits(pm, ids), logits(converted, ids)
+    out_peft = logits(pm, ids)
+    out_fl = logits(converted, ids)
+    op = "lora_linear_dora" if options.get("use_dora") else "lora_linear"
+    assert op_calls[op] == len(converted_layers(converted))
     assert_close(out_fl, out_peft, F32, f"{arch} logits")
     (out_peft.square().mean()).backward()
     (out_fl.square().mean()).backward()
-    g_peft, g_fl = peft_lora_grads(pm), fastlora_grads(converted)
-    assert g_peft.keys() == g_fl.keys()
-    for name in g_peft:
-        assert_close(g_fl[name], g_peft[name], F32, name)
+    assert_same_grads(converted, pm)
 
 
-def test_from_peft_keeps_the_parameter_objects_so_the_optimizer_still_works():
+def test_from_peft_keeps_every_module_and_parameter_object_so_the_optimizer_still_works():
     pm = peft_model(llama(), ["q_proj", "v_proj"])
+    modules = dict(pm.named_modules())
+    params = dict(pm.named_parameters())
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
-    a, b, w = q.lora_A["default"].weight, q.lora_B["default"].weight, q.base_layer.weight
+    a = q.lora_A["default"].weight
     optimizer = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
     assert fl.from_peft(pm) is pm
-    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, fl.LoRALinear)
-    assert layer.lora_A is a and layer.lora_B is b and layer.weight is w
+    assert dict(pm.named_modules()) == modules and dict(pm.named_parameters()) == params
+    assert type(q).__name__ == "FastLinear" and isinstance(q, peft.tuners.lora.Linear)
     before = a.detach().clone()
     ids = token_ids()
     pm(ids, labels=ids).loss.backward()
     optimizer.step()
-    assert not torch.equal(layer.lora_A, before)
+    assert not torch.equal(a, before)
 
 
 @pytest.mark.parametrize(
@@ -184,144 +181,19 @@ def test_fastlora_loads_an_older_peft_config(tmp_path):
     assert_close(logits(model, ids), logits(pm, ids), F32, "older config")
 
 
-def test_merge_and_disable_match_peft():
-    base = llama()
-    pm = peft_model(base, ["q_proj", "k_proj", "down_proj"])
-    converted = fl.from_peft(copy_model(pm))
-    ids = token_ids()
-    with pm.disable_adapter():
-        peft_base = logits(pm, ids)
-    with fl.disable_adapter(converted):
-        assert torch.equal(logits(converted, ids), peft_base)
-        assert torch.equal(logits(converted, ids), logits(base, ids))
-    unmerged = logits(converted, ids)
-    merged_fl = fl.merge_and_unload(converted.base_model.model)
-    merged_peft = pm.merge_and_unload()
-    assert_close(logits(merged_fl, ids), logits(merged_peft, ids), F32, "merged: fastlora vs PEFT")
-    assert_close(logits(merged_fl, ids), unmerged, F32, "merged vs unmerged")
-
-
-def test_save_after_from_peft_round_trips_through_peft(tmp_path):
-    base = gpt2()
-    pm = peft_model(base, ["c_attn"])
-    converted = fl.from_peft(copy_model(pm))
-    fl.save_adapter(converted, tmp_path)
-    keys = set(fl.lora_state_dict(converted))
-    assert keys == {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight" for i in range(2) for ab in "AB"}
-    loaded = PeftModel.from_pretrained(copy_model(base), tmp_path).eval()
-    ids = token_ids()
-    assert_close(logits(loaded, ids), logits(pm.eval(), ids), F32, "PEFT -> fastlora -> file -> PEFT")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What from_peft must not convert
-# ----------------------------------------------------------------------------------------------------------
-
-
-class QuantisedLikeLinear(nn.Linear):
-    """A Linear subclass with its own forward, standing in for a quantised layer (bitsandbytes' are such)."""
-
-    def forward(self, x):
-        return super().forward(x).round(decimals=2)
-
-
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.quant = QuantisedLikeLinear(12, 12)
-        self.plain = nn.Linear(12, 9)
-
-    def forward(self, x):
-        return self.plain(self.quant(x))
-
-
-def convert_with_warnings(model):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fl.from_peft(model)
-    return [str(w.message) for w in caught if "from_peft" in str(w.message)]
-
-
-def test_from_peft_leaves_dora_on_an_embedding_alone_with_a_warning():
-    pm = peft_model(llama(), ["embed_tokens", "q_proj"], use_dora=True)
-    ids = token_ids()
-    before = logits(pm, ids)
-    messages = convert_with_warnings(pm)
-    assert len(messages) == 1
-    assert "model.embed_tokens" in messages[0] and "use_dora=True" in messages[0] and "Embedding" in messages[0]
-    assert {n for n, _ in lora_layers(pm)} == {f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
-    assert_close(logits(pm, ids), before, F32, "logits after the partial conversion")
-
-
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_from_peft_dora_trains_step_for_step_as_under_peft(p):
-    """A converted PEFT DoRA model takes the same optimizer steps as PEFT's (dropout 0.1: eval-mode forward, so the
-    no-dropout form; training with a mask is compared layer by layer in test_dora.py)."""
-    pm = peft_model(llama(), ["q_proj", "v_proj", "up_proj"], use_dora=True, lora_dropout=p)
-    converted = fl.from_peft(copy_model(pm))
-    runs_start = {f"{n}.{a}": getattr(layer, a).detach().clone() for n, layer in lora_layers(converted)
-                  for a in layer.adapter_names}  # fmt: skip
-    ids = token_ids()
-    runs = []
-    for model in (pm, converted):
-        model.train(p == 0)
-        params = [q for q in model.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(ids, labels=ids).loss.backward()
-            optimizer.step()
-        runs.append(dict(model.named_parameters()))
-    theirs, ours = runs
-    peft_names = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
-                  "lora_magnitude_vector": "lora_magnitude_vector.default.weight"}  # fmt: skip
-    compared = 0
-    for name, layer in lora_layers(converted):
-        for attr in layer.adapter_names:
-            mine = getattr(layer, attr)
-            assert mine is ours[f"{name}.{attr}"]
-            assert not torch.equal(mine, runs_start[f"{name}.{attr}"]), f"{name}.{attr} did not train"
-            assert_close(mine, theirs[f"{name}.{peft_names[attr]}"], F32, f"{name}.{attr} after 3 steps")
-            compared += 1
-    assert compared == 3 * 6
-
-
-def test_from_peft_skips_a_quantised_like_base_and_converts_the_rest():
-    pm = peft_model(TwoLayers(), ["quant", "plain"])
-    x = torch.randn(3, 12)
-    before = pm(x)
-    messages = convert_with_warnings(pm)
-    assert len(messages) == 1 and "quant stays a PEFT layer" in messages[0] and "QuantisedLikeLinear" in messages[0]
-    assert {n for n, _ in lora_layers(pm.base_model.model)} == {"plain"}
-    assert torch.equal(pm(x), before)
-
-
-def test_from_peft_refuses_several_adapters():
-    pm = peft_model(llama(), ["q_proj"])
-    pm.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
-    before = snapshot(pm)
-    with pytest.raises(ValueError, match=r"one adapter, this one has \['default', 'other'\]"):
-        fl.from_peft(pm)
-    assert_unchanged(pm, before)
-
-
-def test_from_peft_refuses_a_model_without_peft_layers():
-    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
-        fl.from_peft(llama())
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Embedding and Conv2d (layers merged in from their own branches)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_embedding_interop_both_ways(tmp_path):
+def test_embedding_interop_both_ways(tmp_path, op_calls):
     base = llama()
     pm = peft_model(base, ["embed_tokens", "q_proj"]).eval()
     ids = token_ids()
     converted = fl.from_peft(copy_model(pm))
-    assert type(converted.base_model.model.model.embed_tokens).__name__ == "LoRAEmbedding"
+    assert type(converted.base_model.model.model.embed_tokens).__name__ == "FastEmbedding"
     assert_close(logits(converted, ids), logits(pm, ids), F32, "from_peft with embedding")
+    assert op_calls["lora_embedding"] == 1 and op_calls["lora_linear"] == 2
     pm.save_pretrained(tmp_path / "peft")
     model = fl.load_adapter(copy_model(base), tmp_path / "peft")
     assert_close(logits(model, ids), logits(pm, ids), F32, "fastlora on PEFT's embedding adapter")
@@ -330,19 +202,18 @@ def test_embedding_interop_both_ways(tmp_path):
     assert_close(logits(loaded, ids), logits(pm, ids), F32, "PEFT on fastlora's embedding adapter")
 
 
-def test_conv_net_interop_both_ways(tmp_path):
+def test_conv_net_interop_both_ways(tmp_path, op_calls):
     base = convnet()
     pm = peft_model(base, ["conv1", "conv2", "head"]).eval()
     x = torch.randn(2, 3, 8, 8)
     converted = fl.from_peft(copy_model(pm))
-    assert {n for n, _ in lora_layers(converted.base_model.model)} == {"conv1", "conv2", "head"}
+    assert {n for n, _ in converted_layers(converted.base_model.model)} == {"conv1", "conv2", "head"}
     out_fl, out_peft = converted(x), pm(x)
+    assert op_calls["lora_conv2d"] == 2
     assert_close(out_fl, out_peft, F32, "from_peft conv net")
     out_fl.square().sum().backward()
     out_peft.square().sum().backward()
-    g_peft, g_fl = peft_lora_grads(pm), fastlora_grads(converted)
-    for name in g_peft:
-        assert_close(g_fl[name], g_peft[name], F32, name)
+    assert_same_grads(converted, pm)
     pm.save_pretrained(tmp_path / "peft")
     model = fl.load_adapter(copy_model(base), tmp_path / "peft")
     assert_close(model(x), pm(x), F32, "fastlora on PEFT's conv adapter")
@@ -351,14 +222,47 @@ def test_conv_net_interop_both_ways(tmp_path):
     assert_close(loaded(x), pm(x), F32, "PEFT on fastlora's conv adapter")
 
 
-def test_from_peft_keeps_a_merged_layer_merged():
-    base = llama()
-    pm = peft_model(base, ["q_proj", "o_proj"])
-    ids = token_ids()
-    adapted_out = logits(pm, ids)
-    pm.merge_adapter()
-    fl.from_peft(pm)
-    assert all(layer.merged for _, layer in lora_layers(pm.base_model.model))
-    assert_close(logits(pm, ids), adapted_out, F32, "converted merged model")
-    fl.unload(pm.base_model.model)
-    assert_close(logits(pm, ids), logits(base, ids), F32, "unmerged and unloaded")
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.head = nn.Linear(6 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_grouped_conv_has_peft_shapes_and_math_both_ways(tmp_path, op_calls):
+    """PEFT's lora_B on a grouped conv is a grouped 1x1 conv, [O, r/groups, 1, 1]: apply_lora makes the same shape,
+    computes PEFT's output and gradients, and adapters move both ways; from_peft runs it with fastlora's op."""
+    base = GroupedConvNet().eval()
+    pm = peft_model(base, ["conv"], r=4)
+    assert tuple(pm.base_model.model.conv.lora_B["default"].weight.shape) == (6, 2, 1, 1)
+    x = torch.randn(2, 4, 5, 5)
+    model = fl.apply_lora(copy_model(base), ["conv"], r=4, alpha=8)
+    assert tuple(model.conv.lora_B.shape) == (6, 2, 1, 1)
+    with torch.no_grad():
+        model.conv.lora_A.copy_(pm.base_model.model.conv.lora_A["default"].weight)
+        model.conv.lora_B.copy_(pm.base_model.model.conv.lora_B["default"].weight)
+    out, ref = model(x), pm(x)
+    assert_close(out, ref, F32, "grouped conv: apply_lora vs PEFT")
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_close(model.conv.lora_B.grad, pm.base_model.model.conv.lora_B["default"].weight.grad, F32, "dB")
+    assert_close(model.conv.lora_A.grad, pm.base_model.model.conv.lora_A["default"].weight.grad, F32, "dA")
+    converted = fl.from_peft(copy_model(pm))
+    assert_close(converted(x), ref, F32, "grouped conv: from_peft vs PEFT")
+    assert op_calls["lora_conv2d"] == 1
+    fl.save_adapter(model, tmp_path / "fl")
+    loaded = PeftModel.from_pretrained(copy_model(base), tmp_path / "fl")
+    assert_close(loaded(x), ref, F32, "PEFT on fastlora's grouped conv adapter")
+    pm.save_pretrained(tmp_path / "peft")
+    assert_close(fl.load_adapter(copy_model(base), tmp_path / "peft")(x), ref, F32, "fastlora on PEFT's")
+
+
+def test_grouped_conv_rank_not_a_multiple_of_groups_is_refused():
+    model = GroupedConvNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="multiple of its groups"):
+        fl.apply_lora(model, ["conv"], r=3)
+    assert_unchanged(model, before)

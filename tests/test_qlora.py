@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import assert_close
-from test_peft_interop import fastlora_grads, peft_lora_grads
+from test_peft_interop import adapter_grads, assert_same_grads
 from tiny_models import copy_model, llama_4bit, logits, quantize_4bit, randomise_lora, token_ids
 
 import fastlora as fl
 from fastlora.model import lora_layers
+from fastlora.peft import converted_layers
 from fastlora.reference_4bit import dequantize_4bit_ref
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -46,33 +47,29 @@ def linear4bit_modules(model):
 
 
 @pytest.mark.parametrize("quant_type,nested", QUANTS, ids=QUANT_IDS)
-def test_from_peft_gives_peft_outputs_and_gradients(quant_type, nested):
+def test_from_peft_gives_peft_outputs_and_gradients(quant_type, nested, op_calls):
     pm = peft_4bit(llama_4bit(quant_type, nested))
     assert sum(type(m).__name__ == "Linear4bit" and "bnb" in type(m).__module__ for m in pm.modules()) == 8
     converted = fl.from_peft(copy_model(pm))
-    layers = lora_layers(converted)
-    assert len(layers) == 8 and all(isinstance(layer, fl.LoRALinear4bit) for _, layer in layers)
+    assert len(converted_layers(converted)) == 8
     ids = token_ids()
     out_peft, out_fl = logits(pm, ids), logits(converted, ids)
+    assert op_calls["lora_linear_4bit"] == 8
     assert_close(out_fl, out_peft, F32, "logits")
     out_peft.square().mean().backward()
     out_fl.square().mean().backward()
-    g_peft, g_fl = peft_lora_grads(pm), fastlora_grads(converted)
-    assert g_peft.keys() == g_fl.keys() and len(g_fl) == 16
-    for name in g_peft:
-        assert_close(g_fl[name], g_peft[name], F32, name)
+    assert_same_grads(converted, pm)
+    assert len(adapter_grads(converted)) == 16
 
 
-def test_from_peft_keeps_the_parameter_objects():
+def test_from_peft_keeps_the_modules_and_unload_gives_the_base_layer_back():
     pm = peft_4bit(llama_4bit())
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
-    a, b, base = q.lora_A["default"].weight, q.lora_B["default"].weight, q.base_layer
-    w = base.weight
+    base, w = q.base_layer, q.base_layer.weight
     fl.from_peft(pm)
-    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, fl.LoRALinear4bit)
-    assert layer.lora_A is a and layer.lora_B is b and layer.weight is w and layer.quant_state is w.quant_state
-    assert fl.unload(pm.base_model.model).model.layers[0].self_attn.q_proj is base
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj is q and type(q).__name__ == "FastLinear4bit"
+    unloaded = fl.unload(pm)
+    assert unloaded.model.layers[0].self_attn.q_proj is base and base.weight is w
 
 
 def test_apply_lora_all_linear_shares_the_packed_weight_and_unload_gives_it_back():
@@ -104,15 +101,17 @@ def test_apply_lora_all_linear_shares_the_packed_weight_and_unload_gives_it_back
 
 
 @pytest.mark.parametrize("quant_type,nested", QUANTS, ids=QUANT_IDS)
-def test_merge_and_unload_requantizes_as_peft_does(quant_type, nested):
-    pm = peft_4bit(llama_4bit(quant_type, nested))
-    converted = fl.from_peft(copy_model(pm))
+def test_merge_and_unload_requantizes_as_peft_does(quant_type, nested, tmp_path):
+    base = llama_4bit(quant_type, nested)
+    pm = peft_4bit(base)
+    pm.save_pretrained(tmp_path)
+    model = fl.load_adapter(copy_model(base), tmp_path)
     expected = {}
-    for name, layer in lora_layers(converted.base_model.model):
+    for name, layer in lora_layers(model):
         w = dequantize_4bit_ref(layer.weight.data, layer.quant_state)
         expected[name] = w + (layer.lora_B @ layer.lora_A) * layer.scaling
     with pytest.warns(UserWarning, match=MERGE_WARNING):
-        merged_fl = fl.merge_and_unload(converted.base_model.model)
+        merged_fl = fl.merge_and_unload(model)
     merged_peft = pm.merge_and_unload()
     fl_mods, peft_mods = linear4bit_modules(merged_fl), linear4bit_modules(merged_peft)
     assert fl_mods.keys() == peft_mods.keys() and len(fl_mods) == 14

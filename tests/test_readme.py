@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import fastlora as fl
 from fastlora.model import lora_layers
+from fastlora.peft import converted_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -66,7 +67,31 @@ def _save_load_block(ns, tmp_path):
 
 
 def _from_peft_block(ns, tmp_path):
-    assert len(lora_layers(ns["peft_model"])) == 2 * 7
+    assert len(converted_layers(ns["peft_model"])) == 2 * 7
+    assert len(load_file(tmp_path / "peft-adapter" / "adapter_model.safetensors")) == 2 * 2 * 7
+
+
+def _named_adapters_block(ns, tmp_path):
+    model = ns["model"]
+    assert ns["ref_logits"].shape == (4, 16, 32)
+    for name, layer in lora_layers(model):
+        assert layer.active_adapter == "policy" and layer.lora_A.grad is not None, name
+        assert all(p.grad is None and not p.requires_grad for p in layer.lora_adapters["reference"].parameters())
+    for name in ("policy", "reference"):
+        assert len(load_file(tmp_path / "adapters" / name / "adapter_model.safetensors")) == 2 * 2 * 2
+
+
+def _trainer_from_peft_block(ns, tmp_path):
+    assert ns["trainer"].state.global_step == 2
+    assert len(load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")) == 2 * 2 * 2
+    assert not (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def _adapter_trainer_block(ns, tmp_path):
+    assert ns["trainer"].state.global_step == 2
+    for step in (1, 2):
+        saved = load_file(tmp_path / "out" / f"checkpoint-{step}" / "adapter_model.safetensors")
+        assert len(saved) == 2 * 2 * 2 + 1 and "base_model.model.lm_head.weight" in saved
 
 
 def _dora_block(ns, tmp_path):
@@ -112,6 +137,9 @@ CHECKS = {
     "reference_logits = model(ids).logits": _training_block,
     'fl.load_adapter(fresh, "my-adapter")': _save_load_block,
     "fl.from_peft(peft_model)": _from_peft_block,
+    'fl.save_adapter(model, "adapters")': _named_adapters_block,
+    'trainer.save_model("out/final")': _trainer_from_peft_block,
+    "fl.adapter_trainer(transformers.Trainer)(": _adapter_trainer_block,
     "merged = fl.merge_and_unload(model)": _merge_block,
     "merged_4bit = fl.merge_and_unload(model)": _qlora_block,
     "merged_moe = fl.merge_and_unload(model)": _moe_block,
@@ -126,7 +154,7 @@ def test_every_block_is_run_and_checked():
     run by test_block_runs_as_pasted or is the fsdp example run under torchrun; every check finds its block."""
     fences = re.findall(r"^```(\S*)\n.*?^```", README, flags=re.S | re.M)  # the opening fence's language
     assert set(fences) <= {"bash", "python"}, fences
-    assert len(BLOCKS) == fences.count("python") == 11
+    assert len(BLOCKS) == fences.count("python") == 14
     assert len(RUNNABLE) == len(BLOCKS) - 1
     for needle in CHECKS:
         assert sum(needle in code for _, code in RUNNABLE) == 1, needle

@@ -115,6 +115,7 @@ class Op:
     def _eager_function(self):
         op = self
         tensors, consts, lazy, n = op._tensors, op._consts, op._lazy, op._n
+        single_grad = len(op._diff_out) == 1
 
         class Function(torch.autograd.Function):
             @staticmethod
@@ -129,6 +130,8 @@ class Op:
                 )
                 ctx.consts = [args[i] for i in consts]
                 ctx.triton = triton
+                if single_grad:  # no zeros for the gradients of the other outputs (S): a memset per call saved
+                    ctx.set_materialize_grads(False)
                 if op._nondiff_out:
                     ctx.mark_non_differentiable(*[outs[j] for j in op._nondiff_out])
                 # a view as output would forbid in-place ops on it, which the plain modules' outputs allow
@@ -137,6 +140,8 @@ class Op:
 
             @staticmethod
             def backward(ctx, *grads):
+                if single_grad and grads[op._diff_out[0]] is None:  # the output took no part in the loss
+                    return (None,) * n
                 saved = ctx.saved_tensors
                 values = [None] * n
                 for k, i in enumerate(tensors):

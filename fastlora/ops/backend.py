@@ -84,7 +84,10 @@ def active_path(device: torch.device | str) -> str:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a call on t's device runs the Triton kernels (natively or under the interpreter)."""
-    return active_path(t.device) != "torch"
+    device = t.device
+    if _backend == "auto" and HAS_TRITON and device.type == "cuda":  # the common case, decided without a call
+        return True
+    return active_path(device) != "torch"
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -108,26 +111,30 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def draw_seed(x: torch.Tensor) -> torch.Tensor:
-    """A dropout seed for a call on x: one int64 in a 0-d tensor, never read on the host by the kernels.
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch.randint's bounds (high exclusive): nearly every int64
 
-    When the call runs the Triton kernels on CUDA, the seed is drawn on x's device by torch's CUDA generator and
-    the kernels load it from there: no host sync, and a CUDA graph that captured the step draws a fresh seed at
-    every replay (torch's generator advances its offset per replay, as for its own dropout). Elsewhere it comes
-    from torch's default CPU generator (the torch path seeds a ``torch.Generator`` with it; the interpreter's
-    kernels read it from host memory). Either way ``torch.manual_seed`` fixes it, and a checkpointed forward,
-    whose recomputation restores the RNG states of its inputs' devices, draws the same seed again: the mask
-    backward regenerates is the forward's. The torch path on CUDA seeds its generator from the host, so a CUDA
-    graph would replay one mask: capturing that is refused with a clear error."""
-    if x.device.type == "cuda" and use_triton(x):
-        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device)
+
+def draw_seed(x: torch.Tensor) -> torch.Tensor:
+    """A dropout seed for a call on x: one int64 (over the full 64-bit range) in a 0-d tensor, never read on the
+    host by the kernels.
+
+    When the call runs the compiled Triton kernels, the seed is drawn on x's device (on CUDA by torch's CUDA
+    generator) and the kernels load it from there: no host sync, and a CUDA graph that captured the step draws a
+    fresh seed at every replay (torch's generator advances its offset per replay, as for its own dropout).
+    Elsewhere it comes from torch's default CPU generator (the torch path seeds a ``torch.Generator`` with it; the
+    interpreter's kernels read it from host memory). Either way ``torch.manual_seed`` fixes it, and a checkpointed
+    forward, whose recomputation restores the RNG states of its inputs' devices, draws the same seed again: the
+    mask backward regenerates is the forward's. The torch path on CUDA seeds its generator from the host, so a
+    CUDA graph would replay one mask: capturing that is refused with a clear error."""
+    if active_path(x.device) == "triton":
+        return torch.randint(*SEED_RANGE, (), dtype=torch.int64, device=x.device)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "fastlora's torch path cannot draw dropout masks inside a CUDA graph: the graph would replay one mask at "
             "every step. Use the Triton kernels (the default on CUDA), capture with dropout 0 (or in eval mode), or "
             "run the step without graph capture."
         )
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return torch.randint(*SEED_RANGE, (), dtype=torch.int64)
 
 
 def host_seed(seed) -> int:
@@ -157,5 +164,7 @@ def dropout_scale(seed, x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """t [..., C] as [prod(...), C]; unlike reshape(-1, C) this also works when C is 0."""
+    """t [..., C] as [prod(...), C] (t itself when 2-D); unlike reshape(-1, C) this also works when C is 0."""
+    if t.dim() == 2:
+        return t
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

@@ -112,7 +112,27 @@ def _weight_grad(dy, x, weight, stride, pads, dilation, groups):
     )[1]  # fmt: skip
 
 
+def _cpu_16bit(t) -> bool:
+    """torch's CPU convolutions in bfloat16/float16 round between steps and, for some dilated and strided shapes,
+    give wrong values: on the CPU the torch path computes those dtypes in float32 and rounds each output once."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
+def _to(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 def _torch_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed):
+    if _cpu_16bit(x):
+        y, s = _torch_fwd(
+            x.float(), weight.float(), _float(bias), lora_A, lora_B, scaling, stride, pads, dilation, groups,
+            dropout_p, seed,
+        )  # fmt: skip
+        return y.to(x.dtype), s.to(x.dtype)
     dt = x.dtype
     conv = torch.nn.functional.conv2d
     sym = (pads[0], pads[2])
@@ -127,6 +147,12 @@ def _torch_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pads, dilation,
 def _torch_bwd(
     dy, x, s, weight, lora_A, lora_B, scaling, stride, pads, dilation, groups, dropout_p, seed, need_dx, need_dbias
 ):
+    if _cpu_16bit(dy):
+        dx, da, db, dbias = _torch_bwd(
+            dy.float(), x.float(), s.float(), weight.float(), lora_A, lora_B, scaling, stride, pads, dilation, groups,
+            dropout_p, seed, need_dx, need_dbias,
+        )  # fmt: skip
+        return _to(dx, x.dtype), da, db, _to(dbias, dy.dtype)
     dt = dy.dtype
     nb, _, ho, wo = dy.shape
     r = lora_A.shape[0]

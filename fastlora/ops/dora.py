@@ -52,7 +52,7 @@ from fastlora.ops.backend import (
     no_autocast,
     use_triton,
 )
-from fastlora.ops.linear import _path, _torch_bwd, check_linear, weight_grad
+from fastlora.ops.linear import check_linear, torch_bwd, triton_path, weight_grad
 
 if HAS_TRITON:
     from fastlora.kernels import dora as _kdora
@@ -229,7 +229,7 @@ def _dora_bwd(a, dy, x2, y, s, norm, yq, need_dx, need_dbias, triton):
         else:
             dg = _torch_dg_recovered(dy, y, x2, s, weight, bias, lora_B, magnitude, norm, scaling)
             dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
-            dx, da, db, _ = _torch_bwd(dy * c.to(dt), x2, s, weight, lora_A, lora_B, scaling, 0.0, 0, need_dx, False)
+            dx, da, db, _ = torch_bwd(dy * c.to(dt), x2, s, weight, lora_A, lora_B, scaling, 0.0, 0, need_dx, False)
         return dx, da, db, dg, dbias
     x_d, m = _dropped(x2, a.dropout_p, a.seed, triton)
     b_c = (lora_B.float() * c[:, None]).to(lora_B.dtype)  # dS = s dY (c B) without an M x N scaled copy of dY
@@ -308,7 +308,7 @@ DORA = Op(
     forward=_forward,
     backward=_backward,
     fake=_fake,
-    path=_path,
+    path=triton_path,
 )
 
 

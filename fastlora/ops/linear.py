@@ -89,7 +89,7 @@ def _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _torch_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def torch_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     dt = x2.dtype
     a, b = lora_A.to(dt), lora_B.to(dt)
     x_lora = x2 if dropout_p == 0 else x2 * dropout_scale(seed, x2, dropout_p)
@@ -99,7 +99,7 @@ def _torch_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, s
 
 
-def _torch_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
+def torch_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias):
     dt = dy.dtype
     a, b = lora_A.to(dt), lora_B.to(dt)
     ds = torch.mm(dy, b).mul_(scaling)
@@ -118,7 +118,7 @@ def _torch_bwd(dy, x2, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _path(a) -> bool:
+def triton_path(a) -> bool:
     """Triton unless the device takes the torch path; shapes with a zero dimension take the torch path too."""
     return use_triton(a.x) and a.x.numel() > 0 and a.weight.shape[0] > 0
 
@@ -136,8 +136,8 @@ def _forward(a, triton):
     bias = effective_bias(a.bias, a.lora_bias, a.scaling, x2.dtype)
     args = dict(weight=a.weight, bias=bias, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling,
                 dropout_p=a.dropout_p, seed=a.seed)  # fmt: skip
-    y2, s = _klinear.lora_linear_fwd(x=x2, **args) if triton else _torch_fwd(x2, **args)
-    return y2.reshape(*a.x.shape[:-1], a.weight.shape[0]), s
+    y2, s = _klinear.lora_linear_fwd(x=x2, **args) if triton else torch_fwd(x2, **args)
+    return (y2 if x2 is a.x else y2.reshape(*a.x.shape[:-1], a.weight.shape[0])), s
 
 
 def bias_grads(dbias_sum, bias, lora_bias, scaling, need_dbias, need_dlb):
@@ -162,10 +162,12 @@ def _backward(a, saved, grads, needs, triton):
         if triton:
             dx, da, db, dsum = _klinear.lora_linear_bwd(dy=dy2, x=x2, s=s, **args)
         else:
-            dx, da, db, dsum = _torch_bwd(dy2, x2, s, **args)
+            dx, da, db, dsum = torch_bwd(dy2, x2, s, **args)
     dbias, dlb = bias_grads(dsum, a.bias, a.lora_bias, a.scaling, need_dbias, need_dlb)
     dw = weight_grad(dy2, x2, a.weight) if need_dw else None
-    return (dx.reshape(a.x.shape) if dx is not None else None), dw, dbias, da, db, dlb
+    if dx is not None and dx.dim() != a.x.dim():
+        dx = dx.reshape(a.x.shape)
+    return dx, dw, dbias, da, db, dlb
 
 
 def weight_grad(dy2, x2, weight):
@@ -190,7 +192,7 @@ LINEAR = Op(
     forward=_forward,
     backward=_backward,
     fake=_fake,
-    path=_path,
+    path=triton_path,
 )
 
 
@@ -208,13 +210,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Returns:
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias)
+    autocasting = isinstance(x, torch.Tensor) and autocast_enabled(x.device.type)
+    _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocasting)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x) if p > 0 else None
-    device_type = x.device.type
-    if not autocast_enabled(device_type):  # the common case: no casts, no autocast context to enter
+    if not autocasting:  # the common case: no casts, no autocast context to enter
         return LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)[0]
     x, weight, bias = autocast_inputs(x, weight, bias)
-    with no_autocast(device_type):
+    with no_autocast(x.device.type):
         y, _ = LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)
     return y

@@ -202,7 +202,7 @@ def _forward(a, triton):
     if triton:
         y2, s = _knf4.lora_linear_4bit_fwd(x2, q, *args)
     else:
-        y2, s = _linear._torch_fwd(x2, _dequantize(q, x2.dtype), *args)
+        y2, s = _linear.torch_fwd(x2, _dequantize(q, x2.dtype), *args)
     return y2.reshape(*a.x.shape[:-1], a.out_features), s
 
 
@@ -220,7 +220,7 @@ def _backward(a, saved, grads, needs, triton):
         )
     else:
         weight = _dequantize(q, dy2.dtype) if need_dx else None
-        dx, da, db, dbias = _linear._torch_bwd(
+        dx, da, db, dbias = _linear.torch_bwd(
             dy2, x2, s, weight, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed, need_dx, need_dbias
         )
     return (dx.reshape(a.x.shape) if dx is not None else None), dbias, da, db

@@ -1,0 +1,163 @@
+"""PEFT models with fastlora's ops: ``from_peft``, and what the model-level ``fl.*`` calls do with a PEFT model.
+
+``from_peft`` changes one thing in a PEFT model: the forward of its LoRA layers. Every module, parameter, adapter
+dictionary (``lora_A["default"]``, ...) and config stays PEFT's own, so PEFT's ``save_pretrained``,
+``get_peft_model_state_dict``, ``merge_and_unload``, ``unload``, ``disable_adapter``, ``set_adapter``,
+``add_adapter``, ``delete_adapter`` and ``print_trainable_parameters``, and the Trainer's saves and resumes, give
+exactly what they give without it. Each converted layer's class becomes a subclass of its PEFT class (``Fast`` +
+its name) that overrides ``forward`` only: a call with one active adapter, neither merged nor disabled, and no
+extra arguments runs the layer kind's op (``LayerKind.peft_forward``) on that adapter's tensors; anything else
+(mixed-batch ``adapter_names``, several active adapters, a LoRA variant the kind does not implement) runs PEFT's
+own forward, so the result is always PEFT's.
+
+The ``fl.*`` functions given a ``PeftModel`` run PEFT's own method (``fl.save_adapter`` is ``save_pretrained``,
+``fl.merge_and_unload`` is ``merge_and_unload``, ...), so nothing PEFT trains (``modules_to_save``, trainable tokens,
+biases, layers left as PEFT's, other adapters) is left out. Given a model that holds PEFT's adapter modules but is
+not the ``PeftModel`` itself, they refuse with a sentence saying so.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch.nn as nn
+
+from fastlora import experts as _experts
+from fastlora.kinds import kind_for_peft_layer
+from fastlora.layers import LoRALayer
+
+__all__ = ["from_peft", "converted_layers", "peft_model_of", "FastForward"]
+
+
+class FastForward:
+    """Placed before a PEFT LoRA layer class: ``forward`` runs the kind's op for the one active adapter, and PEFT's
+    own forward for everything else (see the module docstring)."""
+
+    @staticmethod
+    def _fastlora_forward(module, adapter, x):
+        return None
+
+    def forward(self, x, *args, **kwargs):
+        if not args and not kwargs and not self.disable_adapters and not self.merged:
+            active = [name for name in self.active_adapters if name in self.r]
+            if len(active) == 1:
+                y = self._fastlora_forward(self, active[0], x)
+                if y is not None:
+                    return y
+        return super().forward(x, *args, **kwargs)
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def _fast_class(cls: type, forward) -> type:
+    """The subclass of PEFT's layer class ``cls`` whose forward is fastlora's (one per class)."""
+    if cls not in _FAST_CLASSES:
+        namespace = {"_fastlora_forward": staticmethod(forward), "__module__": __name__}
+        _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FastForward, cls), namespace)
+    return _FAST_CLASSES[cls]
+
+
+def converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every PEFT LoRA layer of ``model`` that ``from_peft`` gave fastlora's forward, with its dotted name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FastForward)]
+
+
+def _peft_classes():
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as err:
+        raise ImportError("from_peft needs the peft package") from err
+    return LoraLayer, BaseTunerLayer
+
+
+def _skip_reason(module, kind, nested_in: str | None) -> str | None:
+    """Why a PEFT LoRA layer keeps PEFT's forward, or None when fastlora's op can run it."""
+    from fastlora.model import is_linear8bit, unsupported_reason
+
+    cls = type(module)
+    if nested_in is not None:
+        return f"it sits inside {nested_in}, which stays PEFT's (and calls it its own way)"
+    if is_linear8bit(module):
+        return f"{cls.__module__}.{cls.__name__}: 8-bit base layers have no fastlora op"
+    if kind is None:
+        return f"{cls.__module__}.{cls.__name__} has no fastlora equivalent"
+    reason = unsupported_reason("base_layer", module.base_layer, None)
+    if reason is not None:
+        return f"its base layer is not one fastlora's op computes: {reason}"
+    return None
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Gives the LoRA layers of a PEFT model fastlora's forward, in place; the model stays a PEFT model.
+
+    Layers of ``peft.tuners.lora`` ``Linear`` (over ``nn.Linear`` or GPT-2's ``Conv1D``, plain, DoRA or lora_bias),
+    ``Embedding``, ``Conv2d`` and ``bnb.Linear4bit`` keep every tensor, adapter and setting; their class becomes a
+    subclass that computes a call with one active adapter with fastlora's op and anything else with PEFT's own
+    forward (see the module docstring). ``ParamWrapper`` layers (``target_parameters`` on MoE expert weights) keep
+    theirs too and compute with fastlora's grouped experts op (fastlora.experts). Other layers (8-bit,
+    Conv1d/Conv3d, MultiheadAttention and the layers inside it, quantised or subclassed base layers) keep PEFT's
+    forward, with a warning naming each. PEFT's and
+    transformers' own methods work as before, and so do optimizers built before the call. Calling it again
+    converts layers added since (``add_adapter`` on new modules).
+
+    Returns ``peft_model``.
+    """
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"from_peft expects a torch.nn.Module, got {type(peft_model).__name__}")
+    LoraLayer, BaseTunerLayer = _peft_classes()
+    found = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    if not found:
+        raise ValueError(f"from_peft: {type(peft_model).__name__} has no PEFT LoRA layers")
+    tuner_names = [name for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in found:
+        if isinstance(module, FastForward) or _experts.convert_peft_layer(name, module):  # ParamWrappers: experts.py
+            continue
+        nested_in = next((outer for outer in tuner_names if name.startswith(outer + ".")), None)
+        kind = kind_for_peft_layer(module)
+        reason = _skip_reason(module, kind, nested_in)
+        if reason is not None:
+            warnings.warn(f"fastlora.from_peft: {name} keeps PEFT's forward: {reason}", stacklevel=2)
+            continue
+        module.__class__ = _fast_class(type(module), kind.peft_forward)
+    return peft_model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What fl.* does with a PEFT model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _peft_modules(model: nn.Module) -> list[str]:
+    """Names of PEFT's adapter modules in ``model`` (tuner layers and modules_to_save / trainable-token wrappers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return [name for name, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+
+
+def peft_model_of(model: nn.Module, fn: str):
+    """``model`` when it is a PEFT ``PeftModel`` (the ``fl.*`` call ``fn`` then runs PEFT's own method), None when it
+    holds no PEFT adapter module; ValueError when it holds some but is not the PeftModel, or when it also holds
+    fastlora layers (no single method would serve both)."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return None
+    if isinstance(model, peft.PeftModel):
+        mixed = next((name for name, m in model.named_modules() if isinstance(m, LoRALayer)), None)
+        if mixed is not None:
+            raise ValueError(
+                f"{fn}: this PEFT model also holds the fastlora layer {mixed}; one call cannot serve both: use PEFT's "
+                "add_adapter for further adapters (and fl.from_peft for fastlora's forward)"
+            )
+        return model
+    held = _peft_modules(model)
+    if held:
+        raise ValueError(
+            f"{fn}: {type(model).__name__} holds PEFT's adapter modules ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}) but is not the PeftModel that owns them; pass the PeftModel "
+            "(fastlora then runs PEFT's own method, which serves every adapter, modules_to_save and bias)"
+        )
+    return None
