@@ -629,7 +629,8 @@ def apply_lora(
             f"{adapter_name!r}, ...)"
         )
     _check_bias_mode(model, "apply_lora", adapter_name, s["bias"])
-    targets = select_targets(model, s["target_modules"], s["exclude_modules"]) if s["target_modules"] else []
+    only_parameters = s["target_parameters"] is not None and not s["target_modules"]  # PEFT's target_modules=[]
+    targets = [] if only_parameters else select_targets(model, s["target_modules"], s["exclude_modules"])
     # LoRA on expert parameters (fastlora.experts): selected and checked here, installed with the layers
     experts = _experts.select(model, s) if s["target_parameters"] is not None else []
     keys = [t.key(p) for t in experts for p in t.parameters]

@@ -47,10 +47,15 @@ def peft_moe(base, r=4, alpha=8, targets=TARGETS, **kwargs):
     return model
 
 
+def user_model(model):
+    """The user's model inside a PEFT model (the module tree PEFT's keys are relative to)."""
+    return model.base_model.model if isinstance(model, peft.PeftModel) else model
+
+
 def lora_grads(model) -> dict[str, torch.Tensor]:
     """Every adapter gradient under PEFT's key (the adapter name left out), for fastlora's and PEFT's wrappers."""
     out = {}
-    for name, p in fl.model.unwrap_peft(model).named_parameters():
+    for name, p in user_model(model).named_parameters():
         if "lora_" in name:
             key = name.replace(".default.weight", ".weight")
             out[key if key.endswith(".weight") else key + ".weight"] = p.grad
@@ -73,7 +78,7 @@ def assert_same_run(model, ref, ids, what=""):
     for key, g in grads.items():
         assert g is not None, f"{key} got no gradient"
         assert_close(g, ref_grads[key], F32, f"{what} {key}")
-    for experts in experts_modules(fl.model.unwrap_peft(model)):
+    for experts in experts_modules(model):
         for name, p in experts.named_parameters():
             assert p.grad is None, f"the frozen {name} got a gradient"
 
@@ -185,7 +190,7 @@ def test_merge_equals_peft_merge_and_unload_restores(family):
     with torch.no_grad():
         expected = ref(ids).logits
         merged_ref = ref.merge_and_unload()
-        merged = fl.merge_and_unload(model).base_model.model
+        merged = fl.merge_and_unload(model)  # a PEFT model: PEFT's merge_and_unload, the experts' config restored
         assert_close(merged(ids).logits, expected, F32, "merged model")
     for ours, theirs in zip(experts_modules(merged), experts_modules(merged_ref), strict=True):
         assert type(ours).__name__.endswith("Experts") and ours.config._experts_implementation == "eager"
@@ -270,7 +275,7 @@ def test_peft_methods_after_from_peft(tmp_path):
         ({"target_parameters": TARGETS, "dropout": 0.1}, "lora_dropout != 0"),
         ({"target_parameters": TARGETS, "use_dora": True}, "use_dora=True"),
         ({"target_parameters": TARGETS, "rank_pattern": {"q_proj": 2}}, "matches none"),
-        ({}, "needs target_modules, target_parameters or both"),
+        ({}, "target_modules is required .*, or target_parameters"),
     ],
 )
 def test_refusals_leave_the_model_alone(kwargs, match):
@@ -329,7 +334,7 @@ class AllocationWatch(TorchDispatchMode):
 
 def _experts_call(model):
     """The outer experts wrapper of layer 0 and routed inputs for it: 3 tokens, top-2."""
-    layer = fl.model.unwrap_peft(model).model.layers[0]
+    layer = user_model(model).model.layers[0]
     hidden = torch.randn(3, layer.mlp.experts.get_base_layer().gate_up_proj.shape[-1], requires_grad=True)
     _, weights, index = layer.mlp.gate(hidden)
     return layer.mlp.experts, hidden, index, weights.detach()
@@ -476,3 +481,42 @@ def test_activation_checkpointing_gives_the_plain_gradients():
     ref.train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert_same_run(model, ref, token_ids(vocab=64), "checkpointed")
+
+
+def test_named_adapters():
+    """The expert adapters belong to the adapter apply_lora made: idle (the base experts) and frozen while another
+    adapter is active, saved with their own adapter only, gone with delete_adapter."""
+    base = build("qwen3_moe")
+    ids = token_ids(vocab=64)
+    model = fl.apply_lora(copy.deepcopy(base), target_modules=["q_proj"], target_parameters=TARGETS, r=4, alpha=8,
+                          adapter_name="policy")  # fmt: skip
+    randomise_lora(model)
+    fl.add_adapter(model, "reference", target_modules=["q_proj"], r=4, alpha=8)  # lora_B zero: the base model
+    experts = [m for m in model.modules() if isinstance(m, LoRAExperts)]
+    with torch.no_grad():
+        policy = model(ids).logits
+        fl.set_adapter(model, "reference")
+        assert_close(model(ids).logits, base(ids).logits, F32, "reference adapter")
+        assert all(not p.requires_grad for m in experts for p in (m.lora_A, m.lora_B))
+        assert not any("experts" in k for k in fl.lora_state_dict(model, "reference"))
+        fl.set_adapter(model, "policy")
+        assert_close(model(ids).logits, policy, F32, "policy adapter")
+        assert all(p.requires_grad for m in experts for p in (m.lora_A, m.lora_B))
+        assert sum("experts" in k for k in fl.lora_state_dict(model, "policy")) == 8
+        with pytest.warns(UserWarning, match="deleted the active adapter"):
+            fl.delete_adapter(model, "policy")
+        assert_close(model(ids).logits, base(ids).logits, F32, "policy deleted")
+    assert not any(isinstance(m, LoRAExperts) for m in model.modules())
+    assert all(e.config._experts_implementation == "grouped_mm" for e in experts_modules(model))
+
+
+def test_lora_config_with_target_parameters():
+    """PEFT's LoraConfig (target_modules=[] and target_parameters) gives apply_lora's adapter."""
+    base = build("mixtral")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=TARGETS,
+                        rank_pattern={"layers.1.mlp.experts.down_proj": 2})  # fmt: skip
+    model = fl.apply_lora(copy.deepcopy(base), config)
+    shapes = {k: tuple(v.shape) for k, v in fl.lora_state_dict(model).items()}
+    theirs = peft_moe(base, rank_pattern={"layers.1.mlp.experts.down_proj": 2})
+    assert shapes == {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    assert shapes["base_model.model.model.layers.1.mlp.experts.lora_A.weight"] == (2 * 4, 24)

@@ -9,6 +9,12 @@ the bf16 tensor-core path itself is covered by the ahead-of-time compile (tests/
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TOLERANCE, assert_close
@@ -240,3 +246,44 @@ def test_bad_input(change, error, match):
 def test_tolerance_table_is_the_shared_one():
     assert TOLERANCE[torch.float32] <= 1e-5  # the fp32 bar the model-level tests hold fastlora to as well
     assert fl.active_path("cpu") in ("triton-interpreter", "torch")
+
+
+_STAND_IN = """
+import json, torch
+from fastlora.benchmarks import host
+from fastlora.benchmarks.host import DRIVER_LAUNCH
+from fastlora.ops.moe import experts_linear
+E, K, N, r = 8, 256, 512, 16
+offsets = torch.tensor([37, 37, 100, 150, 151, 200, 260, 300])
+counts = {}
+for dtype in (torch.bfloat16, torch.float32):
+    x = torch.randn(300, K, dtype=dtype, requires_grad=True)
+    weight = torch.randn(E, K, N, dtype=dtype)
+    bias = torch.randn(E, N, dtype=dtype)
+    lora_A = torch.randn(r * E, K, requires_grad=True)
+    lora_B = torch.randn(N, r * E, requires_grad=True)
+    with host.stand_in_gpu():
+        for lora in (True, False):
+            a, b = (lora_A, lora_B) if lora else (None, None)
+            n0 = DRIVER_LAUNCH.launches
+            y = experts_linear(x, weight, bias, a, b, 0.5, offsets, True)
+            n1 = DRIVER_LAUNCH.launches
+            y.backward(torch.ones_like(y))
+            counts[f"{dtype}-{lora}"] = [n1 - n0, DRIVER_LAUNCH.launches - n1]
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.slow  # compiles the kernels for sm_90 for real (ptxas), in a fresh process without the interpreter
+def test_gpu_launch_path_on_the_stand_in_driver():
+    """The GPU path itself, on benchmarks/host.py's stand-in sm_90 driver (kernels compiled for real, launches
+    stop at the driver): the autotuned grouped GEMM, the launch plans and the grids work for bf16 and fp32 (float32
+    adapters on the bf16 base, transposed weights with biases); forward 2 launches and backward 4 with an adapter,
+    1 and 1 without."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _STAND_IN], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    for dtype in ("torch.bfloat16", "torch.float32"):
+        assert counts[f"{dtype}-True"] == [2, 4] and counts[f"{dtype}-False"] == [1, 1], counts

@@ -209,7 +209,6 @@ def _forward(a, triton):
 def _backward(a, saved, grads, needs, triton):
     (s,), (dy,) = saved, grads
     need_dx, need_dw, need_dbias = needs[0], needs[1], needs[2]
-    dy = dy.contiguous()
     args = (dy, a.x, s, a.weight, a.lora_A, a.lora_B, a.scaling, a.offsets, a.transposed, need_dx)
     if a.x.shape[0] == 0 or not triton:
         dx, da, db = _torch_bwd(*args)
