@@ -35,6 +35,8 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_tensor
+from fastlora.distributed import is_main_process as _is_main_process
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import LoRALayer
 from fastlora.model import (
@@ -73,18 +75,13 @@ _UNSUPPORTED_FIELDS = (
 _OPTION_FIELDS = {"use_dora": "lora_magnitude_vector", "lora_bias": "lora_B.bias"}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter that may be sharded (a DTensor under FSDP2)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of every fastlora layer under PEFT's names (detached, not copied).
 
     Keys: ``base_model.model.<path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (Conv2d: [r, C, kh, kw]
     and [O, r, 1, 1]); for embeddings ``.lora_embedding_A`` [r, V] and ``.lora_embedding_B`` [D, r]. Paths are
-    relative to the user's model, also when ``model`` is a PEFT model converted by ``from_peft``.
+    relative to the user's model, also when ``model`` is a PEFT model converted by ``from_peft``. Sharded tensors
+    (FSDP2, DeepSpeed ZeRO-3) are gathered whole, so under either every rank must call it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -93,7 +90,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for attr, suffix in kind_of_layer(layer).peft_keys.items():
             t = getattr(layer, attr, None)
             if t is not None:
-                out[f"{PREFIX}{name}.{suffix}"] = _full(t)
+                out[f"{PREFIX}{name}.{suffix}"] = full_tensor(t)
     return out
 
 
@@ -226,13 +223,23 @@ def _atomic_write(files: list[tuple[str, bytes]]):
     _fsync_dir(os.path.dirname(files[0][0]))
 
 
-def save_adapter(model: nn.Module, save_directory, task_type: str | None = None, base_model_name_or_path=None):
+def save_adapter(
+    model: nn.Module,
+    save_directory,
+    task_type: str | None = None,
+    base_model_name_or_path=None,
+    is_main_process: bool | None = None,
+):
     """Writes the adapter of every fastlora layer as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     The folder loads with ``PeftModel.from_pretrained(base_model, save_directory)`` and with ``load_adapter``.
     ``target_modules`` in the config lists the adapted modules (by their last name when that selects exactly
     them); per-module ranks and alphas that differ from the common one go to ``rank_pattern``/``alpha_pattern``.
     Both files are replaced atomically (see the module docstring). Returns the folder path.
+
+    Across processes (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every rank: sharded adapter tensors are gathered
+    (a collective) and only the main process writes (``is_main_process``, PEFT's argument; by default rank 0 of
+    the default process group, or True when torch.distributed is not set up).
     """
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
@@ -251,6 +258,8 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
             )
     config = _adapter_config(root, found, task_type, base_model_name_or_path)
     tensors = {k: v.cpu().contiguous().clone() for k, v in lora_state_dict(root).items()}
+    if not (_is_main_process() if is_main_process is None else is_main_process):
+        return os.fspath(save_directory)
     metadata = {"format": "pt", _SUM_KEY: _digest(tensors), _LORA_KEY: json.dumps(_scaling_fields(config))}
     weights = _st_save(tensors, metadata=metadata)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

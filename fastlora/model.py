@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_shape, full_tensor, is_sharded
 from fastlora.kinds import kind_for_module, kind_for_peft_layer, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, LoRALayer
 from fastlora.reference import lora_scaling
@@ -92,6 +93,24 @@ def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rsl
     layer.train(module.training)
     object.__setattr__(layer, _BASE_ATTR, module)
     return layer
+
+
+def _own_tensors(layer: LoRALayer) -> dict[str, nn.Parameter | None]:
+    """{name: tensor} of the base tensors a layer takes over from its module: weight, and bias where it has one."""
+    return {name: getattr(layer, name, None) for name in ("weight", "bias") if hasattr(layer, name)}
+
+
+def swap_in(model: nn.Module, name: str, layer: LoRALayer):
+    """Puts ``layer`` in the place of the module it was built from. That module stays with the layer (for unload)
+    but without the tensors the layer took over, so nothing but the layer holds them: when FSDP2 shards the
+    layer's weight, or merging replaces a 4-bit one, no full copy stays alive through the kept module."""
+    _replace(model, name, layer)
+    base = layer.__dict__.get(_BASE_ATTR)
+    if base is None:
+        return
+    for attr in _own_tensors(layer):
+        if base._parameters.get(attr) is not None:
+            setattr(base, attr, None)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -276,7 +295,7 @@ def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float
             p.requires_grad_(flag)
         raise
     for name, layer in built.items():
-        _replace(model, name, layer)
+        swap_in(model, name, layer)
     return built
 
 
@@ -382,13 +401,33 @@ def _rebuild_base(layer: LoRALayer) -> nn.Module:
 
 
 def base_module(layer: LoRALayer) -> nn.Module:
-    """The plain module a layer wraps: the original one when it still holds the layer's tensors."""
+    """The plain module a layer wraps, holding the layer's base tensors: the module it was built from when it kept
+    one (see ``swap_in``), else a new one of the same kind."""
     base = layer.__dict__.get(_BASE_ATTR)
-    bias = getattr(layer, "bias", None)
-    if base is not None and base.weight is layer.weight and getattr(base, "bias", None) is bias:
-        base.train(layer.training)
-        return base
-    return _rebuild_base(layer)
+    if base is None:
+        return _rebuild_base(layer)
+    for attr, tensor in _own_tensors(layer).items():
+        if attr in base._parameters:
+            setattr(base, attr, tensor)
+    base.train(layer.training)
+    return base
+
+
+def _gather_layers(found: list[tuple[str, LoRALayer]]):
+    """Gives every layer whose tensors are sharded (FSDP2's DTensor, DeepSpeed ZeRO-3) whole copies of them.
+
+    A collective: every rank calls it, and every rank ends with the full tensors. The sharded parameters the
+    training engine holds are left as they were; the layers (about to leave the model) no longer use them.
+    """
+    for _, layer in found:
+        for attr, p in list(layer._parameters.items()):
+            if p is None or not is_sharded(p):
+                continue
+            full = full_tensor(p).reshape(full_shape(p))
+            if attr == "weight":
+                layer._adopt_weight(full)
+            else:
+                setattr(layer, attr, nn.Parameter(full, requires_grad=p.requires_grad))
 
 
 def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
@@ -401,11 +440,7 @@ def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
                 "copy so that the other module keeps the base weight",
                 stacklevel=3,
             )
-            own = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-            base = layer.__dict__.get(_BASE_ATTR)
-            if base is not None and base.weight is layer.weight:
-                base.weight = own
-            layer.weight = own
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
 
 
 @torch.no_grad()
@@ -418,6 +453,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
     """
     found = _require_layers(model, "merge_and_unload")
+    _gather_layers(found)
     for name, layer in found:
         for pname in layer.adapter_names:
             if not torch.isfinite(getattr(layer, pname)).all():
@@ -446,6 +482,7 @@ def unload(model: nn.Module) -> nn.Module:
     Returns ``model``.
     """
     found = _require_layers(model, "unload")
+    _gather_layers(found)
     for name, layer in found:
         layer.unmerge()
         _replace(model, name, base_module(layer))
@@ -597,8 +634,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         for p, flag in flags:
             p.requires_grad_(flag)
         tensors = kind.peft_tensors(module, adapter)
-        theirs = [tuple(t.shape) for t in tensors.values()]
-        ours = [tuple(getattr(layer, attr).shape) for attr in tensors]
+        theirs = [tuple(full_shape(t)) for t in tensors.values()]
+        ours = [tuple(full_shape(getattr(layer, attr))) for attr in tensors]
         if theirs != ours:
             warnings.warn(
                 f"fastlora.from_peft: {name} stays a PEFT layer: its adapter shapes {', '.join(map(str, theirs))} "
@@ -613,5 +650,5 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.train(module.training)
         built[name] = layer
     for name, layer in built.items():
-        _replace(peft_model, name, layer)
+        swap_in(peft_model, name, layer)
     return peft_model
