@@ -34,9 +34,9 @@ import fastlora
 from fastlora.layers import BASE_MODULE_ATTR
 
 try:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch < 2.6
-    from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 try:
     from torch.distributed.tensor import DTensor
@@ -165,6 +165,30 @@ def _sharded_case(kind, rank, out_path, results):
     }
 
 
+# (quant storage, FSDP2 param_dtype): FSDP2 casts float parameters to param_dtype, never integer ones
+MIXED_PRECISION = {
+    "uint8-storage-bf16-params": (torch.uint8, torch.bfloat16),
+    "bf16-storage-bf16-params": (torch.bfloat16, torch.bfloat16),
+    "bf16-storage-fp16-params": (torch.bfloat16, torch.float16),
+}
+
+
+def _mixed_precision_case(name):
+    """A forward and backward of a QLoRA layer under an FSDP2 mixed precision policy: "ok", or the error's text."""
+    storage, param_dtype = MIXED_PRECISION[name]
+    model = quantize_4bit(nn.Sequential(nn.Linear(64, 128)), skip=(), quant_storage=storage)
+    fastlora.apply_lora(model, ["0"], r=4, alpha=8)
+    fully_shard(model[0], mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype))
+    fully_shard(model)
+    try:
+        y = model(torch.randn(3, 64))
+        y.float().square().mean().backward()
+    except ValueError as err:
+        return str(err)
+    grads = [p.grad.full_tensor() for p in lora_params(model).values()]
+    return "ok" if all(torch.isfinite(t).all() for t in (y, *grads)) else "non-finite"
+
+
 def _worker(rank, store_path, out_path, kinds):
     faulthandler.enable()  # a native abort prints where each thread was
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -204,6 +228,9 @@ def _worker(rank, store_path, out_path, kinds):
             for kind in SHARDED_KINDS:
                 _sharded_case(kind, rank, out_path, results)
                 dist.barrier()
+            if "nf4-nested-uint8" in SHARDED_KINDS:
+                for name in MIXED_PRECISION:
+                    results[name] = _mixed_precision_case(name)
         if rank == 0:
             torch.save(results, out_path)
         dist.barrier()  # both ranks done before either tears its process group down
@@ -314,3 +341,14 @@ def test_fsdp_lora_state_dict_holds_full_tensors(kind, distributed_run):
         assert any(value.shape == t.shape and torch.equal(value, t) for t in full.values()), (
             f"{key} {tuple(value.shape)} equals none of the gathered full LoRA factors"
         )
+
+
+@pytest.mark.skipif("nf4-nested-uint8" not in SHARDED_KINDS, reason="needs bitsandbytes")
+def test_fsdp_mixed_precision_keeps_4bit_codes_or_refuses(distributed_run):
+    """uint8 storage is never cast, a bf16 storage under bf16 params is not cast: both train. A bf16 storage cast to
+    float16 would scramble the codes: forward refuses it with a sentence."""
+    results, _ = distributed_run
+    assert results["uint8-storage-bf16-params"] == "ok"
+    assert results["bf16-storage-bf16-params"] == "ok"
+    refused = results["bf16-storage-fp16-params"]
+    assert "reached forward as torch.float16" in refused and "bnb_4bit_quant_storage" in refused, refused
