@@ -71,9 +71,9 @@ def gathered(tensors, modify: bool = False):
     if not zero3:
         yield
         return
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
-    with GatheredParameters(zero3, modifier_rank=0 if modify else None):
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if modify else None):
         yield
 
 
