@@ -1,0 +1,90 @@
+"""examples/trainer_lora.py under torchrun with 2 CPU processes (gloo), as the README runs it: Hugging Face Trainer
+with fastlora's layers gives PEFT's loss at every step (dropout 0), and save_model writes an adapter PEFT loads.
+
+On CPU processes accelerate enables FSDP for accelerators only, so the Trainer runs DDP here (the script prints
+which); FSDP2 itself is tested with fully_shard in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close
+
+import fastlora as fl
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "trainer_lora.py"
+COMMAND = "torchrun --nproc-per-node 2 examples/trainer_lora.py"
+pytestmark = pytest.mark.slow
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("trainer_lora", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torchrun(args, cwd):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2"]
+    cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", str(EXAMPLE), *args]
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder, {"fastlora": stdout, "peft": stdout}) of the example run both ways in one folder."""
+    folder = tmp_path_factory.mktemp("trainer")
+    return folder, {"fastlora": _torchrun([], folder), "peft": _torchrun(["--peft"], folder)}
+
+
+def _losses(folder: Path) -> list[float]:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_readme_gives_the_command():
+    assert COMMAND in (ROOT / "README.md").read_text()
+
+
+def test_trainer_loss_equals_peft_step_for_step(runs):
+    folder, out = runs
+    assert "2 processes" in out["fastlora"] and "fastlora LoRA layers" in out["fastlora"], out["fastlora"]
+    ours, theirs = _losses(folder / "fastlora-out"), _losses(folder / "peft-out")
+    assert len(ours) == len(theirs) == 6
+    assert ours[-1] < ours[0], f"the loss did not fall ({ours}): the comparison would prove little"
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), 1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: fastlora's loss {a} vs PEFT's {b}"
+
+
+def test_save_model_writes_an_adapter_peft_loads(runs):
+    """PEFT loads the folder save_model wrote and computes what PEFT's own trained adapter computes."""
+    from peft import PeftModel
+
+    folder, _ = runs
+    example = _example()
+    ours = PeftModel.from_pretrained(example.base_model(), folder / "fastlora-out").eval()
+    theirs = PeftModel.from_pretrained(example.base_model(), folder / "peft-out").eval()
+    trained_b = [p for n, p in ours.named_parameters() if "lora_B" in n]
+    assert trained_b and all(p.abs().sum() > 0 for p in trained_b), "lora_B is still PEFT's zero initialisation"
+    ids = torch.stack([row["input_ids"] for row in example.dataset()[:4]])
+    with torch.no_grad(), fl.use_backend("torch"):
+        assert_close(ours(ids).logits, theirs(ids).logits, torch.float32, "logits with the saved adapters")
