@@ -451,6 +451,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers (the original module objects where available), holding the merged weights. A weight tied to another
     module is copied first, with a warning, so the other module is unchanged. If an adapter holds NaN or Inf or
     merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
+
+    Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank once training is done: the sharded tensors are gathered
+    first (a collective), and every rank gets plain modules with whole weights.
     """
     found = _require_layers(model, "merge_and_unload")
     _gather_layers(found)
@@ -479,7 +482,8 @@ def unload(model: nn.Module) -> nn.Module:
     """Removes every fastlora layer without merging: the plain modules go back with their base weights.
 
     A merged layer is unmerged first (W -= s * B A), which restores W up to the rounding of its dtype.
-    Returns ``model``.
+    Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank: the sharded tensors are gathered first (a collective),
+    and every rank gets the original modules back with whole weights. Returns ``model``.
     """
     found = _require_layers(model, "unload")
     _gather_layers(found)

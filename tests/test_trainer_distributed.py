@@ -41,7 +41,9 @@ def _torchrun(args, cwd):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # as a user runs it: without the suite's TRITON_INTERPRET, the layers take the torch path on CPU
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2"]
     cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", str(EXAMPLE), *args]
     run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
