@@ -48,17 +48,12 @@ def dataset(rows: int = 64, length: int = 16) -> list[dict]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--peft", action="store_true", help="train with PEFT's LoRA layers instead of fastlora's")
-    parser.add_argument("--out", default=None, help="output folder (default: peft-out or fastlora-out)")
-    args = parser.parse_args()
-
+def build_trainer(use_peft: bool = False, output_dir: str | None = None) -> Trainer:
     model = get_peft_model(base_model(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    if not args.peft:
+    if not use_peft:
         fl.from_peft(model)  # PEFT's LoRA layers become fastlora layers holding the same tensors
     training = TrainingArguments(
-        output_dir=args.out or ("peft-out" if args.peft else "fastlora-out"),
+        output_dir=output_dir or ("peft-out" if use_peft else "fastlora-out"),
         per_device_train_batch_size=4,
         max_steps=6,
         learning_rate=3e-3,
@@ -69,13 +64,25 @@ def main():
         fsdp=True,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
     )
-    trainer = (Trainer if args.peft else AdapterTrainer)(model=model, args=training, train_dataset=dataset())
+    return (Trainer if use_peft else AdapterTrainer)(model=model, args=training, train_dataset=dataset())
+
+
+def train_and_save(trainer: Trainer):
     if trainer.is_world_process_zero():
         wrapper = "FSDP2" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type)
-        print(f"{trainer.args.world_size} processes, {wrapper}, {'PEFT' if args.peft else 'fastlora'} LoRA layers")
+        layers = "fastlora" if isinstance(trainer, AdapterTrainer) else "PEFT"
+        print(f"{trainer.args.world_size} processes, {wrapper}, {layers} LoRA layers")
     trainer.train()
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the loss of every step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--peft", action="store_true", help="train with PEFT's LoRA layers instead of fastlora's")
+    parser.add_argument("--out", default=None, help="output folder (default: peft-out or fastlora-out)")
+    args = parser.parse_args()
+    train_and_save(build_trainer(args.peft, args.out))
 
 
 if __name__ == "__main__":

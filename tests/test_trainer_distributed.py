@@ -1,8 +1,10 @@
-"""examples/trainer_lora.py under torchrun with 2 CPU processes (gloo), as the README runs it: Hugging Face Trainer
-with fastlora's layers gives PEFT's loss at every step (dropout 0), and save_model writes an adapter PEFT loads.
+"""examples/trainer_lora.py under torchrun with 2 CPU processes (gloo): Hugging Face Trainer with fastlora's layers
+gives PEFT's loss at every step (dropout 0), and save_model writes an adapter PEFT loads.
 
-On CPU processes accelerate enables FSDP for accelerators only, so the Trainer runs DDP here (the script prints
-which); FSDP2 itself is tested with fully_shard in test_distributed.py.
+Three launches: the example as the README runs it, with fastlora's layers and with PEFT's (``--peft``); on CPU
+processes accelerate enables FSDP for accelerators only, so both run DDP. Then tests/trainer_fsdp2_cpu.py runs the
+example's fastlora Trainer through accelerate's FSDP2 code, giving the accelerator the FSDP2 state accelerate sets
+on GPUs for the same arguments (see that script).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _example():
     return module
 
 
-def _torchrun(args, cwd):
+def _torchrun(script, args, cwd):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,7 +47,7 @@ def _torchrun(args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2"]
-    cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", str(EXAMPLE), *args]
+    cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", str(script), *args]
     run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
@@ -53,9 +55,11 @@ def _torchrun(args, cwd):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(folder, {"fastlora": stdout, "peft": stdout}) of the example run both ways in one folder."""
+    """(folder, {"fastlora" | "peft" | "fsdp2": stdout}) of the three launches, each writing its own subfolder."""
     folder = tmp_path_factory.mktemp("trainer")
-    return folder, {"fastlora": _torchrun([], folder), "peft": _torchrun(["--peft"], folder)}
+    out = {"fastlora": _torchrun(EXAMPLE, [], folder), "peft": _torchrun(EXAMPLE, ["--peft"], folder)}
+    out["fsdp2"] = _torchrun(ROOT / "tests" / "trainer_fsdp2_cpu.py", [], folder)
+    return folder, out
 
 
 def _losses(folder: Path) -> list[float]:
@@ -67,23 +71,33 @@ def test_readme_gives_the_command():
     assert COMMAND in (ROOT / "README.md").read_text()
 
 
-def test_trainer_loss_equals_peft_step_for_step(runs):
-    folder, out = runs
-    assert "2 processes" in out["fastlora"] and "fastlora LoRA layers" in out["fastlora"], out["fastlora"]
-    ours, theirs = _losses(folder / "fastlora-out"), _losses(folder / "peft-out")
+def test_the_runs_are_what_they_claim(runs):
+    _, out = runs
+    assert "2 processes, DistributedType.MULTI_CPU, fastlora LoRA layers" in out["fastlora"], out["fastlora"]
+    assert "2 processes, DistributedType.MULTI_CPU, PEFT LoRA layers" in out["peft"], out["peft"]
+    assert "2 processes, FSDP2, fastlora LoRA layers" in out["fsdp2"], out["fsdp2"]
+    wrapped = int(out["fsdp2"].split("fully_shard wrapped ")[1].split()[0])
+    assert wrapped >= 3, f"fully_shard wrapped {wrapped} modules: expected both decoder layers and the model"
+
+
+@pytest.mark.parametrize("run", ["fastlora", "fsdp2"])
+def test_trainer_loss_equals_peft_step_for_step(run, runs):
+    folder, _ = runs
+    ours, theirs = _losses(folder / f"{run}-out"), _losses(folder / "peft-out")
     assert len(ours) == len(theirs) == 6
     assert ours[-1] < ours[0], f"the loss did not fall ({ours}): the comparison would prove little"
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), 1):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: fastlora's loss {a} vs PEFT's {b}"
 
 
-def test_save_model_writes_an_adapter_peft_loads(runs):
+@pytest.mark.parametrize("run", ["fastlora", "fsdp2"])
+def test_save_model_writes_an_adapter_peft_loads(run, runs):
     """PEFT loads the folder save_model wrote and computes what PEFT's own trained adapter computes."""
     from peft import PeftModel
 
     folder, _ = runs
     example = _example()
-    ours = PeftModel.from_pretrained(example.base_model(), folder / "fastlora-out").eval()
+    ours = PeftModel.from_pretrained(example.base_model(), folder / f"{run}-out").eval()
     theirs = PeftModel.from_pretrained(example.base_model(), folder / "peft-out").eval()
     trained_b = [p for n, p in ours.named_parameters() if "lora_B" in n]
     assert trained_b and all(p.abs().sum() > 0 for p in trained_b), "lora_B is still PEFT's zero initialisation"
