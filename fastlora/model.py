@@ -413,17 +413,25 @@ def base_module(layer: LoRALayer) -> nn.Module:
     return base
 
 
-def _gather_layers(found: list[tuple[str, LoRALayer]]):
-    """Gives every layer whose tensors are sharded (FSDP2's DTensor, DeepSpeed ZeRO-3) whole copies of them.
+def _gather_layers(found: list[tuple[str, LoRALayer]]) -> dict[tuple[int, str], torch.Tensor]:
+    """{(id(layer), name): whole tensor} of every sharded parameter (FSDP2's DTensor, DeepSpeed ZeRO-3) of the
+    layers. A collective: every rank calls it and gets the whole tensors; nothing is changed yet."""
+    return {
+        (id(layer), attr): full_tensor(p).reshape(full_shape(p))
+        for _, layer in found
+        for attr, p in layer._parameters.items()
+        if p is not None and is_sharded(p)
+    }
 
-    A collective: every rank calls it, and every rank ends with the full tensors. The sharded parameters the
-    training engine holds are left as they were; the layers (about to leave the model) no longer use them.
-    """
+
+def _adopt_gathered(found: list[tuple[str, LoRALayer]], whole: dict[tuple[int, str], torch.Tensor]):
+    """The layers take the whole tensors in place of their sharded ones. The sharded parameters the training engine
+    holds are left as they were; the layers (about to leave the model) no longer use them."""
     for _, layer in found:
         for attr, p in list(layer._parameters.items()):
-            if p is None or not is_sharded(p):
+            full = whole.get((id(layer), attr))
+            if full is None:
                 continue
-            full = full_tensor(p).reshape(full_shape(p))
             if attr == "weight":
                 layer._adopt_weight(full)
             else:
@@ -456,11 +464,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     first (a collective), and every rank gets plain modules with whole weights.
     """
     found = _require_layers(model, "merge_and_unload")
-    _gather_layers(found)
+    whole = _gather_layers(found)
     for name, layer in found:
         for pname in layer.adapter_names:
-            if not torch.isfinite(getattr(layer, pname)).all():
+            if not torch.isfinite(whole.get((id(layer), pname), getattr(layer, pname))).all():
                 raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
+    _adopt_gathered(found, whole)
     _untie(model, found)
     merged_here = []
     try:
@@ -486,7 +495,7 @@ def unload(model: nn.Module) -> nn.Module:
     and every rank gets the original modules back with whole weights. Returns ``model``.
     """
     found = _require_layers(model, "unload")
-    _gather_layers(found)
+    _adopt_gathered(found, _gather_layers(found))
     for name, layer in found:
         layer.unmerge()
         _replace(model, name, base_module(layer))
