@@ -166,10 +166,15 @@ class LoRALayer(nn.Module):
         self.merged = False
 
     def _apply_delta(self, sign: float, safe: bool = False):
-        """Fold the adapter into the base tensors (sign +1) or take it out again (sign -1)."""
+        """Fold the adapter into the base tensors (sign +1) or take it out again (sign -1). Under DeepSpeed ZeRO-3 the
+        layer's tensors are gathered for it (every rank calls it) and the result is partitioned again."""
         with gathered(self._parameters.values(), modify=True):
-            w, a, b = self._merge_views()
-            merge_delta_(w, a, b, self.scaling, sign=sign, safe=safe)
+            self._fold_delta(sign, safe)
+
+    def _fold_delta(self, sign: float, safe: bool):
+        """``_apply_delta`` on whole tensors."""
+        w, a, b = self._merge_views()
+        merge_delta_(w, a, b, self.scaling, sign=sign, safe=safe)
 
     def _adopt_weight(self, weight: torch.Tensor):
         """Make ``weight`` (the whole base weight, gathered from its shards) the layer's frozen weight."""
@@ -297,11 +302,7 @@ class LoRALinear(LoRALayer):
     def _merge_views(self):
         return self.base_weight, self.lora_A, self.lora_B
 
-    def _apply_delta(self, sign, safe=False):
-        with gathered(self._parameters.values(), modify=True):
-            self._apply_delta_gathered(sign, safe)
-
-    def _apply_delta_gathered(self, sign, safe):
+    def _fold_delta(self, sign, safe):
         w, a, b = self._merge_views()
         if self.use_dora:
             if sign > 0:
