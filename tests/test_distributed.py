@@ -165,6 +165,25 @@ def _sharded_case(kind, rank, out_path, results):
     }
 
 
+def _merge_case(kind, rank, results):
+    """FSDP2 training, then merge_and_unload on both ranks: plain modules (the original ones) with whole merged
+    weights, computing what the trained adapter computed."""
+    model = _build(kind)
+    kept = [model[i].__dict__[BASE_MODULE_ATTR] for i in (0, 2)]
+    _shard(model)
+    _train(model, _batches(kind), LR[kind], rank, WORLD)
+    x = _input(kind, seed=999, batch=3)
+    with torch.no_grad():
+        trained_out = model(x)
+        fastlora.merge_and_unload(model)
+        results[kind, "merge_and_unload"] = {
+            "same modules": [model[0] is kept[0], model[2] is kept[1]],
+            "whole plain weights": [type(model[i].weight) is nn.Parameter for i in (0, 2)],
+            "trained output": trained_out,
+            "output": model(x),
+        }
+
+
 # (quant storage, FSDP2 param_dtype): FSDP2 casts float parameters to param_dtype, never integer ones
 MIXED_PRECISION = {
     "uint8-storage-bf16-params": (torch.uint8, torch.bfloat16),
@@ -228,6 +247,7 @@ def _worker(rank, store_path, out_path, kinds):
             for kind in SHARDED_KINDS:
                 _sharded_case(kind, rank, out_path, results)
                 dist.barrier()
+            _merge_case("dora", rank, results)
             if "nf4-nested-uint8" in SHARDED_KINDS:
                 for name in MIXED_PRECISION:
                     results[name] = _mixed_precision_case(name)
@@ -312,6 +332,13 @@ def test_fsdp_unload_gives_back_the_original_modules_and_bytes(kind, distributed
     found = results[kind, "unload"]
     assert found["same modules"] and found["same bytes"] and found["same quant states"]
     assert_close(found["output"], found["base output"], torch.float32, "the unloaded model's output")
+
+
+def test_fsdp_merge_and_unload_gathers_and_merges(distributed_run):
+    results, _ = distributed_run
+    found = results["dora", "merge_and_unload"]
+    assert found["same modules"] == [True, True] and found["whole plain weights"] == [True, True]
+    assert_close(found["output"], found["trained output"], torch.float32, "the merged model's output")
 
 
 @pytest.mark.parametrize("kind", [kind_param(k) for k in LAYER_KINDS])
