@@ -15,9 +15,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from helpers import assert_close
+from helpers import assert_close, spawn_gloo_workers
 from lora_cases import lora_params
 
 import fastlora
@@ -167,7 +166,7 @@ def _worker(rank, store_path, out_path):
 def zero3_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero3")
     out_path = str(folder / "results.pt")
-    mp.spawn(_worker, args=(str(folder / "store"), out_path), nprocs=WORLD, join=True)
+    spawn_gloo_workers(_worker, folder, out_path, nprocs=WORLD)
     return torch.load(out_path, weights_only=False), out_path
 
 

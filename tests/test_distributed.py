@@ -24,9 +24,8 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from helpers import assert_close
+from helpers import assert_close, spawn_gloo_workers
 from lora_cases import LAYER_KINDS, build_model, kind_param, lora_params, make_input
 from tiny_models import quantize_4bit
 
@@ -264,17 +263,7 @@ def distributed_run(tmp_path_factory):
     kinds = list(LAYER_KINDS)
     folder = tmp_path_factory.mktemp("dist")
     out_path = str(folder / "results.pt")
-    # Two CI runs of the whole suite (of several) lost a worker to SIGABRT ("terminate called without an active
-    # exception", no Python error) while every run of this file alone passed: such an abort gets one more spawn.
-    # A Python error in a worker, or a wrong result, fails at once.
-    for attempt in (1, 2):
-        try:
-            mp.spawn(_worker, args=(str(folder / f"store{attempt}"), out_path, kinds), nprocs=WORLD, join=True)
-            break
-        except mp.ProcessExitedException as err:
-            if err.signal_name != "SIGABRT" or attempt == 2:
-                raise
-            warnings.warn(f"a distributed worker aborted natively ({err}); spawning once more", stacklevel=1)
+    spawn_gloo_workers(_worker, folder, out_path, kinds, nprocs=WORLD)
     return torch.load(out_path, weights_only=False), out_path
 
 
