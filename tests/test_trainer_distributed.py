@@ -1,10 +1,10 @@
 """examples/trainer_lora.py under torchrun with 2 CPU processes (gloo): Hugging Face Trainer with fastlora's layers
 gives PEFT's loss at every step (dropout 0), and save_model writes an adapter PEFT loads.
 
-Three launches: the example as the README runs it, with fastlora's layers and with PEFT's (``--peft``); on CPU
-processes accelerate enables FSDP for accelerators only, so both run DDP. Then tests/trainer_fsdp2_cpu.py runs the
-example's fastlora Trainer through accelerate's FSDP2 code, giving the accelerator the FSDP2 state accelerate sets
-on GPUs for the same arguments (see that script).
+Two launches: the example as the README runs it (fastlora's layers; on CPU processes accelerate enables FSDP for
+accelerators only, so it runs DDP), and tests/trainer_fsdp2_cpu.py, which runs the example's Trainer with PEFT's
+layers (the reference, DDP) and then with fastlora's through accelerate's FSDP2 code, giving the accelerator the
+FSDP2 state accelerate sets on GPUs for the same arguments (see that script).
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ def _torchrun(script, args, cwd):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(folder, {"fastlora" | "peft" | "fsdp2": stdout}) of the three launches, each writing its own subfolder."""
+    """(folder, {"example": stdout, "reference and fsdp2": stdout}) of the two launches; the runs write the
+    subfolders fastlora-out, peft-out and fsdp2-out."""
     folder = tmp_path_factory.mktemp("trainer")
-    out = {"fastlora": _torchrun(EXAMPLE, [], folder), "peft": _torchrun(EXAMPLE, ["--peft"], folder)}
-    out["fsdp2"] = _torchrun(ROOT / "tests" / "trainer_fsdp2_cpu.py", [], folder)
+    out = {"example": _torchrun(EXAMPLE, [], folder)}
+    out["reference and fsdp2"] = _torchrun(ROOT / "tests" / "trainer_fsdp2_cpu.py", [], folder)
     return folder, out
 
 
@@ -73,10 +74,11 @@ def test_readme_gives_the_command():
 
 def test_the_runs_are_what_they_claim(runs):
     _, out = runs
-    assert "2 processes, DistributedType.MULTI_CPU, fastlora LoRA layers" in out["fastlora"], out["fastlora"]
-    assert "2 processes, DistributedType.MULTI_CPU, PEFT LoRA layers" in out["peft"], out["peft"]
-    assert "2 processes, FSDP2, fastlora LoRA layers" in out["fsdp2"], out["fsdp2"]
-    wrapped = int(out["fsdp2"].split("fully_shard wrapped ")[1].split()[0])
+    example, second = out["example"], out["reference and fsdp2"]
+    assert "2 processes, DistributedType.MULTI_CPU, fastlora LoRA layers" in example, example
+    assert "2 processes, DistributedType.MULTI_CPU, PEFT LoRA layers" in second, second
+    assert "2 processes, FSDP2, fastlora LoRA layers" in second, second
+    wrapped = int(second.split("fully_shard wrapped ")[1].split()[0])
     assert wrapped >= 3, f"fully_shard wrapped {wrapped} modules: expected both decoder layers and the model"
 
 
