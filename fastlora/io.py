@@ -36,6 +36,8 @@ from safetensors.torch import save as _st_save
 
 from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_tensor
+from fastlora.distributed import is_main_process as _is_main_process
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import DEFAULT_ADAPTER, LoRALayer
 from fastlora.model import (
@@ -69,12 +71,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPTION_FIELDS = {"use_dora": "lora_magnitude_vector", "lora_bias": "lora_B.bias"}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter that may be sharded (a DTensor under FSDP2)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor one adapter (default: the active one) trains, under PEFT's names (detached, not copied).
 
@@ -83,7 +79,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
     magnitude, a lora_B bias; each modules_to_save copy's tensors under the module's own name
     (``base_model.model.lm_head.weight``); the biases its ``bias`` mode trains (an adapted layer's as
     ``<path>.base_layer.bias``). Paths are relative to the user's model. For a PEFT ``PeftModel`` this is PEFT's
-    ``get_peft_model_state_dict`` of the adapter (the same key format).
+    ``get_peft_model_state_dict`` of the adapter (the same key format). Sharded tensors (FSDP2, DeepSpeed ZeRO-3)
+    are gathered whole, so under either every rank must call it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -92,7 +89,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(peft_model, adapter_name=adapter_name or peft_model.active_adapter)
-    return {key: _full(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
+    return {key: full_tensor(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
 
 
 def _adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
@@ -281,7 +278,13 @@ def _atomic_write(files: list[tuple[str, bytes]]):
     _fsync_dir(os.path.dirname(files[0][0]))
 
 
-def save_adapter(model: nn.Module, save_directory, task_type: str | None = None, base_model_name_or_path=None):
+def save_adapter(
+    model: nn.Module,
+    save_directory,
+    task_type: str | None = None,
+    base_model_name_or_path=None,
+    is_main_process: bool | None = None,
+):
     """Writes every adapter of the model's fastlora layers as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     The folder loads with ``PeftModel.from_pretrained(base_model, save_directory)`` and with ``load_adapter``.
@@ -290,6 +293,10 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
     The adapter's ``modules_to_save`` copies and the biases its ``bias`` mode trains are saved with it, as PEFT
     does. With several adapters, PEFT's layout: "default" in the folder, every other one in a subfolder named after
     it. All files are replaced atomically (see the module docstring). Returns the folder path.
+
+    Across processes (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every rank: sharded adapter tensors are gathered
+    (a collective) and only the main process writes (``is_main_process``, PEFT's argument; by default rank 0 of
+    the default process group, or True when torch.distributed is not set up).
     """
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
@@ -331,6 +338,8 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
         if adapter != DEFAULT_ADAPTER:  # PEFT's layout: every adapter but "default" in a folder of its name
             folder = os.path.join(folder, adapter)
         files += _adapter_files(model, adapter, folder, task_type, base_model_name_or_path)
+    if not (_is_main_process() if is_main_process is None else is_main_process):
+        return os.fspath(save_directory)
     for path, _ in files:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     _atomic_write(files)

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_shape, full_tensor, is_sharded
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, DEFAULT_ADAPTER, LoRALayer
 from fastlora.peft import peft_model_of
@@ -97,6 +98,24 @@ def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rsl
     layer.train(module.training)
     object.__setattr__(layer, _BASE_ATTR, module)
     return layer
+
+
+def _own_tensors(layer: LoRALayer) -> dict[str, nn.Parameter | None]:
+    """{name: tensor} of the base tensors a layer takes over from its module: weight, and bias where it has one."""
+    return {name: getattr(layer, name, None) for name in ("weight", "bias") if hasattr(layer, name)}
+
+
+def swap_in(model: nn.Module, name: str, layer: LoRALayer):
+    """Puts ``layer`` in the place of the module it was built from. That module stays with the layer (for unload)
+    but without the tensors the layer took over, so nothing but the layer holds them: when FSDP2 shards the
+    layer's weight, or merging replaces a 4-bit one, no full copy stays alive through the kept module."""
+    _replace(model, name, layer)
+    base = layer.__dict__.get(_BASE_ATTR)
+    if base is None:
+        return
+    for attr in _own_tensors(layer):
+        if base._parameters.get(attr) is not None:
+            setattr(base, attr, None)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -274,7 +293,7 @@ def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float
             p.requires_grad_(flag)
         raise
     for name, layer in built.items():
-        _replace(model, name, layer)
+        swap_in(model, name, layer)
     return built
 
 
@@ -807,13 +826,41 @@ def _rebuild_base(layer: LoRALayer) -> nn.Module:
 
 
 def base_module(layer: LoRALayer) -> nn.Module:
-    """The plain module a layer wraps: the original one when it still holds the layer's tensors."""
+    """The plain module a layer wraps, holding the layer's base tensors: the module it was built from when it kept
+    one (see ``swap_in``), else a new one of the same kind."""
     base = layer.__dict__.get(_BASE_ATTR)
-    bias = getattr(layer, "bias", None)
-    if base is not None and base.weight is layer.weight and getattr(base, "bias", None) is bias:
-        base.train(layer.training)
-        return base
-    return _rebuild_base(layer)
+    if base is None:
+        return _rebuild_base(layer)
+    for attr, tensor in _own_tensors(layer).items():
+        if attr in base._parameters:
+            setattr(base, attr, tensor)
+    base.train(layer.training)
+    return base
+
+
+def _gather_layers(found: list[tuple[str, LoRALayer]]) -> dict[tuple[int, str], torch.Tensor]:
+    """{(id(layer), name): whole tensor} of every sharded parameter (FSDP2's DTensor, DeepSpeed ZeRO-3) of the
+    layers. A collective: every rank calls it and gets the whole tensors; nothing is changed yet."""
+    return {
+        (id(layer), attr): full_tensor(p).reshape(full_shape(p))
+        for _, layer in found
+        for attr, p in layer._parameters.items()
+        if p is not None and is_sharded(p)
+    }
+
+
+def _adopt_gathered(found: list[tuple[str, LoRALayer]], whole: dict[tuple[int, str], torch.Tensor]):
+    """The layers take the whole tensors in place of their sharded ones. The sharded parameters the training engine
+    holds are left as they were; the layers (about to leave the model) no longer use them."""
+    for _, layer in found:
+        for attr, p in list(layer._parameters.items()):
+            full = whole.get((id(layer), attr))
+            if full is None:
+                continue
+            if attr == "weight":
+                layer._adopt_weight(full)
+            else:
+                setattr(layer, attr, nn.Parameter(full, requires_grad=p.requires_grad))
 
 
 def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
@@ -826,11 +873,7 @@ def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
                 "copy so that the other module keeps the base weight",
                 stacklevel=3,
             )
-            own = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-            base = layer.__dict__.get(_BASE_ATTR)
-            if base is not None and base.weight is layer.weight:
-                base.weight = own
-            layer.weight = own
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
 
 
 @torch.no_grad()
@@ -842,16 +885,22 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (converted by ``from_peft`` or not) it returns PEFT's ``merge_and_unload(safe_merge=True)``: the base model.
     A weight tied to another module is copied first, with a warning, so the other module is unchanged. If an adapter
     holds NaN or Inf or merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
+
+    Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank once training is done: the sharded tensors are gathered
+    first (a collective), and every rank gets plain modules with whole weights.
     """
     peft_model = peft_model_of(model, "merge_and_unload")
     if peft_model is not None:
         return _experts.release(peft_model.merge_and_unload(safe_merge=True))
-    found = [(name, layer) for name, layer in _require_layers(model, "merge_and_unload") if not layer.idle]
+    layers = _require_layers(model, "merge_and_unload")
+    whole = _gather_layers(layers)
+    found = [(name, layer) for name, layer in layers if not layer.idle]
     for name, layer in found:
         for pname in layer.adapter_names:
-            if not torch.isfinite(getattr(layer, pname)).all():
+            if not torch.isfinite(whole.get((id(layer), pname), getattr(layer, pname))).all():
                 raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
     _experts.check_mergeable(model, "merge_and_unload")
+    _adopt_gathered(layers, whole)
     _untie(model, found)
     merged_here = []
     try:
@@ -887,12 +936,16 @@ def unload(model: nn.Module) -> nn.Module:
     A merged layer is unmerged first (W -= s * B A), which restores W up to the rounding of its dtype. A
     modules_to_save wrapper gives way to the active adapter's trained copy (PEFT's rule); biases trained with
     ``bias="all"``/``"lora_only"`` stay trained (they are the base model's own).
+    Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank: the sharded tensors are gathered first (a collective),
+    and every rank gets the original modules back with whole weights.
     Returns ``model``; for a PEFT ``PeftModel``, PEFT's ``unload()`` (the base model).
     """
     peft_model = peft_model_of(model, "unload")
     if peft_model is not None:
         return _experts.release(peft_model.unload())
-    for _, layer in _require_layers(model, "unload"):
+    found = _require_layers(model, "unload")
+    _adopt_gathered(found, _gather_layers(found))
+    for _, layer in found:
         layer.unmerge()
     _experts.unload(model)
     _remove_adapters(model)
