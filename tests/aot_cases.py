@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import aot_dora_cases
 import aot_linear_cases
+import aot_moe_cases
 import aot_nf4_cases
 import torch
 import triton.language as tl
@@ -254,4 +255,5 @@ TABLES = {
     "conv2d": conv2d_cases,
     "dora": aot_dora_cases.dora_cases,
     "nf4": aot_nf4_cases.aot_cases,
+    "moe": aot_moe_cases.aot_cases,
 }

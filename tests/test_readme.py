@@ -110,6 +110,19 @@ def _merge_block(ns, tmp_path):
     assert not lora_layers(ns["merged"]) and type(ns["merged"].model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
+def _moe_block(ns, tmp_path):
+    import json
+
+    from fastlora.experts import has_adapters
+
+    merged = ns["merged_moe"]
+    experts = merged.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "Qwen3MoeExperts" and not has_adapters(merged) and not lora_layers(merged)
+    assert experts.config._experts_implementation == "grouped_mm"
+    config = json.loads((tmp_path / "moe-adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+
+
 def _qlora_block(ns, tmp_path):
     import bitsandbytes as bnb
 
@@ -129,6 +142,7 @@ CHECKS = {
     "fl.adapter_trainer(transformers.Trainer)(": _adapter_trainer_block,
     "merged = fl.merge_and_unload(model)": _merge_block,
     "merged_4bit = fl.merge_and_unload(model)": _qlora_block,
+    "merged_moe = fl.merge_and_unload(model)": _moe_block,
     "dora = fl.LoRALinear.from_module(": _dora_block,
     "compiled(torch.randn(32, 64))": _grads_reach_only_the_adapters,
     "checkpoint(model, x, use_reentrant=False)": _grads_reach_only_the_adapters,
@@ -140,7 +154,7 @@ def test_every_block_is_run_and_checked():
     run by test_block_runs_as_pasted or is the fsdp example run under torchrun; every check finds its block."""
     fences = re.findall(r"^```(\S*)\n.*?^```", README, flags=re.S | re.M)  # the opening fence's language
     assert set(fences) <= {"bash", "python"}, fences
-    assert len(BLOCKS) == fences.count("python") == 13
+    assert len(BLOCKS) == fences.count("python") == 14
     assert len(RUNNABLE) == len(BLOCKS) - 1
     for needle in CHECKS:
         assert sum(needle in code for _, code in RUNNABLE) == 1, needle
