@@ -33,6 +33,7 @@ from fastlora.kernels.configs import (
     input_precision,
     rank_block,
 )
+from fastlora.kernels.launch import plans_for
 
 
 @triton.jit
@@ -226,7 +227,9 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, wsq=None):
         wsq = torch.empty((N,), device=weight.device, dtype=torch.float32)
     bn, bk, warps, stages = dora_norm_config()
     br = rank_block(R)
-    _dora_norm_kernel[(triton.cdiv(N, bn), triton.cdiv(R, br))](
+    plans_for(_dora_norm_kernel).launch(
+        None,
+        (triton.cdiv(N, bn), triton.cdiv(R, br), 1),
         w_ptr=weight,
         a_ptr=a,
         wa_ptr=wa,
@@ -279,7 +282,9 @@ def dora_bwd_scale(dy, src, bias, magnitude, norm, shift, need_dbias, recompute=
         R = s.shape[1]
     else:
         x, weight, s, lora_B, scaling, R = dy, dy, dy, dy, 0.0, 1
-    _dora_bwd_kernel[(grid_n, split)](
+    plans_for(_dora_bwd_kernel).launch(
+        None,
+        (grid_n, split, 1),
         dy_ptr=dy,
         src_ptr=src,
         bias_ptr=bias if bias is not None else dy,

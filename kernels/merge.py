@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .configs import INTERPRET, MERGE_CONFIG, MERGE_INTERPRET, rank_block
+from fastlora.kernels.configs import INTERPRET, MERGE_CONFIG, MERGE_INTERPRET, rank_block
+from fastlora.kernels.launch import plans_for
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def merge_(weight, lora_A, lora_B, coeff: float, safe: bool = False):
     N, K = weight.shape
     R = lora_A.shape[0]
     bn, bk, warps = MERGE_INTERPRET if INTERPRET else MERGE_CONFIG
-    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk), 1)
     args = dict(
         w_ptr=weight,
         a_ptr=lora_A,
@@ -97,10 +97,10 @@ def merge_(weight, lora_A, lora_B, coeff: float, safe: bool = False):
     )
     if safe:
         flag = torch.zeros(1, device=weight.device, dtype=torch.int32)
-        _merge_kernel[grid](flag_ptr=flag, CHECK_ONLY=True, **args)
+        plans_for(_merge_kernel).launch(None, grid, flag_ptr=flag, CHECK_ONLY=True, **args)
         if flag.item() != 0:
             raise ValueError(
                 "merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged"
             )
-    _merge_kernel[grid](flag_ptr=weight, CHECK_ONLY=False, **args)
+    plans_for(_merge_kernel).launch(None, grid, flag_ptr=weight, CHECK_ONLY=False, **args)
     return weight
