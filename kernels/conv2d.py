@@ -51,7 +51,7 @@ from fastlora.kernels.configs import (
 from fastlora.kernels.dropout import dropout_args, dropout_keep, dropout_mask, dropout_seed
 from fastlora.kernels.geometry import input_grad, memory_format, output_size
 from fastlora.kernels.launch import plans_for
-from fastlora.kernels.tiles import grouped_tile
+from fastlora.kernels.tiles import grouped_tile, tile_offsets
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
 
@@ -87,9 +87,7 @@ def _pixel_offset(i_n, i_h, i_w, stride_n, stride_h, stride_w):
 @triton.jit
 def _load_rank_rows(s_ptr, i_m, m_m, i_r, R):
     """[BLOCK_M, BLOCK_R] block of rows i_m of a contiguous [M, R] tensor (S or dS), zero where masked."""
-    return tl.load(
-        s_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :], mask=m_m[:, None] & (i_r < R)[None, :], other=0.0
-    )
+    return tl.load(s_ptr + tile_offsets(i_m, i_r, R, 1), mask=m_m[:, None] & (i_r < R)[None, :], other=0.0)
 
 
 @triton.jit
@@ -110,7 +108,7 @@ def _lora_up(
 ):
     """s * S[i_m] B[i_o]^T, [BLOCK_M, BLOCK_O] in fp32: the LoRA term of output channels i_o."""
     b_s = _load_rank_rows(s_ptr, i_m, m_m, i_r, R)  # [BM, BR]
-    p_b = b_ptr + i_o.to(tl.int64)[None, :] * stride_bo + i_r.to(tl.int64)[:, None] * stride_br
+    p_b = b_ptr + tile_offsets(i_r, i_o, stride_br, stride_bo)
     b_b = tl.load(p_b, mask=(i_r < R)[:, None] & m_o[None, :], other=0.0)  # [BR, BO]
     return tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
 
@@ -221,7 +219,7 @@ def _lora_dgrad(
         i_src = (i_n.to(tl.int64) * Ho + i_ho) * Wo + i_wo
         b_ds = _load_rank_rows(ds_ptr, i_src, m_src, i_r, R)
         a_tap = _tap_offset(tap, KW, stride_ah, stride_aw)
-        p_a = a_ptr + i_r.to(tl.int64)[:, None] * stride_ar + i_c.to(tl.int64)[None, :] * stride_ac + a_tap
+        p_a = a_ptr + tile_offsets(i_r, i_c, stride_ar, stride_ac) + a_tap
         b_a = tl.load(p_a, mask=(i_r < R)[:, None] & m_c[None, :], other=0.0)
         acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
@@ -312,13 +310,13 @@ def _conv_down_kernel(
         if HAS_DROPOUT:
             b_x = _dropped(b_x, seed, i_n, i_h, i_w, H, W, i_c, p_thresh)
         a_tap = _tap_offset(tap, KW, stride_ah, stride_aw)
-        p_a = a_ptr + i_r.to(tl.int64)[None, :] * stride_ar + i_c.to(tl.int64)[:, None] * stride_ac + a_tap
+        p_a = a_ptr + tile_offsets(i_c, i_r, stride_ac, stride_ar) + a_tap
         b_a = tl.load(p_a, mask=m_c[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
         acc = tl.dot(b_x.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    p_s = s_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :]
+    p_s = s_ptr + tile_offsets(i_m, i_r, R, 1)
     tl.store(p_s, acc.to(s_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
 
 
@@ -532,14 +530,14 @@ def _conv_ds_db_kernel(
         m_o = i_o < O
         p_dy = dy_ptr + row_off[:, None] + i_o.to(tl.int64)[None, :] * stride_dyc
         b_dy = tl.load(p_dy, mask=m_m[:, None] & m_o[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
-        p_b = b_ptr + i_o.to(tl.int64)[:, None] * stride_bo + i_r[None, :] * stride_br
+        p_b = b_ptr + tile_offsets(i_o, i_r, stride_bo, stride_br)
         b_b = tl.load(p_b, mask=m_o[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
         acc = tl.dot(b_dy, b_b, acc, input_precision=INPUT_PRECISION)
         b_db = tl.dot(tl.trans(b_dy), b_s, input_precision=INPUT_PRECISION)  # [BK, BR]
-        p_db = p_db_part + i_o.to(tl.int64)[:, None] * R + i_r[None, :]
+        p_db = p_db_part + tile_offsets(i_o, i_r, R, 1)
         tl.store(p_db, b_db, mask=m_o[:, None] & m_r[None, :])
 
-    p_ds = ds_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :]
+    p_ds = ds_ptr + tile_offsets(i_m, i_r, R, 1)
     tl.store(p_ds, acc * scaling, mask=m_m[:, None] & m_r[None, :])
 
 

@@ -29,6 +29,7 @@ it), and gets back the name to run:
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import statistics
@@ -36,6 +37,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import triton
 from fastlora.kernels.configs import INTERPRET
 
 __all__ = [
@@ -89,12 +91,12 @@ def device_name(device: torch.device) -> str:
 
 def versions() -> str:
     """The software a timing depends on besides the device: fastlora's, Triton's and torch's versions (torch's
-    names its CUDA build, and so cuBLAS and cuDNN)."""
-    import triton
-
-    from fastlora import __version__
-
-    return f"fastlora {__version__}, triton {triton.__version__}, torch {torch.__version__}"
+    names its CUDA build, and so cuBLAS and cuDNN). fastlora's is its installed distribution's."""
+    try:
+        fastlora_version = importlib.metadata.version("fastlora")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        fastlora_version = "unknown"
+    return f"fastlora {fastlora_version}, triton {triton.__version__}, torch {torch.__version__}"
 
 
 def cuda_timer(fn: Callable[[], object]) -> float:
@@ -278,12 +280,18 @@ class Dispatcher:
         return agreed if agreed in candidates else choice
 
     def decisions(self) -> list[dict]:
-        """Every measured decision known to this process (made here or read from the cache file), sorted; device
-        is the environment: the device's name with the software versions."""
+        """Every measured decision known to this process (made here or read from the cache file), sorted: the
+        device's name, the software versions it was measured with, the key, the choice and each candidate's ms."""
         with self._lock:
             data = self._load()
             return [
-                {"device": env, "key": key, "choice": entry["choice"], "ms": dict(entry.get("ms", {}))}
+                {
+                    "device": env.partition("; ")[0],
+                    "versions": env.partition("; ")[2],
+                    "key": key,
+                    "choice": entry["choice"],
+                    "ms": dict(entry.get("ms", {})),
+                }
                 for env in sorted(data)
                 for key, entry in sorted(data[env].items())
                 if isinstance(entry, dict) and "choice" in entry

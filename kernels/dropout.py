@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from fastlora.kernels.launch import plans_for, seed_pointer
+from fastlora.kernels.tiles import tile_offsets
 
 __all__ = [
     "dropout_words",
@@ -142,7 +143,7 @@ def _dropout_mask_kernel(
     i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = dropout_keep(seed, i_m, i_k, p_thresh)
-    p_o = out_ptr + i_m.to(tl.int64)[:, None] * stride_om + i_k.to(tl.int64)[None, :] * stride_ok
+    p_o = out_ptr + tile_offsets(i_m, i_k, stride_om, stride_ok)
     tl.store(p_o, keep.to(tl.int8), mask=(i_m < M)[:, None] & (i_k < K)[None, :])
 
 

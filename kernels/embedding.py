@@ -614,15 +614,24 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
 
     # dB: the row-strip partials summed in order, scaled, rounded once
     cfg = embedding_config("bwd_reduce", major, lora_B.dtype, r_block)
-    _emb_bwd_reduce_kernel[(triton.cdiv(dim * r, cfg["BLOCK_M"]),)](
-        part_ptr=db_out, out_ptr=db, N_ELEM=dim * r, N_PARTS=m_splits, scaling=scaling, **cfg
+    plans_for(_emb_bwd_reduce_kernel).launch(
+        None,
+        (triton.cdiv(dim * r, cfg["BLOCK_M"]), 1, 1),
+        part_ptr=db_out,
+        out_ptr=db,
+        N_ELEM=dim * r,
+        N_PARTS=m_splits,
+        scaling=scaling,
+        **cfg,
     )
     # dA: runs of equal indices summed in order over the column-strip partials of dS, each column written once
     sorted_idx, perm = torch.sort(idx, stable=True)
     cfg = embedding_config("bwd_segment", major, lora_A.dtype, r_block)
     head = torch.searchsorted(sorted_idx, sorted_idx[:: cfg["BLOCK_M"]].contiguous())  # run start per block
     da.zero_()
-    _emb_bwd_segment_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+    plans_for(_emb_bwd_segment_kernel, dynamic=("padding_idx",)).launch(
+        None,
+        (triton.cdiv(m, cfg["BLOCK_M"]), 1, 1),
         sorted_ptr=sorted_idx,
         perm_ptr=perm,
         head_ptr=head,

@@ -109,10 +109,10 @@ def test_decisions_persist_per_environment_and_are_listed(tmp_path):
                            versions="fastlora 1, triton 2, torch 1")  # fmt: skip
     assert upgraded.choose(_key(), _candidates(), "cuda:0") == "fused" and len(upgraded.timer.timed) == 2
     listed = upgraded.decisions()  # the file as merged by every writer
-    assert [(row["device"], row["choice"]) for row in listed] == [
-        ("GPU-A sm_90; fastlora 1, triton 1, torch 1", "cublas+update"),
-        ("GPU-A sm_90; fastlora 1, triton 2, torch 1", "fused"),
-        ("GPU-B sm_80; fastlora 1, triton 1, torch 1", "fused"),
+    assert [(row["device"], row["versions"], row["choice"]) for row in listed] == [
+        (GPU, "fastlora 1, triton 1, torch 1", "cublas+update"),
+        (GPU, "fastlora 1, triton 2, torch 1", "fused"),
+        ("GPU-B sm_80", "fastlora 1, triton 1, torch 1", "fused"),
     ]
     assert listed[1]["ms"] == {"fused": 1.0, "cublas+update": 9.0} and listed[1]["key"] == _key()
 
