@@ -120,7 +120,8 @@ def stream_capturing() -> bool:
 
 def measurable(device) -> bool:
     """Whether paths can be timed on device: compiled kernels on a CUDA device."""
-    return torch.device(device).type == "cuda" and not INTERPRET
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    return device.type == "cuda" and not INTERPRET
 
 
 def group_store():

@@ -401,10 +401,10 @@ def choose_route(M: int, R: int) -> str:
 
 
 def _route(route, kind: str, M: int, N: int, K: int, R: int, dtype, dropout_p, q: Quant4bit, device, paths) -> str:
-    """The route a call takes: route itself when given (checked), else the dispatch's choice among the routes the
-    rule allows (paths: name -> a function running that route once)."""
+    """The route a call takes: route itself when given (the launchers check it), else the dispatch's choice among the
+    routes the rule allows (paths: name -> a function running that route once)."""
     if route is not None:
-        return _check_route(route, M, R)
+        return route
     rule = choose_route(M, R)
     allowed = paths if rule == "fused" else {"workspace": paths["workspace"]}
     key = dispatch.shape_key(
@@ -441,6 +441,8 @@ def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout
     M, K = x.shape
     N, R = q.shape[0], lora_A.shape[0]
     args = (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if route is not None:
+        _check_route(route, M, R)
     if M == 0:
         return _workspace_fwd(*args)
     paths = {"fused": lambda: _fused_fwd(*args), "workspace": lambda: _workspace_fwd(*args)}
