@@ -195,8 +195,8 @@ def _print_decisions() -> None:
         rows = []
         for d in found:
             ms = ", ".join(f"{name} {t:.3f}" for name, t in sorted(d["ms"].items()))
-            rows.append((d["device"], d["key"], d["choice"], ms or "-"))
-        _print_table(("device", "key", "choice", "ms per candidate"), rows)
+            rows.append((d["device"], d["versions"], d["key"], d["choice"], ms or "-"))
+        _print_table(("device", "measured with", "key", "choice", "ms per candidate"), rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

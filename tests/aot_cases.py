@@ -177,15 +177,15 @@ _CONV_KERNELS = {
         },
     ),
     "up": (kconv._conv_up_kernel, set(), {"scaling"}, {"channels_last": {"stride_yc", "stride_br"}}),
-    "down": (kconv._conv_down_kernel, set(), {"p", "drop_scale"}, {"channels_last": {"stride_xc", "stride_ac"}}),
+    "down": (kconv._conv_down_kernel, set(), {"inv_keep"}, {"channels_last": {"stride_xc", "stride_ac"}}),
     "ds_db": (
         kconv._conv_ds_db_kernel,
         {"ds_ptr", "db_part_ptr"},
         {"scaling"},
         {"channels_last": {"stride_dyc", "stride_br"}},
     ),
-    "da": (kconv._conv_da_kernel, {"ds_ptr", "da_part_ptr"}, {"p", "drop_scale"}, {"channels_last": {"stride_xc"}}),
-    "dx": (kconv._conv_dx_kernel, {"ds_ptr"}, {"p", "drop_scale"}, {"channels_last": {"stride_xc", "stride_ac"}}),
+    "da": (kconv._conv_da_kernel, {"ds_ptr", "da_part_ptr"}, {"inv_keep"}, {"channels_last": {"stride_xc"}}),
+    "dx": (kconv._conv_dx_kernel, {"ds_ptr"}, {"inv_keep"}, {"channels_last": {"stride_xc", "stride_ac"}}),
 }
 
 
