@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import triton
 from fastlora.kernels import conv2d as kconv
+from fastlora.kernels import dispatch
 
 import fastlora as fl
 from fastlora.reference import PeftStyleConv2d, lora_conv2d_ref
@@ -95,7 +96,7 @@ def timing(device, dtype, nb, c, hw, r, dry_run):
         "fwd_bwd_ms": both,
         "forward_vs_cudnn": fwd["fastlora"] / fwd["cudnn"],
         "fwd_bwd_speedup_vs_peft": both["peft"] / both["fastlora"],
-        "fused_chosen": [[key[0], fused] for key, fused in kconv._PATH_CHOICE.items()],
+        "chosen": [[d["key"], d["choice"]] for d in dispatch.decisions() if d["key"].startswith("conv_")],
     }
 
 

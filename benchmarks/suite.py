@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from fastlora.benchmarks import group, llama
+from fastlora.benchmarks import group, llama, moe
 from fastlora.benchmarks.harness import MODES, Case, Progress, Settings, measure_case, measure_ceilings
 
 import fastlora
@@ -30,7 +30,7 @@ from fastlora.validate import parse_shape
 
 # {layer kind: its benchmark setup module}, from the layer-kind registry (a kind whose extra is missing has none)
 SETUPS = {kind.name: importlib.import_module(kind.bench_setup) for kind in kinds() if kind.bench_setup}
-LAYERS = (*SETUPS, "llama", "group")
+LAYERS = (*SETUPS, "llama", "moe", "group")
 PROVIDERS = ("base", "peft_style", "peft", "fastlora")
 
 
@@ -94,6 +94,7 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
             if not quick:
                 cases.append(Case("linear4bit", parse_shape("4096x4096x4096x16", "linear4bit"), bf16, 0.1))
         cases += [Case("llama", None, bf16, p) for p in ((0.0,) if quick else (0.0, 0.05))]
+        cases.append(Case("moe", None, bf16, 0.0))  # the Qwen3-30B-A3B-like experts block (benchmarks/moe.py)
         cases += [Case("group", None, bf16, p) for p in ((0.0,) if quick else (0.0, 0.1))]
     else:
         lin = ("256x512x512x16",) if quick else ("256x512x512x16", "512x1024x1024x16", "512x1024x1024x64")
@@ -112,6 +113,7 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
                 for p in (0.0, 0.1):
                     cases.append(Case("linear4bit", s, fp32, p))
         cases.append(Case("llama", None, fp32, 0.0))
+        cases.append(Case("moe", None, fp32, 0.0))
         cases.append(Case("group", None, fp32, 0.0))
     return cases
 
@@ -183,6 +185,8 @@ def run(opts: Options, progress: Progress | None = None, out: Path | None = None
         try:
             if case.layer == "llama":
                 rows = llama.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
+            elif case.layer == "moe":
+                rows = moe.measure(device, case.dtype, opts.settings, progress, case.providers)
             elif case.layer == "group":
                 rows = group.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
             else:

@@ -14,9 +14,9 @@ takes its output from that round only if it receives the same tensor object, unc
 under ``torch.compile`` the traced data pointer, which Dynamo compares with the tensor's version), and its own
 adapter is unchanged (the same Parameters at the same versions, scaling, dropout, grad mode and autocast). Otherwise
 it computes its own op, as without grouping: outputs and gradients are the same either way. A member that is
-merged, disabled, idle, DoRA, not in the same dtype or device, holds sharded (DTensor) parameters (FSDP2 sharding
-the siblings apart) or reads another in_features does not take part. Inference tensors (``torch.inference_mode``)
-have no version counter: there each member computes alone.
+merged, disabled, idle, DoRA, not in the same dtype or device, holds sharded parameters (FSDP2 sharding the
+siblings apart, DeepSpeed ZeRO-3) or reads another in_features does not take part. Inference tensors
+(``torch.inference_mode``) have no version counter: there each member computes alone.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from fastlora.distributed import is_sharded
 from fastlora.layers import GROUP_ATTR
 from fastlora.ops.backend import autocast_enabled, get_backend
 from fastlora.ops.group import MAX_MEMBERS, group_runs, lora_linear_group
@@ -69,14 +70,14 @@ def _member_key(member):
 
 
 def _fits(x: torch.Tensor, member) -> bool:
-    """Whether a member can be computed from x in the group: plain (not sharded) tensors, x's in_features, device
-    and dtype (or autocast)."""
-    w = member.weight
-    if type(w) not in _PLAIN or any(
-        t is not None and type(t) not in _PLAIN for t in (member.bias, member.lora_A, member.lora_B, member.lora_bias)
-    ):
+    """Whether a member can be computed from x in the group: whole, plain tensors (not an FSDP2 DTensor, not a
+    ZeRO-3 parameter, which its own module's hooks gather and release), x's in_features, device and dtype (or
+    autocast)."""
+    tensors = [t for t in member[:5] if t is not None]
+    if any(type(t) not in _PLAIN or is_sharded(t) for t in tensors):
         return False
-    if w.shape[1] != x.shape[-1] or w.device != x.device:
+    w = member.weight
+    if w.dim() != 2 or w.shape[1] != x.shape[-1] or w.device != x.device:
         return False
     return w.dtype == x.dtype or autocast_enabled(x.device.type)
 

@@ -34,7 +34,10 @@ import torch.nn as nn
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_tensor
+from fastlora.distributed import is_main_process as _is_main_process
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import DEFAULT_ADAPTER, LoRALayer
 from fastlora.model import (
@@ -68,12 +71,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPTION_FIELDS = {"use_dora": "lora_magnitude_vector", "lora_bias": "lora_B.bias"}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter that may be sharded (a DTensor under FSDP2)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor one adapter (default: the active one) trains, under PEFT's names (detached, not copied).
 
@@ -82,7 +79,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
     magnitude, a lora_B bias; each modules_to_save copy's tensors under the module's own name
     (``base_model.model.lm_head.weight``); the biases its ``bias`` mode trains (an adapted layer's as
     ``<path>.base_layer.bias``). Paths are relative to the user's model. For a PEFT ``PeftModel`` this is PEFT's
-    ``get_peft_model_state_dict`` of the adapter (the same key format).
+    ``get_peft_model_state_dict`` of the adapter (the same key format). Sharded tensors (FSDP2, DeepSpeed ZeRO-3)
+    are gathered whole, so under either every rank must call it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -91,7 +89,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(peft_model, adapter_name=adapter_name or peft_model.active_adapter)
-    return {key: _full(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
+    return {key: full_tensor(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
 
 
 def _adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
@@ -110,6 +108,7 @@ def _adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
             copy = wrapper.copies[adapter]
             tensors = dict(copy.named_parameters(remove_duplicate=False)) | dict(copy.named_buffers())
             out.update({f"{PREFIX}{name}.{key}": t for key, t in tensors.items()})
+    out.update(_experts.state_dict(model, PREFIX, adapter))  # LoRA on experts (fastlora.experts)
     mode = adapter_record(model).get(adapter, {}).get("bias", "none")
     if mode != "none":
         adapted = {name for name, _ in layers}
@@ -163,8 +162,11 @@ def _scaling_fields(config: dict) -> dict:
     return {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")}
 
 
-def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) -> dict:
+def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path, experts=()) -> dict:
+    """The adapter_config.json of the layers ``found`` and the expert adapters ``experts`` ((parameter key, entry)
+    from fastlora.experts.config_entries: their keys are PEFT's target_parameters and pattern names)."""
     names = [name for name, _ in found]
+    found = list(found) + list(experts)
     ranks = {name: layer.r for name, layer in found}
     alphas = {name: layer.lora_alpha for name, layer in found}
     rslora = {layer.use_rslora for _, layer in found}
@@ -207,6 +209,10 @@ def _adapter_config(root: nn.Module, found, task_type, base_model_name_or_path) 
         config["rank_pattern"] = rank_pattern
     if alpha_pattern:
         config["alpha_pattern"] = alpha_pattern
+    if experts:
+        if config["lora_dropout"]:
+            raise ValueError("PEFT's adapter format has one lora_dropout, and target_parameters needs it to be 0")
+        config["target_parameters"] = _experts.short_targets(root, [key for key, _ in experts])
     return config
 
 
@@ -272,7 +278,13 @@ def _atomic_write(files: list[tuple[str, bytes]]):
     _fsync_dir(os.path.dirname(files[0][0]))
 
 
-def save_adapter(model: nn.Module, save_directory, task_type: str | None = None, base_model_name_or_path=None):
+def save_adapter(
+    model: nn.Module,
+    save_directory,
+    task_type: str | None = None,
+    base_model_name_or_path=None,
+    is_main_process: bool | None = None,
+):
     """Writes every adapter of the model's fastlora layers as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     The folder loads with ``PeftModel.from_pretrained(base_model, save_directory)`` and with ``load_adapter``.
@@ -281,6 +293,10 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
     The adapter's ``modules_to_save`` copies and the biases its ``bias`` mode trains are saved with it, as PEFT
     does. With several adapters, PEFT's layout: "default" in the folder, every other one in a subfolder named after
     it. All files are replaced atomically (see the module docstring). Returns the folder path.
+
+    Across processes (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every rank: sharded adapter tensors are gathered
+    (a collective) and only the main process writes (``is_main_process``, PEFT's argument; by default rank 0 of
+    the default process group, or True when torch.distributed is not set up).
     """
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
@@ -304,7 +320,7 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
         peft_model.save_pretrained(save_directory)
         return os.fspath(save_directory)
     found = lora_layers(model)
-    if not found:
+    if not found and not _experts.has_adapters(model):
         raise ValueError(f"save_adapter: {type(model).__name__} has no fastlora LoRA layers to save")
     for name, layer in found:
         difference = kind_of_layer(layer).peft_difference(layer)
@@ -322,6 +338,8 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
         if adapter != DEFAULT_ADAPTER:  # PEFT's layout: every adapter but "default" in a folder of its name
             folder = os.path.join(folder, adapter)
         files += _adapter_files(model, adapter, folder, task_type, base_model_name_or_path)
+    if not (_is_main_process() if is_main_process is None else is_main_process):
+        return os.fspath(save_directory)
     for path, _ in files:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     _atomic_write(files)
@@ -331,10 +349,11 @@ def save_adapter(model: nn.Module, save_directory, task_type: str | None = None,
 def _adapter_files(model, adapter, folder, task_type, base_model_name_or_path) -> list[tuple[str, bytes]]:
     """The two files of one adapter: (path, bytes) of its weights and its config."""
     holders = [(name, layer.adapter(adapter)) for name, layer in lora_layers(model) if adapter in layer.adapters()]
+    experts = _experts.config_entries(model, adapter)
     record = adapter_record(model).get(adapter, {})
-    if not holders:
+    if not holders and not experts:
         raise ValueError(f"save_adapter: adapter {adapter!r} is on no fastlora layer (only modules_to_save)")
-    config = _adapter_config(model, holders, task_type or record.get("task_type"), base_model_name_or_path)
+    config = _adapter_config(model, holders, task_type or record.get("task_type"), base_model_name_or_path, experts)
     config["bias"] = record.get("bias", "none")
     config["modules_to_save"] = sorted(name for name, w in saved_modules(model) if adapter in w.copies) or None
     tensors = {k: v.cpu().contiguous().clone() for k, v in lora_state_dict(model, adapter).items()}
@@ -390,6 +409,13 @@ def _read_config(path: str) -> dict:
             _check_regex(path, field, spec)
         elif spec is not None and not (isinstance(spec, list) and all(isinstance(t, str) for t in spec)):
             raise ValueError(f"{path}: {field} must be a regex string or a list of names, got {spec!r}")
+    if config.get("target_parameters"):
+        spec = config["target_parameters"]
+        if not (isinstance(spec, list) and all(isinstance(t, str) and t for t in spec)):
+            raise ValueError(f"{path}: target_parameters must be a list of parameter names, got {spec!r}")
+        refused = [k for k in ("lora_dropout", "use_dora", "lora_bias") if config.get(k)]
+        if refused:
+            raise ValueError(f"{path} sets target_parameters with {', '.join(refused)}, which PEFT refuses too")
     return config
 
 
@@ -639,6 +665,7 @@ def _has_parameter(root: nn.Module, path: str) -> bool:
 def _load(root, adapter, config, tensors, metadata, weights_path, config_path, has_adapters: bool):
     saved, biases, tensors = _saved_module_tensors(root, config, tensors, weights_path)
     groups = _group(tensors, weights_path) if tensors else {}
+    expert_targets, expert_fills = _expert_groups(root, config, groups, weights_path, config_path)
     made_by_fastlora = _SUM_KEY in metadata
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
@@ -715,7 +742,11 @@ def _load(root, adapter, config, tensors, metadata, weights_path, config_path, h
             _fill(new[path], entry, alpha, use_rslora, dropout)
         for _, layer, entry, alpha in to_fill:
             _fill(layer, entry, alpha, use_rslora, dropout)
-        wrapped = False
+        settings = {key: (r, alpha) for _, key, _, r, alpha in expert_fills}
+        _experts.install(root, expert_targets, settings, use_rslora, adapter)
+        for name, _, entry, _, alpha in expert_fills:
+            _experts.fill(root.get_submodule(name), entry["lora_A"], entry["lora_B"], alpha, use_rslora)
+        wrapped = bool(expert_targets)
         for path, state in saved.items():
             module = root.get_submodule(path)
             if not isinstance(module, ModulesToSave):
@@ -739,6 +770,42 @@ def _load(root, adapter, config, tensors, metadata, weights_path, config_path, h
         root.__dict__["_fastlora_active"] = adapter
     if to_wrap or wrapped or config.get("bias", "none") != "none":
         mark_trainable(root)
+
+
+def _expert_groups(root: nn.Module, config: dict, groups: dict, weights_path: str, config_path: str):
+    """Take the expert adapters (PEFT's target_parameters) out of ``groups`` and check them: returns (the experts
+    targets to wrap, [(wrapper name, parameter key, entry, r, alpha)] to fill). Every parameter the config targets
+    must have its two tensors in the file, in the shapes of its wrapper."""
+    spec = config.get("target_parameters")
+    existing = {name: _experts.parameter_key(name, w) for name, w in _experts.adapters(root)}
+    targets = []
+    if spec:
+        try:
+            targets = _experts.select_parameters(root, spec, skip_wrapped=True)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+    planned = _experts.plan_names(targets)
+    fills = []
+    for name, key in {**existing, **planned}.items():
+        entry = groups.pop(name, None)
+        if entry is None:
+            if spec and (name in planned or _experts.matches(key, spec)):
+                raise ValueError(
+                    f"{config_path} targets the expert parameter {key}, but {weights_path} has no tensors for it "
+                    "(a truncated or edited file, or an adapter made for another model)"
+                )
+            continue
+        foreign = sorted(entry["suffixes"] - {"lora_A.weight", "lora_B.weight"})
+        foreign += [slot for slot in ("base_weight", "base_bias") if slot in entry]
+        if foreign:
+            raise ValueError(f"{weights_path}: {name} (LoRA on the expert parameter {key}) has {foreign} tensors")
+        r = pattern_value(config.get("rank_pattern") or {}, key, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, key, config["lora_alpha"])
+        shapes = _experts.expected_shapes(root, name, key, r)
+        for slot in ("lora_A", "lora_B"):
+            _check_shape(weights_path, entry, slot, shapes[slot])
+        fills.append((name, key, entry, r, alpha))
+    return targets, fills
 
 
 def _file_options(weights_path, config_path, config, path, entry, kind) -> dict:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora.checks import FLOAT_DTYPES, check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_shape, gathered
 from fastlora.ops.conv2d import lora_conv2d
 from fastlora.ops.dora import dora_weight_norm, lora_linear_dora
 from fastlora.ops.embedding import lora_embedding
@@ -31,6 +32,8 @@ __all__ = ["LoRALayer", "LoRALinear", "LoRALinear4bit", "LoRAEmbedding", "LoRACo
            "GROUP_ATTR"]  # fmt: skip
 
 # The attribute (outside the module tree) under which a layer keeps the module it was built from, for unload.
+# fastlora.model empties that module of the tensors the layer took over (so a sharded weight leaves no full copy
+# behind) and gives them back on unload.
 BASE_MODULE_ATTR = "_fastlora_base_module"
 # The attribute (outside the module tree) under which a layer keeps the sibling group it belongs to
 # (fastlora.grouping.SiblingGroup): the layers sharing its input that are computed with it as one op.
@@ -206,9 +209,19 @@ class LoRALayer(nn.Module):
         self.merged = False
 
     def _apply_delta(self, sign: float, safe: bool = False):
-        """Fold the adapter into the base tensors (sign +1) or take it out again (sign -1)."""
+        """Fold the adapter into the base tensors (sign +1) or take it out again (sign -1). Under DeepSpeed ZeRO-3 the
+        layer's tensors are gathered for it (every rank calls it) and the result is partitioned again."""
+        with gathered(self._parameters.values(), modify=True):
+            self._fold_delta(sign, safe)
+
+    def _fold_delta(self, sign: float, safe: bool):
+        """``_apply_delta`` on whole tensors."""
         w, a, b = self._merge_views()
         merge_delta_(w, a, b, self.scaling, sign=sign, safe=safe)
+
+    def _adopt_weight(self, weight: torch.Tensor):
+        """Make ``weight`` (the whole base weight, gathered from its shards) the layer's frozen weight."""
+        self.weight = _shared(weight)
 
     def extra_options(self) -> dict:
         """The options this layer was built with (from_module's keyword arguments beyond the common ones)."""
@@ -333,8 +346,8 @@ class LoRALinear(LoRALayer):
     @staticmethod
     def _features(module) -> tuple[int, int]:
         """(in, out) of an nn.Linear or of a Conv1D (weight [in, out])."""
-        w = module.weight
-        return tuple(w.shape) if is_gpt2_conv1d(module) else (w.shape[1], w.shape[0])
+        shape = full_shape(module.weight)
+        return tuple(shape) if is_gpt2_conv1d(module) else (shape[1], shape[0])
 
     @classmethod
     def adapter_shapes(cls, module, r, use_dora: bool = False, lora_bias: bool = False):
@@ -372,7 +385,7 @@ class LoRALinear(LoRALayer):
         if getattr(self, "lora_bias", None) is not None:
             nn.init.zeros_(self.lora_bias)
         if getattr(self, "lora_magnitude_vector", None) is not None:
-            with torch.no_grad():
+            with torch.no_grad(), gathered([self.weight]):
                 norm = dora_weight_norm(self.base_weight, self.lora_A, self.lora_B, self.scaling)
                 self.lora_magnitude_vector.copy_(norm)
 
@@ -383,7 +396,8 @@ class LoRALinear(LoRALayer):
             self.bias = _shared(bias)
         else:
             self.register_parameter("bias", None)
-        self.out_features, self.in_features = self.base_weight.shape
+        shape = full_shape(self.weight)
+        self.out_features, self.in_features = reversed(shape) if fan_in_fan_out else shape
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -393,7 +407,7 @@ class LoRALinear(LoRALayer):
     def _merge_views(self):
         return self.base_weight, self.lora_A, self.lora_B
 
-    def _apply_delta(self, sign, safe=False):
+    def _fold_delta(self, sign, safe):
         w, a, b = self._merge_views()
         if self.use_dora:
             if sign > 0:
@@ -482,6 +496,12 @@ class LoRALinear4bit(LoRALayer):
     Merging follows PEFT: dequantize W, add s * B A in float32, quantize again with the same quant type, block size
     and double quantization. The merged weight carries a second 4-bit rounding (a warning says so), and unmerging
     (or ``unload`` after a merge) gives W back only up to that rounding.
+
+    The layer keeps the ``QuantState`` and the storage dtype itself, outside the parameter: FSDP2 replaces the
+    ``Params4bit`` by a plain sharded Parameter that carries neither (bitsandbytes' own ``Linear4bit`` keeps a copy
+    on the module for the same reason). Under FSDP2 the packed bytes are sharded like any parameter, in their
+    storage dtype (``bnb_4bit_quant_storage``: uint8, or bfloat16 to match the rest of the model); a mixed
+    precision policy that casts them to another dtype would scramble the codes, and forward refuses that.
     """
 
     @classmethod
@@ -509,7 +529,7 @@ class LoRALinear4bit(LoRALayer):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        self.weight = _shared(weight)
+        self._set_weight(weight)
         if module.bias is not None:
             self.bias = _shared(module.bias)
         else:
@@ -517,31 +537,65 @@ class LoRALinear4bit(LoRALayer):
         self.in_features, self.out_features = module.in_features, module.out_features
         self.compute_dtype = module.compute_dtype
 
+    def _set_weight(self, weight):
+        """``weight`` (a quantized Params4bit) becomes the layer's; its QuantState and storage dtype are kept too."""
+        self.weight = _shared(weight)
+        self._quant_state = weight.quant_state
+        self._quant_storage = weight.dtype
+
+    def _adopt_weight(self, weight):
+        """The gathered packed bytes become a Params4bit again, with the QuantState the layer kept."""
+        import bitsandbytes as bnb
+
+        state = self._quant_state
+        self.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+            compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=self._quant_storage,
+            bnb_quantized=True,
+        )  # fmt: skip
+
     def _adapter_dtype(self) -> torch.dtype:
         return torch.float32
 
     @property
     def quant_state(self):
-        """The bitsandbytes QuantState of the packed base weight."""
-        return self.weight.quant_state
+        """The bitsandbytes QuantState of the packed base weight: the Params4bit's own, or the one the layer kept
+        when the weight is no longer a Params4bit (under FSDP2)."""
+        own = getattr(self.weight, "quant_state", None)
+        return own if own is not None else self._quant_state
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _packed_weight(self):
+        """(packed weight, QuantState) as forward uses them; ValueError when the bytes were cast to another dtype."""
+        w = self.weight
+        if w.dtype != self._quant_storage:
+            raise ValueError(
+                f"the packed 4-bit weight reached forward as {w.dtype}, but bitsandbytes stores it as "
+                f"{self._quant_storage}: a cast (such as FSDP2's MixedPrecisionPolicy(param_dtype=...) on a float "
+                "quant storage) scrambles the 4-bit codes. Quantize with bnb_4bit_quant_storage equal to the policy's "
+                "param_dtype, or with uint8 storage (FSDP2 never casts integer parameters)"
+            )
+        state = self.quant_state
+        if state.absmax.device != w.device:
+            state.to(w.device)  # FSDP2 moved the parameter (to its mesh's device) but not the kept state
+        return w, state
+
+    def _base_forward(self, x: torch.Tensor, weight, state) -> torch.Tensor:
         import bitsandbytes as bnb
 
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state)
+        return bnb.matmul_4bit(x, weight, bias=bias, quant_state=state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
+        w, state = self._packed_weight()
         if self._base_only():
-            check_linear4bit(x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling, 0.0)
-            y = self._base_forward(x)
+            check_linear4bit(x, w, state, self.bias, self.lora_A, self.lora_B, self.scaling, 0.0)
+            y = self._base_forward(x, w, state)
         else:
             y = lora_linear_4bit(
-                x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling,
-                self.lora_dropout, self.training,
+                x, w, state, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training,
             )  # fmt: skip
         return y.to(inp_dtype)
 
@@ -565,9 +619,10 @@ class LoRALinear4bit(LoRALayer):
         import bitsandbytes as bnb
 
         old = self.weight
-        state = old.quant_state
-        w = dequantize_4bit_ref(old.data, state).float()
-        w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=sign * self.scaling)
+        state = self.quant_state
+        with gathered([old, self.lora_A, self.lora_B]):
+            w = dequantize_4bit_ref(old.data, state).float()
+            w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=sign * self.scaling)
         if safe and not torch.isfinite(w).all():
             raise ValueError("merging gives a non-finite weight")
         warnings.warn(
@@ -576,14 +631,10 @@ class LoRALinear4bit(LoRALayer):
             stacklevel=3,
         )
         new = bnb.nn.Params4bit(
-            w.to(state.dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+            w.to(state.dtype).cpu(), requires_grad=False, blocksize=state.blocksize, compress_statistics=state.nested,
+            quant_type=state.quant_type, quant_storage=self._quant_storage,
         ).to(old.device)  # fmt: skip
-        base = self.__dict__.get(BASE_MODULE_ATTR)
-        if base is not None and base.weight is old:
-            base.weight = new
-            new.module = base
-        self.weight = new
+        self._set_weight(new)
 
     def extra_repr(self) -> str:
         q = self.quant_state
@@ -647,12 +698,12 @@ class LoRAEmbedding(LoRALayer):
 
     @classmethod
     def adapter_shapes(cls, module, r, **options):
-        v, d = module.weight.shape
+        v, d = full_shape(module.weight)
         return {"lora_A": (r, v), "lora_B": (d, r)}
 
     def _init_base(self, module):
         self.weight = _shared(module.weight)
-        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.num_embeddings, self.embedding_dim = full_shape(self.weight)
         self.padding_idx = module.padding_idx
 
     def reset_lora_parameters(self):

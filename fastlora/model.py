@@ -28,7 +28,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
+from fastlora.distributed import full_shape, full_tensor, is_sharded
 from fastlora.grouping import attach_groups, sibling_groups
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, DEFAULT_ADAPTER, LoRALayer
@@ -97,6 +99,24 @@ def build_layer(module: nn.Module, r: int, alpha: float, dropout: float, use_rsl
     layer.train(module.training)
     object.__setattr__(layer, _BASE_ATTR, module)
     return layer
+
+
+def _own_tensors(layer: LoRALayer) -> dict[str, nn.Parameter | None]:
+    """{name: tensor} of the base tensors a layer takes over from its module: weight, and bias where it has one."""
+    return {name: getattr(layer, name, None) for name in ("weight", "bias") if hasattr(layer, name)}
+
+
+def swap_in(model: nn.Module, name: str, layer: LoRALayer):
+    """Puts ``layer`` in the place of the module it was built from. That module stays with the layer (for unload)
+    but without the tensors the layer took over, so nothing but the layer holds them: when FSDP2 shards the
+    layer's weight, or merging replaces a 4-bit one, no full copy stays alive through the kept module."""
+    _replace(model, name, layer)
+    base = layer.__dict__.get(_BASE_ATTR)
+    if base is None:
+        return
+    for attr in _own_tensors(layer):
+        if base._parameters.get(attr) is not None:
+            setattr(base, attr, None)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -274,7 +294,7 @@ def install_layers(model: nn.Module, plan: list[tuple[str, nn.Module, int, float
             p.requires_grad_(flag)
         raise
     for name, layer in built.items():
-        _replace(model, name, layer)
+        swap_in(model, name, layer)
     return built
 
 
@@ -298,7 +318,6 @@ def _options_for(module: nn.Module, name: str, options: dict) -> dict:
 # implement: each must be falsy.
 UNSUPPORTED_FIELDS = (
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
     "alora_invocation_tokens",
     "use_qalora",
@@ -317,6 +336,7 @@ BIAS_MODES = ("none", "all", "lora_only")
 # apply_lora / add_adapter settings under PEFT's field names, with their defaults.
 _DEFAULTS = {
     "target_modules": None,
+    "target_parameters": None,
     "r": 8,
     "lora_alpha": 8,
     "lora_dropout": 0.0,
@@ -401,8 +421,11 @@ def _check_settings(fn: str, s: dict, adapter_name):
         raise ValueError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses the pair too)")
     if s["bias"] not in BIAS_MODES:
         raise ValueError(f"{fn}: bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {s['bias']!r}")
-    if s["target_modules"] is None:
-        raise TypeError(f"{fn}: target_modules is required (a list of names, a regex string or 'all-linear')")
+    if s["target_modules"] is None and s["target_parameters"] is None:
+        raise TypeError(
+            f"{fn}: target_modules is required (a list of names, a regex string or 'all-linear'), or "
+            "target_parameters (expert weights of MoE models)"
+        )
 
 
 def adapter_record(model: nn.Module) -> dict:
@@ -520,14 +543,15 @@ def mark_trainable(model: nn.Module, trainable: bool = True):
         keep.update(
             id(p) for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias" and not n.startswith(inside)
         )
+    keep.update(id(p) for p in _experts.adapter_parameters(model, active))  # LoRA on experts (fastlora.experts)
     for p in model.parameters():
         p.requires_grad_(trainable and id(p) in keep)
 
 
-def _plan(model: nn.Module, s: dict, targets) -> list:
+def _plan(model: nn.Module, s: dict, targets, parameter_keys=()) -> list:
     ranks = _check_pattern("rank_pattern", s["rank_pattern"], check_rank)
     alphas = _check_pattern("alpha_pattern", s["alpha_pattern"], check_alpha)
-    names = [name for name, _ in targets]
+    names = [name for name, _ in targets] + list(parameter_keys)
     for arg, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
         for key in pattern:
             if not any(re.match(rf"(.*\.)?({key})$", name) for name in names):
@@ -578,6 +602,7 @@ def apply_lora(
     bias: str | None = None,
     adapter_name: str = DEFAULT_ADAPTER,
     config=None,
+    target_parameters=None,
     fuse: bool = True,
 ) -> nn.Module:
     """Replaces the matching modules of ``model`` by fastlora layers in place and freezes everything else.
@@ -604,6 +629,11 @@ def apply_lora(
             disabled or unloaded (they are the base model's).
         adapter_name: the adapter's name (PEFT's ``adapter_name``, default "default"); more adapters come with
             ``add_adapter``.
+        target_parameters: PEFT's ``target_parameters``: a list of parameter names (exact or dotted suffix, such as
+            ``"mlp.experts.gate_up_proj"``) of 3-D expert weights of transformers MoE experts modules; each gets
+            LoRA in PEFT's layout (fastlora.experts). target_modules may then be None. Not with dropout, use_dora
+            or lora_bias (PEFT refuses them on parameters too); rank_pattern and alpha_pattern keys match the
+            parameter names.
         fuse: group sibling linear layers that read one input (q/k/v, gate/up) into one op per call (default True;
             see ``fastlora.grouping``: found by one traced forward of a Hugging Face model's dummy inputs, else by
             name). Modules, parameters, state_dict and saved adapters are the same either way.
@@ -623,7 +653,7 @@ def apply_lora(
     s = call_settings(
         "apply_lora", config, target_modules, (alpha, lora_alpha), (dropout, lora_dropout), r=r, use_rslora=use_rslora,
         exclude_modules=exclude_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
-        lora_bias=lora_bias, modules_to_save=modules_to_save, bias=bias,
+        lora_bias=lora_bias, modules_to_save=modules_to_save, bias=bias, target_parameters=target_parameters,
     )  # fmt: skip
     _check_settings("apply_lora", s, adapter_name)
     check_fuse("apply_lora", fuse)
@@ -634,15 +664,22 @@ def apply_lora(
             f"{adapter_name!r}, ...)"
         )
     _check_bias_mode(model, "apply_lora", adapter_name, s["bias"])
-    targets = select_targets(model, s["target_modules"], s["exclude_modules"])
+    only_parameters = s["target_parameters"] is not None and not s["target_modules"]  # PEFT's target_modules=[]
+    targets = [] if only_parameters else select_targets(model, s["target_modules"], s["exclude_modules"])
+    # LoRA on expert parameters (fastlora.experts): selected and checked here, installed with the layers
+    experts = _experts.select(model, s) if s["target_parameters"] is not None else []
+    keys = [t.key(p) for t in experts for p in t.parameters]
     saved = _select_saved(model, s["modules_to_save"], [name for name, _ in targets])
-    plan = _plan(model, s, targets)
+    plan = _plan(model, s, targets, keys)
     groupable = [name for name, module, _, _, options in plan if _groupable(module, options)]
     groups = sibling_groups(model, groupable) if fuse else []
     built = install_layers(model, plan, s["lora_dropout"], s["use_rslora"])
     for layer in built.values():
         layer.active_adapter = adapter_name
     attach_groups(model, groups)
+    ranks, alphas = s["rank_pattern"] or {}, s["alpha_pattern"] or {}
+    settings = {k: (pattern_value(ranks, k, s["r"]), pattern_value(alphas, k, s["lora_alpha"])) for k in keys}
+    _experts.install(model, experts, settings, s["use_rslora"], adapter_name)
     _wrap_saved(model, saved, adapter_name)
     record = adapter_record(model)
     previous = record.get(adapter_name, {})
@@ -690,6 +727,8 @@ def add_adapter(
         lora_bias=lora_bias, modules_to_save=modules_to_save, bias=bias,
     )  # fmt: skip
     _check_settings("add_adapter", s, adapter_name)
+    if s["target_parameters"] is not None:
+        raise ValueError("add_adapter: target_parameters (LoRA on expert weights) takes one adapter, from apply_lora")
     existing = adapter_names(model)
     if not existing:
         raise ValueError("add_adapter: the model has no fastlora adapter yet; call apply_lora first")
@@ -747,6 +786,7 @@ def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = Fals
         layer.set_adapter(adapter_name)
     for _, wrapper in saved_modules(model):
         wrapper.active_adapter = adapter_name
+    _experts.set_adapter(model, adapter_name)
     model.__dict__["_fastlora_active"] = adapter_name
     mark_trainable(model, trainable=not inference_mode)
     return model
@@ -780,6 +820,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         wrapper.copies.pop(adapter_name, None)
         if not wrapper.copies:
             _replace(model, name, wrapper.original_module)
+    _experts.unload(model, adapter_name)
     adapter_record(model).pop(adapter_name, None)
     return set_adapter(model, active)
 
@@ -788,7 +829,7 @@ def _require_layers(model: nn.Module, fn: str) -> list[tuple[str, LoRALayer]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}")
     found = lora_layers(model)
-    if not found:
+    if not found and not _experts.adapters(model):
         raise ValueError(f"{fn}: {type(model).__name__} has no fastlora LoRA layers (apply_lora or load_adapter first)")
     return found
 
@@ -804,13 +845,41 @@ def _rebuild_base(layer: LoRALayer) -> nn.Module:
 
 
 def base_module(layer: LoRALayer) -> nn.Module:
-    """The plain module a layer wraps: the original one when it still holds the layer's tensors."""
+    """The plain module a layer wraps, holding the layer's base tensors: the module it was built from when it kept
+    one (see ``swap_in``), else a new one of the same kind."""
     base = layer.__dict__.get(_BASE_ATTR)
-    bias = getattr(layer, "bias", None)
-    if base is not None and base.weight is layer.weight and getattr(base, "bias", None) is bias:
-        base.train(layer.training)
-        return base
-    return _rebuild_base(layer)
+    if base is None:
+        return _rebuild_base(layer)
+    for attr, tensor in _own_tensors(layer).items():
+        if attr in base._parameters:
+            setattr(base, attr, tensor)
+    base.train(layer.training)
+    return base
+
+
+def _gather_layers(found: list[tuple[str, LoRALayer]]) -> dict[tuple[int, str], torch.Tensor]:
+    """{(id(layer), name): whole tensor} of every sharded parameter (FSDP2's DTensor, DeepSpeed ZeRO-3) of the
+    layers. A collective: every rank calls it and gets the whole tensors; nothing is changed yet."""
+    return {
+        (id(layer), attr): full_tensor(p).reshape(full_shape(p))
+        for _, layer in found
+        for attr, p in layer._parameters.items()
+        if p is not None and is_sharded(p)
+    }
+
+
+def _adopt_gathered(found: list[tuple[str, LoRALayer]], whole: dict[tuple[int, str], torch.Tensor]):
+    """The layers take the whole tensors in place of their sharded ones. The sharded parameters the training engine
+    holds are left as they were; the layers (about to leave the model) no longer use them."""
+    for _, layer in found:
+        for attr, p in list(layer._parameters.items()):
+            full = whole.get((id(layer), attr))
+            if full is None:
+                continue
+            if attr == "weight":
+                layer._adopt_weight(full)
+            else:
+                setattr(layer, attr, nn.Parameter(full, requires_grad=p.requires_grad))
 
 
 def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
@@ -823,11 +892,7 @@ def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
                 "copy so that the other module keeps the base weight",
                 stacklevel=3,
             )
-            own = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-            base = layer.__dict__.get(_BASE_ATTR)
-            if base is not None and base.weight is layer.weight:
-                base.weight = own
-            layer.weight = own
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
 
 
 @torch.no_grad()
@@ -839,15 +904,22 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (converted by ``from_peft`` or not) it returns PEFT's ``merge_and_unload(safe_merge=True)``: the base model.
     A weight tied to another module is copied first, with a warning, so the other module is unchanged. If an adapter
     holds NaN or Inf or merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
+
+    Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank once training is done: the sharded tensors are gathered
+    first (a collective), and every rank gets plain modules with whole weights.
     """
     peft_model = peft_model_of(model, "merge_and_unload")
     if peft_model is not None:
-        return peft_model.merge_and_unload(safe_merge=True)
-    found = [(name, layer) for name, layer in _require_layers(model, "merge_and_unload") if not layer.idle]
+        return _experts.release(peft_model.merge_and_unload(safe_merge=True))
+    layers = _require_layers(model, "merge_and_unload")
+    whole = _gather_layers(layers)
+    found = [(name, layer) for name, layer in layers if not layer.idle]
     for name, layer in found:
         for pname in layer.adapter_names:
-            if not torch.isfinite(getattr(layer, pname)).all():
+            if not torch.isfinite(whole.get((id(layer), pname), getattr(layer, pname))).all():
                 raise ValueError(f"merge_and_unload: {name}.{pname} holds NaN or Inf; nothing was merged")
+    _experts.check_mergeable(model, "merge_and_unload")
+    _adopt_gathered(layers, whole)
     _untie(model, found)
     merged_here = []
     try:
@@ -859,6 +931,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for layer in merged_here:
             layer.unmerge()
         raise ValueError(f"merge_and_unload: {err}; no layer was merged") from None
+    _experts.merge_and_unload(model)
     _remove_adapters(model)
     return model
 
@@ -882,13 +955,18 @@ def unload(model: nn.Module) -> nn.Module:
     A merged layer is unmerged first (W -= s * B A), which restores W up to the rounding of its dtype. A
     modules_to_save wrapper gives way to the active adapter's trained copy (PEFT's rule); biases trained with
     ``bias="all"``/``"lora_only"`` stay trained (they are the base model's own).
+    Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank: the sharded tensors are gathered first (a collective),
+    and every rank gets the original modules back with whole weights.
     Returns ``model``; for a PEFT ``PeftModel``, PEFT's ``unload()`` (the base model).
     """
     peft_model = peft_model_of(model, "unload")
     if peft_model is not None:
-        return peft_model.unload()
-    for _, layer in _require_layers(model, "unload"):
+        return _experts.release(peft_model.unload())
+    found = _require_layers(model, "unload")
+    _adopt_gathered(found, _gather_layers(found))
+    for _, layer in found:
         layer.unmerge()
+    _experts.unload(model)
     _remove_adapters(model)
     return model
 
@@ -919,7 +997,8 @@ def disable_adapter(model: nn.Module):
     for module in found:
         module.disabled = True
     try:
-        yield model
+        with _experts.disabled(model):
+            yield model
     finally:
         for module, flag in zip(found, previous, strict=True):
             module.disabled = flag

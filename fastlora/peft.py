@@ -23,6 +23,7 @@ import warnings
 
 import torch.nn as nn
 
+from fastlora import experts as _experts
 from fastlora.grouping import attach_groups, detach_groups, sibling_groups
 from fastlora.kinds import kind_for_peft_layer
 from fastlora.layers import GROUP_ATTR, LoRALayer
@@ -123,8 +124,10 @@ def from_peft(peft_model: nn.Module, fuse: bool = True) -> nn.Module:
     Layers of ``peft.tuners.lora`` ``Linear`` (over ``nn.Linear`` or GPT-2's ``Conv1D``, plain, DoRA or lora_bias),
     ``Embedding``, ``Conv2d`` and ``bnb.Linear4bit`` keep every tensor, adapter and setting; their class becomes a
     subclass that computes a call with one active adapter with fastlora's op and anything else with PEFT's own
-    forward (see the module docstring). Other layers (8-bit, Conv1d/Conv3d, MultiheadAttention and the layers inside
-    it, quantised or subclassed base layers) keep PEFT's forward, with a warning naming each. PEFT's and
+    forward (see the module docstring). ``ParamWrapper`` layers (``target_parameters`` on MoE expert weights) keep
+    theirs too and compute with fastlora's grouped experts op (fastlora.experts). Other layers (8-bit,
+    Conv1d/Conv3d, MultiheadAttention and the layers inside it, quantised or subclassed base layers) keep PEFT's
+    forward, with a warning naming each. PEFT's and
     transformers' own methods work as before, and so do optimizers built before the call. Calling it again
     converts layers added since (``add_adapter`` on new modules).
 
@@ -144,7 +147,7 @@ def from_peft(peft_model: nn.Module, fuse: bool = True) -> nn.Module:
     tuner_names = [name for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
     convert = {}
     for name, module in found:
-        if isinstance(module, FastForward):
+        if isinstance(module, FastForward) or _experts.convert_peft_layer(name, module):  # ParamWrappers: experts.py
             continue
         nested_in = next((outer for outer in tuner_names if name.startswith(outer + ".")), None)
         kind = kind_for_peft_layer(module)

@@ -433,3 +433,44 @@ def dora_norm_config():
 def dora_bwd_config():
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps) for DoRA's backward pass over dY."""
     return DORA_BWD_INTERPRET if INTERPRET else DORA_BWD
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MoE experts (kernels/moe.py): the grouped GEMM over tokens sorted by expert, and its rank-r passes
+# ----------------------------------------------------------------------------------------------------------
+
+# Grouped GEMM (Y = x W_e^T + s S B_e^T + bias_e, dX = dY W_e + dS A_e): BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps,
+# stages, autotuned per (rows bucket, N, K, E). Row tiles never cross an expert boundary, so an expert with few rows
+# wastes part of a tall tile: the lists keep a 64-row tile for the small batches of a many-expert model.
+_MOE_GEMM_16BIT = {
+    9: [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)],
+    8: [(128, 128, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4)],
+}
+# float32 on sm_80: 8 warps (the forward with bias and the LoRA term spills 8 bytes at 4 warps).
+_MOE_GEMM_32BIT = {9: [(64, 64, 32, 8, 4, 3)], 8: [(64, 64, 32, 8, 8, 3)]}
+# The rank-r passes, chosen by rule (memory-bound): BLOCK_M, BLOCK_C (the reduced or the output feature block),
+# warps, stages. "down": S = x A_e^T and dS = s dY B_e (BLOCK_C over the reduced features); "grad": dB_e = s dY_e^T S_e
+# and dA_e = dS_e^T x_e, one program per (expert, feature block) walking the expert's rows.
+_MOE_SKINNY = {
+    9: {"down": (64, 128, 4, 3), "grad": (64, 128, 4, 3)},
+    8: {"down": (64, 64, 4, 3), "grad": (64, 64, 4, 3)},
+}
+MOE_KINDS = ("down", "grad")
+# Under the interpreter: tiles small enough that odd test shapes cross several of them (and expert boundaries).
+MOE_GEMM_INTERPRET = (16, 16, 16, 2, 4, 1)
+MOE_SKINNY_INTERPRET = (16, 16, 4, 1)
+
+
+def moe_gemm_config_tuples(major: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of the grouped GEMM on this generation."""
+    table = _MOE_GEMM_32BIT if dtype == torch.float32 else _MOE_GEMM_16BIT
+    return table[9 if major >= 9 else 8]
+
+
+def moe_skinny_config(major: int, kind: str):
+    """(BLOCK_M, BLOCK_C, warps, stages) of one of the MoE rank-r passes (MOE_KINDS)."""
+    if kind not in MOE_KINDS:
+        raise ValueError(f"MoE rank-r pass must be one of {MOE_KINDS}, got {kind!r}")
+    if major == 0:
+        return MOE_SKINNY_INTERPRET
+    return _MOE_SKINNY[9 if major >= 9 else 8][kind]

@@ -17,10 +17,15 @@ Backward, given dY:
     dX = conv_transpose(dY, W) + m * conv_transpose(dS, A)   _conv_dgrad_kernel: one accumulator, stored once
          (no dropout); or torch's dgrad (cuDNN) plus the LoRA term added in place by _conv_dx_kernel, with
          dropout or where that is faster.
-No dW is formed. The dropout mask m (0 or 1/(1-p)) is a pure function of the seed and the input element's
-flat NCHW index (n, c, h, w), so every kernel regenerates the same mask whatever its tiling or memory format.
-The seed reaches the kernels as the address of one int64 that each loads (kernels/launch.py: seed_pointer), not
-as a launch argument, so a CUDA graph replay that redraws the seed on the device draws a fresh mask.
+No dW is formed. The dropout mask m (0 or 1/(1-p)) is linear's (kernels/dropout.py: the counter hash of the seed,
+a row and a column) with the input pixel (n, h, w) as the row, (n H + h) W + w, and the channel c as the column:
+a pure function of the seed and the element, so every kernel regenerates the same mask whatever its tiling or
+memory format, and conv2d_dropout_mask reads it back as linear's mask of x viewed as [Nb*H*W, C]. The seed reaches
+the kernels as the address of one int64 that each loads (kernels/dropout.py: dropout_args), not as a launch
+argument, so a CUDA graph replay that redraws the seed on the device draws a fresh mask.
+
+Which of the two ways to Y (and, without dropout, to dX) runs is decided per shape by kernels/dispatch.py: timed
+once on the GPU, the fused kernel where nothing can be timed.
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ import weakref
 import torch
 import triton
 import triton.language as tl
-import triton.testing
-
-from .configs import (
+from fastlora.kernels import dispatch
+from fastlora.kernels.configs import (
     CONV_GEMM_INTERPRET,
     capability,
     conv_dgrad_configs,
@@ -44,10 +48,10 @@ from .configs import (
     num_programs_target,
     rank_block,
 )
-from .dropout import dropout_seed
-from .geometry import input_grad, memory_format, output_size
-from .launch import plans_for, seed_pointer
-from .tiles import grouped_tile
+from fastlora.kernels.dropout import dropout_args, dropout_keep, dropout_mask, dropout_seed
+from fastlora.kernels.geometry import input_grad, memory_format, output_size
+from fastlora.kernels.launch import plans_for
+from fastlora.kernels.tiles import grouped_tile, tile_offsets
 
 __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
 
@@ -58,10 +62,12 @@ __all__ = ["lora_conv2d_fwd", "lora_conv2d_bwd", "conv2d_dropout_mask"]
 
 
 @triton.jit
-def _keep_scale(seed, p, scale, n, c, h, w, C, H, W):
-    """Dropout factor (0 or 1/(1-p)) of input element (n, c, h, w): keyed on its flat NCHW index (int64)."""
-    flat = ((n.to(tl.int64) * C + c) * H + h) * W + w
-    return tl.where(tl.rand(seed, flat) >= p, scale, 0.0)
+def _dropped(b, seed, i_n, i_h, i_w, H, W, i_c, p_thresh):
+    """b [BLOCK_M, BLOCK_K] at input pixels (n, h, w) and channels i_c (from an even one) with dropout's mask
+    applied (0 where dropped, unscaled): the mask of element (n, c, h, w) is linear's at row (n H + h) W + w,
+    column c (kernels/dropout.py), so each input element has one mask whatever the tiling or memory format."""
+    keep = dropout_keep(seed, (i_n * H + i_h) * W + i_w, i_c, p_thresh)
+    return tl.where(keep, b, 0.0)
 
 
 @triton.jit
@@ -81,9 +87,7 @@ def _pixel_offset(i_n, i_h, i_w, stride_n, stride_h, stride_w):
 @triton.jit
 def _load_rank_rows(s_ptr, i_m, m_m, i_r, R):
     """[BLOCK_M, BLOCK_R] block of rows i_m of a contiguous [M, R] tensor (S or dS), zero where masked."""
-    return tl.load(
-        s_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :], mask=m_m[:, None] & (i_r < R)[None, :], other=0.0
-    )
+    return tl.load(s_ptr + tile_offsets(i_m, i_r, R, 1), mask=m_m[:, None] & (i_r < R)[None, :], other=0.0)
 
 
 @triton.jit
@@ -104,7 +108,7 @@ def _lora_up(
 ):
     """s * S[i_m] B[i_o]^T, [BLOCK_M, BLOCK_O] in fp32: the LoRA term of output channels i_o."""
     b_s = _load_rank_rows(s_ptr, i_m, m_m, i_r, R)  # [BM, BR]
-    p_b = b_ptr + i_o.to(tl.int64)[None, :] * stride_bo + i_r.to(tl.int64)[:, None] * stride_br
+    p_b = b_ptr + tile_offsets(i_r, i_o, stride_br, stride_bo)
     b_b = tl.load(p_b, mask=(i_r < R)[:, None] & m_o[None, :], other=0.0)  # [BR, BO]
     return tl.dot(b_s.to(DOT_DTYPE), b_b.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * scaling
 
@@ -215,7 +219,7 @@ def _lora_dgrad(
         i_src = (i_n.to(tl.int64) * Ho + i_ho) * Wo + i_wo
         b_ds = _load_rank_rows(ds_ptr, i_src, m_src, i_r, R)
         a_tap = _tap_offset(tap, KW, stride_ah, stride_aw)
-        p_a = a_ptr + i_r.to(tl.int64)[:, None] * stride_ar + i_c.to(tl.int64)[None, :] * stride_ac + a_tap
+        p_a = a_ptr + tile_offsets(i_r, i_c, stride_ar, stride_ac) + a_tap
         b_a = tl.load(p_a, mask=(i_r < R)[:, None] & m_c[None, :], other=0.0)
         acc = tl.dot(b_ds.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
@@ -263,8 +267,8 @@ def _conv_down_kernel(
     stride_aw,
     # dropout
     seed_ptr,
-    p,
-    drop_scale,
+    p_thresh,
+    inv_keep,
     # meta-parameters
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -304,14 +308,15 @@ def _conv_down_kernel(
         p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
         b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_scale(seed, p, drop_scale, i_n[:, None], i_c[None, :], i_h[:, None], i_w[:, None], C, H, W)
-            b_x = b_x.to(tl.float32) * keep
+            b_x = _dropped(b_x, seed, i_n, i_h, i_w, H, W, i_c, p_thresh)
         a_tap = _tap_offset(tap, KW, stride_ah, stride_aw)
-        p_a = a_ptr + i_r.to(tl.int64)[None, :] * stride_ar + i_c.to(tl.int64)[:, None] * stride_ac + a_tap
+        p_a = a_ptr + tile_offsets(i_c, i_r, stride_ac, stride_ar) + a_tap
         b_a = tl.load(p_a, mask=m_c[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
         acc = tl.dot(b_x.to(DOT_DTYPE), b_a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    p_s = s_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :]
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    p_s = s_ptr + tile_offsets(i_m, i_r, R, 1)
     tl.store(p_s, acc.to(s_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
 
 
@@ -525,14 +530,14 @@ def _conv_ds_db_kernel(
         m_o = i_o < O
         p_dy = dy_ptr + row_off[:, None] + i_o.to(tl.int64)[None, :] * stride_dyc
         b_dy = tl.load(p_dy, mask=m_m[:, None] & m_o[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
-        p_b = b_ptr + i_o.to(tl.int64)[:, None] * stride_bo + i_r[None, :] * stride_br
+        p_b = b_ptr + tile_offsets(i_o, i_r, stride_bo, stride_br)
         b_b = tl.load(p_b, mask=m_o[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BR]
         acc = tl.dot(b_dy, b_b, acc, input_precision=INPUT_PRECISION)
         b_db = tl.dot(tl.trans(b_dy), b_s, input_precision=INPUT_PRECISION)  # [BK, BR]
-        p_db = p_db_part + i_o.to(tl.int64)[:, None] * R + i_r[None, :]
+        p_db = p_db_part + tile_offsets(i_o, i_r, R, 1)
         tl.store(p_db, b_db, mask=m_o[:, None] & m_r[None, :])
 
-    p_ds = ds_ptr + i_m.to(tl.int64)[:, None] * R + i_r[None, :]
+    p_ds = ds_ptr + tile_offsets(i_m, i_r, R, 1)
     tl.store(p_ds, acc * scaling, mask=m_m[:, None] & m_r[None, :])
 
 
@@ -557,8 +562,8 @@ def _conv_da_kernel(
     stride_xw,
     # dropout
     seed_ptr,
-    p,
-    drop_scale,
+    p_thresh,
+    inv_keep,
     # meta-parameters
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -602,11 +607,12 @@ def _conv_da_kernel(
         p_x = x_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
         b_x = tl.load(p_x, mask=m_row[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
-            keep = _keep_scale(seed, p, drop_scale, i_n[:, None], i_c[None, :], i_h[:, None], i_w[:, None], C, H, W)
-            b_x = b_x.to(tl.float32) * keep
+            b_x = _dropped(b_x, seed, i_n, i_h, i_w, H, W, i_c, p_thresh)
         b_ds = _load_rank_rows(ds_ptr, i_m, m_m, i_r, R)  # [BM, BR]
         acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_ds.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
     # da_part[split, r, c, i, j]
     p_da = (
         da_part_ptr
@@ -643,8 +649,8 @@ def _conv_dx_kernel(
     stride_aw,
     # dropout
     seed_ptr,
-    p,
-    drop_scale,
+    p_thresh,
+    inv_keep,
     # meta-parameters
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -681,7 +687,7 @@ def _conv_dx_kernel(
         KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, DOT_DTYPE, INPUT_PRECISION,
     )  # fmt: skip
     if HAS_DROPOUT:
-        acc = acc * _keep_scale(seed, p, drop_scale, i_n[:, None], i_c[None, :], i_h[:, None], i_w[:, None], C, H, W)
+        acc = _dropped(acc * inv_keep, seed, i_n, i_h, i_w, H, W, i_c, p_thresh)
     row_off = _pixel_offset(i_n, i_h, i_w, stride_xn, stride_xh, stride_xw)
     p_dx = dx_ptr + row_off[:, None] + i_c.to(tl.int64)[None, :] * stride_xc
     m_io = m_m[:, None] & m_c[None, :]
@@ -743,9 +749,9 @@ def _conv_dgrad_kernel(
 ):
     """dX [Nb, C, H, W] = conv_transpose(dY, W) + conv_transpose(dS, A) with one accumulator, stored once.
 
-    Without dropout only: the mask's Philox rounds over a [BLOCK_M, BLOCK_N] tile would spill next to this
-    accumulator. Tiles over (group, input pixels (n, h, w), input channels of the group). The accumulator first
-    takes the r-wide LoRA term over the kh*kw taps, then runs over kh*kw taps x Og/BLOCK_K channel steps of dY W.
+    Without dropout only (with dropout, torch's dgrad plus _conv_dx_kernel runs). Tiles over (group, input pixels
+    (n, h, w), input channels of the group). The accumulator first takes the r-wide LoRA term over the kh*kw taps,
+    then runs over kh*kw taps x Og/BLOCK_K channel steps of dY W.
     Input pixel h receives output row ho at tap i when h + pad_top - i*dh = ho * sh with 0 <= ho < Ho.
     """
     g64, pid_m, pid_n = _group_tile(tl.program_id(0), P, Cg, BLOCK_M, BLOCK_N, GROUP_M)
@@ -790,27 +796,9 @@ def _conv_dgrad_kernel(
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_c[None, :])
 
 
-@triton.jit
-def _conv_mask_kernel(out_ptr, numel, C, H, W, seed_ptr, p, drop_scale, BLOCK: tl.constexpr):
-    """out [Nb, C, H, W] contiguous = the dropout factor of each input element (what the other kernels draw)."""
-    seed = dropout_seed(seed_ptr, True)
-    i_e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    i_w = i_e % W
-    t = i_e // W
-    i_h = t % H
-    t = t // H
-    i_c = t % C
-    i_n = t // C
-    tl.store(out_ptr + i_e, _keep_scale(seed, p, drop_scale, i_n, i_c, i_h, i_w, C, H, W), mask=i_e < numel)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
 
 
 def _geometry(kernel_size, stride, pads, dilation):
@@ -824,22 +812,6 @@ def _geometry(kernel_size, stride, pads, dilation):
         "DIL_H": dilation[0],
         "DIL_W": dilation[1],
     }
-
-
-def _dropout_args(dropout_p, seed, like):
-    """The dropout arguments of a kernel launch on like's device: seed_ptr, the address of the one int64 seed
-    the kernel loads (seed_pointer: a one-element int64 tensor passes, an int is copied there; without dropout
-    like, never read), p, drop_scale = 1/(1-p) and the HAS_DROPOUT flag."""
-    if dropout_p > 0:
-        if seed is None:
-            raise ValueError(f"dropout_p={dropout_p} needs a seed (an int or a one-element int64 tensor), got None")
-        return {
-            "seed_ptr": seed_pointer(seed, like),
-            "p": float(dropout_p),
-            "drop_scale": 1.0 / (1.0 - dropout_p),
-            "HAS_DROPOUT": True,
-        }
-    return {"seed_ptr": seed_pointer(None, like), "p": 0.0, "drop_scale": 1.0, "HAS_DROPOUT": False}
 
 
 def _skinny(device, kind, dtype):
@@ -911,8 +883,8 @@ def lora_conv2d_fwd(
     seed (read only when dropout_p > 0): a one-element int64 tensor on x's device, which the kernels read from
     memory, or an int (copied to the device).
     fused: True seeds the implicit GEMM with s * S B^T (_conv_fwd_kernel); False takes conv(x, W) + bias from
-    torch (cuDNN) and adds s * S B^T in place (_conv_up_kernel); None (default) times both once per shape on the
-    GPU and keeps the faster, and fuses under the interpreter.
+    torch (cuDNN) and adds s * S B^T in place (_conv_up_kernel); None (default) leaves it to kernels/dispatch.py
+    (timed once per shape on the GPU, the same on every rank; fused where nothing is timed).
     """
     nb, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -929,17 +901,19 @@ def lora_conv2d_fwd(
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     meta, launch = _skinny(x.device, "down", x.dtype)
     plans_for(_conv_down_kernel).launch(
-        None, (_cdiv(m, meta["BLOCK_M"]), 1, 1),
+        None, (triton.cdiv(m, meta["BLOCK_M"]), 1, 1),
         x_ptr=x, a_ptr=a_cl, s_ptr=s,
         M=m, C=c, H=h, W=w, Ho=ho, Wo=wo, R=r,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_ar=a_cl.stride(0), stride_ac=a_cl.stride(1), stride_ah=a_cl.stride(2), stride_aw=a_cl.stride(3),
-        **_dropout_args(dropout_p, seed, x), **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
+        **dropout_args(dropout_p, seed, x), **geometry, **precision, **meta, BLOCK_R=block_r, **launch,
     )  # fmt: skip
 
     args = (x, weight, bias, s, lora_B.reshape(o, r), scaling, stride, pads, dilation, groups, geometry, precision)
     if fused is None:
-        fused = _fused_wins("fwd", args, _y_fused, _y_split)
+        fused = _fused_wins(
+            "fwd", lambda: _y_fused(*args), lambda: _y_split(*args), x, weight, r, stride, pads, dilation, groups, x
+        )
     return (_y_fused(*args) if fused else _y_split(*args)), s
 
 
@@ -962,7 +936,7 @@ def _y_fused(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
         scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=rank_block(r, max_block=None), **geometry,
         **precision,
     )  # fmt: skip
-    grid = lambda meta: (groups * _cdiv(m, meta["BLOCK_M"]) * _cdiv(og, meta["BLOCK_N"]),)
+    grid = lambda meta: (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(og, meta["BLOCK_N"]),)
     _launch_gemm(_conv_fwd_kernel, _tuned_fwd_kernel, grid, args, x, groups)
     return y
 
@@ -977,7 +951,7 @@ def _y_split(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     o = y.shape[1]
     meta, launch = _skinny(x.device, "up", x.dtype)
     plans_for(_conv_up_kernel).launch(
-        None, (_cdiv(m, meta["BLOCK_M"]), _cdiv(o, meta["BLOCK_K"]), 1),
+        None, (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_K"]), 1),
         y_ptr=y, s_ptr=s, b_ptr=b2,
         M=m, O=o, Ho=y.shape[2], Wo=y.shape[3], R=r,
         stride_yn=y.stride(0), stride_yc=y.stride(1), stride_yh=y.stride(2), stride_yw=y.stride(3),
@@ -987,23 +961,18 @@ def _y_split(x, weight, bias, s, b2, scaling, stride, pads, dilation, groups, ge
     return y
 
 
-_PATH_CHOICE: dict = {}
-
-
-def _fused_wins(kind, args, fused, split) -> bool:
-    """Whether the fused kernel beats torch's convolution plus the separate LoRA kernel for these arguments:
-    timed once per (kind, shapes, strides, dtype, geometry) on the GPU; always True under the interpreter and off
-    CUDA. The first call per shape pays for the timing (and the autotuning inside it)."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if capability(tensors[0].device) == 0:
-        return True
-    rest = tuple(a for a in args if not isinstance(a, (torch.Tensor, dict)))
-    key = (kind, tensors[0].dtype, *((tuple(t.shape), t.stride()) for t in tensors), rest)
-    if key not in _PATH_CHOICE:
-        t_fused = triton.testing.do_bench(lambda: fused(*args), warmup=5, rep=25)
-        t_split = triton.testing.do_bench(lambda: split(*args), warmup=5, rep=25)
-        _PATH_CHOICE[key] = t_fused < t_split
-    return _PATH_CHOICE[key]
+def _fused_wins(kind, fused, split, x, weight, r, stride, pads, dilation, groups, *tensors) -> bool:
+    """Whether the fused kernel runs: kernels/dispatch.py's choice between fused() and split() (each runs its path
+    once), keyed by the sizes, the geometry and the memory formats of tensors; the fused kernel where nothing is
+    timed (off CUDA, under the interpreter, a shape first met inside a CUDA graph capture)."""
+    nb, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    layout = "".join("c" if memory_format(t) == torch.channels_last else "n" for t in tensors)
+    key = dispatch.shape_key(
+        f"conv_{kind}", M=nb * h * w, N=o, K=c * kh * kw, R=r, dtype=x.dtype, dropout=False,
+        hw=(h, w), k=(kh, kw), s=stride, p=pads, d=dilation, g=groups, layout=layout,
+    )  # fmt: skip
+    return dispatch.choose(key, {"fused": fused, "split": split}, x.device) == "fused"
 
 
 def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, geometry, precision, block_r):
@@ -1013,7 +982,7 @@ def _dx_split(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
     dx = input_grad(dy, x, weight, stride, pads, dilation, groups)
     a_cl = channels_last(lora_A)
     meta, launch = _skinny(x.device, "dx", x.dtype)
-    grid = (_cdiv(nb * h * w, meta["BLOCK_M"]), _cdiv(c, meta["BLOCK_K"]), 1)
+    grid = (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_K"]), 1)
     plans_for(_conv_dx_kernel).launch(
         None, grid,
         dx_ptr=dx, ds_ptr=ds, a_ptr=a_cl,
@@ -1051,7 +1020,7 @@ def _dx_fused(dy, x, ds, weight, lora_A, stride, pads, dilation, groups, drop, g
         stride_xn=dx.stride(0), stride_xc=dx.stride(1), stride_xh=dx.stride(2), stride_xw=dx.stride(3),
         BLOCK_R=block_r, **geometry, **precision,
     )  # fmt: skip
-    grid = lambda meta: (groups * _cdiv(p, meta["BLOCK_M"]) * _cdiv(cg, meta["BLOCK_N"]),)
+    grid = lambda meta: (groups * triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),)
     _launch_gemm(_conv_dgrad_kernel, _tuned_dgrad_kernel, grid, args, x, groups)
     return dx
 
@@ -1080,8 +1049,7 @@ def lora_conv2d_bwd(
     seed: the forward's (a one-element int64 tensor on x's device, read from memory, or an int).
     fused_dgrad (without dropout only): True computes dX in one Triton kernel (_conv_dgrad_kernel); False takes
     conv_transpose(dY, W) from torch (cuDNN) and adds the LoRA term in place (_conv_dx_kernel), as every call
-    with dropout does; None (default) times both once per shape on the GPU and keeps the faster, and fuses under
-    the interpreter.
+    with dropout does; None (default) leaves it to kernels/dispatch.py, as lora_conv2d_fwd does.
     """
     nb, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -1090,12 +1058,12 @@ def lora_conv2d_bwd(
     m = nb * ho * wo
     geometry = _geometry((kh, kw), stride, pads, dilation)
     precision = _precision(x.dtype)
-    drop = _dropout_args(dropout_p, seed, x)
+    drop = dropout_args(dropout_p, seed, x)
     block_r = rank_block(r, max_block=None)
     b2 = lora_B.reshape(o, r)
 
     meta, launch = _skinny(x.device, "ds_db", x.dtype)
-    num_tiles = _cdiv(m, meta["BLOCK_M"])
+    num_tiles = triton.cdiv(m, meta["BLOCK_M"])
     ds = torch.empty((m, r), device=x.device, dtype=torch.float32)
     dbp = torch.empty((num_tiles, o, r), device=x.device, dtype=torch.float32)
     plans_for(_conv_ds_db_kernel).launch(
@@ -1109,8 +1077,8 @@ def lora_conv2d_bwd(
     db = dbp.sum(0).mul_(scaling).to(lora_B.dtype).reshape(lora_B.shape)
 
     meta, launch = _skinny(x.device, "da", x.dtype)
-    k_blocks = kh * kw * _cdiv(c, meta["BLOCK_K"])
-    splits = max(1, min(_cdiv(m, meta["BLOCK_M"]), _cdiv(num_programs_target(x.device), k_blocks)))
+    k_blocks = kh * kw * triton.cdiv(c, meta["BLOCK_K"])
+    splits = max(1, min(triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(num_programs_target(x.device), k_blocks)))
     dap = torch.empty((splits, r, c, kh, kw), device=x.device, dtype=torch.float32)
     plans_for(_conv_da_kernel).launch(
         None, (k_blocks, splits, 1),
@@ -1129,24 +1097,23 @@ def lora_conv2d_bwd(
         if drop["HAS_DROPOUT"]:
             fused_dgrad = False
         elif fused_dgrad is None:
-            fused_dgrad = _fused_wins("dgrad", args, _dx_fused, _dx_split)
+            fused_dgrad = _fused_wins(
+                "dx", lambda: _dx_fused(*args), lambda: _dx_split(*args), x, weight, r, stride, pads, dilation,
+                groups, x, dy,
+            )  # fmt: skip
         dx = _dx_fused(*args) if fused_dgrad else _dx_split(*args)
     dbias = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype) if need_dbias else None
     return dx, da, db, dbias
 
 
 def conv2d_dropout_mask(shape, dropout_p: float, seed: int | torch.Tensor, device) -> torch.Tensor:
-    """The dropout factors [Nb, C, H, W] (0 or 1/(1-p), float32) the conv kernels draw for an input of this shape.
+    """The dropout factors [Nb, C, H, W] (0 or 1/(1-p), float32) the conv kernels draw for an input of this shape:
+    linear's mask (kernels/dropout.py) of x viewed as [Nb*H*W, C], pixels as rows, channels as columns.
 
     seed: an int or a one-element int64 tensor on device, as the launchers take it."""
     nb, c, h, w = shape
-    out = torch.empty((nb, c, h, w), device=device, dtype=torch.float32)
-    drop = _dropout_args(dropout_p, seed, out)
-    if not drop["HAS_DROPOUT"]:
-        return out.fill_(1.0)
-    numel = out.numel()
-    block = 1024
-    _conv_mask_kernel[(triton.cdiv(numel, block),)](
-        out, numel, c, h, w, drop["seed_ptr"], drop["p"], drop["drop_scale"], BLOCK=block
-    )
-    return out
+    if dropout_p <= 0:
+        return torch.ones((nb, c, h, w), device=device, dtype=torch.float32)
+    keep = dropout_mask(seed, nb * h * w, c, dropout_p, device)
+    factors = keep.to(torch.float32).mul_(1.0 / (1.0 - dropout_p))
+    return factors.view(nb, h, w, c).permute(0, 3, 1, 2).contiguous()

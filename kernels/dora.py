@@ -33,6 +33,8 @@ from fastlora.kernels.configs import (
     input_precision,
     rank_block,
 )
+from fastlora.kernels.launch import plans_for
+from fastlora.kernels.tiles import tile_offsets
 
 
 @triton.jit
@@ -72,15 +74,15 @@ def _dora_norm_kernel(
     for k0 in range(0, K, BLOCK_K):
         i_k = k0 + tl.arange(0, BLOCK_K)
         m_k = i_k < K
-        p_w = w_ptr + i_n.to(tl.int64)[:, None] * stride_wn + i_k.to(tl.int64)[None, :] * stride_wk
+        p_w = w_ptr + tile_offsets(i_n, i_k, stride_wn, stride_wk)
         b_w = tl.load(p_w, mask=m_n[:, None] & m_k[None, :], other=0.0)
-        p_a = a_ptr + i_r.to(tl.int64)[:, None] * stride_ar + i_k.to(tl.int64)[None, :] * stride_ak
+        p_a = a_ptr + tile_offsets(i_r, i_k, stride_ar, stride_ak)
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_wa = tl.dot(b_w.to(DOT_DTYPE), tl.trans(b_a.to(DOT_DTYPE)), b_wa, input_precision=PRECISION)
         if NEED_WSQ:
             b_wf = b_w.to(tl.float32)
             b_sq += tl.sum(b_wf * b_wf, axis=1)
-    p_wa = wa_ptr + i_n.to(tl.int64)[:, None] * stride_wan + i_r.to(tl.int64)[None, :] * stride_war
+    p_wa = wa_ptr + tile_offsets(i_n, i_r, stride_wan, stride_war)
     tl.store(p_wa, b_wa, mask=m_n[:, None] & m_r[None, :])
     if NEED_WSQ:
         if tl.program_id(1) == 0:  # the first rank chunk stores the squares (a branch: Triton 3.9's interpreter
@@ -160,12 +162,11 @@ def _dora_bwd_kernel(
         i_m = m0 + tl.arange(0, BLOCK_M)
         m_m = i_m < M
         m_mn = m_m[:, None] & m_n[None, :]
-        i_m64 = i_m.to(tl.int64)
-        p_dy = dy_ptr + i_m64[:, None] * stride_dym + i_n.to(tl.int64)[None, :] * stride_dyn
+        p_dy = dy_ptr + tile_offsets(i_m, i_n, stride_dym, stride_dyn)
         b_dy = tl.load(p_dy, mask=m_mn, other=0.0).to(tl.float32)
-        p_o = out_ptr + i_m64[:, None] * stride_om + i_n.to(tl.int64)[None, :] * stride_on
+        p_o = out_ptr + tile_offsets(i_m, i_n, stride_om, stride_on)
         tl.store(p_o, (b_dy * b_scale[None, :]).to(out_ptr.dtype.element_ty), mask=m_mn)
-        p_src = src_ptr + i_m64[:, None] * stride_srcm + i_n.to(tl.int64)[None, :] * stride_srcn
+        p_src = src_ptr + tile_offsets(i_m, i_n, stride_srcm, stride_srcn)
         b_src = tl.load(p_src, mask=m_mn, other=0.0).to(tl.float32)
         if RECOVER:
             b_src = b_src - b_bias[None, :]
@@ -177,24 +178,23 @@ def _dora_bwd_kernel(
             for m0 in range(m_start, tl.minimum(m_start + M_PER_SPLIT, M), BLOCK_M):
                 i_m = m0 + tl.arange(0, BLOCK_M)
                 m_m = i_m < M
-                i_m64 = i_m.to(tl.int64)
-                p_dy = dy_ptr + i_m64[:, None] * stride_dym + i_n.to(tl.int64)[None, :] * stride_dyn
+                p_dy = dy_ptr + tile_offsets(i_m, i_n, stride_dym, stride_dyn)
                 b_dy = tl.load(p_dy, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
                 b_yp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     i_k = k0 + tl.arange(0, BLOCK_K)
                     m_k = i_k < K
-                    p_x = x_ptr + i_m64[:, None] * stride_xm + i_k.to(tl.int64)[None, :] * stride_xk
+                    p_x = x_ptr + tile_offsets(i_m, i_k, stride_xm, stride_xk)
                     b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
-                    p_w = w_ptr + i_n.to(tl.int64)[:, None] * stride_wn + i_k.to(tl.int64)[None, :] * stride_wk
+                    p_w = w_ptr + tile_offsets(i_n, i_k, stride_wn, stride_wk)
                     b_w = tl.load(p_w, mask=m_n[:, None] & m_k[None, :], other=0.0)
                     b_yp = tl.dot(b_x.to(DOT_DTYPE), tl.trans(b_w.to(DOT_DTYPE)), b_yp, input_precision=PRECISION)
                 for r0 in range(0, R, BLOCK_R):
                     i_r = r0 + tl.arange(0, BLOCK_R)
                     m_r = i_r < R
-                    p_s = s_ptr + i_m64[:, None] * stride_sm + i_r.to(tl.int64)[None, :] * stride_sr
+                    p_s = s_ptr + tile_offsets(i_m, i_r, stride_sm, stride_sr)
                     b_s = tl.load(p_s, mask=m_m[:, None] & m_r[None, :], other=0.0)
-                    p_b = b_ptr + i_n.to(tl.int64)[:, None] * stride_bn + i_r.to(tl.int64)[None, :] * stride_br
+                    p_b = b_ptr + tile_offsets(i_n, i_r, stride_bn, stride_br)
                     b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)
                     b_lora = tl.dot(b_s.to(DOT_DTYPE), tl.trans(b_b.to(DOT_DTYPE)), input_precision=PRECISION)
                     b_yp += scaling * b_lora
@@ -226,7 +226,9 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, wsq=None):
         wsq = torch.empty((N,), device=weight.device, dtype=torch.float32)
     bn, bk, warps, stages = dora_norm_config()
     br = rank_block(R)
-    _dora_norm_kernel[(triton.cdiv(N, bn), triton.cdiv(R, br))](
+    plans_for(_dora_norm_kernel).launch(
+        None,
+        (triton.cdiv(N, bn), triton.cdiv(R, br), 1),
         w_ptr=weight,
         a_ptr=a,
         wa_ptr=wa,
@@ -279,7 +281,9 @@ def dora_bwd_scale(dy, src, bias, magnitude, norm, shift, need_dbias, recompute=
         R = s.shape[1]
     else:
         x, weight, s, lora_B, scaling, R = dy, dy, dy, dy, 0.0, 1
-    _dora_bwd_kernel[(grid_n, split)](
+    plans_for(_dora_bwd_kernel).launch(
+        None,
+        (grid_n, split, 1),
         dy_ptr=dy,
         src_ptr=src,
         bias_ptr=bias if bias is not None else dy,

@@ -8,9 +8,12 @@ uniforms u; the element is kept where u >= t, t = min(round(p * 65536), 65535). 
 therefore 1 - t / 65536 (within 2^-17 of 1 - p), and kept values are scaled by 1 / (1 - p). About 2.5
 instructions per element where a quarter of a 10-round philox call plus a float conversion took about 35.
 
+Every op draws its mask here: linear and the 4-bit layer on x [M, K], conv2d on its input viewed as [Nb*H*W, C]
+(pixels as rows, channels as columns), so one mask-recovery helper (``dropout_mask``) serves them all.
+
 The seed reaches a kernel as the address of one int64 that it loads (``dropout_seed``; the host side is
-``launch.seed_pointer``), not as a launch argument, so a CUDA graph replay that redraws the seed on the device
-draws a fresh mask.
+``launch.seed_pointer``, and ``dropout_args`` gives a launch all its dropout arguments), not as a launch argument,
+so a CUDA graph replay that redraws the seed on the device draws a fresh mask.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastlora.kernels.launch import seed_pointer
+from fastlora.kernels.launch import plans_for, seed_pointer
+from fastlora.kernels.tiles import tile_offsets
 
 __all__ = [
     "dropout_words",
@@ -27,6 +31,7 @@ __all__ = [
     "dropout_keep_factor",
     "dropout_seed",
     "dropout_threshold",
+    "dropout_args",
     "dropout_mask",
 ]
 
@@ -113,6 +118,22 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(float(p) * 65536)), 65535)
 
 
+def dropout_args(dropout_p: float, seed, like: torch.Tensor) -> dict:
+    """A dropout kernel's launch arguments on like's device: seed_ptr (seed_pointer: a one-element int64 tensor
+    passes, an int is copied there; without dropout like, never read), p_thresh (dropout_threshold), inv_keep =
+    1 / (1 - p) and the HAS_DROPOUT flag."""
+    if dropout_p <= 0:
+        return {"seed_ptr": like, "p_thresh": 0, "inv_keep": 1.0, "HAS_DROPOUT": False}
+    if seed is None:
+        raise ValueError(f"dropout_p={dropout_p} needs a seed (an int or a one-element int64 tensor), got None")
+    return {
+        "seed_ptr": seed_pointer(seed, like),
+        "p_thresh": dropout_threshold(dropout_p),
+        "inv_keep": 1.0 / (1.0 - dropout_p),
+        "HAS_DROPOUT": True,
+    }
+
+
 @triton.jit
 def _dropout_mask_kernel(
     out_ptr, M, K, stride_om, stride_ok, seed_ptr, p_thresh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
@@ -122,7 +143,7 @@ def _dropout_mask_kernel(
     i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = dropout_keep(seed, i_m, i_k, p_thresh)
-    p_o = out_ptr + i_m.to(tl.int64)[:, None] * stride_om + i_k.to(tl.int64)[None, :] * stride_ok
+    p_o = out_ptr + tile_offsets(i_m, i_k, stride_om, stride_ok)
     tl.store(p_o, keep.to(tl.int8), mask=(i_m < M)[:, None] & (i_k < K)[None, :])
 
 
@@ -131,7 +152,9 @@ def dropout_mask(seed, M: int, K: int, p: float, device) -> torch.Tensor:
     1 - dropout_threshold(p) / 65536."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     bm, bk = 32, 128
-    _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+    plans_for(_dropout_mask_kernel).launch(
+        None,
+        (triton.cdiv(M, bm), triton.cdiv(K, bk), 1),
         out_ptr=out,
         M=M,
         K=K,

@@ -46,9 +46,15 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from .configs import capability, dot_dtype, embedding_config, input_precision, num_programs_target, rank_block
-from .launch import plans_for
+from fastlora.kernels.configs import (
+    capability,
+    dot_dtype,
+    embedding_config,
+    input_precision,
+    num_programs_target,
+    rank_block,
+)
+from fastlora.kernels.launch import plans_for
 
 __all__ = ["SYNC_CHECKS", "check_indices", "lora_embedding_fwd", "lora_embedding_bwd"]
 
@@ -429,39 +435,35 @@ def _check_operands(idx, lora_A, lora_B, num_embeddings, dim):
         raise ValueError(f"idx, lora_A and lora_B must be on one device, got {sorted(map(str, devices))}")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
-
-
 @functools.lru_cache(maxsize=1024)
 def _fwd_geometry(m: int, dim: int, r: int, out_dtype: torch.dtype, major: int, programs: int):
     """(config, grid, COLS_PER_PROGRAM, BLOCK_R, RANK_CHUNKS) of the forward: as few column splits as fill the
     device, since each split gathers the rank-r rows again."""
     r_block = rank_block(r)
     cfg = embedding_config("fwd", major, out_dtype, r_block)
-    m_blocks, d_tiles = _cdiv(m, cfg["BLOCK_M"]), _cdiv(dim, cfg["BLOCK_D"])
-    d_splits = max(1, min(d_tiles, _cdiv(programs, m_blocks)))
-    cols_per_program = _cdiv(d_tiles, d_splits) * cfg["BLOCK_D"]
-    return cfg, (m_blocks, _cdiv(dim, cols_per_program), 1), cols_per_program, r_block, _cdiv(r, r_block)
+    m_blocks, d_tiles = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_D"])
+    d_splits = max(1, min(d_tiles, triton.cdiv(programs, m_blocks)))
+    cols_per_program = triton.cdiv(d_tiles, d_splits) * cfg["BLOCK_D"]
+    return cfg, (m_blocks, triton.cdiv(dim, cols_per_program), 1), cols_per_program, r_block, triton.cdiv(r, r_block)
 
 
 @functools.lru_cache(maxsize=1024)
 def _bwd_geometry(m: int, dim: int, r: int, dtype: torch.dtype, major: int, programs: int):
     """(config, grid, ROWS_PER_PROGRAM, m_splits, d_splits, BLOCK_R, rank chunks) of the pass over dY."""
     r_block = rank_block(r)
-    r_chunks = _cdiv(r, r_block)
+    r_chunks = triton.cdiv(r, r_block)
     cfg = embedding_config("bwd_dy", major, dtype, r_block)
-    m_blocks, d_splits = _cdiv(m, cfg["BLOCK_M"]), _cdiv(dim, cfg["BLOCK_D"])
-    m_splits = max(1, min(m_blocks, _cdiv(programs, d_splits * r_chunks)))
-    rows_per_program = _cdiv(m_blocks, m_splits) * cfg["BLOCK_M"]
-    m_splits = _cdiv(m, rows_per_program)
+    m_blocks, d_splits = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_D"])
+    m_splits = max(1, min(m_blocks, triton.cdiv(programs, d_splits * r_chunks)))
+    rows_per_program = triton.cdiv(m_blocks, m_splits) * cfg["BLOCK_M"]
+    m_splits = triton.cdiv(m, rows_per_program)
     return cfg, (m_splits, d_splits, r_chunks), rows_per_program, m_splits, d_splits, r_block, r_chunks
 
 
 @functools.lru_cache(maxsize=1024)
 def _finish_geometry(n: int, dtype: torch.dtype, major: int, r_block: int):
     cfg = embedding_config("bwd_finish", major, dtype, r_block)
-    return cfg, (_cdiv(n, cfg["BLOCK_M"]), 1, 1)
+    return cfg, (triton.cdiv(n, cfg["BLOCK_M"]), 1, 1)
 
 
 def lora_embedding_fwd(idx, weight, lora_A, lora_B, scaling, out_dtype=None):
@@ -612,15 +614,24 @@ def lora_embedding_bwd(dy, idx, lora_A, lora_B, scaling, padding_idx=None, deter
 
     # dB: the row-strip partials summed in order, scaled, rounded once
     cfg = embedding_config("bwd_reduce", major, lora_B.dtype, r_block)
-    _emb_bwd_reduce_kernel[(triton.cdiv(dim * r, cfg["BLOCK_M"]),)](
-        part_ptr=db_out, out_ptr=db, N_ELEM=dim * r, N_PARTS=m_splits, scaling=scaling, **cfg
+    plans_for(_emb_bwd_reduce_kernel).launch(
+        None,
+        (triton.cdiv(dim * r, cfg["BLOCK_M"]), 1, 1),
+        part_ptr=db_out,
+        out_ptr=db,
+        N_ELEM=dim * r,
+        N_PARTS=m_splits,
+        scaling=scaling,
+        **cfg,
     )
     # dA: runs of equal indices summed in order over the column-strip partials of dS, each column written once
     sorted_idx, perm = torch.sort(idx, stable=True)
     cfg = embedding_config("bwd_segment", major, lora_A.dtype, r_block)
     head = torch.searchsorted(sorted_idx, sorted_idx[:: cfg["BLOCK_M"]].contiguous())  # run start per block
     da.zero_()
-    _emb_bwd_segment_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+    plans_for(_emb_bwd_segment_kernel, dynamic=("padding_idx",)).launch(
+        None,
+        (triton.cdiv(m, cfg["BLOCK_M"]), 1, 1),
         sorted_ptr=sorted_idx,
         perm_ptr=perm,
         head_ptr=head,

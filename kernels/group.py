@@ -874,11 +874,9 @@ def lora_group_fwd(x, weights, biases, lora_As, lora_Bs, scalings, ps, seeds):
 
 
 def _measured_path(kind, shape, candidates, device) -> str:
-    """The measured dispatch's choice among ``candidates`` for this shape on this device; "group" under the
-    interpreter and off CUDA."""
-    if INTERPRET or device.type != "cuda":
-        return "group"
-    return _dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device)
+    """The dispatch's choice among ``candidates`` for this shape on this device: "group" where nothing is timed
+    (the interpreter, off CUDA, a first call inside a CUDA graph capture)."""
+    return _dispatch.choose(_dispatch.shape_key(kind, **shape), candidates, device, default="group")
 
 
 def _seed_positions(ps) -> list[int]:

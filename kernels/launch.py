@@ -1,5 +1,15 @@
 """Launch plans: a kernel call resolved once per call signature, then launched straight into the compiled kernel.
 
+One way to launch. Every launcher in kernels/ launches through ``plans_for(kernel).launch(key, grid, **kwargs)``, never
+``kernel[grid](...)``, whose per-call work a plan does once per call signature. Under the stand-in sm_90 driver
+(benchmarks/host.py) one launch of the merge kernel costs 36-54 us of host time through ``kernel[grid]`` and 7-8 us
+through its plan (three runs on a loaded 2-core machine); the plan falls back to ``kernel[grid]`` by itself wherever a
+direct launch is not safe (the interpreter, a profiler's launch hooks, a kernel that is no JITFunction). The linear op's
+hot path adds one optimisation on top, and only there: ``Replays`` records the two to four launches of a whole launcher
+call and replays them (22 us against 126 us for the plans alone per forward, benchmarks/NOTES.md), which pays where
+calls are many and small; a replay needs a launcher with no host or torch work between its launches; the other launchers
+(mostly one or two launches per call, some with torch work between them) are not replayed.
+
 ``kernel[grid](**kwargs)`` costs the host, on every call, Triton's binder (specialisation of each argument and the
 cache key), the autotuner's key and dictionaries, the grid function and the launch-metadata hooks. A
 ``LaunchPlans`` object does that work on the first call for a key and records the outcome (the autotuned config,

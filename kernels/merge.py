@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .configs import INTERPRET, MERGE_CONFIG, MERGE_INTERPRET, rank_block
+from fastlora.kernels.configs import INTERPRET, MERGE_CONFIG, MERGE_INTERPRET, rank_block
+from fastlora.kernels.launch import plans_for
+from fastlora.kernels.tiles import tile_offsets
 
 
 @triton.jit
@@ -45,19 +46,14 @@ def _merge_kernel(
     i_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     i_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     m_n, m_k = i_n < N, i_k < K
-    i_n64, i_k64 = i_n.to(tl.int64), i_k.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        i_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        i_r = r0 + tl.arange(0, BLOCK_R)
         m_r = i_r < R
-        b_b = tl.load(
-            b_ptr + i_n64[:, None] * stride_bn + i_r[None, :] * stride_br, mask=m_n[:, None] & m_r[None, :], other=0.0
-        )
-        b_a = tl.load(
-            a_ptr + i_r[:, None] * stride_ar + i_k64[None, :] * stride_ak, mask=m_r[:, None] & m_k[None, :], other=0.0
-        )
+        b_b = tl.load(b_ptr + tile_offsets(i_n, i_r, stride_bn, stride_br), mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_a = tl.load(a_ptr + tile_offsets(i_r, i_k, stride_ar, stride_ak), mask=m_r[:, None] & m_k[None, :], other=0.0)
         acc = tl.dot(b_b.to(tl.float32), b_a.to(tl.float32), acc, input_precision="ieee")
-    p_w = w_ptr + i_n64[:, None] * stride_wn + i_k64[None, :] * stride_wk
+    p_w = w_ptr + tile_offsets(i_n, i_k, stride_wn, stride_wk)
     m_w = m_n[:, None] & m_k[None, :]
     merged = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32) + coeff * acc
     if CHECK_ONLY:
@@ -74,7 +70,7 @@ def merge_(weight, lora_A, lora_B, coeff: float, safe: bool = False):
     N, K = weight.shape
     R = lora_A.shape[0]
     bn, bk, warps = MERGE_INTERPRET if INTERPRET else MERGE_CONFIG
-    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk), 1)
     args = dict(
         w_ptr=weight,
         a_ptr=lora_A,
@@ -97,10 +93,10 @@ def merge_(weight, lora_A, lora_B, coeff: float, safe: bool = False):
     )
     if safe:
         flag = torch.zeros(1, device=weight.device, dtype=torch.int32)
-        _merge_kernel[grid](flag_ptr=flag, CHECK_ONLY=True, **args)
+        plans_for(_merge_kernel).launch(None, grid, flag_ptr=flag, CHECK_ONLY=True, **args)
         if flag.item() != 0:
             raise ValueError(
                 "merging the adapter would make the weight non-finite (NaN or Inf); the weight is unchanged"
             )
-    _merge_kernel[grid](flag_ptr=weight, CHECK_ONLY=False, **args)
+    plans_for(_merge_kernel).launch(None, grid, flag_ptr=weight, CHECK_ONLY=False, **args)
     return weight

@@ -11,7 +11,8 @@ arithmetic of ``bitsandbytes.functional.dequantize_4bit``, so the result is bit-
 compiled without floating-point contraction (``enable_fp_fusion=False``): an FMA would skip the product's rounding.
 The code tables are read from the tensors given (quant_state.code, state2.code), not written here.
 
-Two routes for x [M, K], A [r, K], B [N, r], s the scaling, m the dropout mask (kernels.linear's, from a seed):
+Two routes for x [M, K], A [r, K], B [N, r], s the scaling, m the dropout mask (kernels.dropout's, from a seed),
+chosen per shape by kernels/dispatch.py among those choose_route allows (both at small M, timed once on the GPU):
 
     large M (workspace):  W = dequantize into a buffer shared by every layer and call (one per device and dtype,
                           grown as needed, never kept per layer), then kernels.linear.lora_linear_fwd / _bwd.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastlora.kernels import configs
+from fastlora.kernels import configs, dispatch
 from fastlora.kernels import linear as _klinear
 from fastlora.kernels.configs import (
     INTERPRET,
@@ -43,8 +44,8 @@ from fastlora.kernels.configs import (
     input_precision,
     rank_block,
 )
-from fastlora.kernels.dropout import dropout_keep_t, dropout_seed, dropout_threshold
-from fastlora.kernels.launch import seed_pointer
+from fastlora.kernels.dropout import dropout_args, dropout_keep_t, dropout_seed
+from fastlora.kernels.launch import plans_for
 from fastlora.kernels.quant4bit import Quant4bit
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,7 +357,9 @@ def dequantize_4bit(q: Quant4bit, out_dtype: torch.dtype | None = None, out: tor
         raise ValueError(f"out must be a contiguous tensor of {n * k} elements, got shape {tuple(out.shape)}")
     if n * k == 0:
         return out.view(n, k)
-    _nf4_dequant_kernel[(triton.cdiv(n * k, NF4_DEQUANT_BLOCK),)](
+    plans_for(_nf4_dequant_kernel).launch(
+        None,
+        (triton.cdiv(n * k, NF4_DEQUANT_BLOCK), 1, 1),
         **_quant_args(q),
         out_ptr=out,
         numel=n * k,
@@ -390,8 +393,25 @@ def release_workspace() -> None:
 
 
 def choose_route(M: int, R: int) -> str:
-    """ "fused" (dequantize inside the GEMM) for small M, else "workspace" (dequantize, then the fused LoRA GEMM)."""
+    """The rule: "fused" (dequantize inside the GEMM) where that route can run, small M (at most FUSED_MAX_M rows)
+    and rank at most FUSED_MAX_RANK, else "workspace" (dequantize, then the fused LoRA GEMM). Where it says
+    "fused", kernels/dispatch.py times both routes once per shape on the GPU; this is what runs where nothing is
+    timed."""
     return "fused" if M <= FUSED_MAX_M and R <= FUSED_MAX_RANK else "workspace"
+
+
+def _route(route, kind: str, M: int, N: int, K: int, R: int, dtype, dropout_p, q: Quant4bit, device, paths) -> str:
+    """The route a call takes: route itself when given (the launchers check it), else the dispatch's choice among the
+    routes the rule allows (paths: name -> a function running that route once)."""
+    if route is not None:
+        return route
+    rule = choose_route(M, R)
+    allowed = paths if rule == "fused" else {"workspace": paths["workspace"]}
+    key = dispatch.shape_key(
+        f"nf4_{kind}", M=M, N=N, K=K, R=R, dtype=dtype, dropout=dropout_p > 0,
+        q=q.quant_type, b=q.blocksize, nested=int(q.nested),
+    )  # fmt: skip
+    return dispatch.choose(key, allowed, device, default=rule)
 
 
 def _fused_config(device, table):
@@ -401,7 +421,6 @@ def _fused_config(device, table):
 
 
 def _check_route(route, M, R):
-    route = route or choose_route(M, R)
     if route not in ("fused", "workspace"):
         raise ValueError(f'route must be "fused", "workspace" or None, got {route!r}')
     if route == "fused" and R > FUSED_MAX_RANK:
@@ -415,18 +434,35 @@ def _dequantized(q: Quant4bit, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout_p, seed, route=None):
-    """Y [M, N] = x deq(W)^T + s * S B^T + bias and S [M, r] = (m x) A^T, for x [M, K] (any strides)."""
+    """Y [M, N] = x deq(W)^T + s * S B^T + bias and S [M, r] = (m x) A^T, for x [M, K] (any strides).
+
+    route: "fused", "workspace", or None (choose_route's rule, measured where it allows both; see _route)."""
     check_dtype(x)
     M, K = x.shape
     N, R = q.shape[0], lora_A.shape[0]
-    route = _check_route(route, M, R)
-    if route == "workspace" or M == 0:
-        return _klinear.lora_linear_fwd(x, _dequantized(q, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
+    args = (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if route is not None:
+        _check_route(route, M, R)
+    if M == 0:
+        return _workspace_fwd(*args)
+    paths = {"fused": lambda: _fused_fwd(*args), "workspace": lambda: _workspace_fwd(*args)}
+    return paths[_route(route, "fwd", M, N, K, R, x.dtype, dropout_p, q, x.device, paths)]()
+
+
+def _workspace_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return _klinear.lora_linear_fwd(x, _dequantized(q, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _fused_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    M, K = x.shape
+    N, R = q.shape[0], lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
     bn, bk, warps, stages = _fused_config(x.device, NF4_FUSED_FWD)
     bm = fused_m_block(M)
-    _nf4_lora_fwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+    plans_for(_nf4_lora_fwd_kernel).launch(
+        None,
+        (triton.cdiv(N, bn), triton.cdiv(M, bm), 1),
         x_ptr=x,
         **_quant_args(q),
         a_ptr=lora_A,
@@ -449,11 +485,8 @@ def lora_linear_4bit_fwd(x, q: Quant4bit, bias, lora_A, lora_B, scaling, dropout
         stride_sm=s.stride(0),
         stride_sr=s.stride(1),
         scaling=float(scaling),
-        inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, x),
-        p_thresh=dropout_threshold(dropout_p),
+        **dropout_args(dropout_p, seed, x),
         HAS_BIAS=bias is not None,
-        HAS_DROPOUT=dropout_p > 0,
         DOT_DTYPE=dot_dtype(x.dtype),
         PRECISION=input_precision(x.dtype),
         BLOCK_M=bm,
@@ -473,7 +506,9 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     bk, bn, warps, stages = _fused_config(dy.device, NF4_FUSED_DX)
     bm = fused_m_block(M)
-    _nf4_lora_dx_kernel[(triton.cdiv(K, bk), triton.cdiv(M, bm))](
+    plans_for(_nf4_lora_dx_kernel).launch(
+        None,
+        (triton.cdiv(K, bk), triton.cdiv(M, bm), 1),
         dy_ptr=dy,
         **_quant_args(q),
         a_ptr=lora_A,
@@ -492,10 +527,7 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
         stride_dxm=dx.stride(0),
         stride_dxk=dx.stride(1),
         scaling=float(scaling),
-        inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        seed_ptr=seed_pointer(seed if dropout_p > 0 else None, dy),
-        p_thresh=dropout_threshold(dropout_p),
-        HAS_DROPOUT=dropout_p > 0,
+        **dropout_args(dropout_p, seed, dy),
         DOT_DTYPE=dot_dtype(dy.dtype),
         PRECISION=input_precision(dy.dtype),
         BLOCK_M=bm,
@@ -512,19 +544,37 @@ def _fused_dx(dy, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed):
 def lora_linear_4bit_bwd(
     dy, x, s, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False, route=None
 ):
-    """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] (or None) for dY [M, N]; the route the forward took."""
+    """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] (or None) for dY [M, N].
+
+    route: as for lora_linear_4bit_fwd, chosen on its own (either route's gradients fit either forward's S)."""
     check_dtype(dy)
     M, K = x.shape
     N, R = q.shape[0], lora_A.shape[0]
-    route = _check_route(route, M, R)
-    if need_dx and (route == "workspace" or M == 0):
-        return _klinear.lora_linear_bwd(
-            dy, x, s, _dequantized(q, dy.dtype), lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dbias
-        )
-    # dA, dB (and dbias) never read W: the launcher takes it for its shape only
-    w_shape = dy.new_empty(()).expand(N, K)
-    _, da, db, dbias = _klinear.lora_linear_bwd(
+    args = (dy, x, s, q, lora_A, lora_B, scaling, dropout_p, seed, need_dbias)
+    if route is not None:
+        _check_route(route, M, R)
+    if not need_dx:
+        return _adapter_grads(*args)
+    if M == 0:
+        return _workspace_bwd(*args)
+    paths = {"fused": lambda: _fused_bwd(*args), "workspace": lambda: _workspace_bwd(*args)}
+    return paths[_route(route, "bwd", M, N, K, R, dy.dtype, dropout_p, q, dy.device, paths)]()
+
+
+def _workspace_bwd(dy, x, s, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed, need_dbias):
+    return _klinear.lora_linear_bwd(
+        dy, x, s, _dequantized(q, dy.dtype), lora_A, lora_B, scaling, dropout_p, seed, True, need_dbias
+    )
+
+
+def _adapter_grads(dy, x, s, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed, need_dbias):
+    """(None, dA, dB, dbias): they never read W, so the launcher takes it for its shape only."""
+    w_shape = dy.new_empty(()).expand(q.shape)
+    return _klinear.lora_linear_bwd(
         dy, x, s, w_shape, lora_A, lora_B, scaling, dropout_p, seed, need_dx=False, need_dbias=need_dbias
     )
-    dx = _fused_dx(dy, q, lora_A, lora_B, scaling, dropout_p, seed) if need_dx else None
-    return dx, da, db, dbias
+
+
+def _fused_bwd(dy, x, s, q: Quant4bit, lora_A, lora_B, scaling, dropout_p, seed, need_dbias):
+    _, da, db, dbias = _adapter_grads(dy, x, s, q, lora_A, lora_B, scaling, dropout_p, seed, need_dbias)
+    return _fused_dx(dy, q, lora_A, lora_B, scaling, dropout_p, seed), da, db, dbias

@@ -11,6 +11,7 @@ from __future__ import annotations
 import aot_dora_cases
 import aot_group_cases
 import aot_linear_cases
+import aot_moe_cases
 import aot_nf4_cases
 import torch
 import triton.language as tl
@@ -177,15 +178,15 @@ _CONV_KERNELS = {
         },
     ),
     "up": (kconv._conv_up_kernel, set(), {"scaling"}, {"channels_last": {"stride_yc", "stride_br"}}),
-    "down": (kconv._conv_down_kernel, set(), {"p", "drop_scale"}, {"channels_last": {"stride_xc", "stride_ac"}}),
+    "down": (kconv._conv_down_kernel, set(), {"inv_keep"}, {"channels_last": {"stride_xc", "stride_ac"}}),
     "ds_db": (
         kconv._conv_ds_db_kernel,
         {"ds_ptr", "db_part_ptr"},
         {"scaling"},
         {"channels_last": {"stride_dyc", "stride_br"}},
     ),
-    "da": (kconv._conv_da_kernel, {"ds_ptr", "da_part_ptr"}, {"p", "drop_scale"}, {"channels_last": {"stride_xc"}}),
-    "dx": (kconv._conv_dx_kernel, {"ds_ptr"}, {"p", "drop_scale"}, {"channels_last": {"stride_xc", "stride_ac"}}),
+    "da": (kconv._conv_da_kernel, {"ds_ptr", "da_part_ptr"}, {"inv_keep"}, {"channels_last": {"stride_xc"}}),
+    "dx": (kconv._conv_dx_kernel, {"ds_ptr"}, {"inv_keep"}, {"channels_last": {"stride_xc", "stride_ac"}}),
 }
 
 
@@ -255,5 +256,6 @@ TABLES = {
     "conv2d": conv2d_cases,
     "dora": aot_dora_cases.dora_cases,
     "nf4": aot_nf4_cases.aot_cases,
+    "moe": aot_moe_cases.aot_cases,
     "group": aot_group_cases.aot_cases,
 }

@@ -1,9 +1,12 @@
-"""Shared test helpers: the tolerance table, the error measure, an assert that explains itself, and the bytes a
-call saves for backward."""
+"""Shared test helpers: the tolerance table, the error measure, an assert that explains itself, the bytes a call
+saves for backward, and the 2-process gloo spawn of the distributed tests."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.multiprocessing as mp
 
 from fastlora._tolerance import DTYPE_IDS, TOLERANCE, rel_err
 
@@ -42,3 +45,21 @@ def saved_bytes(fn, *exclude) -> int:
     extra, _, _ = measure(lambda: outs.append(fn()), exclude)
     assert outs[0].requires_grad, "the call recorded no autograd graph"
     return extra
+
+
+def spawn_gloo_workers(worker, folder, *args, nprocs: int = 2):
+    """torch.multiprocessing.spawn of ``worker(rank, store_path, *args)`` (a file store for the gloo group in
+    ``folder``: no port to race for).
+
+    Two CI runs of the whole suite (of several) lost a worker to SIGABRT ("terminate called without an active
+    exception", no Python error) while every run of the distributed tests alone passed: such an abort gets one more
+    spawn, with a fresh store. A Python error in a worker, or a wrong result, fails at once.
+    """
+    for attempt in (1, 2):
+        try:
+            mp.spawn(worker, args=(str(folder / f"store{attempt}"), *args), nprocs=nprocs, join=True)
+            return
+        except mp.ProcessExitedException as err:
+            if err.signal_name != "SIGABRT" or attempt == 2:
+                raise
+            warnings.warn(f"a distributed worker aborted natively ({err}); spawning once more", stacklevel=2)

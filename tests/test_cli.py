@@ -171,7 +171,10 @@ def test_info_lists_device_versions_and_paths(capsys):
 def test_info_lists_dispatch_decisions(monkeypatch, tmp_path, capsys):
     from fastlora.kernels import dispatch
 
-    measured = dispatch.Dispatcher(path=str(tmp_path / "dispatch.json"), timer=lambda fn: fn(), name_of=str)
+    measured = dispatch.Dispatcher(
+        path=str(tmp_path / "dispatch.json"), timer=lambda fn: fn(), name_of=str, measurable=lambda device: True,
+        versions=lambda: "v1", store=lambda: None,
+    )  # fmt: skip
     key = dispatch.shape_key("fwd", M=37, N=51, K=75, R=5, dtype=torch.float32, dropout=False)
     assert measured.choose(key, {"fused": lambda: 2.5, "cublas_update": lambda: 1.25}, torch.device("cpu")) == (
         "cublas_update"
@@ -181,7 +184,7 @@ def test_info_lists_dispatch_decisions(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"dispatch decisions ({tmp_path / 'dispatch.json'}): 1" in out
     row = next(line.split() for line in out.splitlines() if key in line)
-    assert row[:3] == ["cpu", key, "cublas_update"] and " ".join(row[3:]) == "cublas_update 1.250, fused 2.500"
+    assert row[:4] == ["cpu", "v1", key, "cublas_update"] and " ".join(row[4:]) == "cublas_update 1.250, fused 2.500"
 
 
 def _env_without_interpreter():

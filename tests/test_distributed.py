@@ -1,6 +1,11 @@
 """DDP and FSDP2 on CPU (gloo, 2 processes on 127.0.0.1): a few training steps give the adapter weights that one
 process gets on the same data, and the adapter of the sharded model is saved as full tensors, once, by rank 0.
 
+Under FSDP2 alone: QLoRA (bitsandbytes 4-bit bases, nf4 nested and fp4, packed bytes stored as uint8 and as
+bfloat16) and DoRA, built by apply_lora. After fully_shard no full base weight is left on either rank (the module
+apply_lora keeps for unload holds none), fl.save_adapter writes PEFT's format from rank 0 only, and fl.unload
+gathers the weights and gives back the original modules with the original bytes.
+
 One spawn runs every distributed case (starting processes is the expensive part); the tests below check its
 results. Each rank trains on its half of every batch with a mean loss, so the gradient averaged over the two
 ranks is the full batch's gradient, which the single process computes directly. The torch path runs
@@ -10,23 +15,27 @@ throughout: the point here is the wrapping, not the kernels.
 from __future__ import annotations
 
 import faulthandler
+import gc
+import importlib.util
 import os
 import warnings
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from helpers import assert_close
+from helpers import assert_close, spawn_gloo_workers
 from lora_cases import LAYER_KINDS, build_model, kind_param, lora_params, make_input
+from tiny_models import quantize_4bit
 
 import fastlora
+from fastlora.layers import BASE_MODULE_ATTR
 
 try:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch < 2.6
-    from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 try:
     from torch.distributed.tensor import DTensor
@@ -36,17 +45,54 @@ except ImportError:  # torch < 2.5
 WORLD = 2
 STEPS = 3
 HALF_BATCH = 2
+# The models apply_lora builds and FSDP2 alone trains: DoRA, and QLoRA as (quant type, nested, storage dtype).
+QLORA = {
+    "nf4-nested-uint8": ("nf4", True, torch.uint8),
+    "nf4-nested-bf16": ("nf4", True, torch.bfloat16),
+    "fp4-uint8": ("fp4", False, torch.uint8),
+    "fp4-bf16": ("fp4", False, torch.bfloat16),
+}
+SHARDED_KINDS = ("dora", *QLORA) if importlib.util.find_spec("bitsandbytes") else ("dora",)
 # SGD step per layer kind: the conv model's outputs (and so its gradients) are far larger than the others'
-LR = {"linear": 0.1, "embedding": 0.1, "conv2d": 0.002}
+LR = {"linear": 0.1, "embedding": 0.1, "conv2d": 0.002, **dict.fromkeys(SHARDED_KINDS, 0.1)}
 pytestmark = pytest.mark.slow
+
+
+def _base_model(kind):
+    """The plain model a sharded-only kind adapts (4-bit bases hold whole 64-element blocks per row)."""
+    torch.manual_seed(0)
+    if kind == "dora":
+        return nn.Sequential(nn.Linear(13, 11), nn.GELU(), nn.Linear(11, 7, bias=False))
+    quant_type, nested, storage = QLORA[kind]
+    plain = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64, bias=False))
+    return quantize_4bit(plain, quant_type, nested, skip=(), quant_storage=storage)
+
+
+def _build(kind):
+    """The model of ``kind``: fastlora layers around every base layer, every adapter tensor drawn random."""
+    if kind not in SHARDED_KINDS:
+        return build_model(kind)
+    model = fastlora.apply_lora(_base_model(kind), ["0", "2"], r=4, alpha=8, use_dora=kind == "dora")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_params(model).values():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    return model
+
+
+def _input(kind, seed, batch):
+    if kind not in SHARDED_KINDS:
+        return make_input(kind, seed=seed, batch=batch)
+    features = 13 if kind == "dora" else 64
+    return torch.randn(batch, 3, features, generator=torch.Generator().manual_seed(seed))
 
 
 def _batches(kind, steps=STEPS):
     """The training data: per step a full batch of inputs and regression targets, the same in every process."""
-    model = build_model(kind)
+    model = _build(kind)
     data = []
     for step in range(steps):
-        x = make_input(kind, seed=100 + step, batch=WORLD * HALF_BATCH).detach()
+        x = _input(kind, seed=100 + step, batch=WORLD * HALF_BATCH).detach()
         with torch.no_grad():
             target = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(200 + step))
         data.append((x, target))
@@ -70,6 +116,97 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _shard(model):
+    for layer in model:
+        if any(p.requires_grad for p in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+
+
+def _bytes(t):
+    """A tensor's raw bytes (a 4-bit weight's packed codes in any storage dtype), as a plain uint8 copy."""
+    return t.detach().contiguous().view(torch.uint8).clone()
+
+
+def _sharded_case(kind, rank, out_path, results):
+    """FSDP2 training of an apply_lora model, then what no rank may keep, the rank-0 save, and the gathered unload."""
+    model = _build(kind)
+    x = _input(kind, seed=999, batch=3)
+    with fastlora.disable_adapter(model), torch.no_grad():
+        base_out = model(x)
+    layers = {i: model[i] for i in (0, 2)}
+    kept = {i: layer.__dict__[BASE_MODULE_ATTR] for i, layer in layers.items()}
+    weights = {i: _bytes(layer.weight) for i, layer in layers.items()}
+    states = {i: getattr(layer, "quant_state", None) for i, layer in layers.items()}
+    originals = [weakref.ref(layer.weight) for layer in layers.values()]
+    _shard(model)
+    gc.collect()
+    results[kind, "no-full-weight"] = {
+        "original weights alive": sum(ref() is not None for ref in originals),
+        "kept modules holding a tensor": sum(any(t is not None for t in m._parameters.values()) for m in kept.values()),
+        "weights not sharded": sum(not isinstance(model[i].weight, DTensor) for i in layers),
+        "local rows": [model[i].weight.to_local().shape[0] for i in layers],
+        "full rows": [model[i].weight.shape[0] for i in layers],
+    }
+    _train(model, _batches(kind), LR[kind], rank, WORLD)
+    results[kind, "fsdp"] = {n: _full(p).detach().clone() for n, p in lora_params(model).items()}
+    # every rank saves (gathering the adapter), each to its own folder: only rank 0's may be written
+    fastlora.save_adapter(model, f"{out_path}.{kind}.rank{rank}")
+    fastlora.unload(model)
+    with torch.no_grad():
+        unloaded_out = model(x)
+    results[kind, "unload"] = {
+        "same modules": all(model[i] is kept[i] for i in layers),
+        "same bytes": all(torch.equal(_bytes(model[i].weight), weights[i]) for i in layers),
+        "same quant states": all(getattr(model[i].weight, "quant_state", None) is states[i] for i in layers),
+        "base output": base_out,
+        "output": unloaded_out,
+    }
+
+
+def _merge_case(kind, rank, results):
+    """FSDP2 training, then merge_and_unload on both ranks: plain modules (the original ones) with whole merged
+    weights, computing what the trained adapter computed."""
+    model = _build(kind)
+    kept = [model[i].__dict__[BASE_MODULE_ATTR] for i in (0, 2)]
+    _shard(model)
+    _train(model, _batches(kind), LR[kind], rank, WORLD)
+    x = _input(kind, seed=999, batch=3)
+    with torch.no_grad():
+        trained_out = model(x)
+        fastlora.merge_and_unload(model)
+        results[kind, "merge_and_unload"] = {
+            "same modules": [model[0] is kept[0], model[2] is kept[1]],
+            "whole plain weights": [type(model[i].weight) is nn.Parameter for i in (0, 2)],
+            "trained output": trained_out,
+            "output": model(x),
+        }
+
+
+# (quant storage, FSDP2 param_dtype): FSDP2 casts float parameters to param_dtype, never integer ones
+MIXED_PRECISION = {
+    "uint8-storage-bf16-params": (torch.uint8, torch.bfloat16),
+    "bf16-storage-bf16-params": (torch.bfloat16, torch.bfloat16),
+    "bf16-storage-fp16-params": (torch.bfloat16, torch.float16),
+}
+
+
+def _mixed_precision_case(name):
+    """A forward and backward of a QLoRA layer under an FSDP2 mixed precision policy: "ok", or the error's text."""
+    storage, param_dtype = MIXED_PRECISION[name]
+    model = quantize_4bit(nn.Sequential(nn.Linear(64, 128)), skip=(), quant_storage=storage)
+    fastlora.apply_lora(model, ["0"], r=4, alpha=8)
+    fully_shard(model[0], mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype))
+    fully_shard(model)
+    try:
+        y = model(torch.randn(3, 64))
+        y.float().square().mean().backward()
+    except ValueError as err:
+        return str(err)
+    grads = [p.grad.full_tensor() for p in lora_params(model).values()]
+    return "ok" if all(torch.isfinite(t).all() for t in (y, *grads)) else "non-finite"
+
+
 def _worker(rank, store_path, out_path, kinds):
     faulthandler.enable()  # a native abort prints where each thread was
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -90,10 +227,7 @@ def _worker(rank, store_path, out_path, kinds):
                 results[kind, "ddp"] = {n: p.detach().clone() for n, p in lora_params(ddp.module).items()}
 
                 model = build_model(kind)
-                for layer in model:
-                    if any(p.requires_grad for p in layer.parameters()):
-                        fully_shard(layer)
-                fully_shard(model)
+                _shard(model)
                 _train(model, batches, LR[kind], rank, WORLD)
                 shards = lora_params(model)
                 results[kind, "fsdp-sharded"] = all(isinstance(p, DTensor) for p in shards.values())
@@ -109,6 +243,13 @@ def _worker(rank, store_path, out_path, kinds):
                     for k, v in state.items()
                 }
                 dist.barrier()
+            for kind in SHARDED_KINDS:
+                _sharded_case(kind, rank, out_path, results)
+                dist.barrier()
+            _merge_case("dora", rank, results)
+            if "nf4-nested-uint8" in SHARDED_KINDS:
+                for name in MIXED_PRECISION:
+                    results[name] = _mixed_precision_case(name)
         if rank == 0:
             torch.save(results, out_path)
         dist.barrier()  # both ranks done before either tears its process group down
@@ -122,39 +263,71 @@ def distributed_run(tmp_path_factory):
     kinds = list(LAYER_KINDS)
     folder = tmp_path_factory.mktemp("dist")
     out_path = str(folder / "results.pt")
-    # Two CI runs of the whole suite (of several) lost a worker to SIGABRT ("terminate called without an active
-    # exception", no Python error) while every run of this file alone passed: such an abort gets one more spawn.
-    # A Python error in a worker, or a wrong result, fails at once.
-    for attempt in (1, 2):
-        try:
-            mp.spawn(_worker, args=(str(folder / f"store{attempt}"), out_path, kinds), nprocs=WORLD, join=True)
-            break
-        except mp.ProcessExitedException as err:
-            if err.signal_name != "SIGABRT" or attempt == 2:
-                raise
-            warnings.warn(f"a distributed worker aborted natively ({err}); spawning once more", stacklevel=1)
+    spawn_gloo_workers(_worker, folder, out_path, kinds, nprocs=WORLD)
     return torch.load(out_path, weights_only=False), out_path
 
 
 def _single_process(kind):
     with fastlora.use_backend("torch"):
-        return _train(build_model(kind), _batches(kind), LR[kind])
+        return _train(_build(kind), _batches(kind), LR[kind])
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-@pytest.mark.parametrize("kind", [kind_param(k) for k in LAYER_KINDS])
+CASES = [("ddp", k) for k in LAYER_KINDS] + [("fsdp", k) for k in (*LAYER_KINDS, *SHARDED_KINDS)]
+
+
+@pytest.mark.parametrize("wrapper,kind", [pytest.param(w, k, id=f"{w}-{k}") for w, k in CASES])
 def test_distributed_training_matches_one_process(kind, wrapper, distributed_run):
     results, _ = distributed_run
     reference = {n: p.detach() for n, p in lora_params(_single_process(kind)).items()}
-    initial = {n: p.detach() for n, p in lora_params(build_model(kind)).items()}
+    initial = {n: p.detach() for n, p in lora_params(_build(kind)).items()}
     got = results[kind, wrapper]
     assert got.keys() == reference.keys()
     for name, ref in reference.items():
         assert got[name].shape == ref.shape, f"{name}: {tuple(got[name].shape)} is not the full shape"
         assert not torch.equal(ref, initial[name]), f"{name} did not train: the comparison would prove nothing"
         assert_close(got[name], ref, torch.float32, f"{wrapper} {name}")
-    if wrapper == "fsdp":
+    if wrapper == "fsdp" and kind in LAYER_KINDS:
         assert results[kind, "fsdp-sharded"], "fully_shard left the LoRA parameters unsharded"
+
+
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
+def test_fsdp_leaves_no_full_base_weight(kind, distributed_run):
+    results, _ = distributed_run
+    found = results[kind, "no-full-weight"]
+    assert found["original weights alive"] == 0, "a full base weight outlived fully_shard"
+    assert found["kept modules holding a tensor"] == 0, "a module kept for unload still holds a base tensor"
+    assert found["weights not sharded"] == 0
+    assert all(2 * local <= full + 1 for local, full in zip(found["local rows"], found["full rows"], strict=True))
+
+
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
+def test_fsdp_adapter_saved_by_rank0_loads_in_peft(kind, distributed_run):
+    """fl.save_adapter, called on both ranks, writes once (rank 0); PEFT loads it onto the base model and computes
+    what the one-process model trained on the same data computes."""
+    from peft import PeftModel
+
+    _, out_path = distributed_run
+    assert not os.path.exists(f"{out_path}.{kind}.rank1"), "rank 1 wrote an adapter too"
+    trained = _single_process(kind)
+    loaded = PeftModel.from_pretrained(_base_model(kind), f"{out_path}.{kind}.rank0")
+    x = _input(kind, seed=999, batch=3)
+    with fastlora.use_backend("torch"), torch.no_grad():
+        assert_close(loaded(x), trained(x), torch.float32, "PEFT's output with the adapter rank 0 saved")
+
+
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
+def test_fsdp_unload_gives_back_the_original_modules_and_bytes(kind, distributed_run):
+    results, _ = distributed_run
+    found = results[kind, "unload"]
+    assert found["same modules"] and found["same bytes"] and found["same quant states"]
+    assert_close(found["output"], found["base output"], torch.float32, "the unloaded model's output")
+
+
+def test_fsdp_merge_and_unload_gathers_and_merges(distributed_run):
+    results, _ = distributed_run
+    found = results["dora", "merge_and_unload"]
+    assert found["same modules"] == [True, True] and found["whole plain weights"] == [True, True]
+    assert_close(found["output"], found["trained output"], torch.float32, "the merged model's output")
 
 
 @pytest.mark.parametrize("kind", [kind_param(k) for k in LAYER_KINDS])
@@ -184,3 +357,14 @@ def test_fsdp_lora_state_dict_holds_full_tensors(kind, distributed_run):
         assert any(value.shape == t.shape and torch.equal(value, t) for t in full.values()), (
             f"{key} {tuple(value.shape)} equals none of the gathered full LoRA factors"
         )
+
+
+@pytest.mark.skipif("nf4-nested-uint8" not in SHARDED_KINDS, reason="needs bitsandbytes")
+def test_fsdp_mixed_precision_keeps_4bit_codes_or_refuses(distributed_run):
+    """uint8 storage is never cast, a bf16 storage under bf16 params is not cast: both train. A bf16 storage cast to
+    float16 would scramble the codes: forward refuses it with a sentence."""
+    results, _ = distributed_run
+    assert results["uint8-storage-bf16-params"] == "ok"
+    assert results["bf16-storage-bf16-params"] == "ok"
+    refused = results["bf16-storage-fp16-params"]
+    assert "reached forward as torch.float16" in refused and "bnb_4bit_quant_storage" in refused, refused

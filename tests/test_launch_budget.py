@@ -4,9 +4,9 @@ A subprocess runs the layers' Triton path against the stand-in sm_90 driver (ben
 compile for real and launch into a C-like launch function that counts), with the compiled kernels, not the
 interpreter. Every device launch is counted: the driver launches of the Triton kernels, and each torch op that
 launches device work on a GPU (memsets, casts, seed draws, asserts). Warm calls are counted (the third and later
-calls of a signature replay their recorded launches). The measured dispatch sees a tie under the stand-in and
-keeps the fused paths (linear's fused GEMM; conv2d's split path: torch's convolution plus the LoRA kernel). Sibling
-groups (q/k/v, gate/up) are counted over their members' calls on one x, as the model's code makes them.
+calls of a signature replay their recorded launches). The dispatch times nothing on the stand-in's CPU tensors and
+takes its defaults, the fused paths (linear's fused GEMM, conv2d's fused implicit GEMM). Sibling groups (q/k/v,
+gate/up) are counted over their members' calls on one x, as the model's code makes them.
 """
 
 from __future__ import annotations

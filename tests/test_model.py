@@ -202,6 +202,18 @@ def test_unload_restores_the_original_modules_and_output():
     assert_close(logits(model, ids), logits(base, ids), F32, "unloaded logits")
 
 
+def test_the_module_kept_for_unload_holds_no_tensor_until_unload():
+    """apply_lora keeps each original module for unload without the tensors the layer took over (so a sharded or
+    replaced weight leaves no copy behind); unload gives the same Parameter objects back to the same module."""
+    model = llama()
+    q = model.model.layers[0].self_attn.q_proj
+    weight = q.weight
+    fl.apply_lora(model, ["q_proj"], r=4)
+    assert q.weight is None and model.model.layers[0].self_attn.q_proj.weight is weight
+    fl.unload(model)
+    assert model.model.layers[0].self_attn.q_proj is q and q.weight is weight
+
+
 def test_disable_adapter_gives_the_base_model_and_restores_flags():
     base = llama()
     model = fl.apply_lora(copy_model(base), "all-linear", r=4)

@@ -100,6 +100,42 @@ def test_apply_lora_all_linear_shares_the_packed_weight_and_unload_gives_it_back
         assert module.weight is packed[name][0] and torch.equal(module.weight.data, packed[name][1])
 
 
+def _one_4bit_layer(storage):
+    model = quantize_4bit(nn.Sequential(nn.Linear(64, 128)), skip=(), quant_storage=storage)
+    fl.apply_lora(model, ["0"], r=4, alpha=8)
+    randomise_lora(model)
+    return model[0]
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16"])
+def test_the_layer_keeps_its_quant_state_when_the_weight_is_a_plain_parameter(storage):
+    """FSDP2 puts a plain Parameter in place of the Params4bit (no quant_state on it): the layer's own copy serves,
+    and outputs and gradients stay the same."""
+    layer = _one_4bit_layer(storage)
+    x = torch.randn(5, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected = {"y": layer(x).detach(), "x": x.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    state = layer.quant_state
+    layer.weight = nn.Parameter(layer.weight.data, requires_grad=False)
+    assert layer.quant_state is state
+    y = layer(x)
+    y.square().sum().backward()
+    got = {"y": y.detach(), "x": x.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
+    for key, ref in expected.items():
+        assert torch.equal(got[key], ref), key
+    assert layer.weight.grad is None
+
+
+def test_packed_bytes_cast_to_another_dtype_are_refused():
+    """A cast of a float-stored packed weight (what FSDP2's mixed precision would do) scrambles the 4-bit codes."""
+    layer = _one_4bit_layer(torch.bfloat16)
+    layer.weight = nn.Parameter(layer.weight.data.to(torch.float16), requires_grad=False)
+    with pytest.raises(ValueError, match="reached forward as torch.float16, but bitsandbytes stores it as torch.bf"):
+        layer(torch.randn(5, 64))
+
+
 @pytest.mark.parametrize("quant_type,nested", QUANTS, ids=QUANT_IDS)
 def test_merge_and_unload_requantizes_as_peft_does(quant_type, nested, tmp_path):
     base = llama_4bit(quant_type, nested)

@@ -118,6 +118,19 @@ def _groups_block(ns, tmp_path):
     assert all(layer.lora_A.grad is not None for _, layer in lora_layers(ns["model"]))
 
 
+def _moe_block(ns, tmp_path):
+    import json
+
+    from fastlora.experts import has_adapters
+
+    merged = ns["merged_moe"]
+    experts = merged.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "Qwen3MoeExperts" and not has_adapters(merged) and not lora_layers(merged)
+    assert experts.config._experts_implementation == "grouped_mm"
+    config = json.loads((tmp_path / "moe-adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+
+
 def _qlora_block(ns, tmp_path):
     import bitsandbytes as bnb
 
@@ -137,6 +150,7 @@ CHECKS = {
     "fl.adapter_trainer(transformers.Trainer)(": _adapter_trainer_block,
     "merged = fl.merge_and_unload(model)": _merge_block,
     "merged_4bit = fl.merge_and_unload(model)": _qlora_block,
+    "merged_moe = fl.merge_and_unload(model)": _moe_block,
     "dora = fl.LoRALinear.from_module(": _dora_block,
     "compiled(torch.randn(32, 64))": _grads_reach_only_the_adapters,
     "checkpoint(model, x, use_reentrant=False)": _grads_reach_only_the_adapters,

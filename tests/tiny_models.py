@@ -68,9 +68,12 @@ def llama_4bit(quant_type: str = "nf4", nested: bool = True, vocab: int = VOCAB)
     return quantize_4bit(_llama(vocab, hidden=64, intermediate=128), quant_type, nested)
 
 
-def quantize_4bit(model: nn.Module, quant_type: str = "nf4", nested: bool = True, skip=("lm_head",)) -> nn.Module:
+def quantize_4bit(
+    model: nn.Module, quant_type: str = "nf4", nested: bool = True, skip=("lm_head",), quant_storage=torch.uint8
+) -> nn.Module:
     """Replaces each nn.Linear of ``model`` (but those named in ``skip``) by a bitsandbytes Linear4bit holding its
-    weight quantized (compute dtype float32), in place; returns the model, marked as loaded in 4 bits."""
+    weight quantized (compute dtype float32, packed bytes stored as ``quant_storage``), in place; returns the
+    model, marked as loaded in 4 bits."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
@@ -78,11 +81,12 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", nested: bool = True
             continue
         q = bnb.nn.Linear4bit(
             module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=torch.float32,
-            compress_statistics=nested, quant_type=quant_type,
+            compress_statistics=nested, quant_type=quant_type, quant_storage=quant_storage,
         )  # fmt: skip
         q.weight = bnb.nn.Params4bit(
-            module.weight.data.clone(), requires_grad=False, compress_statistics=nested, quant_type=quant_type
-        )
+            module.weight.data.clone(), requires_grad=False, compress_statistics=nested, quant_type=quant_type,
+            quant_storage=quant_storage,
+        )  # fmt: skip
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
         # no bf16 CPU inference kernel: in eval mode it would repack the weight and compute in bf16

@@ -9,12 +9,14 @@ from fastlora.ops.dora import lora_linear_dora
 from fastlora.ops.embedding import lora_embedding
 from fastlora.ops.linear import lora_linear
 from fastlora.ops.merge import merge_delta_
+from fastlora.ops.moe import lora_experts
 
 __all__ = [
     "lora_linear",
     "lora_linear_dora",
     "lora_embedding",
     "lora_conv2d",
+    "lora_experts",
     "merge_delta_",
     "use_backend",
     "get_backend",

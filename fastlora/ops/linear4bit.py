@@ -11,8 +11,9 @@ s the scaling and m the dropout mask (drawn from a seed, regenerated in backward
 
 deq(W) is bitsandbytes' dequantization (fastlora.reference_4bit), cast to x's dtype. Nothing of N x K elements
 is kept: backward dequantizes again (the packed weight and the quant_state tensors are what it saves). The Triton
-path (``fastlora.kernels.nf4``) picks per call between dequantizing inside the GEMM (small M) and a shared
-workspace plus the fused LoRA GEMM; the torch path dequantizes with bitsandbytes into a temporary and runs the
+path (``fastlora.kernels.nf4``) runs dequantizing inside the GEMM or a shared workspace plus the fused LoRA GEMM,
+whichever kernels/dispatch.py timed faster for the shape where both can run (small M), the workspace above; the
+torch path dequantizes with bitsandbytes into a temporary and runs the
 dense layer's torch path. Needs bitsandbytes (``pip install fastlora[qlora]``).
 """
 

@@ -1,0 +1,232 @@
+"""DeepSpeed ZeRO-3 on CPU (DeepSpeed's CPU accelerator, gloo, 2 processes): apply_lora and from_peft on a model
+whose weights ZeRO-3 partitioned at construction (``deepspeed.zero.Init``: each weight's ``shape`` is ``[0]``, the
+real one ``ds_shape``), a few engine steps equal to one process, merging under a gather, and saving gathered.
+
+One spawn runs every case; the tests check its results. As in test_distributed.py, each rank trains on its half
+of every batch with a mean loss, so ZeRO's averaged gradient is the full batch's, which one process computes.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from helpers import assert_close, spawn_gloo_workers
+from lora_cases import lora_params
+
+import fastlora
+
+deepspeed = pytest.importorskip("deepspeed")
+peft = pytest.importorskip("peft")
+
+WORLD = 2
+STEPS = 3
+HALF_BATCH = 2
+LR = 0.05
+KINDS = ("lora", "dora")
+CONFIG = {
+    "train_micro_batch_size_per_gpu": HALF_BATCH,
+    "gradient_accumulation_steps": 1,
+    # persistence threshold 0: even these tiny tensors are partitioned at rest (DeepSpeed keeps tensors under 1e5
+    # elements whole by default), so every gather is exercised
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1.0 unless told otherwise; the single process does not
+    "zero_allow_untested_optimizer": True,  # a plain torch SGD, the one the single process uses
+    "zero_force_ds_cpu_optimizer": False,
+}
+pytestmark = pytest.mark.slow
+
+
+def _plain_base():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(13, 11), nn.GELU(), nn.Linear(11, 7, bias=False))
+
+
+def _partitioned_base():
+    """The same model built under zero.Init: its weights are partitioned as they are made, then set to the plain
+    model's values (rank 0 writes them inside a gather)."""
+    with deepspeed.zero.Init(config_dict_or_path=CONFIG):
+        model = nn.Sequential(nn.Linear(13, 11), nn.GELU(), nn.Linear(11, 7, bias=False))
+    plain = dict(_plain_base().named_parameters())
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+        for name, p in params.items():
+            p.copy_(plain[name])
+    return model
+
+
+def _randomise(model):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_params(model).values():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    return model
+
+
+def _adapt(base, kind):
+    return _randomise(fastlora.apply_lora(base, ["0", "2"], r=4, alpha=8, use_dora=kind == "dora"))
+
+
+def _batches():
+    data = []
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(100 + step)
+        data.append(
+            (
+                torch.randn(WORLD * HALF_BATCH, 5, 13, generator=gen),
+                torch.randn(WORLD * HALF_BATCH, 5, 7, generator=gen),
+            )
+        )
+    return data
+
+
+def _test_input():
+    return torch.randn(3, 5, 13, generator=torch.Generator().manual_seed(999))
+
+
+def _gathered_output(model, x):
+    """model(x) with every parameter gathered (a model outside a DeepSpeed engine has no hooks that gather)."""
+    with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+        return model(x)
+
+
+def _zero3_case(kind, rank, out_path, results):
+    model = _partitioned_base()
+    weight = model[0].weight
+    results[kind, "partitioned"] = (tuple(weight.shape), tuple(weight.ds_shape))
+    model = _adapt(model, kind)
+    results[kind, "adapter shapes"] = {n: tuple(p.shape) for n, p in lora_params(model).items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=LR), config=CONFIG)
+    for x, target in _batches():
+        rows = slice(rank * HALF_BATCH, (rank + 1) * HALF_BATCH)
+        loss = nn.functional.mse_loss(engine(x[rows]), target[rows])
+        engine.backward(loss)
+        engine.step()
+    results[kind, "adapter partitioned"] = all(p.numel() == 0 for p in lora_params(model).values())
+    results[kind, "trained"] = {k: v.clone() for k, v in fastlora.lora_state_dict(model).items()}  # gathered
+    fastlora.save_adapter(model, f"{out_path}.{kind}.rank{rank}")  # every rank gathers; rank 0 writes
+    x = _test_input()
+    with torch.no_grad():
+        results[kind, "output"] = engine(x)
+        for layer in (model[0], model[2]):
+            layer.merge()  # gathers W, A and B; rank 0's merged W is partitioned again
+        results[kind, "merged output"] = engine(x)
+    fastlora.merge_and_unload(model)
+    results[kind, "unloaded types"] = [type(model[i]).__name__ for i in (0, 2)]
+    with torch.no_grad():
+        results[kind, "unloaded output"] = model(x)
+
+
+def _from_peft_case(results):
+    """from_peft on a PEFT model over partitioned weights: the adapter shapes it compares are the real ones."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(_partitioned_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    _randomise(pm)
+    x = _test_input()
+    peft_out = _gathered_output(pm, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layer left to PEFT (a shape mismatch) warns
+        fastlora.from_peft(pm)
+    results["from_peft"] = {
+        "converted": len(fastlora.model.lora_layers(pm)),
+        "peft output": peft_out,
+        "output": _gathered_output(pm, x),
+    }
+
+
+def _worker(rank, store_path, out_path):
+    faulthandler.enable()
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
+    deepspeed.init_distributed(dist_backend="gloo")  # takes the process group set up above
+    results = {}
+    try:
+        with fastlora.use_backend("torch"):
+            for kind in KINDS:
+                _zero3_case(kind, rank, out_path, results)
+                dist.barrier()
+            _from_peft_case(results)
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zero3")
+    out_path = str(folder / "results.pt")
+    spawn_gloo_workers(_worker, folder, out_path, nprocs=WORLD)
+    return torch.load(out_path, weights_only=False), out_path
+
+
+def _single_process(kind):
+    with fastlora.use_backend("torch"):
+        model = _adapt(_plain_base(), kind)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+        for x, target in _batches():
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(model(x), target).backward()
+            opt.step()
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero3_training_matches_one_process(kind, zero3_run):
+    results, _ = zero3_run
+    assert results[kind, "partitioned"] == ((0,), (11, 13)), "zero.Init did not partition the base weight"
+    reference = _single_process(kind)
+    initial = fastlora.lora_state_dict(_adapt(_plain_base(), kind))
+    expected = fastlora.lora_state_dict(reference)
+    assert results[kind, "adapter shapes"] == {n: tuple(p.shape) for n, p in lora_params(reference).items()}
+    assert results[kind, "adapter partitioned"], "deepspeed.initialize left the adapter unpartitioned"
+    got = results[kind, "trained"]
+    assert got.keys() == expected.keys()
+    for name, ref in expected.items():
+        assert not torch.equal(ref, initial[name]), f"{name} did not train: the comparison would prove nothing"
+        assert_close(got[name], ref, torch.float32, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero3_merge_and_unload_gather(kind, zero3_run):
+    """merge() under ZeRO-3 gathers and changes the partitioned weight: the engine's output stays the adapter's;
+    merge_and_unload gives plain modules with the whole merged weights."""
+    results, _ = zero3_run
+    reference = _single_process(kind)
+    x = _test_input()
+    with fastlora.use_backend("torch"), torch.no_grad():
+        expected = reference(x)
+    assert_close(results[kind, "output"], expected, torch.float32, "engine output")
+    assert_close(results[kind, "merged output"], expected, torch.float32, "engine output after merge()")
+    assert results[kind, "unloaded types"] == ["Linear", "Linear"]
+    assert_close(results[kind, "unloaded output"], expected, torch.float32, "output after merge_and_unload")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero3_adapter_saved_gathered_by_rank0_loads_in_peft(kind, zero3_run):
+    from peft import PeftModel
+
+    _, out_path = zero3_run
+    assert not os.path.exists(f"{out_path}.{kind}.rank1"), "rank 1 wrote an adapter too"
+    loaded = PeftModel.from_pretrained(_plain_base(), f"{out_path}.{kind}.rank0")
+    trained = _single_process(kind)
+    x = _test_input()
+    with fastlora.use_backend("torch"), torch.no_grad():
+        assert_close(loaded(x), trained(x), torch.float32, "PEFT's output with the saved adapter")
+
+
+def test_zero3_from_peft_reads_the_real_shapes(zero3_run):
+    results, _ = zero3_run
+    found = results["from_peft"]
+    assert found["converted"] == 2
+    assert_close(found["output"], found["peft output"], torch.float32, "output after from_peft")
