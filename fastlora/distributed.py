@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-__all__ = ["is_dtensor", "is_zero3", "is_sharded", "full_shape", "full_tensor", "gathered", "is_main_process"]
+__all__ = ["is_dtensor", "is_zero3", "is_sharded", "full_shape", "full_tensor", "full_tensors", "gathered",
+           "zero3_read_by", "in_process_group", "is_main_process"]  # fmt: skip
 
 
 def is_dtensor(t) -> bool:
@@ -52,6 +53,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
 
 
+def full_tensors(tensors) -> list[torch.Tensor]:
+    """``full_tensor`` of each tensor, the ZeRO-3 parameters among them gathered in one block. A collective when any
+    tensor is sharded: every rank calls it with the same tensors in the same order."""
+    tensors = list(tensors)
+    with gathered(t for t in tensors if is_zero3(t)):
+        return [t.detach().clone() if is_zero3(t) else full_tensor(t) for t in tensors]
+
+
 @contextlib.contextmanager
 def gathered(tensors, modify: bool = False):
     """Inside the block every ZeRO-3 parameter among ``tensors`` holds its full data (``GatheredParameters``).
@@ -77,7 +86,32 @@ def gathered(tensors, modify: bool = False):
         yield
 
 
+def zero3_read_by(module: torch.nn.Module, params) -> None:
+    """Under DeepSpeed ZeRO-3, has ``module``'s forward and backward see ``params`` (parameters of its submodules
+    that its forward reads without calling those submodules) whole.
+
+    ZeRO-3 gathers a module's own parameters in hooks around its forward and backward; each of ``params`` becomes
+    an external parameter of ``module`` (``deepspeed.zero.register_external_parameter``, DeepSpeed's way for a
+    module that uses parameters it does not own), so those hooks gather it too, and partition it again after. One
+    that is not gathered at this call (the first one after it was registered) is gathered now, as DeepSpeed's own
+    discovery of such parameters does inside an engine's forward. ``params`` must all be ZeRO-3 parameters.
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)  # keyed by the parameter: registering again is free
+    missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if missing:
+        missing[0].all_gather(param_list=missing)
+
+
+def in_process_group() -> bool:
+    """Whether torch.distributed's default process group is set up (several processes may share the work)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process() -> bool:
     """True in a single process, and on rank 0 of the default process group when torch.distributed is set up."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_process_group() or torch.distributed.get_rank() == 0
