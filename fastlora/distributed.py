@@ -17,7 +17,8 @@ import sys
 import torch
 
 __all__ = ["is_dtensor", "is_zero3", "is_sharded", "full_shape", "full_tensor", "full_tensors", "gathered",
-           "zero3_read_by", "in_process_group", "is_main_process"]  # fmt: skip
+           "zero3_read_by", "fsdp_modules", "fsdp_parameters_moving", "in_process_group",
+           "is_main_process"]  # fmt: skip
 
 
 def is_dtensor(t) -> bool:
@@ -104,6 +105,65 @@ def zero3_read_by(module: torch.nn.Module, params) -> None:
     missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if missing:
         missing[0].all_gather(param_list=missing)
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` was applied to."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_class = getattr(fsdp, "FSDPModule", None) or getattr(
+        sys.modules.get("torch.distributed._composable.fsdp"), "FSDPModule", None
+    )
+    return [m for m in model.modules() if isinstance(m, module_class)] if module_class is not None else []
+
+
+def _fsdp_places(modules) -> dict[int, object]:
+    """Where FSDP2 writes each parameter the FSDP2 ``modules`` manage (the ``module`` and ``param_name`` of its
+    ``ParamModuleInfo``), by the id of the sharded Parameter. These are torch's private structures (as in torch 2.6
+    to 2.13); a torch that keeps them otherwise gets a NotImplementedError, never a silent wrong binding."""
+    places = {}
+    try:
+        for module in modules:
+            state = module._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]
+            for group in filter(None, groups):
+                for record in group.fsdp_params:
+                    info = record._module_info
+                    places[id(record.sharded_param)] = info
+                    if not isinstance(info.param_name, str) or not isinstance(info.module, torch.nn.Module):
+                        raise AttributeError("ParamModuleInfo has no module and param_name")
+    except AttributeError as err:
+        raise NotImplementedError(
+            f"this torch's FSDP2 records its parameters differently ({err}), so fastlora cannot move an adapter's "
+            "parameters inside a sharded model: switch adapters before fully_shard"
+        ) from err
+    return places
+
+
+@contextlib.contextmanager
+def fsdp_parameters_moving(model: torch.nn.Module):
+    """Inside the block, Parameters of a model sharded by FSDP2 may move between its modules (``set_adapter`` swaps
+    an adapter's Parameters into a layer and the active one out of it); on exit FSDP2 writes each one to where it
+    now is. A no-op for a model without FSDP2 modules.
+
+    FSDP2 keeps, for each parameter it manages, the module and attribute it writes the gathered tensor to before a
+    forward and the sharded one back to after it; a Parameter moved elsewhere would be written back over the
+    parameter now in its old place. The block first reshards every FSDP2 module (so the Parameters in the modules
+    are the sharded ones FSDP2 tracks, which the move carries with their optimizer state), and on exit points each
+    record at its Parameter's new module and name.
+    """
+    modules = fsdp_modules(model)
+    if not modules:
+        yield
+        return
+    for module in modules:
+        module.reshard()
+    places = _fsdp_places(modules)
+    yield
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            info = places.get(id(p))
+            if info is not None:
+                info.module, info.param_name = module, name
 
 
 def in_process_group() -> bool:

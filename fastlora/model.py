@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
-from fastlora.distributed import full_shape, full_tensor, is_sharded
+from fastlora.distributed import fsdp_modules, fsdp_parameters_moving, full_shape, full_tensor, is_sharded
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, DEFAULT_ADAPTER, LoRALayer
 from fastlora.peft import peft_model_of
@@ -684,6 +684,7 @@ def add_adapter(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if peft_model_of(model, "add_adapter") is not None:
         raise ValueError("add_adapter: this is a PEFT model; use its own add_adapter")
+    _refuse_fsdp(model, "add_adapter")
     s = call_settings(
         "add_adapter", config, target_modules, (alpha, lora_alpha), (dropout, lora_dropout), r=r, use_rslora=use_rslora,
         exclude_modules=exclude_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
@@ -730,6 +731,16 @@ def add_adapter(
     return model
 
 
+def _refuse_fsdp(model: nn.Module, fn: str):
+    """ValueError when FSDP2 shards ``model``: it manages exactly the parameters it was given, so adapters are added
+    and deleted before ``fully_shard`` (switching between them works on the sharded model)."""
+    if fsdp_modules(model):
+        raise ValueError(
+            f"{fn}: the model is sharded by FSDP2 (fully_shard), which manages exactly the parameters it was given; "
+            f"{fn.split('_')[0]} adapters before fully_shard (set_adapter works on the sharded model)"
+        )
+
+
 def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = False) -> nn.Module:
     """Makes ``adapter_name`` the active adapter of every fastlora layer and modules_to_save wrapper (PEFT's
     ``set_adapter``): layers that hold it compute with it, the others compute their base op, and its tensors are
@@ -743,8 +754,9 @@ def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = Fals
     names = adapter_names(model)
     if adapter_name not in names:
         raise ValueError(f"set_adapter: the model has no adapter named {adapter_name!r}; its adapters: {names}")
-    for _, layer in lora_layers(model):
-        layer.set_adapter(adapter_name)
+    with fsdp_parameters_moving(model):
+        for _, layer in lora_layers(model):
+            layer.set_adapter(adapter_name)
     for _, wrapper in saved_modules(model):
         wrapper.active_adapter = adapter_name
     model.__dict__["_fastlora_active"] = adapter_name
@@ -764,6 +776,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     names = adapter_names(model)
     if adapter_name not in names:
         raise ValueError(f"delete_adapter: the model has no adapter named {adapter_name!r}; its adapters: {names}")
+    _refuse_fsdp(model, "delete_adapter")
     if len(names) == 1:
         raise ValueError(f"delete_adapter: {adapter_name!r} is the model's only adapter; fl.unload removes it")
     active = active_adapter(model)
