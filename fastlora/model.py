@@ -29,7 +29,15 @@ import torch
 import torch.nn as nn
 
 from fastlora.checks import check_alpha, check_dropout, check_rank
-from fastlora.distributed import fsdp_modules, fsdp_parameters_moving, full_shape, full_tensor, is_sharded
+from fastlora.distributed import (
+    fsdp_modules,
+    fsdp_parameters_moving,
+    full_shape,
+    full_tensor,
+    gathered,
+    is_sharded,
+    is_zero3,
+)
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, DEFAULT_ADAPTER, LoRALayer
 from fastlora.peft import peft_model_of
@@ -868,6 +876,28 @@ def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
 
 
 @torch.no_grad()
+def _merge_peft_layers(peft_model) -> bool:
+    """For a sharded PEFT model, whose LoRA layers PEFT's merge reads whole: under DeepSpeed ZeRO-3 merges each
+    layer's active adapters here, under a gather of the layer's tensors (a collective; rank 0's merged base weight
+    is partitioned again), and returns True (the caller then unloads without merging again). ValueError under
+    FSDP2: PEFT's merge cannot compute on the shards, and the base model it returns is not the module fully_shard
+    wrapped. False for a model that is not sharded."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if fsdp_modules(peft_model):
+        raise ValueError(
+            "merge_and_unload: this PEFT model is sharded by FSDP2, and PEFT's merge works on whole tensors: save "
+            "the adapter (fl.save_adapter gathers it) and merge it into the base model in one process"
+        )
+    layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    if not any(is_zero3(p) for layer in layers for p in layer.parameters()):
+        return False
+    for layer in layers:
+        with gathered(layer.parameters(), modify=True):
+            layer.merge(safe_merge=True)
+    return True
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges every fastlora layer (W += s * B A, in float32, rounded once) and puts plain modules back.
 
@@ -878,10 +908,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     holds NaN or Inf or merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
 
     Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank once training is done: the sharded tensors are gathered
-    first (a collective), and every rank gets plain modules with whole weights.
+    first (a collective), and every rank gets plain modules with whole weights. A PEFT model under ZeRO-3 is merged
+    layer by layer under a gather of the layer's tensors (PEFT's own merge reads the partitioned, empty ones), and
+    its base model keeps partitioned weights; a PEFT model under FSDP2 is refused (see ``_merge_peft_layers``).
     """
     peft_model = peft_model_of(model, "merge_and_unload")
     if peft_model is not None:
+        if _merge_peft_layers(peft_model):
+            return peft_model.unload()
         return peft_model.merge_and_unload(safe_merge=True)
     layers = _require_layers(model, "merge_and_unload")
     whole = _gather_layers(layers)

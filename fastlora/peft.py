@@ -49,14 +49,15 @@ class FastForward:
 
 
 def _op_parameters(module, adapter: str) -> list[nn.Parameter]:
-    """The parameters fastlora's op reads for ``adapter`` of a PEFT LoRA layer: its base layer's and the adapter's."""
+    """The parameters fastlora's op reads for ``adapter`` of a PEFT LoRA layer: its base layer's and the adapter's,
+    each once (PEFT's DoRA appends ``lora_magnitude_vector`` to ``adapter_layer_names`` that already hold it)."""
     params = list(module.base_layer.parameters(recurse=False))
-    for attr in module.adapter_layer_names:
+    for attr in dict.fromkeys(module.adapter_layer_names):
         held = getattr(module, attr, {})
         if adapter in held:
             item = held[adapter]
             params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-    return params
+    return list({id(p): p for p in params}.values())
 
 
 def _whole_for_op(module, adapter: str) -> bool:

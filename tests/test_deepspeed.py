@@ -172,6 +172,12 @@ def _from_peft_case(kind, rank, out_path, results):
     fastlora.save_adapter(model, f"{out_path}.from_peft-{kind}.rank{rank}")
     with torch.no_grad():
         found["output"] = engine(_test_input())
+    engine.empty_partition_cache()  # an inference forward may leave the parameters gathered
+    found["partitioned before merge"] = all(p.numel() == 0 for p in model.parameters())
+    merged = fastlora.merge_and_unload(model)  # each layer merged under a gather, then PEFT's unload
+    found["merged types"] = [type(m).__name__ for m in merged]
+    with torch.no_grad():
+        found["merged output"] = engine(_test_input())  # the engine's hooks gather the merged, partitioned weights
     results["from_peft", kind] = found
 
 
@@ -267,7 +273,9 @@ def test_zero3_adapter_saved_gathered_by_rank0_loads_in_peft(kind, zero3_run):
 def test_zero3_from_peft_trains_with_fastlora_op_as_peft(kind, zero3_run):
     """from_peft on a PEFT model over partitioned weights reads the real shapes (no layer left to PEFT); under the
     engine the layers compute with fastlora's op (ZeRO-3 gathers the parameters it reads, which belong to
-    submodules it never calls), and three steps give what PEFT's own layers give in one process."""
+    submodules it never calls), and three steps give what PEFT's own layers give in one process. Rank 0 saves the
+    gathered adapter; fl.merge_and_unload merges each layer under a gather (PEFT's own merge, reading the empty
+    partitions, leaves the weights unchanged for LoRA and raises for DoRA)."""
     from peft import PeftModel
 
     results, out_path = zero3_run
@@ -287,6 +295,8 @@ def test_zero3_from_peft_trains_with_fastlora_op_as_peft(kind, zero3_run):
         assert_close(found["first layer"], initial.base_model.model[0](x), torch.float32, "a layer called alone")
         expected_out = reference(x)
     assert_close(found["output"], expected_out, torch.float32, "engine output")
+    assert found["partitioned before merge"] and found["merged types"] == ["Linear", "GELU", "Linear"]
+    assert_close(found["merged output"], expected_out, torch.float32, "engine output after merge_and_unload")
     assert not os.path.exists(f"{out_path}.from_peft-{kind}.rank1"), "rank 1 wrote an adapter too"
     loaded = PeftModel.from_pretrained(_plain_base(), f"{out_path}.from_peft-{kind}.rank0")
     with torch.no_grad():

@@ -254,12 +254,18 @@ def _from_peft_case(rank, out_path, results):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train(model, _batches("dora"), LR["plain"], rank, WORLD)
-    results["from_peft"] = {
+    found = {
         "submodule calls": {i: len(c) for i, c in calls.items()},
         "warnings": [str(w.message) for w in caught],
         "adapter": fastlora.lora_state_dict(model),  # every rank gathers
     }
     fastlora.save_adapter(model, f"{out_path}.from_peft.rank{rank}")
+    try:
+        fastlora.merge_and_unload(model)
+        found["merge_and_unload"] = "no error"
+    except ValueError as err:
+        found["merge_and_unload"] = str(err)
+    results["from_peft"] = found
 
 
 # (quant storage, FSDP2 param_dtype): FSDP2 casts float parameters to param_dtype, never integer ones
@@ -494,7 +500,7 @@ def test_fsdp_from_peft_trains_as_peft(distributed_run):
     """PEFT's layers after from_peft under FSDP2: a layer inside a fully_shard module computes with fastlora's op
     on whole parameters; a layer whose base layer FSDP2 shards on its own runs PEFT's forward, saying so; three
     steps give PEFT's adapter in one process, and rank 0 saves it gathered (fl.save_adapter runs PEFT's
-    save_pretrained on whole tensors)."""
+    save_pretrained on whole tensors). fl.merge_and_unload refuses: PEFT's merge works on whole tensors."""
     from peft import PeftModel
 
     results, out_path = distributed_run
@@ -509,6 +515,7 @@ def test_fsdp_from_peft_trains_as_peft(distributed_run):
         assert not torch.equal(value, start[key]), f"{key} did not train: the comparison would prove nothing"
         assert_close(found["adapter"][key], value, torch.float32, key)
     assert not os.path.exists(f"{out_path}.from_peft.rank1"), "rank 1 wrote an adapter too"
+    assert "sharded by FSDP2" in found["merge_and_unload"], found["merge_and_unload"]
     loaded = PeftModel.from_pretrained(_base_model("dora"), f"{out_path}.from_peft.rank0")
     x = _input("dora", seed=999, batch=3)
     with torch.no_grad():
