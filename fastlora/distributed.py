@@ -16,15 +16,19 @@ import sys
 
 import torch
 
-__all__ = ["is_dtensor", "is_zero3", "is_sharded", "full_shape", "full_tensor", "full_tensors", "gathered",
-           "zero3_read_by", "fsdp_modules", "fsdp_parameters_moving", "in_process_group",
+__all__ = ["dtensor_class", "is_dtensor", "is_zero3", "is_sharded", "full_shape", "full_tensor", "full_tensors",
+           "gathered", "zero3_read_by", "fsdp_modules", "fsdp_parameters_moving", "in_process_group",
            "is_main_process"]  # fmt: skip
+
+
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor`` once something imported it (FSDP2 does), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def is_dtensor(t) -> bool:
     """An FSDP2-sharded tensor (``torch.distributed.tensor.DTensor``)."""
-    tensor_mod = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(tensor_mod, "DTensor", None)
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(t, dtensor)
 
 

@@ -23,7 +23,7 @@ import warnings
 
 import torch.nn as nn
 
-from fastlora.distributed import in_process_group, is_dtensor, is_zero3, zero3_read_by
+from fastlora.distributed import dtensor_class, in_process_group, is_zero3, zero3_read_by
 from fastlora.kinds import kind_for_peft_layer
 from fastlora.layers import LoRALayer
 
@@ -51,12 +51,16 @@ class FastForward:
 def _op_parameters(module, adapter: str) -> list[nn.Parameter]:
     """The parameters fastlora's op reads for ``adapter`` of a PEFT LoRA layer: its base layer's and the adapter's,
     each once (PEFT's DoRA appends ``lora_magnitude_vector`` to ``adapter_layer_names`` that already hold it)."""
-    params = list(module.base_layer.parameters(recurse=False))
+    params = [p for p in module.base_layer._parameters.values() if p is not None]
     for attr in dict.fromkeys(module.adapter_layer_names):
-        held = getattr(module, attr, {})
-        if adapter in held:
-            item = held[adapter]
-            params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+        held = module._modules.get(attr)  # an nn.ModuleDict or nn.ParameterDict of adapters
+        if held is None or adapter not in held:
+            continue
+        item = held[adapter]
+        if isinstance(item, nn.Parameter):
+            params.append(item)
+        else:  # read the Parameters directly: a forward pays for this on every call across processes
+            params += item.parameters() if item._modules else [p for p in item._parameters.values() if p is not None]
     return list({id(p): p for p in params}.values())
 
 
@@ -72,7 +76,8 @@ def _whole_for_op(module, adapter: str) -> bool:
     submodules, whose FSDP2 hooks gather them).
     """
     params = _op_parameters(module, adapter)
-    if any(is_dtensor(p) for p in params):
+    dtensor = dtensor_class()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
         warnings.warn(
             f"fastlora: a {type(module).__name__} runs PEFT's forward: fully_shard was applied to a module inside "
             "it, so its parameters are sharded when it runs; apply fully_shard to the LoRA layer or a module around "
