@@ -122,8 +122,8 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _fsdp_places(modules) -> dict[int, object]:
     """Where FSDP2 writes each parameter the FSDP2 ``modules`` manage (the ``module`` and ``param_name`` of its
-    ``ParamModuleInfo``), by the id of the sharded Parameter. These are torch's private structures (as in torch 2.6
-    to 2.13); a torch that keeps them otherwise gets a NotImplementedError, never a silent wrong binding."""
+    ``ParamModuleInfo``), by the id of the sharded Parameter. These are torch's private structures (as in torch 2.13,
+    where this is tested); a torch that keeps them otherwise gets a NotImplementedError, not a wrong binding."""
     places = {}
     try:
         for module in modules:
@@ -162,12 +162,14 @@ def fsdp_parameters_moving(model: torch.nn.Module):
     for module in modules:
         module.reshard()
     places = _fsdp_places(modules)
-    yield
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            info = places.get(id(p))
-            if info is not None:
-                info.module, info.param_name = module, name
+    try:
+        yield
+    finally:  # also after a failed move: every Parameter is written back to where it is
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                info = places.get(id(p))
+                if info is not None:
+                    info.module, info.param_name = module, name
 
 
 def in_process_group() -> bool:

@@ -889,7 +889,9 @@ def _merge_peft_layers(peft_model) -> bool:
             "merge_and_unload: this PEFT model is sharded by FSDP2, and PEFT's merge works on whole tensors: save "
             "the adapter (fl.save_adapter gathers it) and merge it into the base model in one process"
         )
-    layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    tuners = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+    # PEFT merges the outermost ones (a layer such as MultiheadAttention merges what it holds)
+    layers = [m for name, m in tuners if not any(name.startswith(f"{outer}.") for outer, _ in tuners)]
     if not any(is_zero3(p) for layer in layers for p in layer.parameters()):
         return False
     for layer in layers:
@@ -898,6 +900,7 @@ def _merge_peft_layers(peft_model) -> bool:
     return True
 
 
+@torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges every fastlora layer (W += s * B A, in float32, rounded once) and puts plain modules back.
 
