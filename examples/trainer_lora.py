@@ -8,8 +8,9 @@ checkpoint with from_pretrained) and the task is synthetic (every next token is 
 
 The TrainingArguments ask accelerate for FSDP2 (``fsdp_config={"version": 2, ...}``), which it enables on GPUs. On
 CPU processes accelerate (up to 1.16 at least) enables FSDP for accelerators only and wraps the model in DDP
-instead; the script prints which one ran. ``save_model`` writes the adapter in PEFT's format: every rank calls
-``fl.save_adapter``, which gathers a sharded adapter, and rank 0 writes it.
+instead; the script prints which one ran. from_peft keeps the model a PEFT model (its LoRA layers only compute with
+fastlora's op), so the plain Trainer saves it as it saves any PEFT model: ``save_model`` writes the adapter in
+PEFT's format from the main process (under FSDP2 from the state dict accelerate gathers).
 """
 
 from __future__ import annotations
@@ -23,13 +24,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import fastlora as fl
 
 VOCAB = 128
-
-
-class AdapterTrainer(Trainer):
-    """A Trainer whose save_model (and so every checkpoint) writes the fastlora adapter in PEFT's format."""
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        fl.save_adapter(self.model, output_dir or self.args.output_dir)  # on every rank: rank 0 writes
 
 
 def base_model() -> LlamaForCausalLM:
@@ -51,7 +45,7 @@ def dataset(rows: int = 64, length: int = 16) -> list[dict]:
 def build_trainer(use_peft: bool = False, output_dir: str | None = None) -> Trainer:
     model = get_peft_model(base_model(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
     if not use_peft:
-        fl.from_peft(model)  # PEFT's LoRA layers become fastlora layers holding the same tensors
+        fl.from_peft(model)  # the one line: PEFT's LoRA layers now compute with fastlora's op
     training = TrainingArguments(
         output_dir=output_dir or ("peft-out" if use_peft else "fastlora-out"),
         per_device_train_batch_size=4,
@@ -64,13 +58,13 @@ def build_trainer(use_peft: bool = False, output_dir: str | None = None) -> Trai
         fsdp=True,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
     )
-    return (Trainer if use_peft else AdapterTrainer)(model=model, args=training, train_dataset=dataset())
+    return Trainer(model=model, args=training, train_dataset=dataset())
 
 
 def train_and_save(trainer: Trainer):
     if trainer.is_world_process_zero():
         wrapper = "FSDP2" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type)
-        layers = "fastlora" if isinstance(trainer, AdapterTrainer) else "PEFT"
+        layers = "fastlora" if fl.peft.converted_layers(trainer.model) else "PEFT"
         print(f"{trainer.args.world_size} processes, {wrapper}, {layers} LoRA layers")
     trainer.train()
     trainer.save_model()

@@ -36,7 +36,7 @@ from safetensors.torch import save as _st_save
 
 from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
-from fastlora.distributed import full_tensor
+from fastlora.distributed import full_tensor, full_tensors, is_sharded
 from fastlora.distributed import is_main_process as _is_main_process
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import DEFAULT_ADAPTER, LoRALayer
@@ -88,7 +88,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
     if peft_model is not None:
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(peft_model, adapter_name=adapter_name or peft_model.active_adapter)
+        adapter = adapter_name or peft_model.active_adapter
+        whole = _gathered(_peft_saved_tensors(peft_model, [adapter]))
+        return get_peft_model_state_dict(peft_model, state_dict=whole, adapter_name=adapter)
     return {key: full_tensor(t) for key, t in _adapter_tensors(model, adapter_name or active_adapter(model)).items()}
 
 
@@ -119,6 +121,36 @@ def _adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
                 continue
             out[f"{PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{PREFIX}{key}"] = p
     return out
+
+
+def _peft_saved_tensors(peft_model, adapters) -> dict[str, torch.Tensor]:
+    """{state dict key: the tensor itself} of every entry PEFT saves for ``adapters`` of a PeftModel (its
+    ``get_peft_model_state_dict`` picks them): Parameters as they are, sharded ones still sharded."""
+    from peft import get_peft_model_state_dict
+
+    state = peft_model.state_dict(keep_vars=True)
+    picked = {
+        id(t): key
+        for name in adapters
+        for key, t in get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=name).items()
+    }
+    out = {key: t for key, t in state.items() if id(t) in picked}
+    kept = {id(t) for t in out.values()}
+    computed = [key for i, key in picked.items() if i not in kept]
+    if computed and any(is_sharded(t) for t in out.values()):
+        raise ValueError(
+            f"PEFT computes {', '.join(computed[:3])} from the model's tensors, which are sharded (FSDP2 or ZeRO-3), "
+            "so fastlora cannot gather them: gather the model's parameters before saving"
+        )
+    return out
+
+
+def _gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``tensors`` gathered whole when any is sharded (FSDP2, ZeRO-3; a collective: every rank calls it with the
+    same tensors), None when none is."""
+    if not any(is_sharded(t) for t in tensors.values()):
+        return None
+    return dict(zip(tensors, full_tensors(tensors.values()), strict=True))
 
 
 def _storage(t: torch.Tensor):
@@ -309,15 +341,11 @@ def save_adapter(
                 "save_adapter: a PEFT model saves the task_type and base_model_name_or_path of its own config; "
                 "set them on peft_model.peft_config instead"
             )
-        from peft import get_peft_model_state_dict
-
-        saved = [
-            t
-            for name in peft_model.peft_config
-            for t in get_peft_model_state_dict(peft_model, adapter_name=name).values()
-        ]
-        _check_everything_trained_is_saved(peft_model, saved)
-        peft_model.save_pretrained(save_directory)
+        saved = _peft_saved_tensors(peft_model, list(peft_model.peft_config))
+        _check_everything_trained_is_saved(peft_model, list(saved.values()))
+        whole = _gathered(saved)  # PEFT's save_pretrained reads the model as it is: sharded tensors are not whole
+        if _is_main_process() if is_main_process is None else is_main_process:
+            peft_model.save_pretrained(save_directory, state_dict=whole)
         return os.fspath(save_directory)
     found = lora_layers(model)
     if not found and not _experts.has_adapters(model):

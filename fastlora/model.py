@@ -30,7 +30,15 @@ import torch.nn as nn
 
 from fastlora import experts as _experts
 from fastlora.checks import check_alpha, check_dropout, check_rank
-from fastlora.distributed import full_shape, full_tensor, is_sharded
+from fastlora.distributed import (
+    fsdp_modules,
+    fsdp_parameters_moving,
+    full_shape,
+    full_tensor,
+    gathered,
+    is_sharded,
+    is_zero3,
+)
 from fastlora.grouping import attach_groups, sibling_groups
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, DEFAULT_ADAPTER, LoRALayer
@@ -721,6 +729,7 @@ def add_adapter(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if peft_model_of(model, "add_adapter") is not None:
         raise ValueError("add_adapter: this is a PEFT model; use its own add_adapter")
+    _refuse_fsdp(model, "add_adapter")
     s = call_settings(
         "add_adapter", config, target_modules, (alpha, lora_alpha), (dropout, lora_dropout), r=r, use_rslora=use_rslora,
         exclude_modules=exclude_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
@@ -769,6 +778,16 @@ def add_adapter(
     return model
 
 
+def _refuse_fsdp(model: nn.Module, fn: str):
+    """ValueError when FSDP2 shards ``model``: it manages exactly the parameters it was given, so adapters are added
+    and deleted before ``fully_shard`` (switching between them works on the sharded model)."""
+    if fsdp_modules(model):
+        raise ValueError(
+            f"{fn}: the model is sharded by FSDP2 (fully_shard), which manages exactly the parameters it was given; "
+            f"{fn.split('_')[0]} adapters before fully_shard (set_adapter works on the sharded model)"
+        )
+
+
 def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = False) -> nn.Module:
     """Makes ``adapter_name`` the active adapter of every fastlora layer and modules_to_save wrapper (PEFT's
     ``set_adapter``): layers that hold it compute with it, the others compute their base op, and its tensors are
@@ -782,8 +801,9 @@ def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = Fals
     names = adapter_names(model)
     if adapter_name not in names:
         raise ValueError(f"set_adapter: the model has no adapter named {adapter_name!r}; its adapters: {names}")
-    for _, layer in lora_layers(model):
-        layer.set_adapter(adapter_name)
+    with fsdp_parameters_moving(model):
+        for _, layer in lora_layers(model):
+            layer.set_adapter(adapter_name)
     for _, wrapper in saved_modules(model):
         wrapper.active_adapter = adapter_name
     _experts.set_adapter(model, adapter_name)
@@ -804,6 +824,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     names = adapter_names(model)
     if adapter_name not in names:
         raise ValueError(f"delete_adapter: the model has no adapter named {adapter_name!r}; its adapters: {names}")
+    _refuse_fsdp(model, "delete_adapter")
     if len(names) == 1:
         raise ValueError(f"delete_adapter: {adapter_name!r} is the model's only adapter; fl.unload removes it")
     active = active_adapter(model)
@@ -896,6 +917,31 @@ def _untie(model: nn.Module, found: list[tuple[str, LoRALayer]]):
 
 
 @torch.no_grad()
+def _merge_peft_layers(peft_model) -> bool:
+    """For a sharded PEFT model, whose LoRA layers PEFT's merge reads whole: under DeepSpeed ZeRO-3 merges each
+    layer's active adapters here, under a gather of the layer's tensors (a collective; rank 0's merged base weight
+    is partitioned again), and returns True (the caller then unloads without merging again). ValueError under
+    FSDP2: PEFT's merge cannot compute on the shards, and the base model it returns is not the module fully_shard
+    wrapped. False for a model that is not sharded."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if fsdp_modules(peft_model):
+        raise ValueError(
+            "merge_and_unload: this PEFT model is sharded by FSDP2, and PEFT's merge works on whole tensors: save "
+            "the adapter (fl.save_adapter gathers it) and merge it into the base model in one process"
+        )
+    tuners = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+    # PEFT merges the outermost ones (a layer such as MultiheadAttention merges what it holds)
+    layers = [m for name, m in tuners if not any(name.startswith(f"{outer}.") for outer, _ in tuners)]
+    if not any(is_zero3(p) for layer in layers for p in layer.parameters()):
+        return False
+    for layer in layers:
+        with gathered(layer.parameters(), modify=True):
+            layer.merge(safe_merge=True)
+    return True
+
+
+@torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges every fastlora layer (W += s * B A, in float32, rounded once) and puts plain modules back.
 
@@ -906,10 +952,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     holds NaN or Inf or merging would overflow the weight's dtype, ValueError is raised and no weight is changed.
 
     Under FSDP2 or DeepSpeed ZeRO-3 call it on every rank once training is done: the sharded tensors are gathered
-    first (a collective), and every rank gets plain modules with whole weights.
+    first (a collective), and every rank gets plain modules with whole weights. A PEFT model under ZeRO-3 is merged
+    layer by layer under a gather of the layer's tensors (PEFT's own merge reads the partitioned, empty ones), and
+    its base model keeps partitioned weights; a PEFT model under FSDP2 is refused (see ``_merge_peft_layers``).
     """
     peft_model = peft_model_of(model, "merge_and_unload")
     if peft_model is not None:
+        if _merge_peft_layers(peft_model):
+            return _experts.release(peft_model.unload())
         return _experts.release(peft_model.merge_and_unload(safe_merge=True))
     layers = _require_layers(model, "merge_and_unload")
     whole = _gather_layers(layers)

@@ -24,6 +24,7 @@ import warnings
 import torch.nn as nn
 
 from fastlora import experts as _experts
+from fastlora.distributed import dtensor_class, in_process_group, is_zero3, zero3_read_by
 from fastlora.grouping import attach_groups, detach_groups, sibling_groups
 from fastlora.kinds import kind_for_peft_layer
 from fastlora.layers import GROUP_ATTR, LoRALayer
@@ -64,11 +65,54 @@ class FastForward:
                 if y is not None:
                     return y
             adapter = self._fastlora_adapter()
-            if adapter is not None:
+            if adapter is not None and (not in_process_group() or _whole_for_op(self, adapter)):
                 y = self._fastlora_forward(self, adapter, x)
                 if y is not None:
                     return y
         return super().forward(x, *args, **kwargs)
+
+
+def _op_parameters(module, adapter: str) -> list[nn.Parameter]:
+    """The parameters fastlora's op reads for ``adapter`` of a PEFT LoRA layer: its base layer's and the adapter's,
+    each once (PEFT's DoRA appends ``lora_magnitude_vector`` to ``adapter_layer_names`` that already hold it)."""
+    params = [p for p in module.base_layer._parameters.values() if p is not None]
+    for attr in dict.fromkeys(module.adapter_layer_names):
+        held = module._modules.get(attr)  # an nn.ModuleDict or nn.ParameterDict of adapters
+        if held is None or adapter not in held:
+            continue
+        item = held[adapter]
+        if isinstance(item, nn.Parameter):
+            params.append(item)
+        else:  # read the Parameters directly: a forward pays for this on every call across processes
+            params += item.parameters() if item._modules else [p for p in item._parameters.values() if p is not None]
+    return list({id(p): p for p in params}.values())
+
+
+def _whole_for_op(module, adapter: str) -> bool:
+    """Across processes, whether fastlora's op can read the layer's parameters whole now (making it so under ZeRO-3).
+
+    The op reads the base layer's and the adapter's parameters without calling those submodules, so the hooks
+    that gather a sharded parameter around its own module's forward never run for it. Under DeepSpeed ZeRO-3 the
+    layer takes them as its own external parameters (``zero3_read_by``): gathered around its forward and backward.
+    Under FSDP2 they are whole inside the layer's forward when ``fully_shard`` was applied to the layer or a module
+    around it; when it was applied to a module inside the layer (the base layer alone, say: a size-based wrapping
+    policy may do that), they are still sharded ``DTensor``s here, and PEFT's forward runs instead (it calls the
+    submodules, whose FSDP2 hooks gather them).
+    """
+    params = _op_parameters(module, adapter)
+    dtensor = dtensor_class()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        warnings.warn(
+            f"fastlora: a {type(module).__name__} runs PEFT's forward: fully_shard was applied to a module inside "
+            "it, so its parameters are sharded when it runs; apply fully_shard to the LoRA layer or a module around "
+            "it (a decoder block) for fastlora's op",
+            stacklevel=3,
+        )
+        return False
+    zero3 = [p for p in params if is_zero3(p)]
+    if zero3:
+        zero3_read_by(module, zero3)
+    return True
 
 
 _FAST_CLASSES: dict[type, type] = {}

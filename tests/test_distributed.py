@@ -4,7 +4,10 @@ process gets on the same data, and the adapter of the sharded model is saved as 
 Under FSDP2 alone: QLoRA (bitsandbytes 4-bit bases, nf4 nested and fp4, packed bytes stored as uint8 and as
 bfloat16) and DoRA, built by apply_lora. After fully_shard no full base weight is left on either rank (the module
 apply_lora keeps for unload holds none), fl.save_adapter writes PEFT's format from rank 0 only, and fl.unload
-gathers the weights and gives back the original modules with the original bytes.
+gathers the weights and gives back the original modules with the original bytes. Two named adapters switched with
+set_adapter on the sharded model, each trained, both saved in PEFT's layout. A PEFT model after from_peft, its
+layers computing with fastlora's op on whole parameters (or with PEFT's forward where FSDP2 shards a module inside
+the layer), saved gathered.
 
 One spawn runs every distributed case (starting processes is the expensive part); the tests below check its
 results. Each rank trains on its half of every batch with a mean loss, so the gradient averaged over the two
@@ -53,8 +56,9 @@ QLORA = {
     "fp4-bf16": ("fp4", False, torch.bfloat16),
 }
 SHARDED_KINDS = ("dora", *QLORA) if importlib.util.find_spec("bitsandbytes") else ("dora",)
-# SGD step per layer kind: the conv model's outputs (and so its gradients) are far larger than the others'
-LR = {"linear": 0.1, "embedding": 0.1, "conv2d": 0.002, **dict.fromkeys(SHARDED_KINDS, 0.1)}
+# SGD step per model: the conv model's outputs (and so its gradients) are far larger than the others', and so are
+# those of plain LoRA on the DoRA model's base (named adapters, PEFT's layers), whose random factors go unnormalised
+LR = {"linear": 0.1, "embedding": 0.1, "conv2d": 0.002, **dict.fromkeys(SHARDED_KINDS, 0.1), "plain": 0.002}
 pytestmark = pytest.mark.slow
 
 
@@ -68,16 +72,33 @@ def _base_model(kind):
     return quantize_4bit(plain, quant_type, nested, skip=(), quant_storage=storage)
 
 
+def _randomise(model):
+    """Every adapter tensor of ``model`` (fastlora's or PEFT's, every adapter) drawn random."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if "lora_" in n):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    return model
+
+
 def _build(kind):
     """The model of ``kind``: fastlora layers around every base layer, every adapter tensor drawn random."""
     if kind not in SHARDED_KINDS:
         return build_model(kind)
-    model = fastlora.apply_lora(_base_model(kind), ["0", "2"], r=4, alpha=8, use_dora=kind == "dora")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in lora_params(model).values():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-    return model
+    return _randomise(fastlora.apply_lora(_base_model(kind), ["0", "2"], r=4, alpha=8, use_dora=kind == "dora"))
+
+
+def _two_adapters():
+    """An apply_lora model holding two named adapters: "default" and "b" (with its own rank and alpha)."""
+    model = fastlora.apply_lora(_base_model("dora"), ["0", "2"], r=4, alpha=8)
+    return _randomise(fastlora.add_adapter(model, "b", ["0", "2"], r=2, alpha=4))
+
+
+def _peft_model():
+    """A PEFT LoRA model (PEFT's own layers) over the DoRA case's base."""
+    from peft import LoraConfig, get_peft_model
+
+    return _randomise(get_peft_model(_base_model("dora"), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"])))
 
 
 def _input(kind, seed, batch):
@@ -183,6 +204,70 @@ def _merge_case(kind, rank, results):
         }
 
 
+def _named_adapter_steps(model, rank=0, world=1):
+    """Steps on "default", set_adapter("b"), steps on "b", set_adapter("default"): the outputs along the way."""
+    batches, x, out = _batches("dora"), _input("dora", seed=999, batch=3), {}
+    for adapter, trains in (("default", True), ("b", True), ("default", False)):
+        fastlora.set_adapter(model, adapter)
+        with torch.no_grad():
+            out[f"{adapter} before"] = model(x)
+        if trains:
+            _train(model, batches, LR["plain"], rank, world)
+            with torch.no_grad():
+                out[adapter] = model(x)
+    return out
+
+
+def _named_adapters_case(rank, out_path, results):
+    """Two named adapters under FSDP2: switching, training each, and both saved by rank 0 in PEFT's layout."""
+    model = _two_adapters()
+    _shard(model)
+    found = _named_adapter_steps(model, rank, WORLD)
+    found["adapters"] = {name: fastlora.lora_state_dict(model, name) for name in ("default", "b")}
+    fastlora.save_adapter(model, f"{out_path}.named.rank{rank}")
+    for fn, call in (
+        ("add_adapter", lambda: fastlora.add_adapter(model, "c", ["0"], r=2)),
+        ("delete_adapter", lambda: fastlora.delete_adapter(model, "b")),
+    ):
+        try:
+            call()
+            found[fn] = "no error"
+        except ValueError as err:
+            found[fn] = str(err)
+    results["named"] = found
+
+
+def _from_peft_case(rank, out_path, results):
+    """A PEFT model after from_peft under FSDP2: fully_shard on the second LoRA layer and on the model, and on the
+    first layer's base layer alone (as a wrapping policy that picks large Linears does). The second layer computes
+    with fastlora's op (its base layer and lora_A never run); the first one's parameters are still sharded when it
+    runs, so it takes PEFT's forward, with a warning. Both train as PEFT does in one process."""
+    model = fastlora.from_peft(_peft_model())
+    layers = model.base_model.model
+    calls = {0: [], 2: []}
+    for i in calls:
+        for child in (layers[i].base_layer, *layers[i].lora_A.values()):
+            child.register_forward_hook(lambda *_, i=i: calls[i].append(1))
+    fully_shard(layers[0].base_layer)
+    fully_shard(layers[2])
+    fully_shard(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, _batches("dora"), LR["plain"], rank, WORLD)
+    found = {
+        "submodule calls": {i: len(c) for i, c in calls.items()},
+        "warnings": [str(w.message) for w in caught],
+        "adapter": fastlora.lora_state_dict(model),  # every rank gathers
+    }
+    fastlora.save_adapter(model, f"{out_path}.from_peft.rank{rank}")
+    try:
+        fastlora.merge_and_unload(model)
+        found["merge_and_unload"] = "no error"
+    except ValueError as err:
+        found["merge_and_unload"] = str(err)
+    results["from_peft"] = found
+
+
 # (quant storage, FSDP2 param_dtype): FSDP2 casts float parameters to param_dtype, never integer ones
 MIXED_PRECISION = {
     "uint8-storage-bf16-params": (torch.uint8, torch.bfloat16),
@@ -247,6 +332,8 @@ def _worker(rank, store_path, out_path, kinds):
                 _sharded_case(kind, rank, out_path, results)
                 dist.barrier()
             _merge_case("dora", rank, results)
+            _named_adapters_case(rank, out_path, results)
+            _from_peft_case(rank, out_path, results)
             if "nf4-nested-uint8" in SHARDED_KINDS:
                 for name in MIXED_PRECISION:
                     results[name] = _mixed_precision_case(name)
@@ -368,3 +455,68 @@ def test_fsdp_mixed_precision_keeps_4bit_codes_or_refuses(distributed_run):
     assert results["bf16-storage-bf16-params"] == "ok"
     refused = results["bf16-storage-fp16-params"]
     assert "reached forward as torch.float16" in refused and "bnb_4bit_quant_storage" in refused, refused
+
+
+def test_fsdp_named_adapters_switch_train_and_save(distributed_run):
+    """Two adapters under fully_shard: set_adapter switches which one computes and trains (FSDP2 is told where the
+    swapped Parameters went), each trains as in one process, and rank 0 saves both in PEFT's layout ("default" in
+    the folder, "b" in its subfolder), which PEFT loads under the same names."""
+    from peft import PeftModel
+
+    results, out_path = distributed_run
+    found = results["named"]
+    reference = _two_adapters()
+    expected = _named_adapter_steps(reference)
+    for key, value in expected.items():
+        assert_close(found[key], value, torch.float32, f"output: {key}")
+    initial = _two_adapters()
+    for name in ("default", "b"):
+        start = fastlora.lora_state_dict(initial, name)
+        trained = fastlora.lora_state_dict(reference, name)
+        assert found["adapters"][name].keys() == trained.keys()
+        for key, value in trained.items():
+            assert not torch.equal(value, start[key]), f"{name}: {key} did not train: the comparison proves nothing"
+            assert_close(found["adapters"][name][key], value, torch.float32, f"{name}: {key}")
+    assert not os.path.exists(f"{out_path}.named.rank1"), "rank 1 wrote an adapter too"
+    loaded = PeftModel.from_pretrained(_base_model("dora"), f"{out_path}.named.rank0")
+    loaded.load_adapter(f"{out_path}.named.rank0/b", adapter_name="b")
+    x = _input("dora", seed=999, batch=3)
+    with torch.no_grad():
+        assert_close(loaded(x), expected["default before"], torch.float32, "PEFT with the saved 'default'")
+        loaded.set_adapter("b")
+        assert_close(loaded(x), expected["b"], torch.float32, "PEFT with the saved 'b'")
+
+
+def test_fsdp_named_adapters_are_added_and_deleted_before_fully_shard(distributed_run):
+    """FSDP2 manages exactly the parameters it was given: add_adapter and delete_adapter on the sharded model refuse,
+    with a sentence, and change nothing."""
+    results, _ = distributed_run
+    for fn in ("add_adapter", "delete_adapter"):
+        refused = results["named"][fn]
+        assert "sharded by FSDP2" in refused and "before fully_shard" in refused, refused
+
+
+def test_fsdp_from_peft_trains_as_peft(distributed_run):
+    """PEFT's layers after from_peft under FSDP2: a layer inside a fully_shard module computes with fastlora's op
+    on whole parameters; a layer whose base layer FSDP2 shards on its own runs PEFT's forward, saying so; three
+    steps give PEFT's adapter in one process, and rank 0 saves it gathered (fl.save_adapter runs PEFT's
+    save_pretrained on whole tensors). fl.merge_and_unload refuses: PEFT's merge works on whole tensors."""
+    from peft import PeftModel
+
+    results, out_path = distributed_run
+    found = results["from_peft"]
+    assert found["submodule calls"] == {0: 2 * STEPS, 2: 0}, found["submodule calls"]
+    assert any("runs PEFT's forward" in w and "fully_shard" in w for w in found["warnings"]), found["warnings"]
+    start = fastlora.lora_state_dict(_peft_model())
+    reference = _train(_peft_model(), _batches("dora"), LR["plain"])
+    expected = fastlora.lora_state_dict(reference)
+    assert found["adapter"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert not torch.equal(value, start[key]), f"{key} did not train: the comparison would prove nothing"
+        assert_close(found["adapter"][key], value, torch.float32, key)
+    assert not os.path.exists(f"{out_path}.from_peft.rank1"), "rank 1 wrote an adapter too"
+    assert "sharded by FSDP2" in found["merge_and_unload"], found["merge_and_unload"]
+    loaded = PeftModel.from_pretrained(_base_model("dora"), f"{out_path}.from_peft.rank0")
+    x = _input("dora", seed=999, batch=3)
+    with torch.no_grad():
+        assert_close(loaded(x), reference(x), torch.float32, "PEFT's output with the adapter rank 0 saved")

@@ -1,10 +1,11 @@
-"""examples/trainer_lora.py under torchrun with 2 CPU processes (gloo): Hugging Face Trainer with fastlora's layers
-gives PEFT's loss at every step (dropout 0), and save_model writes an adapter PEFT loads.
+"""examples/trainer_lora.py under torchrun with 2 CPU processes (gloo): Hugging Face Trainer on a PEFT model after
+fl.from_peft gives PEFT's loss at every step (dropout 0), and the Trainer's own save_model writes an adapter PEFT
+loads.
 
-Two launches: the example as the README runs it (fastlora's layers; on CPU processes accelerate enables FSDP for
-accelerators only, so it runs DDP), and tests/trainer_fsdp2_cpu.py, which runs the example's Trainer with PEFT's
-layers (the reference, DDP) and then with fastlora's through accelerate's FSDP2 code, giving the accelerator the
-FSDP2 state accelerate sets on GPUs for the same arguments (see that script).
+Two launches: the example as the README runs it (on CPU processes accelerate enables FSDP for accelerators only, so
+it runs DDP), and tests/trainer_fsdp2_cpu.py, which runs the example's Trainer with PEFT's layers (the reference,
+DDP) and then with fastlora's through accelerate's FSDP2 code, giving accelerate the FSDP2 state it sets on GPUs for
+the same arguments (see that script), which holds through training and saving.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def test_the_runs_are_what_they_claim(runs):
     assert "2 processes, FSDP2, fastlora LoRA layers" in second, second
     wrapped = int(second.split("fully_shard wrapped ")[1].split()[0])
     assert wrapped >= 3, f"fully_shard wrapped {wrapped} modules: expected both decoder layers and the model"
+    assert "after saving accelerate's state says DistributedType.FSDP, FSDP version 2" in second, second
 
 
 @pytest.mark.parametrize("run", ["fastlora", "fsdp2"])
