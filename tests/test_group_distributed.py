@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from helpers import assert_close
+from helpers import assert_close, spawn_gloo_workers
 
 import fastlora
 import fastlora.grouping as grouping
@@ -116,7 +115,7 @@ def _worker(rank, store_path, out_path):
 def distributed_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("group-dist")
     out_path = str(folder / "results.pt")
-    mp.spawn(_worker, args=(str(folder / "store"), out_path), nprocs=WORLD, join=True)
+    spawn_gloo_workers(_worker, folder, out_path, nprocs=WORLD)
     return torch.load(out_path, weights_only=False)
 
 
