@@ -118,6 +118,33 @@ def time_fn(fn: Callable[[], object], device: torch.device, settings: Settings, 
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
 
 
+def time_fns(fns: dict[str, Callable[[], object]], device: torch.device, settings: Settings, reset=()) -> dict:
+    """{name: Timing} of several functions compared with each other. On CUDA each is timed by time_fn. On CPU the
+    calls are interleaved (one call of each in turn, warm-up first, until the repetition time is spent), so that a
+    load that comes and goes on a shared machine weighs on every function alike."""
+    if device.type == "cuda":
+        return {name: time_fn(fn, device, settings, reset) for name, fn in fns.items()}
+    reset = list(reset)
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    deadline = time.perf_counter() + (settings.warmup_ms + settings.rep_ms * len(fns)) / 1e3
+    while min(len(v) for v in samples.values()) < settings.min_reps or (
+        time.perf_counter() < deadline and min(len(v) for v in samples.values()) < settings.max_reps
+    ):
+        for name, fn in fns.items():
+            for t in reset:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, values in samples.items():
+        values = sorted(values[1:] if len(values) > settings.min_reps else values)  # the first round warms up
+        out[name] = Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
+    return out
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -118,8 +118,11 @@ def markdown_table(doc: dict) -> str:
         speed = _f((fl or {}).get("speedup_vs_peft_style"), "{:.2f}x")
         if fl and fl.get("refused"):
             speed = "refused"
+        fl_ms = ms("fastlora")
+        if "fastlora_unfused" in provs:  # sibling groups: the same layers unfused
+            fl_ms += f" (unfused {ms('fastlora_unfused')})"
         cells = [
-            layer, shape, dtype, f"{p:g}", mode, ms("base"), ms("peft_style"), ms("peft"), ms("fastlora"),
+            layer, shape, dtype, f"{p:g}", mode, ms("base"), ms("peft_style"), ms("peft"), fl_ms,
             _f((fl or {}).get("ratio_to_base"), "{:.2f}x"), speed, saved, peak,
             _f((fl or {}).get("tflops"), "{:.1f}"), roof_s, _f(_max_err(fl), "{:.1e}", "–" if not fl else "nan"),
             _status(fl),

@@ -5,7 +5,8 @@ GPU (the issues' targets, bf16 mainly): Linear M in {512, 2048, 8192} x (K, N) i
 at 8192x4096x4096, r=16 (dropout 0 and 0.1; in the quick set, so a time budget keeps it);
 Embedding V=128256, D=4096, 8192 tokens, r=16; Conv2d batch 32, C=O=256, 56x56 and 28x28, 3x3, r=8,
 channels_last; QLoRA (NF4 Linear4bit, r=16) at M in {16, 512, 4096, 16384} x (K, N) in {(4096, 4096),
-(4096, 14336)}; the Llama-style step. CPU: the same layers at small shapes on the torch path.
+(4096, 14336)}; the Llama-style step; sibling groups (q/k/v and gate/up at Llama-8B's shapes, grouped against
+unfused and PEFT). CPU: the same layers at small shapes on the torch path (and a whole Llama layer grouped).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from fastlora.benchmarks import llama, moe
+from fastlora.benchmarks import group, llama, moe
 from fastlora.benchmarks.harness import MODES, Case, Progress, Settings, measure_case, measure_ceilings
 
 import fastlora
@@ -29,7 +30,7 @@ from fastlora.validate import parse_shape
 
 # {layer kind: its benchmark setup module}, from the layer-kind registry (a kind whose extra is missing has none)
 SETUPS = {kind.name: importlib.import_module(kind.bench_setup) for kind in kinds() if kind.bench_setup}
-LAYERS = (*SETUPS, "llama", "moe")
+LAYERS = (*SETUPS, "llama", "moe", "group")
 PROVIDERS = ("base", "peft_style", "peft", "fastlora")
 
 
@@ -94,6 +95,7 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
                 cases.append(Case("linear4bit", parse_shape("4096x4096x4096x16", "linear4bit"), bf16, 0.1))
         cases += [Case("llama", None, bf16, p) for p in ((0.0,) if quick else (0.0, 0.05))]
         cases.append(Case("moe", None, bf16, 0.0))  # the Qwen3-30B-A3B-like experts block (benchmarks/moe.py)
+        cases += [Case("group", None, bf16, p) for p in ((0.0,) if quick else (0.0, 0.1))]
     else:
         lin = ("256x512x512x16",) if quick else ("256x512x512x16", "512x1024x1024x16", "512x1024x1024x64")
         if not quick:  # DoRA and its plain LoRA baseline at the shape of the DoRA targets
@@ -112,6 +114,7 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
                     cases.append(Case("linear4bit", s, fp32, p))
         cases.append(Case("llama", None, fp32, 0.0))
         cases.append(Case("moe", None, fp32, 0.0))
+        cases.append(Case("group", None, fp32, 0.0))
     return cases
 
 
@@ -170,7 +173,7 @@ def run(opts: Options, progress: Progress | None = None, out: Path | None = None
         "results": [],
         "skipped": [],
     }
-    dtypes = sorted({c.dtype for c in cases if c.layer != "llama"}, key=str)
+    dtypes = sorted({c.dtype for c in cases if c.layer not in ("llama", "group")}, key=str)
     if dtypes and device.type == "cuda":  # on a shared CPU the ceilings say little: no roofline there
         doc["ceilings"] = measure_ceilings(device, dtypes, opts.settings, progress)
     base_cache: dict = {}
@@ -184,6 +187,8 @@ def run(opts: Options, progress: Progress | None = None, out: Path | None = None
                 rows = llama.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
             elif case.layer == "moe":
                 rows = moe.measure(device, case.dtype, opts.settings, progress, case.providers)
+            elif case.layer == "group":
+                rows = group.measure(device, case.dtype, case.dropout, opts.settings, progress, case.providers)
             else:
                 setup = SETUPS[case.layer]
                 rows = measure_case(

@@ -23,6 +23,7 @@ from fastlora.ops import (
     lora_linear_dora,
     use_backend,
 )
+from fastlora.ops.group import GroupMember, lora_linear_group
 from fastlora.ops.linear4bit import lora_linear_4bit
 from fastlora.peft import from_peft
 from fastlora.reference import lora_scaling
@@ -32,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "lora_linear",
+    "lora_linear_group",
+    "GroupMember",
     "lora_linear_dora",
     "lora_embedding",
     "LoRALayer",

@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="store_true", help="host (CPU-side) us per call of every op (benchmarks/host.py)"
     )
     bench.add_argument(
-        "--layer", action="append", help="linear, embedding, conv2d, linear4bit, llama, moe; repeat or comma-separate"
+        "--layer",
+        action="append",
+        help="linear, embedding, conv2d, linear4bit, llama, moe, group; repeat or comma-separate",
     )
     bench.add_argument(
         "--shape", action="append", help="measure this shape instead of the suite's, e.g. linear:8192x4096x4096x16"

@@ -30,6 +30,7 @@ from fastlora.layers import (
 from fastlora.ops.conv2d import lora_conv2d
 from fastlora.ops.dora import lora_linear_dora
 from fastlora.ops.embedding import lora_embedding
+from fastlora.ops.group import GroupMember
 from fastlora.ops.linear import lora_linear
 from fastlora.ops.linear4bit import lora_linear_4bit
 
@@ -59,6 +60,8 @@ class LayerKind:
             this kind wraps) with its one active ``adapter``, computed by the kind's op from PEFT's own tensors; or
             None where the op does not compute exactly what PEFT does (a LoRA variant the kind does not implement,
             PEFT's different math on some modules), and then PEFT's own forward runs.
+        peft_group_member: ``peft_group_member(module, adapter)``: such a layer's arguments to a sibling group's op
+            (``fastlora.ops.group.GroupMember``), or None where it cannot take part; None for kinds without groups.
         peft_difference: why PEFT computes LoRA on this module (or layer) differently from fastlora, or None; such
             adapters are exact only between fastlora saves and loads.
         validate_case: the accuracy check's case (fastlora.validate), or None.
@@ -74,6 +77,7 @@ class LayerKind:
     all_linear: bool = False
     peft_types: tuple[str, ...] = ()
     peft_forward: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None] | None = None
+    peft_group_member: Callable[[nn.Module, str], GroupMember | None] | None = None
     peft_difference: Callable[[nn.Module], str | None] = field(default=lambda module: None)
     validate_case: object = None
     bench_setup: str | None = None
@@ -201,6 +205,15 @@ def _peft_linear_forward(module, adapter, x):
     return lora_linear_dora(x, weight, base.bias, lora_A.weight, lora_B.weight, magnitude, *args)
 
 
+def _peft_linear_group_member(module, adapter) -> GroupMember | None:
+    if module.lora_variant.get(adapter) is not None:
+        return None
+    base, lora_A, lora_B = module.base_layer, module.lora_A[adapter], module.lora_B[adapter]
+    weight = base.weight.t() if is_gpt2_conv1d(base) else base.weight
+    p = _peft_dropout(module, adapter) if module.training else 0.0
+    return GroupMember(weight, base.bias, lora_A.weight, lora_B.weight, lora_B.bias, module.scaling[adapter], p)
+
+
 def _peft_linear4bit_forward(module, adapter, x):
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     if adapter in module.lora_variant or lora_B.bias is not None:
@@ -258,6 +271,7 @@ register_kind(
         all_linear=True,
         peft_types=("Linear",),
         peft_forward=_peft_linear_forward,
+        peft_group_member=_peft_linear_group_member,
         validate_case=validate.LinearCase(),
         bench_setup="fastlora.benchmarks.linear",
     )

@@ -20,6 +20,7 @@ from fastlora.distributed import full_shape, gathered
 from fastlora.ops.conv2d import lora_conv2d
 from fastlora.ops.dora import dora_weight_norm, lora_linear_dora
 from fastlora.ops.embedding import lora_embedding
+from fastlora.ops.group import GroupMember
 from fastlora.ops.linear import check_linear, lora_linear
 from fastlora.ops.linear4bit import check_linear4bit, lora_linear_4bit
 from fastlora.ops.merge import merge_delta_, merge_dora_
@@ -27,12 +28,16 @@ from fastlora.reference import lora_scaling
 from fastlora.reference_4bit import dequantize_4bit_ref
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRALinear4bit", "LoRAEmbedding", "LoRAConv2d", "is_gpt2_conv1d",
-           "is_linear4bit", "grouped_lora_B", "AdapterSlot", "BASE_MODULE_ATTR", "DEFAULT_ADAPTER"]  # fmt: skip
+           "is_linear4bit", "grouped_lora_B", "AdapterSlot", "BASE_MODULE_ATTR", "DEFAULT_ADAPTER",
+           "GROUP_ATTR"]  # fmt: skip
 
 # The attribute (outside the module tree) under which a layer keeps the module it was built from, for unload.
 # fastlora.model empties that module of the tensors the layer took over (so a sharded weight leaves no full copy
 # behind) and gives them back on unload.
 BASE_MODULE_ATTR = "_fastlora_base_module"
+# The attribute (outside the module tree) under which a layer keeps the sibling group it belongs to
+# (fastlora.grouping.SiblingGroup): the layers sharing its input that are computed with it as one op.
+GROUP_ATTR = "_fastlora_group"
 # The name of the adapter apply_lora makes unless told otherwise (PEFT's).
 DEFAULT_ADAPTER = "default"
 # What an adapter of a layer consists of besides its tensors (those are named by ``adapter_names``).
@@ -95,6 +100,8 @@ class LoRALayer(nn.Module):
     uses_dropout = True
     # The options (PEFT config flags) from_module takes besides r, alpha, dropout and use_rslora.
     options: tuple[str, ...] = ()
+    # Whether layers of this kind can form sibling groups (fastlora.grouping): they then have ``group_member()``.
+    groupable = False
 
     @classmethod
     def base_type_error(cls, module: nn.Module) -> str | None:
@@ -307,6 +314,7 @@ class LoRALinear(LoRALayer):
     """
 
     options = ("use_dora", "lora_bias")
+    groupable = True
 
     def __init__(
         self,
@@ -426,7 +434,20 @@ class LoRALinear(LoRALayer):
         else:
             self.bias.copy_(self.bias.float() + delta)
 
+    def group_member(self) -> GroupMember | None:
+        """This layer's arguments to a sibling group's op (fastlora.grouping), or None while it cannot take part
+        (merged, disabled, idle, DoRA)."""
+        if self._base_only() or self.use_dora:
+            return None
+        p = self.lora_dropout if self.training else 0.0
+        return GroupMember(self.base_weight, self.bias, self.lora_A, self.lora_B, self.lora_bias, self.scaling, p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get(GROUP_ATTR)
+        if group is not None:
+            y = group.output(self, x)
+            if y is not None:
+                return y
         if self._base_only():
             check_linear(x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
             return F.linear(x, self.base_weight, self.bias)

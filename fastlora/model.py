@@ -39,6 +39,7 @@ from fastlora.distributed import (
     is_sharded,
     is_zero3,
 )
+from fastlora.grouping import attach_groups, sibling_groups
 from fastlora.kinds import kind_for_module, kind_of_layer, kinds
 from fastlora.layers import BASE_MODULE_ATTR, DEFAULT_ADAPTER, LoRALayer
 from fastlora.peft import peft_model_of
@@ -571,6 +572,16 @@ def _plan(model: nn.Module, s: dict, targets, parameter_keys=()) -> list:
     ]  # fmt: skip
 
 
+def check_fuse(fn: str, fuse) -> None:
+    if not isinstance(fuse, bool):
+        raise TypeError(f"{fn}: fuse must be a bool, got {fuse!r}")
+
+
+def _groupable(module: nn.Module, options: dict) -> bool:
+    """Whether the layer built for ``module`` can join a sibling group (plain LoRA on a linear layer)."""
+    return kind_for_module(module).layer_class.groupable and not options.get("use_dora")
+
+
 def _check_bias_mode(model: nn.Module, fn: str, adapter: str, bias: str):
     others = {name: r["bias"] for name, r in adapter_record(model).items() if name != adapter and r["bias"] != "none"}
     if bias != "none" and others:
@@ -600,6 +611,7 @@ def apply_lora(
     adapter_name: str = DEFAULT_ADAPTER,
     config=None,
     target_parameters=None,
+    fuse: bool = True,
 ) -> nn.Module:
     """Replaces the matching modules of ``model`` by fastlora layers in place and freezes everything else.
 
@@ -630,6 +642,9 @@ def apply_lora(
             LoRA in PEFT's layout (fastlora.experts). target_modules may then be None. Not with dropout, use_dora
             or lora_bias (PEFT refuses them on parameters too); rank_pattern and alpha_pattern keys match the
             parameter names.
+        fuse: group sibling linear layers that read one input (q/k/v, gate/up) into one op per call (default True;
+            see ``fastlora.grouping``: found by one traced forward of a Hugging Face model's dummy inputs, else by
+            name). Modules, parameters, state_dict and saved adapters are the same either way.
 
     Returns:
         ``model`` itself. Only what the new adapter trains (and the adapters of fastlora layers already in the
@@ -649,6 +664,7 @@ def apply_lora(
         lora_bias=lora_bias, modules_to_save=modules_to_save, bias=bias, target_parameters=target_parameters,
     )  # fmt: skip
     _check_settings("apply_lora", s, adapter_name)
+    check_fuse("apply_lora", fuse)
     held = [name for name in adapter_names(model) if name != adapter_name]
     if held:
         raise ValueError(
@@ -663,9 +679,12 @@ def apply_lora(
     keys = [t.key(p) for t in experts for p in t.parameters]
     saved = _select_saved(model, s["modules_to_save"], [name for name, _ in targets])
     plan = _plan(model, s, targets, keys)
+    groupable = [name for name, module, _, _, options in plan if _groupable(module, options)]
+    groups = sibling_groups(model, groupable) if fuse else []
     built = install_layers(model, plan, s["lora_dropout"], s["use_rslora"])
     for layer in built.values():
         layer.active_adapter = adapter_name
+    attach_groups(model, groups)
     ranks, alphas = s["rank_pattern"] or {}, s["alpha_pattern"] or {}
     settings = {k: (pattern_value(ranks, k, s["r"]), pattern_value(alphas, k, s["lora_alpha"])) for k in keys}
     _experts.install(model, experts, settings, s["use_rslora"], adapter_name)

@@ -25,25 +25,48 @@ import torch.nn as nn
 
 from fastlora import experts as _experts
 from fastlora.distributed import dtensor_class, in_process_group, is_zero3, zero3_read_by
+from fastlora.grouping import attach_groups, detach_groups, sibling_groups
 from fastlora.kinds import kind_for_peft_layer
-from fastlora.layers import LoRALayer
+from fastlora.layers import GROUP_ATTR, LoRALayer
 
 __all__ = ["from_peft", "converted_layers", "peft_model_of", "FastForward"]
 
 
 class FastForward:
-    """Placed before a PEFT LoRA layer class: ``forward`` runs the kind's op for the one active adapter, and PEFT's
-    own forward for everything else (see the module docstring)."""
+    """Placed before a PEFT LoRA layer class: ``forward`` runs the kind's op for the one active adapter (or takes its
+    output from its sibling group, see fastlora.grouping), and PEFT's own forward for everything else (see the module
+    docstring)."""
 
     @staticmethod
     def _fastlora_forward(module, adapter, x):
         return None
 
+    @staticmethod
+    def _fastlora_group_member(module, adapter):
+        return None
+
+    def _fastlora_adapter(self) -> str | None:
+        """The one active adapter fastlora's op computes, or None (disabled, merged, several active)."""
+        if self.disable_adapters or self.merged:
+            return None
+        active = [name for name in self.active_adapters if name in self.r]
+        return active[0] if len(active) == 1 else None
+
+    def group_member(self):
+        """This layer's arguments to its sibling group's op, or None while PEFT's forward or its own op serves it."""
+        adapter = self._fastlora_adapter()
+        return None if adapter is None else self._fastlora_group_member(self, adapter)
+
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and not self.disable_adapters and not self.merged:
-            active = [name for name in self.active_adapters if name in self.r]
-            if len(active) == 1 and (not in_process_group() or _whole_for_op(self, active[0])):
-                y = self._fastlora_forward(self, active[0], x)
+        if not args and not kwargs:
+            group = self.__dict__.get(GROUP_ATTR)
+            if group is not None:
+                y = group.output(self, x)
+                if y is not None:
+                    return y
+            adapter = self._fastlora_adapter()
+            if adapter is not None and (not in_process_group() or _whole_for_op(self, adapter)):
+                y = self._fastlora_forward(self, adapter, x)
                 if y is not None:
                     return y
         return super().forward(x, *args, **kwargs)
@@ -95,10 +118,15 @@ def _whole_for_op(module, adapter: str) -> bool:
 _FAST_CLASSES: dict[type, type] = {}
 
 
-def _fast_class(cls: type, forward) -> type:
+def _fast_class(cls: type, kind) -> type:
     """The subclass of PEFT's layer class ``cls`` whose forward is fastlora's (one per class)."""
     if cls not in _FAST_CLASSES:
-        namespace = {"_fastlora_forward": staticmethod(forward), "__module__": __name__}
+        namespace = {
+            "_fastlora_forward": staticmethod(kind.peft_forward),
+            "_fastlora_group_member": staticmethod(kind.peft_group_member or FastForward._fastlora_group_member),
+            "_fastlora_groupable": kind.peft_group_member is not None,
+            "__module__": __name__,
+        }
         _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FastForward, cls), namespace)
     return _FAST_CLASSES[cls]
 
@@ -134,7 +162,7 @@ def _skip_reason(module, kind, nested_in: str | None) -> str | None:
     return None
 
 
-def from_peft(peft_model: nn.Module) -> nn.Module:
+def from_peft(peft_model: nn.Module, fuse: bool = True) -> nn.Module:
     """Gives the LoRA layers of a PEFT model fastlora's forward, in place; the model stays a PEFT model.
 
     Layers of ``peft.tuners.lora`` ``Linear`` (over ``nn.Linear`` or GPT-2's ``Conv1D``, plain, DoRA or lora_bias),
@@ -147,15 +175,21 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     transformers' own methods work as before, and so do optimizers built before the call. Calling it again
     converts layers added since (``add_adapter`` on new modules).
 
+    With ``fuse`` (default True) sibling linear layers that read one input (q/k/v, gate/up) are computed as one op
+    per call (see fastlora.grouping); PEFT's modules, state_dict and saved adapters are the same either way.
+
     Returns ``peft_model``.
     """
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"from_peft expects a torch.nn.Module, got {type(peft_model).__name__}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"from_peft: fuse must be a bool, got {fuse!r}")
     LoraLayer, BaseTunerLayer = _peft_classes()
     found = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
     if not found:
         raise ValueError(f"from_peft: {type(peft_model).__name__} has no PEFT LoRA layers")
     tuner_names = [name for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+    convert = {}
     for name, module in found:
         if isinstance(module, FastForward) or _experts.convert_peft_layer(name, module):  # ParamWrappers: experts.py
             continue
@@ -165,7 +199,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if reason is not None:
             warnings.warn(f"fastlora.from_peft: {name} keeps PEFT's forward: {reason}", stacklevel=2)
             continue
-        module.__class__ = _fast_class(type(module), kind.peft_forward)
+        convert[name] = kind
+    detach_groups(peft_model)
+    groupable = [
+        name
+        for name, m in found
+        if (
+            convert[name].peft_group_member is not None
+            if name in convert
+            else type(m).__dict__.get("_fastlora_groupable")
+        )
+    ]
+    groups = sibling_groups(peft_model, groupable) if fuse else []  # traced before fastlora's forward is in
+    for name, kind in convert.items():
+        module = peft_model.get_submodule(name)
+        module.__class__ = _fast_class(type(module), kind)
+    attach_groups(peft_model, groups)
     return peft_model
 
 

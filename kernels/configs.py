@@ -186,6 +186,27 @@ SKINNY_INTERPRET = (16, 32, 4, 1)
 # From this many rows on, the rank-r passes fill the GPU with row blocks alone: no split reduction, no partial
 # buffers, sums or casts; every output is written in its final dtype by the kernel that computes it.
 SPLIT_FREE_M = 2048
+# Sibling groups (kernels/group.py, q/k/v or gate/up on one input) run their own kernels from this many rows on; below,
+# each member runs its own op, whose rank-r passes split across the GPU where the group's do not. The group's GEMMs
+# take gemm_configs' tiles and its dS/dB pass the skinny side table above.
+GROUP_MIN_ROWS = SPLIT_FREE_M
+# The group's S pass draws every member's mask on the one x tile they share: a narrower K step than SKINNY's keeps
+# three or four members' masks within registers. BLOCK_M, BLOCK_K, warps, stages.
+GROUP_SKINNY = {9: (64, 64, 4, 3), 8: (64, 64, 4, 3)}
+
+
+# The group's dX GEMM holds a mask or the x tile of the dA shares beside its accumulator: linear's masked tiles, and
+# for float32 (an FMA product that keeps its operand tiles in registers) one tile on 8 warps (on 4 it spills on sm_80).
+GROUP_DX_32BIT = [(64, 64, 16, 8, 8, 3)]
+
+
+def group_skinny_config(major: int):
+    return GROUP_SKINNY[9 if major >= 9 else 8]
+
+
+def group_dx_config_tuples(major: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of the group's dX GEMM."""
+    return GROUP_DX_32BIT if dtype == torch.float32 else gemm_config_tuples(major, dtype, masked=True)
 
 
 def skinny_config_tuples(major: int):

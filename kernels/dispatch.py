@@ -1,10 +1,11 @@
 """One dispatch for every choice between kernels: per shape key, the faster of the candidate paths, found once.
 
 The choices it makes: linear's fused GEMM against "cuBLAS plus an r-wide update" (forward and dX), conv2d's
-fused implicit GEMM against "cuDNN plus the LoRA kernel" (forward and dX), and the 4-bit layer's fused
-dequantizing GEMM against "dequantize into the workspace, then the fused LoRA GEMM" (forward and backward, at
-the row counts where both are possible). A caller names its candidates in a dict, the default first (or names
-it), and gets back the name to run:
+fused implicit GEMM against "cuDNN plus the LoRA kernel" (forward and dX), the 4-bit layer's fused dequantizing
+GEMM against "dequantize into the workspace, then the fused LoRA GEMM" (forward and backward, at the row counts
+where both are possible), and a sibling group's GEMMs (kernels/group.py) against one GEMM per member (forward) or
+cuBLAS plus the members' r-wide updates (forward and dX). A caller names its candidates in a dict, the default
+first (or names it), and gets back the name to run:
 
 - **Where nothing can be timed, the default, by rule.** Off CUDA, under the interpreter, and for a key first met
   inside a CUDA graph capture (timing synchronises, which a capture forbids), the default runs untimed. A

@@ -56,7 +56,7 @@ from fastlora.kernels.launch import Replays, launch_hooks, not_replayable, plans
 from fastlora.kernels.tiles import grouped_tile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_mask", "dropout_threshold", "lora_update_"]
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_mask", "dropout_threshold", "lora_update_", "lora_gemm"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels: the rank-r passes
@@ -774,6 +774,10 @@ def _gemm(a, b, p, q, bias, c, lora_scale, dropout_p=0.0, seed=None, col_scale=N
     grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
     plans_for(kernel).launch(None, grid, **args)
     return c
+
+
+# The fused GEMM as other kernel files launch it (kernels/group.py's per-member path).
+lora_gemm = _gemm
 
 
 def lora_update_(y, p, q, lora_scale, bias=None, col_scale=None, dropout_p=0.0, seed=None):

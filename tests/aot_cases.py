@@ -9,6 +9,7 @@ strides and sizes marked so). A case is {"id", "major", "kernel", "signature", "
 from __future__ import annotations
 
 import aot_dora_cases
+import aot_group_cases
 import aot_linear_cases
 import aot_moe_cases
 import aot_nf4_cases
@@ -256,4 +257,5 @@ TABLES = {
     "dora": aot_dora_cases.dora_cases,
     "nf4": aot_nf4_cases.aot_cases,
     "moe": aot_moe_cases.aot_cases,
+    "group": aot_group_cases.aot_cases,
 }

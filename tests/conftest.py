@@ -43,7 +43,9 @@ def fresh_seed(request):
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts the calls of each fastlora op that a converted PEFT layer makes (so a test sees fastlora's op ran,
-    not PEFT's forward)."""
+    not PEFT's forward). A sibling group's op counts one "lora_linear" per member it computes (and one
+    "lora_linear_group")."""
+    import fastlora.grouping as grouping
     import fastlora.kinds as kinds
 
     calls = Counter()
@@ -55,4 +57,12 @@ def op_calls(monkeypatch):
             return _op(*args, **kwargs)
 
         monkeypatch.setattr(kinds, name, counted)
+    group_op = grouping.lora_linear_group
+
+    def counted_group(x, members, *args, **kwargs):
+        calls["lora_linear_group"] += 1
+        calls["lora_linear"] += len(members)
+        return group_op(x, members, *args, **kwargs)
+
+    monkeypatch.setattr(grouping, "lora_linear_group", counted_group)
     return calls

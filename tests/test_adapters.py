@@ -33,15 +33,23 @@ def torch_path():
 
 @pytest.fixture
 def linear_calls(monkeypatch):
-    """How many LoRALinear forwards ran fastlora's op (an idle layer runs its base op only)."""
+    """How many LoRALinear forwards ran fastlora's op (an idle layer runs its base op only); a sibling group's op
+    counts once per member it computes."""
+    import fastlora.grouping as grouping
+
     calls = []
-    op = fl_layers.lora_linear
+    op, group_op = fl_layers.lora_linear, grouping.lora_linear_group
 
     def counted(*args, **kwargs):
         calls.append(1)
         return op(*args, **kwargs)
 
+    def counted_group(x, members, *args, **kwargs):
+        calls.extend([1] * len(members))
+        return group_op(x, members, *args, **kwargs)
+
     monkeypatch.setattr(fl_layers, "lora_linear", counted)
+    monkeypatch.setattr(grouping, "lora_linear_group", counted_group)
     return calls
 
 

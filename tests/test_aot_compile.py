@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(COMPILE_TIMEOUT + 300)]
 
 
 # Tables with a compile test of their own (small enough to run alone, or with checks of their own): dora in
-# tests/test_aot_dora.py, nf4 in tests/test_aot_nf4.py, moe in tests/test_aot_moe.py.
-OWN_TESTS = ("dora", "nf4", "moe")
+# tests/test_aot_dora.py, nf4 in tests/test_aot_nf4.py, moe in tests/test_aot_moe.py, group in tests/test_aot_group.py.
+OWN_TESTS = ("dora", "nf4", "moe", "group")
 HERE_TABLES = [name for name in TABLES if name not in OWN_TESTS]
 
 

@@ -287,8 +287,15 @@ def _fake_cuda_calls():
             cuda(4, 50),
             cuda(24, 4),
         )
+        w2, b2 = cuda(8, 32, dtype=bf16), cuda(8, 4)
+
+        def group(x, w, bias, a, b, w2, b2):
+            members = [fl.GroupMember(w, bias, a, b, None, 0.5, 0.1), fl.GroupMember(w2, None, a, b2, None, 0.5, 0.1)]
+            return fl.lora_linear_group(x, members)
+
         calls = {
             "linear": (lambda *t: fl.lora_linear(*t, 0.5, dropout_p=0.1), (x, w, bias, a, b)),
+            "group": (group, (x, w, bias, a, b, w2, b2)),
             "dora": (lambda *t: fl.lora_linear_dora(*t, 0.5, dropout_p=0.1), (x, w, bias, a, b, g)),
             "conv2d": (lambda *t: fl.lora_conv2d(*t, 0.5, padding=1, dropout_p=0.1), (img, wc, None, ac, bc)),
             "embedding": (lambda *t: fl.lora_embedding(*t, 0.5), (idx, table, ae, be)),
@@ -304,7 +311,7 @@ def _fake_cuda_calls():
     return calls
 
 
-@pytest.mark.parametrize("op", ["linear", "dora", "conv2d", "embedding", "linear4bit"])
+@pytest.mark.parametrize("op", ["linear", "dora", "conv2d", "embedding", "linear4bit", "group"])
 def test_compiled_graph_on_cuda_is_capture_clean(op, monkeypatch):
     """What inductor's CUDA-graph capture needs from a compiled fastlora call, on fake CUDA tensors: every tensor in
     the graph lives on CUDA (a CPU tensor makes inductor skip the graph), no node that syncs or that inductor

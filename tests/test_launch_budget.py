@@ -5,7 +5,8 @@ compile for real and launch into a C-like launch function that counts), with the
 interpreter. Every device launch is counted: the driver launches of the Triton kernels, and each torch op that
 launches device work on a GPU (memsets, casts, seed draws, asserts). Warm calls are counted (the third and later
 calls of a signature replay their recorded launches). The dispatch times nothing on the stand-in's CPU tensors and
-takes its defaults, the fused paths (linear's fused GEMM, conv2d's fused implicit GEMM).
+takes its defaults, the fused paths (linear's fused GEMM, conv2d's fused implicit GEMM). Sibling groups (q/k/v,
+gate/up) are counted over their members' calls on one x, as the model's code makes them.
 """
 
 from __future__ import annotations
@@ -79,6 +80,30 @@ with host.stand_in_gpu():
     y, fwd = count(lambda: layer(x))
     _, bwd = count(lambda: y.backward(g))
     out["conv2d"] = {"forward": fwd, "backward": bwd}
+
+    # sibling groups at Llama-8B's proportions (q as wide as x, k and v a quarter under GQA; gate and up 1.5x),
+    # grouped by name: the members called one by one on one x, as the model's code calls them
+    blocks = {"q/k/v": {"q_proj": 128, "k_proj": 32, "v_proj": 32}, "gate/up": {"gate_proj": 192, "up_proj": 192}}
+    for name, widths, p in (("q/k/v", blocks["q/k/v"], 0.0), ("gate/up", blocks["gate/up"], 0.0),
+                            ("q/k/v dropout", blocks["q/k/v"], 0.1)):
+        block = nn.Module()
+        for child, n in widths.items():
+            setattr(block, child, nn.Linear(128, n, bias=False, dtype=dt))
+        fl.apply_lora(block, list(widths), r=16, alpha=32, dropout=p)
+        trained(block)
+        members = [getattr(block, child) for child in widths]
+        x = torch.randn(M, 128, dtype=dt, requires_grad=True)
+        gs = [torch.randn(M, n, dtype=dt) for n in widths.values()]
+        for _ in range(3):
+            torch.autograd.backward([m(x) for m in members], gs)
+            x.grad = None
+            block.zero_grad(set_to_none=True)
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            ys, fwd = count(lambda: [m(x) for m in members])
+        _, bwd = count(lambda: torch.autograd.backward(ys, gs))
+        x_saved = sum(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in packed)
+        out[name] = {"forward": fwd, "backward": bwd, "x_saved": x_saved}
 print(json.dumps(out))
 """
 
@@ -103,12 +128,24 @@ def _total(counted) -> int:
         ("linear dropout", "forward", 3),  # the seed draw, the S pass, the GEMM
         ("linear dropout", "backward", 4),
         ("embedding", "forward", 2),  # the kernel, the device-side assert of its index flag
+        ("q/k/v", "forward", 2),  # the S pass over x for all three, one GEMM over the concatenated N
+        ("q/k/v", "backward", 4),  # memset of the float32 dA/dB workspace, the dS/dB pass, the dX GEMM, one cast
+        ("gate/up", "forward", 2),
+        ("gate/up", "backward", 4),
+        ("q/k/v dropout", "forward", 3),  # one seed draw for the three masks, the S pass, the GEMM
+        ("q/k/v dropout", "backward", 4),
     ],
 )
 def test_layer_launch_budget(launched, layer, direction, budget):
     counted = launched[layer][direction]
     assert _total(counted) <= budget, counted
     assert counted["syncs"] == [], counted
+
+
+@pytest.mark.parametrize("group", ["q/k/v", "gate/up", "q/k/v dropout"])
+def test_group_saves_x_once(launched, group):
+    """The group's one autograd node saves x once (unfused, each member saves it)."""
+    assert launched[group]["x_saved"] == 1, launched[group]
 
 
 def test_conv2d_makes_no_weight_copy_per_call(launched):

@@ -110,6 +110,14 @@ def _merge_block(ns, tmp_path):
     assert not lora_layers(ns["merged"]) and type(ns["merged"].model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
+def _groups_block(ns, tmp_path):
+    from fastlora.grouping import groups_of
+
+    names = [g.names for g in groups_of(ns["model"])]
+    assert names == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    assert all(layer.lora_A.grad is not None for _, layer in lora_layers(ns["model"]))
+
+
 def _moe_block(ns, tmp_path):
     import json
 
@@ -146,6 +154,7 @@ CHECKS = {
     "dora = fl.LoRALinear.from_module(": _dora_block,
     "compiled(torch.randn(32, 64))": _grads_reach_only_the_adapters,
     "checkpoint(model, x, use_reentrant=False)": _grads_reach_only_the_adapters,
+    "assert groups_of(unfused) == []": _groups_block,
 }
 
 
@@ -154,7 +163,7 @@ def test_every_block_is_run_and_checked():
     run by test_block_runs_as_pasted or is the fsdp example run under torchrun; every check finds its block."""
     fences = re.findall(r"^```(\S*)\n.*?^```", README, flags=re.S | re.M)  # the opening fence's language
     assert set(fences) <= {"bash", "python"}, fences
-    assert len(BLOCKS) == fences.count("python") == 14
+    assert len(BLOCKS) == fences.count("python") == 15
     assert len(RUNNABLE) == len(BLOCKS) - 1
     for needle in CHECKS:
         assert sum(needle in code for _, code in RUNNABLE) == 1, needle

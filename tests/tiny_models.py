@@ -33,6 +33,35 @@ def llama(vocab: int = VOCAB) -> nn.Module:
     return _llama(vocab, hidden=32, intermediate=40).eval()
 
 
+def qwen2(vocab: int = VOCAB) -> nn.Module:
+    """A 2-layer Qwen2 (biases on q, k and v; 4 heads, 2 key-value heads) with random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def mistral(vocab: int = VOCAB) -> nn.Module:
+    """A 2-layer Mistral (sliding-window attention; 4 heads, 2 key-value heads) with random weights."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=4)  # fmt: skip
+    return MistralForCausalLM(cfg).eval()
+
+
+def bart(vocab: int = VOCAB) -> nn.Module:
+    """A 1+1-layer BART (encoder-decoder: the decoder's cross-attention reads the encoder's states in k and v)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+    return BartForConditionalGeneration(cfg).eval()
+
+
 def llama_4bit(quant_type: str = "nf4", nested: bool = True, vocab: int = VOCAB) -> nn.Module:
     """A tiny Llama whose linear layers (all but lm_head) are bitsandbytes Linear4bit, quantized on the CPU. Every
     dimension is a multiple of 64 (bitsandbytes' CPU kernels want whole blocks per row)."""

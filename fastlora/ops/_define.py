@@ -70,6 +70,7 @@ class Op:
         differentiable_outputs: tuple[str, ...] | None = None,
         saved_outputs: tuple[str, ...] = (),
         saved_when_trained: tuple[str, ...] = (),
+        materialize_grads: bool = True,
     ):
         params = _parse(signature)
         names = [n for n, _ in params]
@@ -88,6 +89,7 @@ class Op:
         self._saved_out = tuple(outputs.index(n) for n in saved_outputs)
         self._tensors = tuple(i for i, n in enumerate(names) if types[n] in _TENSOR_TYPES)
         self._consts = tuple(i for i in range(self._n) if i not in self._tensors)
+        self._materialize = materialize_grads
         self.function = self._eager_function()
         self._register(signature, names, types)
 
@@ -116,6 +118,9 @@ class Op:
         op = self
         tensors, consts, lazy, n = op._tensors, op._consts, op._lazy, op._n
         single_grad = len(op._diff_out) == 1
+        # without materialized gradients an output that took no part in the loss hands backward None, not zeros
+        optional_grads = single_grad or not op._materialize
+        diff_out = op._diff_out
 
         class Function(torch.autograd.Function):
             @staticmethod
@@ -130,7 +135,7 @@ class Op:
                 )
                 ctx.consts = [args[i] for i in consts]
                 ctx.triton = triton
-                if single_grad:  # no zeros for the gradients of the other outputs (S): a memset per call saved
+                if optional_grads:  # no zeros for outputs without a gradient (S): a memset per output saved
                     ctx.set_materialize_grads(False)
                 if op._nondiff_out:
                     ctx.mark_non_differentiable(*[outs[j] for j in op._nondiff_out])
@@ -140,7 +145,9 @@ class Op:
 
             @staticmethod
             def backward(ctx, *grads):
-                if single_grad and grads[op._diff_out[0]] is None:  # the output took no part in the loss
+                if optional_grads and (  # no output took part in the loss
+                    grads[diff_out[0]] is None if single_grad else all(grads[j] is None for j in diff_out)
+                ):
                     return (None,) * n
                 saved = ctx.saved_tensors
                 values = [None] * n

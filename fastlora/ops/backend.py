@@ -114,9 +114,9 @@ def no_autocast(device_type: str):
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch.randint's bounds (high exclusive): nearly every int64
 
 
-def draw_seed(x: torch.Tensor) -> torch.Tensor:
+def draw_seed(x: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """A dropout seed for a call on x: one int64 (over the full 64-bit range) in a 0-d tensor, never read on the
-    host by the kernels.
+    host by the kernels; with ``count``, that many seeds in one tensor [count], drawn at once (one launch).
 
     When the call runs the compiled Triton kernels, the seed is drawn on x's device (on CUDA by torch's CUDA
     generator) and the kernels load it from there: no host sync, and a CUDA graph that captured the step draws a
@@ -126,15 +126,16 @@ def draw_seed(x: torch.Tensor) -> torch.Tensor:
     forward, whose recomputation restores the RNG states of its inputs' devices, draws the same seed again: the
     mask backward regenerates is the forward's. The torch path on CUDA seeds its generator from the host, so a
     CUDA graph would replay one mask: capturing that is refused with a clear error."""
+    shape = () if count is None else (count,)
     if active_path(x.device) == "triton":
-        return torch.randint(*SEED_RANGE, (), dtype=torch.int64, device=x.device)
+        return torch.randint(*SEED_RANGE, shape, dtype=torch.int64, device=x.device)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "fastlora's torch path cannot draw dropout masks inside a CUDA graph: the graph would replay one mask at "
             "every step. Use the Triton kernels (the default on CUDA), capture with dropout 0 (or in eval mode), or "
             "run the step without graph capture."
         )
-    return torch.randint(*SEED_RANGE, (), dtype=torch.int64)
+    return torch.randint(*SEED_RANGE, shape, dtype=torch.int64)
 
 
 def host_seed(seed) -> int:
