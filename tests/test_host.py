@@ -259,6 +259,8 @@ with host.stand_in_gpu():
             if isinstance(v, torch.Tensor):
                 v = v.data_ptr()
                 return names.get(v) or "fresh%d" % fresh.setdefault(v, len(fresh))
+            if type(v) is int and v >= 1 << 32:  # a pointer passed as its address (no kernel integer is this large)
+                return canon_ptr(v)
             if isinstance(v, tuple) and v[:1] == ("desc",):
                 return ["desc", canon_ptr(v[1]), v[2]]
             return v if isinstance(v, (int, float, str, type(None))) else repr(type(v))
@@ -268,7 +270,12 @@ with host.stand_in_gpu():
 
         flat = [(*args[:-1], *args[-1]) if packed else args for args in calls[-1]]
         out.append([[canon(v) for i, v in enumerate(args) if i not in handles] for args in flat])
-replays = sorted(kind for kind, r in kl.REPLAYS.items() if r.replays())
+# the op's plans hold its replay slots (one signature per call, see fastlora/ops/linear.py); direct launcher calls
+# would use kl.REPLAYS
+plans = list(ops_linear._PLANS.values())
+replays = sorted({"fwd" for plan in plans if plan.forward.replay}
+                 | {"bwd" for plan in plans for slot in plan.backward_slots.values() if slot.replay}
+                 | {kind for kind, r in kl.REPLAYS.items() if r.replays()})
 print(json.dumps({"calls": out, "replays": replays}))
 """
 

@@ -29,6 +29,7 @@ __all__ = [
     "active_path",
     "use_triton",
     "autocast_enabled",
+    "autocast_dtype_for",
     "autocast_inputs",
     "no_autocast",
     "draw_seed",
@@ -93,6 +94,19 @@ def use_triton(t: torch.Tensor) -> bool:
 def autocast_enabled(device_type: str) -> bool:
     """Whether torch.autocast is on for this device type (never on a device without autocast, such as meta)."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+# One call that answers "is autocast on for any device": torch's own modules (nn.RNN) ask it so.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def autocast_dtype_for(x) -> torch.dtype | None:
+    """The dtype torch.autocast casts a call on x to, or None when autocast is off for x's device (or x is no
+    tensor)."""
+    if not _any_autocast() or not isinstance(x, torch.Tensor):
+        return None
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
 
 
 def autocast_inputs(x, *tensors):
