@@ -341,28 +341,32 @@ def _descriptor_maker(desc):
     return make
 
 
+# Expanded descriptors kept per descriptor argument of a replayed launch (the oldest goes first). Layers of one
+# shape share a replay, so up to this many layers' frozen operands (and, as the allocator hands the same addresses
+# back step after step, their activations) stay expanded; an entry is a 128-byte tensor map and a short list.
+DESCRIPTORS_KEPT = 128
+
+
 def _expander(desc, meta):
-    """A function of a tensor: the launch arguments of ``desc`` with that tensor as its base (Triton 3.6's
-    expansion), remembered per data pointer (a few entries: the frozen operands hit every call, fresh outputs
-    when the allocator reuses memory)."""
+    """(cache, expand): ``expand(t)`` is the launch arguments of ``desc`` with the tensor t as its base (Triton
+    3.6's expansion), remembered in ``cache`` per data pointer, where a replay looks first (the replay's
+    signature fixes everything else a descriptor holds: shape, strides, dtype, block shape); cache is None where
+    nothing may be kept (the base tensor itself is an argument)."""
     from triton.backends.nvidia.driver import make_tensordesc_arg
 
     make = _descriptor_maker(desc)
+    if meta is None:
+        return None, lambda t: make_tensordesc_arg(make(t), None)
     cache: dict[int, list] = {}
 
     def expand(t):
-        ptr = t.data_ptr()
-        args = cache.get(ptr)
-        if args is None:
-            args = make_tensordesc_arg(make(t), meta)
-            if meta is None:  # the base tensor itself is an argument: never kept past the call
-                return args
-            if len(cache) >= 8:
-                cache.clear()
-            cache[ptr] = args
+        args = make_tensordesc_arg(make(t), meta)
+        if len(cache) >= DESCRIPTORS_KEPT:
+            del cache[next(iter(cache))]
+        cache[t.data_ptr()] = args
         return args
 
-    return expand
+    return cache, expand
 
 
 class Replay:
@@ -443,8 +447,13 @@ def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict, addresses: set):
             if i is None or i in addresses:
                 return None
             if raw is not None:
-                consts.append(_expander(v, descs[n_desc] if descs else None))
-                items.append(f"*c[{len(consts) - 1}](o[{i}])")
+                cache, expand = _expander(v, descs[n_desc] if descs else None)
+                consts += [cache, expand]
+                c, e = len(consts) - 2, len(consts) - 1
+                if cache is None:
+                    items.append(f"*c[{e}](o[{i}])")
+                else:  # a cache hit costs no Python call
+                    items.append(f"*(c[{c}].get(o[{i}].data_ptr()) or c[{e}](o[{i}]))")
             else:
                 consts.append(_descriptor_maker(v))
                 items.append(f"c[{len(consts) - 1}](o[{i}])")
