@@ -132,15 +132,17 @@ def draw_seed(x: torch.Tensor) -> torch.Tensor:
     """A dropout seed for a call on x: one int64 (over the full 64-bit range) in a 0-d tensor, never read on the
     host by the kernels.
 
-    When the call runs the compiled Triton kernels, the seed is drawn on x's device (on CUDA by torch's CUDA
+    When the call runs the Triton kernels on a device (compiled, or interpreted on CUDA tensors, as a compiled
+    graph traced with fake CUDA tensors sees it), the seed is drawn on x's device (on CUDA by torch's CUDA
     generator) and the kernels load it from there: no host sync, and a CUDA graph that captured the step draws a
     fresh seed at every replay (torch's generator advances its offset per replay, as for its own dropout).
     Elsewhere it comes from torch's default CPU generator (the torch path seeds a ``torch.Generator`` with it; the
-    interpreter's kernels read it from host memory). Either way ``torch.manual_seed`` fixes it, and a checkpointed
-    forward, whose recomputation restores the RNG states of its inputs' devices, draws the same seed again: the
-    mask backward regenerates is the forward's. The torch path on CUDA seeds its generator from the host, so a
-    CUDA graph would replay one mask: capturing that is refused with a clear error."""
-    if active_path(x.device) == "triton":
+    interpreter's kernels on CPU tensors read it from host memory). Either way ``torch.manual_seed`` fixes it,
+    and a checkpointed forward, whose recomputation restores the RNG states of its inputs' devices, draws the
+    same seed again: the mask backward regenerates is the forward's. The torch path on CUDA seeds its generator
+    from the host, so a CUDA graph would replay one mask: capturing that is refused with a clear error."""
+    path = active_path(x.device)
+    if path == "triton" or (path == "triton-interpreter" and x.device.type == "cuda"):
         return torch.randint(*SEED_RANGE, (), dtype=torch.int64, device=x.device)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(

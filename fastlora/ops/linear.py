@@ -248,8 +248,8 @@ def _plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_bi
             _tensor_key(lora_bias), type(scaling), scaling, type(dropout_p), dropout_p, training, autocast_dtype,
         )  # fmt: skip
         plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks say what is wrong
-        key = plan = None
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, or without storage (a tensor
+        key = plan = None  # subclass): the checks say what is wrong, or run on every call
     if plan is None:
         _check_linear.__wrapped__(
             x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocast_dtype is not None
@@ -277,7 +277,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
     autocast_dtype = autocast_dtype_for(x)
-    plan = _plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_bias, autocast_dtype)
+    if torch.compiler.is_compiling():  # checked while tracing; the compiled op has no use for a plan
+        _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocast_dtype is not None)
+        plan = None
+    else:
+        plan = _plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_bias, autocast_dtype)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x) if p > 0 else None
     if autocast_dtype is None:  # the common case: no casts, no autocast context to enter
