@@ -155,6 +155,9 @@ class Op:
         no_grads = (None,) * (n + 1)
 
         class Function(torch.autograd.Function):
+            # said outright: autograd looks it up at every backward, and a miss costs an AttributeError
+            boxed_grads_call = False
+
             @staticmethod
             def forward(ctx, *args):
                 a = _new_tuple(Args, args)
