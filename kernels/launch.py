@@ -51,6 +51,7 @@ __all__ = [
     "Replay",
     "Replays",
     "ReplaySlot",
+    "make_room",
     "signature",
     "seed_pointer",
 ]
@@ -327,6 +328,14 @@ def _raw_launcher(launcher):
     return cells["launcher"].cell_contents, True
 
 
+def make_room(entries: dict, size: int) -> None:
+    """Room for one more entry in ``entries``, a bounded cache of at most ``size`` entries: the oldest go first.
+    Safe when threads (DataParallel replicas) insert at once: the keys are copied in one step, a pop may miss."""
+    if len(entries) >= size:
+        for key in list(entries)[: len(entries) - size + 1]:
+            entries.pop(key, None)
+
+
 def _descriptor_maker(desc):
     """A function of a tensor: a host tensor descriptor like ``desc`` (every field this Triton's class has) with
     that tensor as its base."""
@@ -361,8 +370,7 @@ def _expander(desc, meta):
 
     def expand(t):
         args = make_tensordesc_arg(make(t), meta)
-        if len(cache) >= DESCRIPTORS_KEPT:
-            del cache[next(iter(cache))]
+        make_room(cache, DESCRIPTORS_KEPT)
         cache[t.data_ptr()] = args
         return args
 
@@ -554,8 +562,7 @@ class Replays:
         entries = self._entries
         slot = entries.get(key)
         if slot is None:
-            if len(entries) >= self.maxsize:
-                del entries[next(iter(entries))]
+            make_room(entries, self.maxsize)
             slot = entries[key] = ReplaySlot()
         return slot
 

@@ -256,8 +256,9 @@ def _plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_bi
         )
         plan = _Plan()
         if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                del _PLANS[next(iter(_PLANS))]
+            if len(_PLANS) >= _MAX_PLANS:  # the oldest go first (keys copied in one step: threads may insert too)
+                for old in list(_PLANS)[: len(_PLANS) - _MAX_PLANS + 1]:
+                    _PLANS.pop(old, None)
             _PLANS[key] = plan
     return plan
 
