@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.host`` (or ``fastlora bench --host``): median microseconds per call of a training forward
 and of forward+backward, on tiny tensors whose compute is negligible, so what is timed is the Python, autograd and
-launch work each call does on the host.
+launch work each call does on the host. The providers of one op are timed in alternating batches, so that load
+from other processes on a shared machine falls on all of them alike: read the ratios.
 
 Without a GPU, fastlora's Triton path runs against a stand-in Triton driver (``stand_in_gpu``): its target is
 sm_90 (GPUTarget("cuda", 90, 32)), so every kernel compiles for real on the CPU with the wheel's ptxas, and its
@@ -321,21 +322,30 @@ def stand_in_gpu():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def time_per_call(fn: Callable[[], object], device: torch.device, calls: int = 50, batches: int = 15) -> float:
-    """Median over ``batches`` of the wall time of ``calls`` back-to-back calls, per call, in microseconds.
-    On CUDA each batch ends with one synchronisation, so queued calls cost the host time they took to queue."""
+def time_interleaved(fns: dict, device: torch.device, calls: int = 50, batches: int = 15) -> dict:
+    """Per name, the median over ``batches`` of the wall time of ``calls`` back-to-back calls of its function, per
+    call, in microseconds. ``fns`` maps a name to (fn, context): the function and a factory of the context its
+    calls run in (the stand-in driver, a forced backend), entered around each batch, outside the timed region.
+
+    The batches alternate between the names (one batch of each, then the next round), so a change of load on a
+    shared machine falls on every name alike and the ratios between them hold. On CUDA each batch ends with one
+    synchronisation, so queued calls cost the host time they took to queue."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    per_call = []
+    for fn, context in fns.values():
+        with context():
+            for _ in range(3):
+                fn()
+            sync()
+    per_call: dict = {name: [] for name in fns}
     for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        per_call.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(per_call)
+        for name, (fn, context) in fns.items():
+            with context():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync()
+                per_call[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(times) for name, times in per_call.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,19 +435,27 @@ def _calls(layer: nn.Module, x: torch.Tensor):
     return forward, (forward_backward if y.requires_grad else None)
 
 
-def measure(device: torch.device, calls: int = 50, batches: int = 15, progress=None) -> list[dict]:
-    """One row per (op, provider): median host us per call of forward and forward+backward."""
+def _context(provider: str, device: torch.device) -> Callable:
+    """A factory of the context a provider's calls run in."""
     import fastlora
 
+    if provider == "fastlora_torch":
+        return lambda: fastlora.use_backend("torch")
+    if provider == "fastlora" and device.type == "cpu":
+        return stand_in_gpu
+    return contextlib.nullcontext
+
+
+def measure(device: torch.device, calls: int = 50, batches: int = 15, progress=None) -> list[dict]:
+    """One row per (op, provider): median host us per call of forward and forward+backward, the providers of an
+    op timed in alternating batches (``time_interleaved``)."""
     rows = []
     for case in CASES:
+        forwards, backwards, case_rows = {}, {}, []
         for provider in PROVIDERS:
-            with contextlib.ExitStack() as stack:
-                if provider == "fastlora_torch":
-                    stack.enter_context(fastlora.use_backend("torch"))
-                elif provider == "fastlora" and device.type == "cpu":
-                    stack.enter_context(stand_in_gpu())
-                dtype = provider_dtype(provider, device)
+            context = _context(provider, device)
+            dtype = provider_dtype(provider, device)
+            with context():
                 layer = _layer(case, provider, device, dtype)
                 if layer is None:  # PEFT not installed
                     continue
@@ -446,15 +464,19 @@ def measure(device: torch.device, calls: int = 50, batches: int = 15, progress=N
                 if x.is_floating_point():
                     x.requires_grad_(True)
                 forward, forward_backward = _calls(layer, x)
-                row = {"op": case.name, "provider": provider, "dtype": str(dtype).removeprefix("torch.")}
-                row["forward_us"] = time_per_call(forward, device, calls, batches)
-                row["forward_backward_us"] = (
-                    time_per_call(forward_backward, device, calls, batches) if forward_backward else None
-                )
-                if provider == "fastlora":
-                    row["path"] = "triton (stand-in driver, sm_90)" if device.type == "cpu" else "triton"
-                else:
-                    row["path"] = "torch"
+            forwards[provider] = (forward, context)
+            if forward_backward is not None:
+                backwards[provider] = (forward_backward, context)
+            path = "torch"
+            if provider == "fastlora":
+                path = "triton (stand-in driver, sm_90)" if device.type == "cpu" else "triton"
+            case_rows.append({"op": case.name, "provider": provider, "dtype": str(dtype).removeprefix("torch."),
+                              "path": path})  # fmt: skip
+        forward_us = time_interleaved(forwards, device, calls, batches)
+        forward_backward_us = time_interleaved(backwards, device, calls, batches) if backwards else {}
+        for row in case_rows:
+            row["forward_us"] = forward_us[row["provider"]]
+            row["forward_backward_us"] = forward_backward_us.get(row["provider"])
             rows.append(row)
             if progress:
                 progress(row)

@@ -377,7 +377,7 @@ class LoRALinear(LoRALayer):
 
     @property
     def use_dora(self) -> bool:
-        return self.lora_magnitude_vector is not None
+        return self._parameters["lora_magnitude_vector"] is not None
 
     def reset_lora_parameters(self):
         """PEFT's initialisation: A kaiming-uniform, B zero, lora_bias zero, g = ||W + s B A|| per row (= ||W||)."""
@@ -402,7 +402,8 @@ class LoRALinear(LoRALayer):
     @property
     def base_weight(self) -> torch.Tensor:
         """The base weight as [out, in] (a transposed view for fan_in_fan_out)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        weight = self._parameters["weight"]
+        return weight.t() if self.fan_in_fan_out else weight
 
     def _merge_views(self):
         return self.base_weight, self.lora_A, self.lora_B
@@ -456,9 +457,10 @@ class LoRALinear(LoRALayer):
                 x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
                 self.lora_dropout, self.training,
             )  # fmt: skip
+        p = self._parameters  # one read: an attribute read of a parameter fails over to Module.__getattr__
         return lora_linear(
-            x, self.base_weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training,
-            lora_bias=self.lora_bias,
+            x, self.base_weight, p["bias"], p["lora_A"], p["lora_B"], self.scaling, self.lora_dropout, self.training,
+            lora_bias=p["lora_bias"],
         )  # fmt: skip
 
     def extra_options(self) -> dict:

@@ -60,6 +60,8 @@ __all__ = [
     "not_replayable",
     "Replay",
     "Replays",
+    "ReplaySlot",
+    "make_room",
     "signature",
     "seed_pointer",
 ]
@@ -309,23 +311,39 @@ def not_replayable():
 
 
 def _raw_launcher(launcher):
-    """The driver's launch function under Triton 3.6's tensor-descriptor expansion (which the replay does itself,
-    with a cache), or None where the launcher has another form: a launch function that is no Python closure (the
-    driver's C function, which 3.6 leaves unwrapped for kernels without descriptors), or a later Triton's wrapper."""
+    """(launch, expands) for a Triton 3.6 CUDA launcher: the driver's launch function, which takes 3.6's argument
+    order (grid, stream, function, flags, scratch, metadata, hooks, then the kernel's arguments), and whether
+    tensor descriptors reach it expanded (as the replay expands them itself, with a cache); None where the
+    launcher has another form (another backend, a later Triton's protocol, a wrapper this code does not know).
+
+    3.6 hands the driver's C function over as it is for a kernel without tensor descriptors, and wraps it in a
+    closure that expands them otherwise: the C function is taken from that closure's cells, and nothing is read
+    that a C function lacks."""
+    try:
+        from triton.backends.nvidia.driver import _BASE_ARGS_FORMAT_LEN, CudaLauncher
+    except ImportError:
+        return None
+    if _BASE_ARGS_FORMAT_LEN != 13 or not isinstance(launcher, CudaLauncher):  # 3.6's 13 leading arguments
+        return None
     launch = getattr(launcher, "launch", None)
-    closure, code = getattr(launch, "__closure__", None), getattr(launch, "__code__", None)
-    if not closure or code is None or getattr(launch, "__name__", None) != "inner":
+    code = getattr(launch, "__code__", None)
+    if code is None:  # the driver's C function itself: no descriptors to expand
+        return (launch, False) if callable(launch) else None
+    closure = getattr(launch, "__closure__", None)
+    if not closure or getattr(launch, "__name__", None) != "inner":
         return None
     cells = dict(zip(code.co_freevars, closure, strict=True))
     if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
         return None
-    try:
-        from triton.backends.nvidia.driver import _BASE_ARGS_FORMAT_LEN
-    except ImportError:
-        return None
-    if _BASE_ARGS_FORMAT_LEN != 13:  # 3.6's grid, stream, function, flags, scratch, metadata and hooks
-        return None
-    return cells["launcher"].cell_contents
+    return cells["launcher"].cell_contents, True
+
+
+def make_room(entries: dict, size: int) -> None:
+    """Room for one more entry in ``entries``, a bounded cache of at most ``size`` entries: the oldest go first.
+    Safe when threads (DataParallel replicas) insert at once: the keys are copied in one step, a pop may miss."""
+    if len(entries) >= size:
+        for key in list(entries)[: len(entries) - size + 1]:
+            entries.pop(key, None)
 
 
 def _descriptor_maker(desc):
@@ -342,28 +360,31 @@ def _descriptor_maker(desc):
     return make
 
 
+# Expanded descriptors kept per descriptor argument of a replayed launch (the oldest goes first). Layers of one
+# shape share a replay, so up to this many layers' frozen operands (and, as the allocator hands the same addresses
+# back step after step, their activations) stay expanded; an entry is a 128-byte tensor map and a short list.
+DESCRIPTORS_KEPT = 128
+
+
 def _expander(desc, meta):
-    """A function of a tensor: the launch arguments of ``desc`` with that tensor as its base (Triton 3.6's
-    expansion), remembered per data pointer (a few entries: the frozen operands hit every call, fresh outputs
-    when the allocator reuses memory)."""
+    """(cache, expand): ``expand(t)`` is the launch arguments of ``desc`` with the tensor t as its base (Triton
+    3.6's expansion), remembered in ``cache`` per data pointer, where a replay looks first (the replay's
+    signature fixes everything else a descriptor holds: shape, strides, dtype, block shape); cache is None where
+    nothing may be kept (the base tensor itself is an argument)."""
     from triton.backends.nvidia.driver import make_tensordesc_arg
 
     make = _descriptor_maker(desc)
+    if meta is None:
+        return None, lambda t: make_tensordesc_arg(make(t), None)
     cache: dict[int, list] = {}
 
     def expand(t):
-        ptr = t.data_ptr()
-        args = cache.get(ptr)
-        if args is None:
-            args = make_tensordesc_arg(make(t), meta)
-            if meta is None:  # the base tensor itself is an argument: never kept past the call
-                return args
-            if len(cache) >= 8:
-                cache.clear()
-            cache[ptr] = args
+        args = make_tensordesc_arg(make(t), meta)
+        make_room(cache, DESCRIPTORS_KEPT)
+        cache[t.data_ptr()] = args
         return args
 
-    return expand
+    return cache, expand
 
 
 class Replay:
@@ -371,10 +392,12 @@ class Replay:
 
     ``operands`` is a tuple of the call's tensors (None allowed) in a fixed order; every tensor a recorded launch
     took must share its data pointer with exactly one operand (a view such as ``w.t()`` is passed as ``w``, whose
-    pointer it has: the launcher only reads the pointer; its strides are in the recorded integers). ``Replay.build``
-    returns None when the recording cannot be replayed (a normal-path launch, a tensor that is no operand, two
-    operands on one pointer, scratch memory, or an autotuning pre-hook not marked ``replay_safe``: one whose only
-    effect is on the descriptor arguments, which were recorded after it ran)."""
+    pointer it has: the launcher only reads the pointer; its strides are in the recorded integers). An operand may
+    also be a plain address (an int, as the driver's launcher takes for a pointer argument), standing for a view
+    the caller then need not make on a replay, such as a part of a workspace; it cannot be a descriptor's base.
+    ``Replay.build`` returns None when the recording cannot be replayed (a normal-path launch, a tensor that is no
+    operand, two operands on one pointer, scratch memory, or an autotuning pre-hook not marked ``replay_safe``: one
+    whose only effect is on the descriptor arguments, which were recorded after it ran)."""
 
     def __init__(self, steps):
         self._steps = steps
@@ -386,10 +409,13 @@ class Replay:
         if not rec.replayable or not rec.launches:
             return None
         by_ptr: dict[int, int] = {}
+        addresses = set()
         for i, t in enumerate(operands):
             if t is None:
                 continue
-            ptr = t.data_ptr()
+            if type(t) is int:
+                addresses.add(i)
+            ptr = t if type(t) is int else t.data_ptr()
             if ptr in by_ptr:
                 return None
             by_ptr[ptr] = i
@@ -398,7 +424,7 @@ class Replay:
             if plan is None or not plan.direct or plan.compiled is None:
                 return None
             try:
-                step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr)
+                step = _replay_step(plan, {**plan.fixed, **kwargs}, by_ptr, addresses)
             except Exception:  # a launcher or descriptor of a form this code does not know: the normal path
                 step = None
             if step is None:
@@ -412,12 +438,12 @@ class Replay:
             fn(operands, stream)
 
 
-def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict):
-    """(device, fn(operands, stream)) for one recorded launch, or None."""
+def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict, addresses: set):
+    """(device, fn(operands, stream)) for one recorded launch, or None. ``addresses``: the operands that are
+    plain addresses."""
     compiled = plan.compiled
     meta = compiled.metadata
     launcher = compiled.run
-    raw = _raw_launcher(launcher)
     descs = getattr(meta, "tensordesc_meta", None) or None
     scratch = getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
     if scratch or (plan.pre_hook is not None and not getattr(plan.pre_hook, "replay_safe", False)):
@@ -425,6 +451,10 @@ def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict):
     names = plan.names(full)
     if not isinstance(names, tuple):
         names = tuple(names)
+    raw = _raw_launcher(launcher)
+    if raw is not None and not raw[1] and any(hasattr(v, "block_shape") for v in names):
+        raw = None  # a launch function that takes no descriptors, given some: not 3.6's form, the launcher's path
+    raw = raw[0] if raw is not None else None
     consts: list = []
     items: list[str] = []
     n_desc = 0
@@ -432,11 +462,16 @@ def _replay_step(plan: LaunchPlan, full: dict, by_ptr: dict):
         base = getattr(v, "base", None) if hasattr(v, "block_shape") else None
         if base is not None:  # a host tensor descriptor
             i = by_ptr.get(base.data_ptr())
-            if i is None:
+            if i is None or i in addresses:
                 return None
             if raw is not None:
-                consts.append(_expander(v, descs[n_desc] if descs else None))
-                items.append(f"*c[{len(consts) - 1}](o[{i}])")
+                cache, expand = _expander(v, descs[n_desc] if descs else None)
+                consts += [cache, expand]
+                c, e = len(consts) - 2, len(consts) - 1
+                if cache is None:
+                    items.append(f"*c[{e}](o[{i}])")
+                else:  # a cache hit costs no Python call
+                    items.append(f"*(c[{c}].get(o[{i}].data_ptr()) or c[{e}](o[{i}]))")
             else:
                 consts.append(_descriptor_maker(v))
                 items.append(f"c[{len(consts) - 1}](o[{i}])")
@@ -481,17 +516,42 @@ def signature(*operands) -> tuple:
     )
 
 
-_RECORD = object()
+class ReplaySlot:
+    """The replay of one launcher call signature, earned over its calls: the first call runs ``call()`` (the
+    launcher's normal path, which writes into the operands: it compiles, tunes and measures), the second runs it
+    while recording, later calls replay the recording with their own operands (the dropout seed's tensor among
+    them, read by the kernels like any other). A call that cannot be replayed (``Replay.build`` returned None)
+    takes the normal path for good.
+
+    A caller that keys its own calls (an op that has already computed its call signature for its checks) keeps a
+    slot per signature and passes it to the launcher; ``Replays`` keeps them for the other callers."""
+
+    __slots__ = ("calls", "replay")
+
+    def __init__(self):
+        self.calls = 0
+        self.replay: Replay | None = None
+
+    def __call__(self, operands: tuple, call: Callable[[], Any]):
+        replay = self.replay
+        if replay is not None:
+            replay(operands)
+            return None
+        if self.calls != 1:  # the first call, or one that could not be replayed
+            self.calls = min(self.calls + 1, 2)
+            return call()
+        self.calls = 2
+        with recording() as rec:
+            result = call()
+        self.replay = Replay.build(rec, operands)
+        return result
 
 
 class Replays:
-    """The replays of one launcher's calls, per call signature, at most ``maxsize`` of them (the oldest go first):
-    variable-length batches cannot grow it without limit.
+    """The replay slots of one launcher's calls, per call signature, at most ``maxsize`` of them (the oldest go
+    first): variable-length batches cannot grow it without limit.
 
-    ``replays(key, operands, call)`` runs ``call()`` (the launcher's normal path, which writes into the operands)
-    on the first call of a key (it compiles, tunes and measures) and records it on the second; later calls replay
-    the recording with these operands (the dropout seed's tensor among them, read by the kernels like any other).
-    A call that cannot be replayed (``Replay.build`` returned None) takes the normal path for good."""
+    ``replays(key, operands, call)`` runs the call through the key's ``ReplaySlot``."""
 
     def __init__(self, maxsize: int = 256):
         self.maxsize = maxsize
@@ -502,25 +562,19 @@ class Replays:
 
     def replays(self) -> dict:
         """{key: Replay} of the keys replayed now: for tests and diagnostics."""
-        return {k: v for k, v in self._entries.items() if isinstance(v, Replay)}
+        return {k: v.replay for k, v in self._entries.items() if v.replay is not None}
 
     def clear(self) -> None:
         self._entries.clear()
 
-    def __call__(self, key, operands: tuple, call: Callable[[], Any]):
+    def slot(self, key) -> ReplaySlot:
+        """The slot of ``key``, made on its first call (the oldest slot dropped when full)."""
         entries = self._entries
-        entry = entries.get(key)
-        if entry is None:
-            if len(entries) >= self.maxsize:
-                del entries[next(iter(entries))]
-            entries[key] = _RECORD
-            return call()
-        if entry is _RECORD:
-            with recording() as rec:
-                result = call()
-            entries[key] = Replay.build(rec, operands) or False
-            return result
-        if entry is False:
-            return call()
-        entry(operands)
-        return None
+        slot = entries.get(key)
+        if slot is None:
+            make_room(entries, self.maxsize)
+            slot = entries[key] = ReplaySlot()
+        return slot
+
+    def __call__(self, key, operands: tuple, call: Callable[[], Any]):
+        return self.slot(key)(operands, call)

@@ -962,21 +962,22 @@ def _measured(kind, device, shape, candidates, run):
 REPLAYS = {"fwd": Replays(), "bwd": Replays()}
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, replay=None):
     """Y [M, N] = c * (x W^T + s * S B^T) + bias and S [M, r] = (m x) A^T, for x [M, K] (any strides).
 
-    col_scale: c [N] float32 (DoRA's g / ||W + s B A||), or None for c = 1."""
+    col_scale: c [N] float32 (DoRA's g / ||W + s B A||), or None for c = 1. replay: the caller's
+    ``launch.ReplaySlot`` for this call signature (shapes, strides, dtypes, device, alignment of every tensor,
+    scaling, dropout_p), or None to look it up here by ``launch.signature``."""
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     if INTERPRET or M == 0 or launch_hooks():
         return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    key = signature(x, weight, bias, lora_A, lora_B, col_scale, scaling, dropout_p)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)  # sizes as separate ints: the cheaper overload to parse
+    s = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    if replay is None:
+        replay = REPLAYS["fwd"].slot(signature(x, weight, bias, lora_A, lora_B, col_scale, scaling, dropout_p))
     seed = seed_pointer(seed, x) if dropout_p > 0 else None
-    operands = (x, weight, bias, lora_A, lora_B, col_scale, y, s, seed)
-    REPLAYS["fwd"](
-        key,
-        operands,
+    replay(
+        (x, weight, bias, lora_A, lora_B, col_scale, y, s, seed),
         lambda: _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, y, s),
     )
     return y, s
@@ -1016,22 +1017,26 @@ def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, 
 
 
 def _grads_in(buf, dtype):
-    return buf if buf.dtype == dtype else buf.to(dtype)
+    return buf if buf.dtype == dtype else buf.to(dtype=dtype)  # the keyword: the cheaper overload to parse
 
 
 def _grad_views(grads, N, R, K):
-    """dB [N, r] and dA [r, K] as views of one flat buffer of N r + r K elements."""
-    db, da = grads.split_with_sizes((N * R, R * K))
-    return db.view(N, R), da.view(R, K)
+    """dB [N, r] and dA [r, K] as views of one flat buffer of N r + r K elements (one view op each)."""
+    return grads.as_strided((N, R), (R, 1)), grads.as_strided((R, K), (K, 1), N * R)
 
 
-def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False):
-    """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] float32 (rowsum_M(dY), or None) for dY [M, N]."""
+def lora_linear_bwd(
+    dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx=True, need_dbias=False, replay=None
+):
+    """dX [M, K] (or None), dA [r, K], dB [N, r], dbias [N] float32 (rowsum_M(dY), or None) for dY [M, N].
+
+    replay: the caller's ``launch.ReplaySlot`` for this call signature (as ``lora_linear_fwd``'s, with dY's and
+    need_dx), or None to look it up here by ``launch.signature``."""
     check_dtype(dy)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
+    dx = torch.empty(M, K, device=x.device, dtype=x.dtype) if need_dx else None
     if torch.are_deterministic_algorithms_enabled():  # no atomics: dB and dA take their own passes
         ds = _down(dy, lora_B, dy.dtype, scaling)
         db = _up_t(s, dy, scaling).t().to(lora_B.dtype, memory_format=torch.contiguous_format)
@@ -1041,24 +1046,24 @@ def lora_linear_bwd(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, 
     else:
         # one float32 buffer, one memset: dB [N, r] then dA [r, K], both accumulated with atomics
         grads = torch.zeros(N * R + R * K, device=dy.device, dtype=torch.float32)
-        db32, da32 = _grad_views(grads, N, R, K)
-        ds = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
+        ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
         if INTERPRET or launch_hooks():
-            _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds, db32, da32)
+            _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds,
+                          *_grad_views(grads, N, R, K))  # fmt: skip
         else:
-            key = signature(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, need_dx)
+            if replay is None:
+                replay = REPLAYS["bwd"].slot(signature(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, need_dx))
             seed = seed_pointer(seed, x) if dropout_p > 0 else None
-            REPLAYS["bwd"](
-                key, (dy, x, s, weight, lora_A, lora_B, dx, ds, db32, da32, seed),
+            db_at = grads.data_ptr()  # dB and dA by address: a replay makes no views of the buffer
+            replay(
+                (dy, x, s, weight, lora_A, lora_B, dx, ds, db_at, db_at + 4 * N * R, seed),
                 lambda: _bwd_launches(dy, x, s, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, dx, ds,
-                                      db32, da32),
+                                      *_grad_views(grads, N, R, K)),
             )  # fmt: skip
-        if lora_A.dtype == lora_B.dtype:
-            if lora_A.dtype != torch.float32:  # one cast for both (none for float32 adapters)
-                db, da = _grad_views(grads.to(lora_A.dtype), N, R, K)
-            else:
-                db, da = db32, da32
+        if lora_A.dtype == lora_B.dtype:  # one cast for both (none for float32 adapters)
+            db, da = _grad_views(_grads_in(grads, lora_A.dtype), N, R, K)
         else:
+            db32, da32 = _grad_views(grads, N, R, K)
             db, da = _grads_in(db32, lora_B.dtype), _grads_in(da32, lora_A.dtype)
     dbias = dy.sum(0, dtype=torch.float32) if need_dbias else None
     return dx, da, db, dbias

@@ -259,6 +259,8 @@ with host.stand_in_gpu():
             if isinstance(v, torch.Tensor):
                 v = v.data_ptr()
                 return names.get(v) or "fresh%d" % fresh.setdefault(v, len(fresh))
+            if type(v) is int and v >= 1 << 32:  # a pointer passed as its address (no kernel integer is this large)
+                return canon_ptr(v)
             if isinstance(v, tuple) and v[:1] == ("desc",):
                 return ["desc", canon_ptr(v[1]), v[2]]
             return v if isinstance(v, (int, float, str, type(None))) else repr(type(v))
@@ -268,7 +270,12 @@ with host.stand_in_gpu():
 
         flat = [(*args[:-1], *args[-1]) if packed else args for args in calls[-1]]
         out.append([[canon(v) for i, v in enumerate(args) if i not in handles] for args in flat])
-replays = sorted(kind for kind, r in kl.REPLAYS.items() if r.replays())
+# the op's plans hold its replay slots (one signature per call, see fastlora/ops/linear.py); direct launcher calls
+# would use kl.REPLAYS
+plans = list(ops_linear._PLANS.values())
+replays = sorted({"fwd" for plan in plans if plan.forward.replay}
+                 | {"bwd" for plan in plans for slot in plan.backward_slots.values() if slot.replay}
+                 | {kind for kind, r in kl.REPLAYS.items() if r.replays()})
 print(json.dumps({"calls": out, "replays": replays}))
 """
 
@@ -308,3 +315,113 @@ def test_linear_replay_launches_what_the_normal_path_launches(shape, p):
     assert any(reads_seed) == (p > 0)
     tma = any(isinstance(v, list) and v[0] == "desc" for args in recorded for v in args)
     assert tma == (shape[3] == 8)  # r = 5 makes S's rows 10 bytes apart: no TMA, the pointer kernels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One call signature per lora_linear call (fastlora/ops/linear.py _plan) and the replay slots it holds
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], ids=["torch", "interp"])
+def test_linear_plan_checks_every_new_signature(path, monkeypatch):
+    """A signature that passed its checks keeps its plan; a call that differs in anything the checks read (an
+    argument's type, a value, a dtype, a device) is a new signature and is checked again, even with the same
+    tensors: a bool scaling after a float one, a dropout of 1, a weight of another dtype."""
+    import fastlora as fl
+    from fastlora.ops import linear as ops_linear
+    from fastlora.reference import lora_linear_ref
+
+    monkeypatch.setattr(ops_linear, "_PLANS", {})
+    x, w, bias = torch.randn(7, 5), torch.randn(4, 5), torch.randn(4)
+    a, b = torch.randn(3, 5), torch.randn(4, 3)
+    with fl.use_backend(path):
+        first = fl.lora_linear(x, w, bias, a, b, 1.0)
+        assert len(ops_linear._PLANS) == 1
+        for scaling, error in ((True, TypeError), ("1.0", TypeError), (torch.tensor(1.0), TypeError)):
+            with pytest.raises(error, match="scaling"):
+                fl.lora_linear(x, w, bias, a, b, scaling)
+        with pytest.raises(ValueError, match="dropout_p"):
+            fl.lora_linear(x, w, bias, a, b, 1.0, dropout_p=1.0)
+        with pytest.raises(TypeError, match="weight"):
+            fl.lora_linear(x, w.double(), bias, a, b, 1.0)
+        with pytest.raises(ValueError, match="device"):
+            fl.lora_linear(x, w, bias.to("meta"), a, b, 1.0)
+        assert len(ops_linear._PLANS) == 1  # failed calls leave no plan
+        again = fl.lora_linear(x, w, bias, a, b, 1)  # an int scaling: a signature of its own, the same result
+    assert len(ops_linear._PLANS) == 2
+    ref = lora_linear_ref(x.double(), w.double(), bias.double(), a.double(), b.double(), 1.0)
+    assert_close(first, ref, torch.float32)
+    assert torch.equal(again, first)
+
+
+def test_linear_plans_are_bounded(monkeypatch):
+    """Variable-length batches make a signature per length: the plans keep the newest _MAX_PLANS of them."""
+    import fastlora as fl
+    from fastlora.ops import linear as ops_linear
+
+    monkeypatch.setattr(ops_linear, "_PLANS", {})
+    monkeypatch.setattr(ops_linear, "_MAX_PLANS", 5)
+    w, a, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(4, 3)
+    with fl.use_backend("torch"):
+        for m in range(1, 13):
+            fl.lora_linear(torch.randn(m, 5), w, None, a, b, 0.5)
+            assert len(ops_linear._PLANS) == min(m, 5)
+    assert [key[0][0][0] for key in ops_linear._PLANS] == [8, 9, 10, 11, 12]  # x's rows, oldest dropped first
+
+
+def test_linear_backward_slot_per_alignment():
+    """The backward's replay slot is chosen by need_dx, dY's dtype and the operands' 16-byte alignment: a
+    misaligned dY (a view one element in) gets a slot of its own, never the aligned call's replay."""
+    pytest.importorskip("triton")
+    from fastlora.ops.linear import _Plan
+
+    plan = _Plan()
+    x, w, a, b = torch.randn(7, 5), torch.randn(4, 5), torch.randn(3, 5), torch.randn(4, 3)
+    dy, dy_shifted = torch.randn(7, 4), torch.randn(7 * 4 + 1)[1:].view(7, 4)
+    aligned = plan.backward(True, dy, x, w, a, b)
+    assert plan.backward(True, torch.randn(7, 4), x, w, a, b) is aligned
+    assert plan.backward(False, dy, x, w, a, b) is not aligned
+    assert plan.backward(True, dy_shifted, x, w, a, b) is not aligned
+    assert plan.backward(True, dy.half(), x, w, a, b) is not aligned
+    assert len(plan.backward_slots) == 4
+
+
+def test_replay_slot_without_launches_stays_on_the_normal_path():
+    """A ReplaySlot runs its call on the first call, records it on the second and, when the recording cannot be
+    replayed (here: no launches at all), takes the normal path for good; Replays keeps maxsize slots."""
+    from fastlora.kernels.launch import Replays, ReplaySlot
+
+    calls = []
+    slot = ReplaySlot()
+    for i in range(4):
+        assert slot((), lambda i=i: calls.append(i) or i) == i
+    assert calls == [0, 1, 2, 3] and slot.replay is None
+    replays = Replays(maxsize=2)
+    for key in "abc":
+        replays(key, (), lambda: None)
+    assert len(replays) == 2 and replays.replays() == {}
+
+
+def test_descriptor_expansions_are_bounded(monkeypatch):
+    """The replay's expanded tensor descriptors are kept per base pointer, DESCRIPTORS_KEPT of them, the oldest
+    dropped first; a kept one is what Triton's own expansion gives for that tensor. (Only Triton 3.6's launcher,
+    whose descriptor expansion the replay takes over, has these.)"""
+    pytest.importorskip("triton.tools.tensor_descriptor")
+    from fastlora.kernels import launch
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    if getattr(nvidia_driver, "_BASE_ARGS_FORMAT_LEN", None) != 13:
+        pytest.skip("the replay expands descriptors itself only under Triton 3.6's launch protocol")
+    make_tensordesc_arg = nvidia_driver.make_tensordesc_arg
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(launch, "DESCRIPTORS_KEPT", 3)
+    meta = {"swizzle": 0, "elem_size": 4, "elem_type": 7, "block_size": [4, 4], "fp4_padded": False}
+    tensors = [torch.randn(8, 4) for _ in range(5)]
+    with stand_in_driver():
+        cache, expand = launch._expander(TensorDescriptor.from_tensor(tensors[0], [4, 4]), meta)
+        for t in tensors:
+            args = expand(t)
+            want = make_tensordesc_arg(TensorDescriptor.from_tensor(t, [4, 4]), meta)
+            assert args[1:] == want[1:] and type(args[0]) is type(want[0])
+    assert list(cache) == [t.data_ptr() for t in tensors[2:]]

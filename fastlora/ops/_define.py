@@ -15,7 +15,8 @@ backward (the two paths draw different dropout masks).
 From that :class:`Op` builds
 
 - eager: a ``torch.autograd.Function`` whose forward and backward call the two functions directly (no
-  dispatcher round trip: this is the host-cost hot path);
+  dispatcher round trip: this is the host-cost hot path), applied through autograd's C entry point outside
+  functorch transforms (``Function.apply``'s Python wrapper only binds defaults and dispatches to functorch);
 - compiled: the custom ops ``fastlora::<name>`` and ``fastlora::<name>_backward`` with their fakes and
   ``register_autograd``, which ``torch.compile(fullgraph=True)`` treats as opaque calls.
 
@@ -24,10 +25,15 @@ Adding an argument (a weight scale, a magnitude vector) means adding it to the s
 from ``backend.draw_seed`` (a 0-d int64 tensor, None without dropout), saved for backward like the other tensors;
 the kernels read it from memory (so a CUDA graph replay draws afresh), the torch path turns its CPU seed into an
 int (``backend.host_seed``).
+
+``a.plan`` is one more field, outside the signature: whatever the caller passed as ``op(*args, plan=...)`` (an
+object of the op's own, such as what it has recorded for this call signature), handed to forward and backward on
+the eager path; None on the compiled path and when not given.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import namedtuple
 from collections.abc import Callable
 
@@ -43,6 +49,17 @@ _TENSOR_TYPES = ("Tensor", "Tensor?")
 def grad_layout(t: torch.Tensor) -> torch.memory_format:
     """The memory format of a gradient for t: t's own for a 4-D tensor (NCHW or channels_last), else contiguous."""
     return memory_format(t) if t.dim() == 4 else torch.contiguous_format
+
+
+_new_tuple = tuple.__new__  # a named tuple from a tuple of its values, without its Python __new__
+
+
+def _gather(indices: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """A function of a sequence: the tuple of its items at ``indices`` (itemgetter, always a tuple)."""
+    if len(indices) == 1:
+        (i,) = indices
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*indices) if indices else lambda seq: ()
 
 
 def _parse(signature: str) -> list[tuple[str, str]]:
@@ -76,7 +93,7 @@ class Op:
         names = [n for n, _ in params]
         types = dict(params)
         self.name = name
-        self.Args = namedtuple(f"{name}_args", names)
+        self.Args = namedtuple(f"{name}_args", [*names, "plan"], defaults=(None,))
         self._forward, self._backward, self._fake, self._path = forward, backward, fake, path
         self._n = len(names)
         self._diff = tuple(names.index(n) for n in differentiable)
@@ -97,11 +114,14 @@ class Op:
     # calling
     # ------------------------------------------------------------------------------------------------------
 
-    def __call__(self, *args):
-        """The op's outputs (a tuple when it has several)."""
+    def __call__(self, *args, plan=None):
+        """The op's outputs (a tuple when it has several). ``plan`` reaches forward and backward as ``a.plan`` on
+        the eager path; the compiled path ignores it."""
         if torch.compiler.is_compiling():
             return getattr(torch.ops.fastlora, self.name)(*args)
-        return self.function.apply(*args)
+        if torch._C._are_functorch_transforms_active():  # Function.apply's own path (it refuses, see its message)
+            return self.function.apply(*args, plan)
+        return self._apply(*args, plan)
 
     def _args(self, values):
         """Args from a custom op's values (lists back to tuples)."""
@@ -115,32 +135,53 @@ class Op:
     # ------------------------------------------------------------------------------------------------------
 
     def _eager_function(self):
+        """The autograd Function; its forward takes the op's arguments and then the plan.
+
+        What forward keeps for backward: the tensor arguments (a bias that needs no gradient as None) and the
+        saved outputs through save_for_backward, the other arguments (the plan last) on ctx. Backward puts them
+        back in argument order with one precomputed gather."""
         op = self
-        tensors, consts, lazy, n = op._tensors, op._consts, op._lazy, op._n
-        single_grad = len(op._diff_out) == 1
+        Args, forward, backward, path = op.Args, op._forward, op._backward, op._path
+        n, diff, diff_out = op._n, op._diff, op._diff_out
+        tensors = _gather(op._tensors)
+        consts = _gather((*op._consts, n))
+        saved_out, nondiff_out = _gather(op._saved_out), _gather(op._nondiff_out)
+        lazy = tuple((k, i) for k, i in enumerate(op._tensors) if i in op._lazy)
+        n_tensors = len(op._tensors)
+        n_saved = n_tensors + len(op._saved_out)
+        # argument i's place in saved_tensors + consts
+        place = {i: k for k, i in enumerate(op._tensors)} | {i: n_saved + k for k, i in enumerate((*op._consts, n))}
+        in_order = _gather(tuple(place[i] for i in range(n + 1)))
+        needed, grads_of = _gather(diff), _gather(diff_out)
+        single_grad = len(diff_out) == 1
         # without materialized gradients an output that took no part in the loss hands backward None, not zeros
         optional_grads = single_grad or not op._materialize
-        diff_out = op._diff_out
+        no_grads = (None,) * (n + 1)
 
         class Function(torch.autograd.Function):
+            # said outright: autograd looks it up at every backward, and a miss costs an AttributeError
+            boxed_grads_call = False
+
             @staticmethod
             def forward(ctx, *args):
-                a = op.Args(*args)
-                triton = op._path(a)
-                outs = op._forward(a, triton)
-                needs = ctx.needs_input_grad
-                ctx.save_for_backward(
-                    *[None if i in lazy and not needs[i] else args[i] for i in tensors],
-                    *[outs[j] for j in op._saved_out],
-                )
-                ctx.consts = [args[i] for i in consts]
-                ctx.triton = triton
+                a = _new_tuple(Args, args)
+                triton = path(a)
+                outs = forward(a, triton)
+                keep = tensors(args)
+                if lazy:
+                    needs = ctx.needs_input_grad
+                    keep = list(keep)
+                    for k, i in lazy:
+                        if not needs[i]:
+                            keep[k] = None
+                ctx.save_for_backward(*keep, *saved_out(outs))
+                ctx.consts, ctx.triton = consts(args), triton
                 if optional_grads:  # no zeros for outputs without a gradient (S): a memset per output saved
                     ctx.set_materialize_grads(False)
-                if op._nondiff_out:
-                    ctx.mark_non_differentiable(*[outs[j] for j in op._nondiff_out])
+                if nondiff_out:
+                    ctx.mark_non_differentiable(*nondiff_out(outs))
                 # a view as output would forbid in-place ops on it, which the plain modules' outputs allow
-                outs = tuple(o.detach() if o._base is not None else o for o in outs)
+                outs = tuple([o.detach() if o._base is not None else o for o in outs])
                 return outs if len(outs) > 1 else outs[0]
 
             @staticmethod
@@ -148,23 +189,20 @@ class Op:
                 if optional_grads and (  # no output took part in the loss
                     grads[diff_out[0]] is None if single_grad else all(grads[j] is None for j in diff_out)
                 ):
-                    return (None,) * n
+                    return no_grads
                 saved = ctx.saved_tensors
-                values = [None] * n
-                for k, i in enumerate(tensors):
-                    values[i] = saved[k]
-                for k, i in enumerate(consts):
-                    values[i] = ctx.consts[k]
-                needs = tuple(ctx.needs_input_grad[i] for i in op._diff)
-                got = op._backward(
-                    op.Args(*values), saved[len(tensors) :], [grads[j] for j in op._diff_out], needs, ctx.triton
-                )
-                result = [None] * n
-                for k, i in enumerate(op._diff):
-                    result[i] = got[k] if needs[k] else None
+                a = _new_tuple(Args, in_order(saved + ctx.consts))
+                needs = needed(ctx.needs_input_grad)
+                got = backward(a, saved[n_tensors:], list(grads_of(grads)), needs, ctx.triton)
+                result = [None] * (n + 1)
+                for k, i in enumerate(diff):
+                    if needs[k]:
+                        result[i] = got[k]
                 return tuple(result)
 
         Function.__name__ = Function.__qualname__ = "".join(p.title() for p in self.name.split("_")) + "Function"
+        # autograd's C entry point, as Function.apply calls it outside functorch transforms
+        self._apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, Function)
         return Function
 
     # ------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "active_path",
     "use_triton",
     "autocast_enabled",
+    "autocast_dtype_for",
     "autocast_inputs",
     "no_autocast",
     "draw_seed",
@@ -95,6 +96,19 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+# One call that answers "is autocast on for any device": torch's own modules (nn.RNN) ask it so.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def autocast_dtype_for(x) -> torch.dtype | None:
+    """The dtype torch.autocast casts a call on x to, or None when autocast is off for x's device (or x is no
+    tensor)."""
+    if not _any_autocast() or not isinstance(x, torch.Tensor):
+        return None
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
+
+
 def autocast_inputs(x, *tensors):
     """Cast x and the frozen base tensors to the autocast dtype when autocast is on for x's device."""
     device_type = x.device.type
@@ -118,16 +132,18 @@ def draw_seed(x: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """A dropout seed for a call on x: one int64 (over the full 64-bit range) in a 0-d tensor, never read on the
     host by the kernels; with ``count``, that many seeds in one tensor [count], drawn at once (one launch).
 
-    When the call runs the compiled Triton kernels, the seed is drawn on x's device (on CUDA by torch's CUDA
+    When the call runs the Triton kernels on a device (compiled, or interpreted on CUDA tensors, as a compiled
+    graph traced with fake CUDA tensors sees it), the seed is drawn on x's device (on CUDA by torch's CUDA
     generator) and the kernels load it from there: no host sync, and a CUDA graph that captured the step draws a
     fresh seed at every replay (torch's generator advances its offset per replay, as for its own dropout).
     Elsewhere it comes from torch's default CPU generator (the torch path seeds a ``torch.Generator`` with it; the
-    interpreter's kernels read it from host memory). Either way ``torch.manual_seed`` fixes it, and a checkpointed
-    forward, whose recomputation restores the RNG states of its inputs' devices, draws the same seed again: the
-    mask backward regenerates is the forward's. The torch path on CUDA seeds its generator from the host, so a
-    CUDA graph would replay one mask: capturing that is refused with a clear error."""
+    interpreter's kernels on CPU tensors read it from host memory). Either way ``torch.manual_seed`` fixes it,
+    and a checkpointed forward, whose recomputation restores the RNG states of its inputs' devices, draws the
+    same seed again: the mask backward regenerates is the forward's. The torch path on CUDA seeds its generator
+    from the host, so a CUDA graph would replay one mask: capturing that is refused with a clear error."""
     shape = () if count is None else (count,)
-    if active_path(x.device) == "triton":
+    path = active_path(x.device)
+    if path == "triton" or (path == "triton-interpreter" and x.device.type == "cuda"):
         return torch.randint(*SEED_RANGE, shape, dtype=torch.int64, device=x.device)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(

@@ -33,6 +33,7 @@ from fastlora.ops._define import Op
 from fastlora.ops.backend import (
     HAS_TRITON,
     as_rows,
+    autocast_dtype_for,
     autocast_enabled,
     autocast_inputs,
     draw_seed,
@@ -43,6 +44,7 @@ from fastlora.ops.backend import (
 
 if HAS_TRITON:
     from fastlora.kernels import linear as _klinear
+    from fastlora.kernels.launch import ReplaySlot
 
 __all__ = ["lora_linear", "check_linear", "LINEAR"]
 
@@ -134,9 +136,13 @@ def effective_bias(bias, lora_bias, scaling, dtype):
 def _forward(a, triton):
     x2 = as_rows(a.x)
     bias = effective_bias(a.bias, a.lora_bias, a.scaling, x2.dtype)
-    args = dict(weight=a.weight, bias=bias, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling,
-                dropout_p=a.dropout_p, seed=a.seed)  # fmt: skip
-    y2, s = _klinear.lora_linear_fwd(x=x2, **args) if triton else torch_fwd(x2, **args)
+    if triton:
+        replay = a.plan.forward if a.plan is not None else None
+        y2, s = _klinear.lora_linear_fwd(
+            x2, a.weight, bias, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed, replay=replay
+        )
+    else:
+        y2, s = torch_fwd(x2, a.weight, bias, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed)
     return (y2 if x2 is a.x else y2.reshape(*a.x.shape[:-1], a.weight.shape[0])), s
 
 
@@ -157,12 +163,12 @@ def _backward(a, saved, grads, needs, triton):
         dsum = dy2.new_zeros(dy2.shape[1]) if need_sum else None
         da, db = torch.zeros_like(a.lora_A), torch.zeros_like(a.lora_B)
     else:
-        args = dict(weight=a.weight, lora_A=a.lora_A, lora_B=a.lora_B, scaling=a.scaling, dropout_p=a.dropout_p,
-                    seed=a.seed, need_dx=need_dx, need_dbias=need_sum)  # fmt: skip
+        args = (a.weight, a.lora_A, a.lora_B, a.scaling, a.dropout_p, a.seed, need_dx, need_sum)
         if triton:
-            dx, da, db, dsum = _klinear.lora_linear_bwd(dy=dy2, x=x2, s=s, **args)
+            replay = a.plan.backward(need_dx, dy2, x2, a.weight, a.lora_A, a.lora_B) if a.plan is not None else None
+            dx, da, db, dsum = _klinear.lora_linear_bwd(dy2, x2, s, *args, replay=replay)
         else:
-            dx, da, db, dsum = torch_bwd(dy2, x2, s, **args)
+            dx, da, db, dsum = torch_bwd(dy2, x2, s, *args)
     dbias, dlb = bias_grads(dsum, a.bias, a.lora_bias, a.scaling, need_dbias, need_dlb)
     dw = weight_grad(dy2, x2, a.weight) if need_dw else None
     if dx is not None and dx.dim() != a.x.dim():
@@ -196,6 +202,67 @@ LINEAR = Op(
 )
 
 
+class _Plan:
+    """What one call signature of ``lora_linear`` has earned (see ``_plan``): its checks passed, and the replay
+    slots (kernels/launch.py) of its forward and of each form of its backward."""
+
+    __slots__ = ("forward", "backward_slots")
+
+    def __init__(self):
+        self.forward = ReplaySlot() if HAS_TRITON else None
+        self.backward_slots = {}
+
+    def backward(self, need_dx, dy, x, weight, lora_A, lora_B):
+        """The backward's replay slot: the forward's signature determines every operand's shape, strides, dtype
+        and device (dY is made contiguous, in the output's dtype, by autograd and ``_backward``), leaving need_dx
+        and the operands' 16-byte alignment (pointers may move between forward and backward, as when a sharded
+        weight is gathered again)."""
+        align = (dy.data_ptr() | x.data_ptr() | weight.data_ptr() | lora_A.data_ptr() | lora_B.data_ptr()) & 15
+        if align:
+            align = tuple(t.data_ptr() & 15 for t in (dy, x, weight, lora_A, lora_B))
+        key = (need_dx, dy.dtype, align)
+        slot = self.backward_slots.get(key)
+        if slot is None:
+            slot = self.backward_slots[key] = ReplaySlot()
+        return slot
+
+
+# Plans per call signature, at most _MAX_PLANS of them (the oldest go first): variable-length batches cannot grow
+# them without limit.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _tensor_key(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def _plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_bias, autocast_dtype):
+    """The plan of a call, found by its signature: every tensor's shape, strides, dtype, device and 16-byte
+    alignment, the other arguments by type and value, and the autocast dtype (None without autocast). One
+    signature serves the checks (run on its first call; a call that fails them leaves no plan) and the kernels'
+    replays, in forward and backward."""
+    try:
+        key = (
+            _tensor_key(x), _tensor_key(weight), _tensor_key(bias), _tensor_key(lora_A), _tensor_key(lora_B),
+            _tensor_key(lora_bias), type(scaling), scaling, type(dropout_p), dropout_p, training, autocast_dtype,
+        )  # fmt: skip
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, or without storage (a tensor
+        key = plan = None  # subclass): the checks say what is wrong, or run on every call
+    if plan is None:
+        _check_linear.__wrapped__(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocast_dtype is not None
+        )
+        plan = _Plan()
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:  # the oldest go first (keys copied in one step: threads may insert too)
+                for old in list(_PLANS)[: len(_PLANS) - _MAX_PLANS + 1]:
+                    _PLANS.pop(old, None)
+            _PLANS[key] = plan
+    return plan
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, lora_bias=None):
     """LoRA linear layer: Y = x W^T + bias + s * ((dropout(x) A^T) B^T + lora_bias).
 
@@ -210,13 +277,17 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Returns:
         Y [..., N] in x's dtype (the autocast dtype under ``torch.autocast``).
     """
-    autocasting = isinstance(x, torch.Tensor) and autocast_enabled(x.device.type)
-    _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocasting)
+    autocast_dtype = autocast_dtype_for(x)
+    if torch.compiler.is_compiling():  # checked while tracing; the compiled op has no use for a plan
+        _check_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_bias, autocast_dtype is not None)
+        plan = None
+    else:
+        plan = _plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_bias, autocast_dtype)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x) if p > 0 else None
-    if not autocasting:  # the common case: no casts, no autocast context to enter
-        return LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)[0]
+    if autocast_dtype is None:  # the common case: no casts, no autocast context to enter
+        return LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, plan=plan)[0]
     x, weight, bias = autocast_inputs(x, weight, bias)
     with no_autocast(x.device.type):
-        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed)
+        y, _ = LINEAR(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, plan=plan)
     return y
